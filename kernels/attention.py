@@ -1,0 +1,110 @@
+"""Dense attention on BSHD tensors.
+
+``attention`` is the hot path of the DiT (output only). ``dense_attention`` also returns the log-sum-exp that the
+ring / chunked paths need to merge partial results (see merge.py).
+
+Conventions: q [B, Sq, H, D], k/v [B, Sk, H, D], key_mask bool [B, Sk] (True = attend), lse fp32 [B, H, Sq]
+(natural log of the sum over keys of exp(q.k / sqrt(D))). A query that sees no key gets out = 0, lse = -inf, so a
+later merge treats it as an empty chunk.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# Query rows per step of the explicit fallback: bounds the [B, H, chunk, Sk] fp32 score buffer.
+_FALLBACK_Q_CHUNK = 1024
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_shapes(q, k, v, key_mask):
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"attention expects q [B,Sq,H,D] and k, v [B,Sk,H,D] with equal B, H, D; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != k.shape[:2]):
+        raise ValueError(
+            f"key_mask must be bool [B, Sk] = {tuple(k.shape[:2])} (True = attend); "
+            f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+        )
+
+
+def attention(q, k, v, key_mask=None):
+    """softmax(q k^T / sqrt(D)) v, BSHD in and out, output in q.dtype.
+
+    Without a mask no attn_mask is passed, so SDPA is free to pick its fastest (flash) kernel.
+    """
+    _check_shapes(q, k, v, key_mask)
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+    )
+    if key_mask is not None:
+        # A batch row whose keys are all masked is 0, not NaN (as in dense_attention); the check is O(B*Sk).
+        out = out.masked_fill(~key_mask.any(-1)[:, None, None, None], 0.0)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _additive_bias(key_mask, dtype, pad_to=1):
+    """[B,1,1,Sk] additive bias (0 / -inf) of ``dtype``; storage optionally padded so its rows stay aligned."""
+    B, Sk = key_mask.shape
+    Sk_pad = -(-Sk // pad_to) * pad_to
+    bias = torch.zeros(B, 1, 1, Sk_pad, dtype=dtype, device=key_mask.device)
+    bias[..., :Sk].masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+    return bias[..., :Sk]
+
+
+def _dense_explicit(q, k, v, key_mask):
+    """Reference-quality fallback on BHSD tensors: fp32 (fp64 for fp64 inputs) softmax, chunked over queries."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5
+    kt, vf = k.to(ct).transpose(-1, -2), v.to(ct)
+    bias = None if key_mask is None else _additive_bias(key_mask, ct)
+    outs, lses = [], []
+    for s in range(0, q.shape[2], _FALLBACK_Q_CHUNK):
+        scores = (q[:, :, s : s + _FALLBACK_Q_CHUNK].to(ct) @ kt) * scale
+        if bias is not None:
+            scores = scores + bias
+        lse = scores.logsumexp(-1)
+        # exp(-inf - 0) = 0 keeps fully masked rows at 0 instead of exp(-inf + inf) = NaN.
+        p = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        outs.append(p @ vf)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _dense_cuda(q, k, v, key_mask):
+    """CUDA kernels that return the lse (BHSD in). Not exercised by the CPU test-suite."""
+    scale = q.shape[-1] ** -0.5
+    if key_mask is None and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+    else:
+        # Memory-efficient kernel: takes fp32 and an additive bias. Its bias rows must be 16-element aligned
+        # (hence the padded storage) and its lse is padded along Sq to a multiple of 32 (hence the slice).
+        bias = None
+        if key_mask is not None:
+            bias = _additive_bias(key_mask, q.dtype, pad_to=16).expand(-1, q.shape[1], q.shape[2], -1)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
+        lse = lse[:, :, : q.shape[2]]
+    return out, lse
+
+
+def dense_attention(q, k, v, key_mask=None):
+    """Dense attention returning (out [B,Sq,H,D] in q.dtype, lse fp32 [B,H,Sq])."""
+    _check_shapes(q, k, v, key_mask)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda:
+        out, lse = _dense_cuda(qh.contiguous(), kh.contiguous(), vh.contiguous(), key_mask)
+    elif q.device.type == "cpu" and q.dtype in _CPU_KERNEL_DTYPES:
+        # The CPU flash kernel returns the lse; it takes only an additive mask of the query's dtype.
+        bias = None if key_mask is None else _additive_bias(key_mask, q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, attn_mask=bias)
+    else:
+        out, lse = _dense_explicit(qh, kh, vh, key_mask)
+    lse = lse.float()
+    if key_mask is not None:
+        # Kernels disagree on rows with no visible key (the CPU kernel returns lse = 0); pin them to (0, -inf).
+        empty = ~key_mask.any(-1)[:, None, None]
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty[..., None], 0.0)
+    return out.transpose(1, 2).to(q.dtype), lse
