@@ -1,0 +1,144 @@
+"""Checkpoint files of the DiT: where they are and how their tensors reach a meta-device model.
+
+The only module that knows the on-disk layouts:
+- diffusers: `<root>/transformer/` (or the folder itself) with config.json and either one
+  `diffusion_pytorch_model.safetensors` or several shards listed in `diffusion_pytorch_model.safetensors.index.json`;
+- original: one `.safetensors` file with the same tensor names and no config (the config is inferred from the
+  shapes, or read from a config.json beside it).
+Tensor names are identical in both (kandinsky5-architecture.md section 2.9).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import DiTConfig, infer_config
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+SINGLE = "diffusion_pytorch_model.safetensors"
+
+# Parameters that stay fp32 whatever the compute dtype. Time embedding and modulation: the original runs them under
+# autocast(fp32) and diffusers keeps them fp32 (`_keep_in_fp32_modules`); bf16 modulation visibly degrades the
+# output. q/k RMSNorm weights: the norm sees fp32 inputs anyway, and an fp32 weight (bf16 values are exact in fp32)
+# lets torch use its fused kernel instead of the mixed-dtype fallback.
+def keeps_fp32(name: str) -> bool:
+    return name.startswith("time_embeddings.") or "modulation." in name or "_norm." in name
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    config: DiTConfig
+    weight_map: dict[str, Path]  # tensor name -> file holding it
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.weight_map.values()))
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises several types for a damaged or foreign file
+        raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def _names_in(path: Path) -> list[str]:
+    with _open(path) as f:
+        return list(f.keys())
+
+
+def locate(path: str | Path) -> CheckpointFiles:
+    """Find the DiT weights and config under ``path`` (pipeline root, transformer folder or single file)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path} is not a .safetensors file; pass a Kandinsky 5 checkpoint folder or file")
+        with _open(path) as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        beside = path.with_name("config.json")
+        config = DiTConfig.from_json(beside) if beside.exists() else infer_config(shapes)
+        return CheckpointFiles(config, {k: path for k in shapes})
+
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    if not (folder / "config.json").exists():
+        raise ValueError(
+            f"{path} is not a Kandinsky 5 checkpoint: expected transformer/config.json (diffusers layout) "
+            f"or a single .safetensors file"
+        )
+    config = DiTConfig.from_json(folder / "config.json")
+    if (folder / INDEX).exists():
+        try:
+            index = json.loads((folder / INDEX).read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"cannot read the shard index {folder / INDEX}: {e}") from e
+        weight_map = {k: folder / f for k, f in index.items()}
+        for f in set(weight_map.values()):
+            if not f.exists():
+                raise FileNotFoundError(f"shard {f} listed in {folder / INDEX} is missing")
+    elif (folder / SINGLE).exists():
+        weight_map = {k: folder / SINGLE for k in _names_in(folder / SINGLE)}
+    else:
+        raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}")
+    return CheckpointFiles(config, weight_map)
+
+
+# A reader returns the tensor a parameter should hold, given the checkpoint's lazy slice of it. The default reads
+# the whole tensor; tensor parallelism passes one that reads only the rank's rows or columns.
+Reader = Callable[[str, object, torch.Size], torch.Tensor]
+
+
+def read_whole(name: str, sl, shape: torch.Size) -> torch.Tensor:
+    return sl[:]
+
+
+def load_into(
+    model: nn.Module,
+    ckpt: CheckpointFiles,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    reader: Reader = read_whole,
+) -> None:
+    """Fill a meta-device ``model`` from the checkpoint, one tensor at a time (never a second full copy).
+
+    Every parameter must be in the checkpoint with the expected shape, and every checkpoint tensor must belong to
+    the model; the error names the tensor or file otherwise.
+    """
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(ckpt.weight_map))
+    unexpected = sorted(set(ckpt.weight_map) - set(params))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise ValueError(f"checkpoint {ckpt.files[0].parent} does not fit the Kandinsky 5 DiT: " + "; ".join(parts))
+
+    by_file: dict[Path, list[str]] = {}
+    for name, f in ckpt.weight_map.items():
+        by_file.setdefault(f, []).append(name)
+    for path, names in by_file.items():
+        with _open(path) as f:
+            for name in names:
+                param = params[name]
+                sl = f.get_slice(name)
+                tensor = reader(name, sl, param.shape)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"tensor {name} in {path} has shape {tuple(tensor.shape)}, the model expects "
+                        f"{tuple(param.shape)} (does config.json match the weights?)"
+                    )
+                target = torch.float32 if keeps_fp32(name) else dtype
+                tensor = tensor.to(device=device, dtype=target)
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)

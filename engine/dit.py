@@ -1,0 +1,341 @@
+"""The Kandinsky 5 CrossDiT, single device, plain PyTorch.
+
+Module names equal the checkpoint's tensor names (kandinsky5-architecture.md section 2.9). Numerics follow the
+original: time embedding, modulation, norm-scale-shift and gated residuals in fp32; RoPE in fp32, cast to the compute
+dtype. Parallelism is applied from outside (k5.parallel) through two attributes of the model:
+- ``model.tokens``: how the flat visual token sequence is scattered before the visual blocks and gathered after
+  the output projection (identity here);
+- ``model.visual_attention``: the visual self-attention op (dense or NABLA on one device here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from k5.kernels.attention import attention
+from k5.kernels.nabla import NablaSpec, from_fractal, nabla_attention, to_fractal
+
+from . import checkpoint
+from .config import DiTConfig
+
+
+def get_freqs(n: int, theta: float = 10000.0) -> Tensor:
+    return torch.exp(-math.log(theta) * torch.arange(n, dtype=torch.float32) / n)
+
+
+def rope_angles_3d(grid: tuple[int, int, int], axes_dims, scale_factor, device) -> Tensor:
+    """Per-token rotation angles [T*H*W, head_dim/2] in raster order; positions divided by the resolution scale."""
+    T, H, W = grid
+    parts = []
+    for axis, (n, d, sf) in enumerate(zip(grid, axes_dims, scale_factor)):
+        a = torch.arange(n, dtype=torch.float32, device=device)[:, None] * get_freqs(d // 2).to(device)[None] / sf
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        parts.append(a.view(shape).expand(T, H, W, d // 2))
+    return torch.cat(parts, -1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B,S,H,D] by angles given as cos/sin [S, D/2] (fp32)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[:, None], sin[:, None]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2).to(x.dtype)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return (F.layer_norm(x.float(), x.shape[-1:]) * (scale + 1.0) + shift).type_as(x)
+
+
+def gated_add(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    return (x.float() + gate * y.float()).type_as(x)
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The visual token grid of one forward: latent frames, patch rows, patch columns, and the token order."""
+
+    T: int
+    H: int
+    W: int
+    fractal: bool  # 8x8-tile order (NABLA) instead of raster order
+
+    @property
+    def num_tokens(self) -> int:
+        return self.T * self.H * self.W
+
+    @property
+    def blocks(self) -> tuple[int, int, int]:
+        return self.T, self.H // 8, self.W // 8
+
+
+class LocalTokens:
+    """Token placement on one device: every token stays here."""
+
+    def scatter(self, x: Tensor, dim: int = 1) -> Tensor:
+        return x
+
+    def gather(self, x: Tensor, dim: int = 1) -> Tensor:
+        return x
+
+
+class LocalAttention:
+    """Visual self-attention on one device: dense, or NABLA block-sparse on fractal-ordered tokens."""
+
+    def __init__(self, nabla: NablaSpec | None = None):
+        self.nabla = nabla
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, grid: TokenGrid) -> Tensor:
+        if self.nabla is None:
+            return attention(q, k, v)
+        return nabla_attention(q, k, v, self.nabla, *grid.blocks)
+
+
+class Modulation(nn.Module):
+    def __init__(self, time_dim: int, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.out_layer = nn.Linear(time_dim, n * dim)
+
+    def forward(self, time_embed: Tensor) -> tuple[Tensor, ...]:
+        # [B, n*D] fp32 -> n tensors [B, 1, D] in the checkpoint's row order (shift, scale, gate per sublayer)
+        return self.out_layer(F.silu(time_embed)).unsqueeze(1).chunk(self.n, -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_query = nn.Linear(dim, dim)
+        self.to_key = nn.Linear(dim, dim)
+        self.to_value = nn.Linear(dim, dim)
+        # eps=None: finfo(fp32).eps, since the norms see fp32 inputs
+        self.query_norm = nn.RMSNorm(head_dim)
+        self.key_norm = nn.RMSNorm(head_dim)
+        self.out_layer = nn.Linear(dim, dim)
+
+    def qkv(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        context = x if context is None else context
+        q = self.to_query(x).unflatten(-1, (-1, self.head_dim))
+        k = self.to_key(context).unflatten(-1, (-1, self.head_dim))
+        v = self.to_value(context).unflatten(-1, (-1, self.head_dim))
+        q = self.query_norm(q.float()).type_as(q)
+        k = self.key_norm(k.float()).type_as(k)
+        return q, k, v
+
+    def out(self, o: Tensor) -> Tensor:
+        return self.out_layer(o.flatten(-2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ff_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(dim, ff_dim, bias=False)
+        self.out_layer = nn.Linear(ff_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.gelu(self.in_layer(x)))
+
+
+class TextBlock(nn.Module):
+    """Linguistic token refiner block: self-attention with 1D RoPE and the text key mask, then FFN."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.text_modulation = Modulation(cfg.time_dim, cfg.model_dim, 6)
+        self.self_attention = Attention(cfg.model_dim, cfg.head_dim)
+        self.feed_forward = FeedForward(cfg.model_dim, cfg.ff_dim)
+
+    def forward(self, x, time_embed, cos, sin, mask):
+        shift, scale, gate, ff_shift, ff_scale, ff_gate = self.text_modulation(time_embed)
+        q, k, v = self.self_attention.qkv(modulate(x, shift, scale))
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask=mask)
+        x = gated_add(x, gate, self.self_attention.out(o))
+        return gated_add(x, ff_gate, self.feed_forward(modulate(x, ff_shift, ff_scale)))
+
+
+class VisualBlock(nn.Module):
+    """CrossDiT block: self-attention (3D RoPE, dense or NABLA) -> cross-attention to text -> FFN."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.visual_modulation = Modulation(cfg.time_dim, cfg.model_dim, 9)
+        self.self_attention = Attention(cfg.model_dim, cfg.head_dim)
+        self.cross_attention = Attention(cfg.model_dim, cfg.head_dim)
+        self.feed_forward = FeedForward(cfg.model_dim, cfg.ff_dim)
+
+    def forward(self, x, text, time_embed, cos, sin, text_mask, self_attn, grid):
+        (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate,
+         ff_shift, ff_scale, ff_gate) = self.visual_modulation(time_embed)
+        q, k, v = self.self_attention.qkv(modulate(x, sa_shift, sa_scale))
+        o = self_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, grid)
+        x = gated_add(x, sa_gate, self.self_attention.out(o))
+        # Cross-attention needs only this rank's queries and the (replicated) text: no collective.
+        q, k, v = self.cross_attention.qkv(modulate(x, ca_shift, ca_scale), text)
+        x = gated_add(x, ca_gate, self.cross_attention.out(attention(q, k, v, key_mask=text_mask)))
+        return gated_add(x, ff_gate, self.feed_forward(modulate(x, ff_shift, ff_scale)))
+
+
+class TimeEmbeddings(nn.Module):
+    def __init__(self, model_dim: int, time_dim: int):
+        super().__init__()
+        self.model_dim = model_dim
+        self.in_layer = nn.Linear(model_dim, time_dim)
+        self.out_layer = nn.Linear(time_dim, time_dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        args = t.float()[:, None] * get_freqs(self.model_dim // 2).to(t.device)[None]
+        emb = torch.cat([args.cos(), args.sin()], -1)  # cos first
+        return self.out_layer(F.silu(self.in_layer(emb)))
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.in_layer(x)
+        return self.norm(x).type_as(x)
+
+
+class VisualEmbeddings(nn.Module):
+    def __init__(self, in_dim: int, dim: int, patch: tuple[int, int, int]):
+        super().__init__()
+        self.patch = patch
+        self.in_layer = nn.Linear(math.prod(patch) * in_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # patch position major, channel minor (the checkpoint's input layout)
+        B, T, H, W, C = x.shape
+        pt, ph, pw = self.patch
+        x = x.view(B, T // pt, pt, H // ph, ph, W // pw, pw, C).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        return self.in_layer(x.flatten(4, 7))
+
+
+class OutLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.modulation = Modulation(cfg.time_dim, cfg.model_dim, 2)
+        self.out_layer = nn.Linear(cfg.model_dim, math.prod(cfg.patch_size) * cfg.out_visual_dim)
+
+    def forward(self, x: Tensor, time_embed: Tensor) -> Tensor:
+        shift, scale = self.modulation(time_embed)
+        return self.out_layer(modulate(x, shift, scale))
+
+
+def unpatchify(y: Tensor, patch: tuple[int, int, int], channels: int) -> Tensor:
+    # [B,T',H',W', C*pt*ph*pw] with the channel MAJOR (the transpose of the input layout) -> [B,T,H,W,C]
+    B, T, H, W, _ = y.shape
+    pt, ph, pw = patch
+    y = y.view(B, T, H, W, channels, pt, ph, pw).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return y.reshape(B, T * pt, H * ph, W * pw, channels)
+
+
+class Kandinsky5DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.config = cfg
+        self.time_embeddings = TimeEmbeddings(cfg.model_dim, cfg.time_dim)
+        self.text_embeddings = TextEmbeddings(cfg.in_text_dim, cfg.model_dim)
+        self.pooled_text_embeddings = TextEmbeddings(cfg.in_text_dim2, cfg.time_dim)
+        self.visual_embeddings = VisualEmbeddings(cfg.in_channels, cfg.model_dim, cfg.patch_size)
+        self.text_transformer_blocks = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.num_text_blocks))
+        self.visual_transformer_blocks = nn.ModuleList(VisualBlock(cfg) for _ in range(cfg.num_visual_blocks))
+        self.out_layer = OutLayer(cfg)
+        self.tokens = LocalTokens()
+        self.visual_attention = LocalAttention(self.default_nabla())
+
+    def default_nabla(self, P: float | None = None) -> NablaSpec | None:
+        cfg = self.config
+        if not cfg.uses_nabla:
+            return None
+        return NablaSpec(P=cfg.attention_P if P is None else P, wT=cfg.attention_wT or 11,
+                         wH=cfg.attention_wH or 3, wW=cfg.attention_wW or 3)
+
+    def set_attention(self, kind: str = "auto", P: float | None = None) -> None:
+        """Choose the visual self-attention: 'auto' follows the checkpoint config, else 'dense' or 'nabla'."""
+        if kind == "auto":
+            spec = self.default_nabla(P)
+        elif kind == "dense":
+            spec = None
+        elif kind == "nabla":
+            base = self.default_nabla() or NablaSpec(P=0.9, wT=11, wH=3, wW=3)
+            spec = NablaSpec(P=base.P if P is None else P, wT=base.wT, wH=base.wH, wW=base.wW)
+        else:
+            raise ValueError(f"attention {kind!r} is not one of 'auto', 'dense', 'nabla'")
+        self.visual_attention.nabla = spec
+
+    @property
+    def nabla(self) -> NablaSpec | None:
+        return self.visual_attention.nabla
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.bfloat16,
+                        device: torch.device | str = "cpu", reader: checkpoint.Reader = checkpoint.read_whole,
+                        config: DiTConfig | None = None) -> "Kandinsky5DiT":
+        """Build on the meta device and fill from safetensors (diffusers folder or original single file)."""
+        files = checkpoint.locate(path)
+        with torch.device("meta"):
+            model = cls(config or files.config)
+        checkpoint.load_into(model, files, torch_dtype, device, reader)
+        return model.eval().requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual_embeddings.in_layer.weight.dtype
+
+    def forward(self, x: Tensor, text_embeds: Tensor, pooled_embeds: Tensor, timestep: Tensor,
+                scale_factor: tuple[float, float, float] = (1.0, 2.0, 2.0), text_mask: Tensor | None = None) -> Tensor:
+        """Velocity [B,T,H,W,16] for channels-last latents x [B,T,H,W,C_in] at timesteps (sigma*1000, fp32) [B]."""
+        cfg = self.config
+        B, T, H, W, C = x.shape
+        pt, ph, pw = cfg.patch_size
+        if C != cfg.in_channels:
+            raise ValueError(f"latent has {C} channels, the DiT expects {cfg.in_channels}")
+        if T % pt or H % ph or W % pw:
+            raise ValueError(f"latent grid {(T, H, W)} is not divisible by the patch size {cfg.patch_size}")
+        dtype = self.dtype
+        timestep = torch.as_tensor(timestep, device=x.device).float().reshape(-1).expand(B)
+
+        time_embed = self.time_embeddings(timestep) + self.pooled_text_embeddings(pooled_embeds.to(dtype)).float()
+        text = self.text_embeddings(text_embeds.to(dtype))
+        if text_mask is not None and bool(text_mask.all()):
+            text_mask = None  # no padding: let attention take its unmasked fast path
+        angles = torch.arange(text.shape[1], device=x.device, dtype=torch.float32)[:, None] * \
+            get_freqs(cfg.head_dim // 2).to(x.device)[None]
+        cos, sin = angles.cos(), angles.sin()
+        for block in self.text_transformer_blocks:
+            text = block(text, time_embed, cos, sin, text_mask)
+
+        grid = TokenGrid(T // pt, H // ph, W // pw, fractal=self.nabla is not None)
+        if grid.fractal and (grid.H % 8 or grid.W % 8):
+            raise ValueError(
+                f"NABLA needs latent height and width divisible by 16 (pixel sizes by 128); got a latent of "
+                f"{H}x{W}: use another size or --attention dense"
+            )
+        visual = self.visual_embeddings(x.to(dtype))
+        angles = rope_angles_3d((grid.T, grid.H, grid.W), cfg.axes_dims, scale_factor, x.device)
+        if grid.fractal:
+            visual, angles = to_fractal(visual), to_fractal(angles[None])[0]
+        else:
+            visual, angles = visual.flatten(1, 3), angles.flatten(0, 2)
+        visual = self.tokens.scatter(visual)
+        angles = self.tokens.scatter(angles, dim=0)
+        cos, sin = angles.cos(), angles.sin()
+        for block in self.visual_transformer_blocks:
+            visual = block(visual, text, time_embed, cos, sin, text_mask, self.visual_attention, grid)
+
+        # The output projection is per token, so it runs before the gather: ranks exchange 64 channels, not D.
+        out = self.tokens.gather(self.out_layer(visual, time_embed))
+        if grid.fractal:
+            out = from_fractal(out, grid.T, grid.H, grid.W)
+        else:
+            out = out.unflatten(1, (grid.T, grid.H, grid.W))
+        return unpatchify(out, cfg.patch_size, cfg.out_visual_dim)
