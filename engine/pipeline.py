@@ -1,0 +1,180 @@
+"""Text/image to video on one device: text encoders -> DiT sampling -> VAE decode.
+
+A request is validated against the checkpoint's config before any weight is loaded, so bad input fails in a second
+with one message. Parallel runs use the same pipeline: k5.parallel applies itself to ``pipeline.dit`` and replaces
+the decode, and the launch script decides which rank writes what.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .checkpoint import locate
+from .config import DiTConfig
+from .dit import Kandinsky5DiT
+from .sampler import DEFAULT_SHIFT, Conditioning, initial_noise, sample, uses_cfg
+from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
+from .vae import VideoVAE
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+LATENT_CHANNELS = 16
+
+
+@dataclass
+class Request:
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    height: int = 512
+    width: int = 768
+    num_frames: int = 121
+    steps: int = 50
+    guidance_scale: float = 5.0
+    shift: float | None = None  # None: the checkpoint's scheduler config, else 5.0
+    seed: int = 0
+    image: str | None = None  # I2V conditioning image
+
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8, LATENT_CHANNELS)
+
+
+def check_request(req: Request, cfg: DiTConfig, nabla: bool) -> None:
+    """Raise ValueError naming what is wrong with the request and what would be right."""
+    if not req.prompt or not req.prompt.strip():
+        raise ValueError("the prompt is empty; give a text describing the video")
+    step = 128 if nabla else 16
+    for name, value in (("height", req.height), ("width", req.width)):
+        if value <= 0 or value % step:
+            why = " (NABLA attention works on 8x8 tiles of 16-pixel patches)" if nabla else ""
+            near = max(step, round(value / step) * step)
+            raise ValueError(f"{name} {value} is not a positive multiple of {step}{why}; try {near}")
+    if req.num_frames < 1 or (req.num_frames - 1) % 4:
+        k = max(0, round((req.num_frames - 1) / 4))
+        raise ValueError(
+            f"num_frames {req.num_frames} is not of the form 4k+1 (the VAE compresses time 4x); try {4 * k + 1}"
+        )
+    if req.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {req.steps}")
+    if req.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {req.guidance_scale}")
+    if req.shift is not None and req.shift <= 0:
+        raise ValueError(f"shift must be > 0, got {req.shift}")
+    if req.image is not None:
+        if not cfg.visual_cond:
+            raise ValueError("this checkpoint has no visual_cond input, so it cannot condition on an image")
+        if not Path(req.image).is_file():
+            raise ValueError(f"image {req.image} is not a readable file")
+    T, H, W = (req.num_frames - 1) // 4 + 1, req.height // 16, req.width // 16
+    if max(T, H, W) > 128:
+        warnings.warn(f"latent grid {T}x{H}x{W} exceeds the 128 positions per axis the model was trained with")
+
+
+def check_components(root: Path) -> None:
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"checkpoint {root} is not a folder; pass a Kandinsky 5 diffusers-format folder or 'tiny'")
+    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise ValueError(
+            f"{root} is not a complete Kandinsky 5 checkpoint: missing component folder(s) {', '.join(missing)} "
+            f"(expected {', '.join(COMPONENTS)} as in the diffusers layout)"
+        )
+
+
+def scheduler_shift(root: Path) -> float:
+    path = Path(root) / "scheduler" / "scheduler_config.json"
+    try:
+        return float(json.loads(path.read_text()).get("shift", DEFAULT_SHIFT))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError):
+        return DEFAULT_SHIFT
+
+
+def rope_scale(height: int, width: int) -> tuple[float, float, float]:
+    # The original picks the RoPE scale by resolution bucket: (1,2,2) for the 512 bucket, (1,3.16,3.16) for the
+    # 1024 bucket. Every 512-bucket size has sides <= 768 and every 1024-bucket size a side >= 1024, which is also
+    # diffusers' 854-pixel rule on the released resolutions.
+    return (1.0, 2.0, 2.0) if max(height, width) <= 854 else (1.0, 3.16, 3.16)
+
+
+@dataclass
+class Result:
+    latents: Tensor  # [1, T, H, W, 16] fp32
+    timings: dict = field(default_factory=dict)
+    truncated: bool = False
+
+
+class Kandinsky5Pipeline:
+    def __init__(self, root: Path, dit: Kandinsky5DiT, text: TextEncoder | None, vae: VideoVAE, device):
+        self.root, self.dit, self.text, self.vae = Path(root), dit, text, vae
+        self.device = torch.device(device)
+        self.default_shift = scheduler_shift(root)
+
+    @staticmethod
+    def read_config(root: str | Path) -> DiTConfig:
+        """The DiT config alone (no weights), to validate requests before loading."""
+        check_components(Path(root))
+        return locate(root).config
+
+    @classmethod
+    def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                        dit: Kandinsky5DiT | None = None) -> "Kandinsky5Pipeline":
+        root = Path(root)
+        check_components(root)
+        device = torch.device(device)
+        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device)
+        text = TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
+        # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
+        vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=device)
+        return cls(root, dit, text, vae, device)
+
+    def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
+        e = self.text.encode(prompts)
+        conds = [Conditioning(e.embeds[i : i + 1], e.mask[i : i + 1], e.pooled[i : i + 1]) for i in range(len(prompts))]
+        return conds, e.truncated
+
+    def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, scale_factor) -> Tensor:
+        return self.dit(inp, c.embeds, c.pooled, t, scale_factor=scale_factor, text_mask=c.mask)
+
+    def first_frame(self, req: Request) -> Tensor | None:
+        if req.image is None:
+            return None
+        from .i2v import encode_image, load_image, prepare_image
+
+        img = prepare_image(load_image(req.image), req.height, req.width)
+        g = torch.Generator("cpu").manual_seed(req.seed)
+        return encode_image(self.vae, img, generator=g).float().to(self.device)
+
+    @torch.inference_mode()
+    def generate(self, req: Request, on_step=None, guided=None) -> Result:
+        t0 = time.perf_counter()
+        prompts = [req.prompt] + ([req.negative_prompt] if uses_cfg(req.guidance_scale) else [])
+        conds, truncated = self.encode(prompts)
+        cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
+        first = self.first_frame(req)
+        t1 = time.perf_counter()
+        noise = initial_noise(req.latent_shape(), req.seed, self.device)
+        sf = rope_scale(req.height, req.width)
+        latents = sample(
+            lambda inp, t, c: self.velocity(inp, t, c, sf), noise, cond, uncond, steps=req.steps,
+            guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
+            visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step, guided=guided,
+        )
+        if first is not None:
+            from .i2v import normalize_first_frame
+
+            latents = normalize_first_frame(latents)
+        t2 = time.perf_counter()
+        return Result(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
+                      truncated=truncated[0])
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        """uint8 frames [F, H, W, 3]."""
+        return self.vae.decode(latents)[0]
