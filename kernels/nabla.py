@@ -1,0 +1,254 @@
+"""NABLA block-sparse attention (Kandinsky 5), exactly as `nablaT_v2` + `fast_sta_nabla` in the reference code.
+
+Tokens are in "fractal" order: every run of 64 tokens is one 8x8 spatial tile of one latent frame (to_fractal).
+Per (batch, head) a query tile attends to the key tiles that carry the top P of the pooled-attention mass, plus the
+static sliding-tile (STA) neighbourhood. Selected 64x64 tile pairs are computed exactly (no partial blocks).
+
+The mask functions take pooled rows of *some* query tiles and all key tiles, so a sequence-parallel rank can build
+just its own rows; a row's result never depends on which other rows are computed with it (see nabla_block_mask).
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 64  # tokens per NABLA tile (8x8)
+_TILE = 8
+
+# Element budgets of the temporaries: the nabla_block_mask scores per step (B*H*nq*nk is 430M for Pro 10 s with
+# 32 heads), and the K/V tiles gathered per step of the CPU kernel (1 MiB fp32: small enough to stay in cache
+# between the gather and the attention kernel, which measured ~2x faster than 16 MiB steps).
+_MASK_CHUNK_ELEMS = 1 << 24
+_CPU_CHUNK_ELEMS = 1 << 18
+
+
+@dataclass(frozen=True)
+class NablaSpec:
+    """NABLA settings of a checkpoint: kept mass P and STA window (in tiles). All K5 configs use 11, 3, 3."""
+
+    P: float
+    wT: int = 11
+    wH: int = 3
+    wW: int = 3
+
+
+# ---- token order -------------------------------------------------------------------------------------------------
+
+
+def to_fractal(x):
+    """[B, T, Hp, Wp, ...] -> [B, T*Hp*Wp, ...]: block b = (t*Hb + hb)*Wb + wb, in-block index ph*8 + pw."""
+    B, T, Hp, Wp = x.shape[:4]
+    rest = x.shape[4:]
+    if Hp % _TILE or Wp % _TILE:
+        raise ValueError(f"NABLA tiles need Hp, Wp multiples of 8 (pixel H, W multiples of 128); got {Hp}x{Wp}")
+    x = x.reshape(B, T, Hp // _TILE, _TILE, Wp // _TILE, _TILE, *rest)
+    x = x.permute(0, 1, 2, 4, 3, 5, *range(6, 6 + len(rest)))
+    return x.reshape(B, T * Hp * Wp, *rest)
+
+
+def from_fractal(s, T, Hp, Wp):
+    """Inverse of to_fractal: [B, T*Hp*Wp, ...] -> [B, T, Hp, Wp, ...]."""
+    B, rest = s.shape[0], s.shape[2:]
+    if s.shape[1] != T * Hp * Wp or Hp % _TILE or Wp % _TILE:
+        raise ValueError(f"from_fractal: sequence {s.shape[1]} is not T*Hp*Wp = {T}*{Hp}*{Wp} with Hp, Wp % 8 == 0")
+    s = s.reshape(B, T, Hp // _TILE, Wp // _TILE, _TILE, _TILE, *rest)
+    s = s.permute(0, 1, 2, 4, 3, 5, *range(6, 6 + len(rest)))
+    return s.reshape(B, T, Hp, Wp, *rest)
+
+
+# ---- masks -------------------------------------------------------------------------------------------------------
+
+
+def sta_block_mask(T, Hb, Wb, wT, wH, wW, device=None):
+    """Sliding-tile prior on the tile grid, bool [nb, nb]: |dt| <= wT//2 and |dh| <= wH//2 and |dw| <= wW//2."""
+    t, h, w = torch.meshgrid(
+        *(torch.arange(n, device=device) for n in (T, Hb, Wb)), indexing="ij"
+    )
+    t, h, w = t.flatten(), h.flatten(), w.flatten()
+    return (
+        ((t[:, None] - t[None]).abs() <= wT // 2)
+        & ((h[:, None] - h[None]).abs() <= wH // 2)
+        & ((w[:, None] - w[None]).abs() <= wW // 2)
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _sta_cached(T, Hb, Wb, wT, wH, wW, device):
+    return sta_block_mask(T, Hb, Wb, wT, wH, wW, device=device)
+
+
+def pool_blocks(x):
+    """Mean of every 64-token tile: x [B, S, H, D] -> fp32 [B, H, S/64, D].
+
+    Summed as a fixed pairwise tree of elementwise adds (exactly rounded, no reduction kernel), so the result is
+    bitwise the same whatever the layout of x or the part of the sequence / heads a rank holds.
+    """
+    B, S, H, D = x.shape
+    if S % BLOCK:
+        raise ValueError(f"pool_blocks needs a sequence length multiple of {BLOCK}; got {S}")
+    y = x.reshape(B, S // BLOCK, BLOCK, H, D)
+    half = BLOCK // 2
+    y = y[:, :, :half].float() + y[:, :, half:].float()
+    while y.shape[2] > 1:
+        half = y.shape[2] // 2
+        y = y[:, :, :half] + y[:, :, half:]
+    return (y[:, :, 0] / BLOCK).transpose(1, 2).contiguous()
+
+
+def _top_cdf(qp, kp, P):
+    """The nablaT_v2 rule on [b, h, nq, D] x [b, h, nk, D] -> bool [b, h, nq, nk].
+
+    The scores are accumulated in fp64 and then rounded to fp32: fp32 products are exact in fp64 and the fp64 sum
+    is rounded once, so a row does not depend on how BLAS blocks the rows around it (a fp32 GEMM may take another
+    kernel or summation order for 1 row than for 100). Softmax, sort and cumsum are row-wise fp32 as in the
+    reference under autocast.
+    """
+    D = qp.shape[-1]
+    scores = (qp.double() @ kp.double().transpose(-1, -2)).float() / math.sqrt(D)
+    vals, order = scores.softmax(-1).sort(dim=-1, stable=True)
+    keep_sorted = vals.cumsum(-1) >= 1 - P  # drop the smallest blocks whose total mass stays below 1 - P
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def nabla_block_mask(q_pooled, k_pooled, sta_rows, P, k_valid=None):
+    """NABLA tile mask, bool [B, H, nq, nk].
+
+    q_pooled [B,H,nq,D]: pooled queries of some (e.g. one rank's contiguous) query tiles; k_pooled [B,H,nk,D]:
+    pooled keys of all key tiles; sta_rows bool [nq, nk]: the matching rows of the STA mask. k_valid bool [nk]
+    marks real key tiles: padding tiles (False) take no softmax mass and are never selected, so a padded sequence
+    gets exactly the mask of the unpadded one on its real tiles.
+    """
+    B, H, nq, D = q_pooled.shape
+    nk = k_pooled.shape[2]
+    if k_pooled.shape != (B, H, nk, D) or tuple(sta_rows.shape) != (nq, nk):
+        raise ValueError(
+            f"nabla_block_mask: q_pooled [B,H,nq,D] = {tuple(q_pooled.shape)} needs k_pooled [B,H,nk,D] and "
+            f"sta_rows [nq,nk]; got k_pooled {tuple(k_pooled.shape)}, sta_rows {tuple(sta_rows.shape)}"
+        )
+    if not 0.0 <= P <= 1.0:
+        raise ValueError(f"NABLA P is the kept probability mass, in [0, 1]; got {P}")
+    sta_rows = sta_rows.to(device=q_pooled.device, dtype=torch.bool)
+    if k_valid is not None:
+        if tuple(k_valid.shape) != (nk,):
+            raise ValueError(f"k_valid must be bool [nk] = [{nk}]; got {tuple(k_valid.shape)}")
+        k_valid = k_valid.to(q_pooled.device)
+        if not bool(k_valid.all()):
+            # Run the rule on the real tiles only: the same softmax length and summation order as without padding.
+            cols = k_valid.nonzero().squeeze(1)
+            mask = torch.zeros(B, H, nq, nk, dtype=torch.bool, device=q_pooled.device)
+            if cols.numel():
+                mask[..., cols] = nabla_block_mask(q_pooled, k_pooled[:, :, cols], sta_rows[:, cols], P)
+            return mask
+
+    mask = torch.empty(B, H, nq, nk, dtype=torch.bool, device=q_pooled.device)
+    heads = max(1, _MASK_CHUNK_ELEMS // max(1, nq * nk))
+    for b in range(B):
+        for h in range(0, H, heads):
+            mask[b, h : h + heads] = _top_cdf(q_pooled[b, h : h + heads], k_pooled[b, h : h + heads], P)
+    return mask | sta_rows
+
+
+# ---- block-sparse attention --------------------------------------------------------------------------------------
+
+
+def _block_sparse_cpu(q, k, v, block_mask):
+    """Gather-based kernel: per (b, h), each query tile attends to its selected key tiles gathered into one padded
+    [L*64, D] operand. Unselected tiles cost nothing; query tiles are grouped by selection count to limit padding."""
+    B, Sq, H, D = q.shape
+    nq, nk = Sq // BLOCK, k.shape[1] // BLOCK
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # [B,H,n,64,D] layout: a tile is one contiguous [64, D] slab, so gathering tiles is one index_select.
+    qb = q.to(ct).transpose(1, 2).reshape(B, H, nq, BLOCK, D)
+    kb = k.to(ct).transpose(1, 2).reshape(B, H, nk, BLOCK, D)
+    vb = v.to(ct).transpose(1, 2).reshape(B, H, nk, BLOCK, D)
+    out = torch.zeros(B, H, nq, BLOCK, D, dtype=ct, device=q.device)
+    lse = torch.full((B, H, nq, BLOCK), float("-inf"), dtype=torch.float32, device=q.device)
+    counts = block_mask.sum(-1)  # [B,H,nq]
+    # Selected tile ids first, in ascending order (stable sort of the 0/1 mask).
+    order = torch.argsort(block_mask.to(torch.int8), dim=-1, descending=True, stable=True)
+    for b in range(B):
+        for h in range(H):
+            c = counts[b, h]
+            rows = torch.argsort(c, stable=True)
+            rows = rows[c[rows] > 0]  # empty query tiles stay (0, -inf)
+            if rows.numel() == 0:
+                continue
+            n = max(1, _CPU_CHUNK_ELEMS // (int(c.max()) * BLOCK * 2 * D))
+            for i in range(0, rows.numel(), n):
+                blk = rows[i : i + n]
+                L = int(c[blk[-1]])  # ascending counts: the last row has the most tiles
+                idx = order[b, h, blk, :L].flatten()  # [n*L] selected key tiles, row by row
+                kg = kb[b, h].index_select(0, idx).view(len(blk), 1, L * BLOCK, D)
+                vg = vb[b, h].index_select(0, idx).view(len(blk), 1, L * BLOCK, D)
+                bias = None
+                pad = torch.arange(L, device=q.device) >= c[blk, None]  # slots of rows with fewer than L tiles
+                if bool(pad.any()):
+                    bias = torch.zeros(len(blk), 1, 1, L * BLOCK, dtype=ct, device=q.device)
+                    bias.masked_fill_(pad.repeat_interleave(BLOCK, -1)[:, None, None, :], float("-inf"))
+                # Each query tile is one batch entry of the fused CPU kernel (fp32 softmax, returns the lse).
+                o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    qb[b, h, blk].unsqueeze(1), kg, vg, attn_mask=bias
+                )
+                out[b, h, blk] = o.squeeze(1)
+                lse[b, h, blk] = l.squeeze(1).float()
+    return out.reshape(B, H, Sq, D).transpose(1, 2), lse.reshape(B, H, Sq)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Eager flex ignores the sparsity of a kv-blocks BlockMask (computes dense), so it must be compiled.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _block_sparse_cuda(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import AuxRequest, BlockMask
+
+    Sq, Sk = q.shape[1], k.shape[1]
+    num = block_mask.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(block_mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    # Every selected tile is a *full* block (as in nablaT_v2): no mask_mod is evaluated inside selected tiles.
+    bm = BlockMask.from_kv_blocks(
+        torch.zeros_like(num), idx, num, idx, BLOCK_SIZE=BLOCK, mask_mod=None, seq_lengths=(Sq, Sk)
+    )
+    out, aux = _compiled_flex()(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, return_aux=AuxRequest(lse=True)
+    )
+    return out.transpose(1, 2), aux.lse
+
+
+def block_sparse_attention(q, k, v, block_mask):
+    """Exact attention restricted to selected 64x64 tile pairs. Returns (out [B,Sq,H,D] in q.dtype, lse fp32 [B,H,Sq]).
+
+    q [B, nq*64, H, D], k/v [B, nk*64, H, D], block_mask bool [B, H, nq, nk]. Query rows of a tile with no selected
+    key tile get out = 0, lse = -inf.
+    """
+    B, Sq, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != q.shape[2:] or Sq % BLOCK or k.shape[1] % BLOCK:
+        raise ValueError(
+            f"block_sparse_attention expects q [B,nq*64,H,D], k/v [B,nk*64,H,D]; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    shape = (B, H, Sq // BLOCK, k.shape[1] // BLOCK)
+    if tuple(block_mask.shape) != shape or block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be bool {shape} = [B,H,nq,nk]; got {block_mask.dtype} {tuple(block_mask.shape)}")
+    if q.is_cuda:
+        out, lse = _block_sparse_cuda(q, k, v, block_mask)
+        empty = (~block_mask.any(-1)).repeat_interleave(BLOCK, -1)  # [B,H,Sq]
+        lse = lse.float().masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty.transpose(1, 2)[..., None], 0.0)
+    else:
+        out, lse = _block_sparse_cpu(q, k, v, block_mask)
+    return out.to(q.dtype), lse
+
+
+def nabla_attention(q, k, v, spec, T, Hb, Wb):
+    """Single-device NABLA self-attention on fractal-ordered q, k, v [B, T*Hb*Wb*64, H, D] -> out (q.dtype)."""
+    if q.shape[1] != T * Hb * Wb * BLOCK:
+        raise ValueError(f"nabla_attention: sequence {q.shape[1]} != T*Hb*Wb*64 = {T}*{Hb}*{Wb}*64")
+    sta = _sta_cached(T, Hb, Wb, spec.wT, spec.wH, spec.wW, q.device)
+    mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, spec.P)
+    return block_sparse_attention(q, k, v, mask)[0]
