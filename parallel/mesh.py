@@ -1,0 +1,150 @@
+"""Parallel degrees and the one DeviceMesh every process group comes from.
+
+``ParallelDims`` validates the degrees once and builds one 5-D mesh with named dims in the order
+("dp", "cfg", "ring", "ulysses", "tp"). The last dims vary fastest, so tp and ulysses groups land on
+consecutive ranks (NVLink neighbours) and the ring, whose P2P traffic tolerates slower links, strides
+across them. Every group (ulysses, ring, the flattened sequence-parallel group ring x ulysses, ...) is
+a view of that mesh; no module keeps process groups of its own.
+
+Sequence-parallel (SP) rank order is ``sp_rank = ring_rank * ulysses + ulysses_rank`` (row-major over
+("ring", "ulysses")), which is the rank order of the flattened "sp" mesh dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("dp", "cfg", "ring", "ulysses", "tp")
+
+
+def _divisor_pairs(n: int) -> list[tuple[int, int]]:
+    """(ulysses, ring) pairs with ulysses * ring == n, largest ulysses first."""
+    return [(u, n // u) for u in range(n, 0, -1) if n % u == 0]
+
+
+def _flag_list(degrees: dict[str, int]) -> str:
+    """CLI flags: always ulysses and ring, then the other degrees above 1."""
+    order = ("ulysses", "ring", "tp", "cfg", "dp")
+    shown = [(name, degrees.get(name, 1)) for name in order if name in ("ulysses", "ring") or degrees.get(name, 1) > 1]
+    return " ".join(f"--{name}-degree {d}" for name, d in shown)
+
+
+@dataclass
+class ParallelDims:
+    dp: int = 1
+    cfg: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    tp: int = 1
+    mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    _sp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        for name in MESH_DIMS:
+            d = getattr(self, name)
+            if not isinstance(d, int) or d < 1:
+                raise ValueError(f"--{name}-degree must be a positive integer, got {d!r}")
+        if self.cfg > 2:
+            raise ValueError(f"--cfg-degree {self.cfg}: classifier-free guidance has 2 branches; use 1 or 2")
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_DIMS}
+
+    @property
+    def world_size(self) -> int:
+        n = 1
+        for d in self.degrees.values():
+            n *= d
+        return n
+
+    @property
+    def sp_size(self) -> int:
+        return self.ring * self.ulysses
+
+    def validate(self, world_size: int) -> None:
+        """Raise one ValueError if the degrees do not multiply to ``world_size``."""
+        if self.world_size == world_size:
+            return
+        product = " * ".join(f"{name} {d}" for name, d in self.degrees.items())
+        # Suggest keeping dp/cfg/tp as given when they still fit, and splitting the rest over ulysses x ring.
+        others = self.dp * self.cfg * self.tp
+        suggestions = []
+        if world_size % others == 0:
+            for u, r in _divisor_pairs(world_size // others):
+                suggestions.append(_flag_list({**self.degrees, "ulysses": u, "ring": r}))
+        else:
+            suggestions = [_flag_list({"ulysses": u, "ring": r}) for u, r in _divisor_pairs(world_size)]
+        raise ValueError(
+            f"parallel degrees multiply to {self.world_size} ({product}) but the world size is {world_size}; "
+            f"valid choices include: " + "; ".join(suggestions)
+        )
+
+    def check_heads(self, num_heads: int) -> None:
+        """Ulysses splits heads: raise if ``num_heads`` does not divide by the ulysses degree."""
+        if num_heads % self.ulysses == 0:
+            return
+        fits = [(u, r) for u, r in _divisor_pairs(self.sp_size) if num_heads % u == 0]
+        options = " or ".join(f"--ulysses-degree {u} --ring-degree {r}" for u, r in fits)
+        raise ValueError(
+            f"{num_heads} heads do not divide by ulysses degree {self.ulysses}; "
+            f"use {options} (ulysses x ring = {self.sp_size})"
+        )
+
+    # ---- the mesh -------------------------------------------------------------------------------------
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """Build the one DeviceMesh ("dp", "cfg", "ring", "ulysses", "tp") over the default process group."""
+        if not dist.is_initialized():
+            raise RuntimeError("build_mesh needs torch.distributed initialized (torchrun / init_process_group)")
+        self.validate(dist.get_world_size())
+        shape = tuple(self.degrees.values())
+        self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        self._sp_mesh = self.mesh["ring", "ulysses"]._flatten("sp")
+        return self.mesh
+
+    def _need_mesh(self) -> DeviceMesh:
+        if self.mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh(device_type) must be called before asking for groups")
+        return self.mesh
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        """Process group along one mesh dim ("dp", "cfg", "ring", "ulysses", "tp") or "sp" (ring x ulysses)."""
+        if dim == "sp":
+            self._need_mesh()
+            return self._sp_mesh.get_group()
+        return self._need_mesh().get_group(dim)
+
+    def rank(self, dim: str) -> int:
+        """This process's coordinate along ``dim`` (its rank within ``group(dim)``)."""
+        if dim == "sp":
+            self._need_mesh()
+            return self._sp_mesh.get_local_rank()
+        return self._need_mesh().get_local_rank(dim)
+
+    @property
+    def ulysses_group(self) -> dist.ProcessGroup:
+        return self.group("ulysses")
+
+    @property
+    def ring_group(self) -> dist.ProcessGroup:
+        return self.group("ring")
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup:
+        return self.group("sp")
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.rank("ulysses")
+
+    @property
+    def ring_rank(self) -> int:
+        return self.rank("ring")
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank("sp")

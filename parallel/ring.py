@@ -1,0 +1,152 @@
+"""Ring attention over the ring process group (BSHD), dense or NABLA block-sparse.
+
+Each ring rank g holds the queries and keys/values of one contiguous span g of the sequence. K and V
+travel one hop per step (rank r sends to r+1, receives from r-1), packed in one buffer; the transfer of
+the next chunk is issued before computing on the current one and waited after, so P2P overlaps compute.
+At step t rank g holds span (g - t) mod R. Partial results merge in fp32 through their lse
+(k5.kernels.merge).
+
+NABLA needs, for its local query blocks, the block-attention estimate over ALL key blocks (softmax and
+top-CDF run over the whole row), so the pooled keys (S/64 x D per head: small) are all-gathered once;
+the mask rows of the local query blocks are computed locally, and step t uses the column range of span
+(g - t) mod R. A step whose sub-mask is empty for every (batch, head) does not call the kernel at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from k5.kernels.attention import dense_attention
+from k5.kernels.merge import merge_attention
+from k5.kernels.nabla import block_sparse_attention, nabla_block_mask, pool_blocks
+from k5.parallel.comm_stats import CommStats
+
+
+@dataclass
+class RingCounters:
+    """Attention kernel calls and ring steps skipped because their key chunk had nothing to attend."""
+
+    kernel_calls: int = 0
+    skipped_steps: int = 0
+
+
+class RingComm:
+    """One P2P exchange per step: send a buffer to the next ring rank, receive one from the previous."""
+
+    def __init__(self, group, stats: CommStats | None = None):
+        self.group, self.stats = group, stats
+        n, r = dist.get_world_size(group), dist.get_rank(group)
+        self.send_to = dist.get_global_rank(group, (r + 1) % n)
+        self.recv_from = dist.get_global_rank(group, (r - 1) % n)
+        self._reqs = []
+
+    def send_recv(self, buf: torch.Tensor) -> torch.Tensor:
+        recv = torch.empty_like(buf)
+        ops = [
+            dist.P2POp(dist.isend, buf, self.send_to, self.group),
+            dist.P2POp(dist.irecv, recv, self.recv_from, self.group),
+        ]
+        self._reqs = dist.batch_isend_irecv(ops)
+        if self.stats is not None:
+            self.stats.p2p_ring(buf)
+        return recv
+
+    def wait(self) -> None:
+        for req in self._reqs:
+            req.wait()
+        self._reqs = []
+
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+def _ring_loop(q, k, v, group, attend: AttendFn, stats, counters):
+    """Rotate K/V around the ring; ``attend(src_span, k, v)`` returns (out, lse), or None to skip the step."""
+    R, g = dist.get_world_size(group), dist.get_rank(group)
+    kv = torch.stack((k, v)).contiguous()
+    comm = RingComm(group, stats) if R > 1 else None
+    out = lse = None
+    for t in range(R):
+        if t + 1 < R:
+            next_kv = comm.send_recv(kv)
+        block = attend((g - t) % R, kv[0], kv[1])
+        if block is None:
+            counters.skipped_steps += 1
+        else:
+            counters.kernel_calls += 1
+            out, lse = (block[0].float(), block[1]) if out is None else merge_attention(out, lse, *block)
+        if t + 1 < R:
+            comm.wait()
+            kv = next_kv
+    if out is None:  # nothing visible anywhere (e.g. only pad queries): the empty result of the kernels
+        B, S, H, _ = q.shape
+        out = q.new_zeros(q.shape, dtype=torch.float32)
+        lse = torch.full((B, H, S), float("-inf"), device=q.device)
+    return out, lse
+
+
+def ring_dense_attention(q, k, v, group, key_valid=None, stats=None, counters=None):
+    """Dense attention of this span's queries over all spans' keys; returns fp32 (out [B,L,h,D], lse [B,h,L]).
+
+    q, k, v: [B, L, h, D], span g = this rank's ring rank. ``key_valid``: bool [R*L] over the padded
+    sequence (None: no padding); pad keys are masked and an all-pad span is skipped.
+    """
+    counters = counters if counters is not None else RingCounters()
+    B, L = k.shape[:2]
+    if key_valid is not None:
+        key_valid = key_valid.to(q.device)
+        span_state = key_valid.view(-1, L)
+        any_valid, all_valid = span_state.any(-1).tolist(), span_state.all(-1).tolist()
+
+    def attend(src, k_, v_):
+        if key_valid is None or all_valid[src]:
+            return dense_attention(q, k_, v_)
+        if not any_valid[src]:
+            return None
+        return dense_attention(q, k_, v_, key_mask=span_state[src].expand(B, L))
+
+    return _ring_loop(q, k, v, group, attend, stats, counters)
+
+
+def gather_pooled_keys(k_pooled, group, stats=None):
+    """[B, h, nb_local, D] -> [B, h, R*nb_local, D], spans in ring order."""
+    R = dist.get_world_size(group)
+    if R == 1:
+        return k_pooled
+    parts = [torch.empty_like(k_pooled) for _ in range(R)]
+    dist.all_gather(parts, k_pooled.contiguous(), group=group)
+    if stats is not None:
+        stats.all_gather(k_pooled, R)
+    return torch.cat(parts, dim=2)
+
+
+def ring_nabla_attention(q, k, v, group, P, sta_rows, k_valid=None, q_valid=None, stats=None, counters=None):
+    """NABLA attention of this span's queries over the ring; returns (out fp32, lse, mask_rows).
+
+    q, k, v: [B, L, h, D] (fractal token order, L a multiple of 64). ``sta_rows``: bool [L/64, R*L/64],
+    the STA prior rows of this span's query blocks over all (padded) key blocks. ``k_valid``: bool
+    [R*L/64] (False = pad block, never selected); ``q_valid``: bool [L/64] (False = pad query block, its
+    row is emptied). ``mask_rows``: bool [B, h, L/64, R*L/64], this span's rows of the NABLA block mask.
+    """
+    counters = counters if counters is not None else RingCounters()
+    R = dist.get_world_size(group)
+    B, L, h, _ = q.shape
+    nbl = L // 64
+    k_all = gather_pooled_keys(pool_blocks(k), group, stats)
+    rows = nabla_block_mask(pool_blocks(q), k_all, sta_rows, P, k_valid=k_valid)
+    if q_valid is not None:
+        rows = rows & q_valid.to(rows.device)[:, None]
+    # One host sync for all steps: which spans have any selected block for any (batch, head, query block).
+    nonempty = rows.reshape(B, h, nbl, R, nbl).any(-1).any(2).any(1).any(0).tolist()
+
+    def attend(src, k_, v_):
+        if not nonempty[src]:
+            return None
+        return block_sparse_attention(q, k_, v_, rows[..., src * nbl : (src + 1) * nbl].contiguous())
+
+    out, lse = _ring_loop(q, k, v, group, attend, stats, counters)
+    return out, lse, rows
