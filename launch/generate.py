@@ -127,7 +127,12 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     bar = tqdm(total=req.steps, desc="denoising", disable=not lead, file=sys.stderr)
-    result = pipe.generate(req, on_step=lambda i: bar.update(1))
+    def on_step(i):
+        bar.update(1)
+        if stats is not None:
+            stats.end_step()  # one record of bytes sent per denoising step
+
+    result = pipe.generate(req, on_step=on_step)
     bar.close()
     if result.truncated and lead:
         print("warning: the prompt is longer than the 256-token text budget and was truncated", file=sys.stderr)
@@ -157,7 +162,9 @@ def main(argv=None) -> int:
         line = (f"done: {req.steps} steps, {result.timings['step_s']:.3f} s/step, decode {decode_s:.2f} s, "
                 f"total {total:.1f} s, peak memory {peak_memory(device)}")
         if stats is not None:
-            line += f", sent per step {stats.summary(req.steps)}"
+            per_step = stats.steps[-1]
+            line += ", sent per step: " + "; ".join(
+                f"{kind} {v['bytes'] / 2**20:.3f} MiB in {v['calls']} calls" for kind, v in per_step.items())
         print(line, file=sys.stderr)
     if world > 1:
         dist.barrier()
