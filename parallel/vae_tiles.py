@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -190,8 +190,9 @@ class DecodeStats:
     """What one rank did in `parallel_decode`.
 
     `peak_bytes` is `torch.cuda.max_memory_allocated` over the decode (peak_kind "cuda_max_allocated", the peak
-    counter is reset at the start), or on CPU the bytes of tile buffers this rank held at once, i.e. its packed
-    tiles plus the receive buffers on a blending rank (peak_kind "cpu_tile_buffers"; activations not included).
+    counter is reset at the start), or on CPU the bytes of decoded pixels this rank held at once: its packed
+    tiles, plus on a blending rank the receive buffers and the assembled video (peak_kind "cpu_tile_buffers";
+    decoder activations not included).
     `rss_peak_bytes` is the process's peak resident set size since it started (Linux ru_maxrss), not the decode's.
     """
 
@@ -209,7 +210,6 @@ class DecodeStats:
     peak_kind: str = ""
     rss_peak_bytes: int = 0
     blended: bool = False
-    extra: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         return (
@@ -237,7 +237,9 @@ def parallel_decode(
     Every rank of `group` must call this with the same latents and VAE settings. The frames (uint8
     [B, F, 8H, 8W, 3], or the float decode [B, 3, F, 8H, 8W] with `to_uint8=False`) come back on group rank `dst`
     and None elsewhere; `dst=None` gives them to every rank (all-gather instead of gather). Equal to the
-    single-process `vae.decode` with the same tiling (up to float re-association: none, in practice).
+    single-process `vae.decode` with the same tiling: each tile goes through the same ops on the same slice and
+    the blend repeats the library's (bitwise equal in the tests). Each tile holds the whole batch; with
+    `use_slicing` and B > 1 the library decodes per video instead, equal up to batched-kernel rounding.
     """
     ae = _autoencoder(vae)
     rank, world = _group_info(group)
@@ -283,7 +285,9 @@ def parallel_decode(
         buffers = [send]
     elif dst is None:
         gathered = torch.empty(world * capacity, dtype=send.dtype, device=send.device)
-        dist.all_gather_into_tensor(gathered, send, group=group)
+        # all_gather_single is the torch >= 2.13 name of all_gather_into_tensor (deprecated there)
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        all_gather(gathered, send, group=group)
         buffers = list(gathered.chunk(world))
     else:
         buffers = [torch.empty_like(send) for _ in range(world)] if receives else None
@@ -291,7 +295,7 @@ def parallel_decode(
     if on_cuda:
         torch.cuda.synchronize(z.device)
     stats.gather_s = time.perf_counter() - start
-    held = send.numel() + (world * capacity if receives and world > 1 else 0)
+    held = (send.numel() + (world * capacity if receives and world > 1 else 0)) * send.element_size()
 
     frames = None
     if receives:
@@ -303,11 +307,12 @@ def parallel_decode(
                 decoded[i] = buffers[r][offset : offset + numel[i]].view(decoded_shape(tiles[i], ae, batch))
                 offset += numel[i]
         video = _blend(ae, _layout(latents.shape, ae), decoded, latents.shape)
+        held += video.numel() * video.element_size()
         frames = frames_to_uint8(video) if to_uint8 else video
         stats.blend_s = time.perf_counter() - start
         stats.blended = True
     stats.peak_bytes = (
-        torch.cuda.max_memory_allocated(z.device) if on_cuda else held * send.element_size()
+        torch.cuda.max_memory_allocated(z.device) if on_cuda else held
     )
     stats.peak_kind = "cuda_max_allocated" if on_cuda else "cpu_tile_buffers"
     stats.rss_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -159,5 +159,8 @@ def test_single_process_without_distributed():
     assert stats.world_size == 1 and stats.tiles == list(range(stats.num_tiles)) and stats.num_tiles == 6
     assert torch.equal(frames, VideoVAE(vae, **SMALL_TILES).decode(latents))
     assert "6/6 tiles" in stats.summary()
+    # CPU peak = packed tiles + assembled video, fp32. Tiles: 9 frames x (32 + 16 px rows) x (32 + 32 + 8 px cols)
+    # x 3 channels; video: 9 x 40 x 56 x 3.
+    assert stats.peak_bytes == (9 * 48 * 72 * 3 + 9 * 40 * 56 * 3) * 4
     with pytest.raises(ValueError, match="dst=1"):
         parallel_decode(vae, latents, dst=1)
