@@ -44,16 +44,15 @@ class RingComm:
         self.recv_from = dist.get_global_rank(group, (r - 1) % n)
         self._reqs = []
 
-    def send_recv(self, buf: torch.Tensor) -> torch.Tensor:
-        recv = torch.empty_like(buf)
+    def send_recv(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        """Start sending ``send`` and receiving into ``recv``; both must stay untouched until wait()."""
         ops = [
-            dist.P2POp(dist.isend, buf, self.send_to, self.group),
+            dist.P2POp(dist.isend, send, self.send_to, self.group),
             dist.P2POp(dist.irecv, recv, self.recv_from, self.group),
         ]
         self._reqs = dist.batch_isend_irecv(ops)
         if self.stats is not None:
-            self.stats.p2p_ring(buf)
-        return recv
+            self.stats.p2p_ring(send)
 
     def wait(self) -> None:
         for req in self._reqs:
@@ -67,12 +66,18 @@ AttendFn = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torc
 def _ring_loop(q, k, v, group, attend: AttendFn, stats, counters):
     """Rotate K/V around the ring; ``attend(src_span, k, v)`` returns (out, lse), or None to skip the step."""
     R, g = dist.get_world_size(group), dist.get_rank(group)
-    kv = torch.stack((k, v)).contiguous()
-    comm = RingComm(group, stats) if R > 1 else None
+    # Double buffer: step t computes on bufs[t % 2] while the next chunk arrives in the other one, which
+    # step t-1 finished sending and computing on before its wait() returned.
+    bufs = [torch.stack((k, v))]
+    comm = None
+    if R > 1:
+        comm = RingComm(group, stats)
+        bufs.append(torch.empty_like(bufs[0]))
     out = lse = None
     for t in range(R):
+        kv = bufs[t % 2]
         if t + 1 < R:
-            next_kv = comm.send_recv(kv)
+            comm.send_recv(kv, bufs[(t + 1) % 2])
         block = attend((g - t) % R, kv[0], kv[1])
         if block is None:
             counters.skipped_steps += 1
@@ -81,7 +86,6 @@ def _ring_loop(q, k, v, group, attend: AttendFn, stats, counters):
             out, lse = (block[0].float(), block[1]) if out is None else merge_attention(out, lse, *block)
         if t + 1 < R:
             comm.wait()
-            kv = next_kv
     if out is None:  # nothing visible anywhere (e.g. only pad queries): the empty result of the kernels
         B, S, H, _ = q.shape
         out = q.new_zeros(q.shape, dtype=torch.float32)
@@ -97,17 +101,21 @@ def ring_dense_attention(q, k, v, group, key_valid=None, stats=None, counters=No
     """
     counters = counters if counters is not None else RingCounters()
     B, L = k.shape[:2]
+    R = dist.get_world_size(group)
     if key_valid is not None:
-        key_valid = key_valid.to(q.device)
-        span_state = key_valid.view(-1, L)
-        any_valid, all_valid = span_state.any(-1).tolist(), span_state.all(-1).tolist()
+        if tuple(key_valid.shape) != (R * L,):
+            raise ValueError(f"key_valid must be bool [ring * span] = [{R * L}]; got {tuple(key_valid.shape)}")
+        spans = key_valid.view(R, L)
+        # Decided from a host copy so the loop never syncs with the device.
+        any_valid, all_valid = spans.cpu().any(-1).tolist(), spans.cpu().all(-1).tolist()
+        spans = spans.to(q.device)
 
     def attend(src, k_, v_):
         if key_valid is None or all_valid[src]:
             return dense_attention(q, k_, v_)
         if not any_valid[src]:
             return None
-        return dense_attention(q, k_, v_, key_mask=span_state[src].expand(B, L))
+        return dense_attention(q, k_, v_, key_mask=spans[src].expand(B, L))
 
     return _ring_loop(q, k, v, group, attend, stats, counters)
 

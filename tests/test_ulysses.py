@@ -86,3 +86,23 @@ def test_ulysses_matches_deepspeed_distributed_attention():
         assert ds_out.shape == our_out.shape == (B, S // 2, H, D)
         assert rel_err(our_out, ds_out) <= 1e-4
         assert rel_err(our_out, _shards(rank, 2, ref)) <= 1e-4
+
+
+def test_comm_stats_steps_and_reset():
+    stats = CommStats()
+    buf = torch.zeros(4, 10)  # 160 bytes
+    stats.all_to_all(buf, 4)  # keeps 1/4 local: 120 bytes leave
+    stats.all_gather(torch.zeros(5), 3)  # 20-byte chunk to 2 peers: 40
+    stats.p2p_ring(buf)
+    stats.p2p_ring(buf)
+    assert stats.total_bytes == 120 + 40 + 320
+    step = stats.end_step()
+    assert step == {
+        "all_gather": {"bytes": 40, "calls": 1},
+        "all_to_all": {"bytes": 120, "calls": 1},
+        "p2p_ring": {"bytes": 320, "calls": 2},
+    }
+    assert stats.summary() == {} and stats.steps == [step]
+    stats.all_to_all(buf, 2)
+    stats.reset()
+    assert stats.total_bytes == 0 and stats.format() == "no communication"
