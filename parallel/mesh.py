@@ -39,8 +39,8 @@ class ParallelDims:
     ring: int = 1
     ulysses: int = 1
     tp: int = 1
-    mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
-    _sp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    mesh: DeviceMesh | None = field(default=None, init=False, repr=False, compare=False)
+    _sp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in MESH_DIMS:
