@@ -131,20 +131,27 @@ class TPLinear(nn.Module):
         return f"{self.style}, local weight {tuple(self.weight.shape)}, tp {self.size}"
 
 
+def check_tp_degree(cfg: DiTConfig, tp: int) -> None:
+    """Raise if ``tp`` does not divide the heads and the FFN width (the two things TP cuts into equal parts)."""
+    heads = cfg.num_heads
+    if isinstance(tp, int) and tp >= 1 and heads % tp == 0 and cfg.ff_dim % tp == 0:
+        return
+    fits = [d for d in range(1, heads + 1) if heads % d == 0 and cfg.ff_dim % d == 0]
+    raise ValueError(
+        f"--tp-degree {tp} does not divide the model's {heads} heads and ff_dim {cfg.ff_dim}; "
+        f"use --tp-degree {' or '.join(map(str, fits))}"
+    )
+
+
 def check_tensor_parallel(cfg: DiTConfig, dims: ParallelDims) -> None:
     """Raise one ValueError if the DiT cannot be cut ``dims.tp`` ways, or the heads left do not fit Ulysses."""
-    tp, heads = dims.tp, cfg.num_heads
-    if tp == 1:
-        return
-    if heads % tp or cfg.ff_dim % tp:
-        fits = [d for d in range(2, heads + 1) if heads % d == 0 and cfg.ff_dim % d == 0]
-        raise ValueError(
-            f"--tp-degree {tp} does not divide the model's {heads} heads and ff_dim {cfg.ff_dim}; "
-            f"use --tp-degree {' or '.join(map(str, fits)) or '1'}"
-        )
+    check_tp_degree(cfg, dims.tp)
+    heads, tp = cfg.num_heads, dims.tp
     try:
         dims.check_heads(heads // tp)
     except ValueError as e:
+        if tp == 1:
+            raise
         raise ValueError(f"with --tp-degree {tp} each rank holds {heads // tp} of the {heads} heads, and {e}") from None
 
 
@@ -184,13 +191,16 @@ def tp_reader(dims: ParallelDims) -> checkpoint.Reader:
 
 
 def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, device="cpu",
-             stats: CommStats | None = None, config: DiTConfig | None = None) -> tuple[Kandinsky5DiT, CommStats]:
-    """Build the DiT on meta, cut it for this rank, fill it with this rank's slices only (mesh already built)."""
+             stats: CommStats | None = None, config: DiTConfig | None = None,
+             reader: checkpoint.Reader | None = None) -> tuple[Kandinsky5DiT, CommStats]:
+    """Build the DiT on meta, cut it for this rank, fill it with this rank's slices only (mesh already built).
+
+    ``reader`` defaults to ``tp_reader(dims)`` (tests pass a recording wrapper of it)."""
     files = checkpoint.locate(path)
     with torch.device("meta"):
         dit = Kandinsky5DiT(config or files.config)
     stats = apply_tensor_parallel(dit, dims, stats)
-    checkpoint.load_into(dit, files, dtype, device, tp_reader(dims))
+    checkpoint.load_into(dit, files, dtype, device, reader or tp_reader(dims))
     return dit.eval().requires_grad_(False), stats
 
 
