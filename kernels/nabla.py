@@ -18,8 +18,8 @@ BLOCK = 64  # tokens per NABLA tile (8x8)
 _TILE = 8
 
 # Element budgets of the temporaries: the nabla_block_mask scores per step (B*H*nq*nk is 430M for Pro 10 s with
-# 32 heads), and the K/V tiles gathered per step of the CPU kernel (1 MiB fp32: small enough to stay in cache
-# between the gather and the attention kernel, which measured ~2x faster than 16 MiB steps).
+# 32 heads), and the K/V tiles gathered per step of the CPU kernel (1 MiB fp32, so they are still in cache when the
+# attention kernel reads them; larger steps were no faster).
 _MASK_CHUNK_ELEMS = 1 << 24
 _CPU_CHUNK_ELEMS = 1 << 18
 
@@ -154,45 +154,49 @@ def nabla_block_mask(q_pooled, k_pooled, sta_rows, P, k_valid=None):
 
 
 def _block_sparse_cpu(q, k, v, block_mask):
-    """Gather-based kernel: per (b, h), each query tile attends to its selected key tiles gathered into one padded
-    [L*64, D] operand. Unselected tiles cost nothing; query tiles are grouped by selection count to limit padding."""
+    """Gather-based kernel: each query tile attends to its selected key tiles, gathered into one padded [L*64, D]
+    operand, with the fused CPU attention kernel (fp32 softmax, returns the lse) run on a batch of query tiles.
+    Unselected tiles cost nothing. All (b, h, query tile) rows are processed together, ordered by their number of
+    selected tiles so that a step pads little and steps are few."""
     B, Sq, H, D = q.shape
     nq, nk = Sq // BLOCK, k.shape[1] // BLOCK
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # [B,H,n,64,D] layout: a tile is one contiguous [64, D] slab, so gathering tiles is one index_select.
-    qb = q.to(ct).transpose(1, 2).reshape(B, H, nq, BLOCK, D)
-    kb = k.to(ct).transpose(1, 2).reshape(B, H, nk, BLOCK, D)
-    vb = v.to(ct).transpose(1, 2).reshape(B, H, nk, BLOCK, D)
-    out = torch.zeros(B, H, nq, BLOCK, D, dtype=ct, device=q.device)
-    lse = torch.full((B, H, nq, BLOCK), float("-inf"), dtype=torch.float32, device=q.device)
-    counts = block_mask.sum(-1)  # [B,H,nq]
-    # Selected tile ids first, in ascending order (stable sort of the 0/1 mask).
-    order = torch.argsort(block_mask.to(torch.int8), dim=-1, descending=True, stable=True)
-    for b in range(B):
-        for h in range(H):
-            c = counts[b, h]
-            rows = torch.argsort(c, stable=True)
-            rows = rows[c[rows] > 0]  # empty query tiles stay (0, -inf)
-            if rows.numel() == 0:
-                continue
-            n = max(1, _CPU_CHUNK_ELEMS // (int(c.max()) * BLOCK * 2 * D))
-            for i in range(0, rows.numel(), n):
-                blk = rows[i : i + n]
-                L = int(c[blk[-1]])  # ascending counts: the last row has the most tiles
-                idx = order[b, h, blk, :L].flatten()  # [n*L] selected key tiles, row by row
-                kg = kb[b, h].index_select(0, idx).view(len(blk), 1, L * BLOCK, D)
-                vg = vb[b, h].index_select(0, idx).view(len(blk), 1, L * BLOCK, D)
-                bias = None
-                pad = torch.arange(L, device=q.device) >= c[blk, None]  # slots of rows with fewer than L tiles
-                if bool(pad.any()):
-                    bias = torch.zeros(len(blk), 1, 1, L * BLOCK, dtype=ct, device=q.device)
-                    bias.masked_fill_(pad.repeat_interleave(BLOCK, -1)[:, None, None, :], float("-inf"))
-                # Each query tile is one batch entry of the fused CPU kernel (fp32 softmax, returns the lse).
-                o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    qb[b, h, blk].unsqueeze(1), kg, vg, attn_mask=bias
-                )
-                out[b, h, blk] = o.squeeze(1)
-                lse[b, h, blk] = l.squeeze(1).float()
+    # [B*H*n, 64, D]: a tile is one contiguous slab, so gathering tiles is one index_select.
+    qb = q.to(ct).transpose(1, 2).reshape(B * H * nq, BLOCK, D)
+    kb = k.to(ct).transpose(1, 2).reshape(B * H * nk, BLOCK, D)
+    vb = v.to(ct).transpose(1, 2).reshape(B * H * nk, BLOCK, D)
+    out = torch.zeros(B * H * nq, BLOCK, D, dtype=ct, device=q.device)
+    lse = torch.full((B * H * nq, BLOCK), float("-inf"), dtype=torch.float32, device=q.device)
+
+    mask = block_mask.reshape(B * H * nq, nk)
+    counts = mask.sum(-1)
+    # Selected key tiles of each row first, ascending (stable sort of the 0/1 mask), as rows of the flat kb.
+    order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
+    order += (torch.arange(B * H * nq, device=q.device) // nq * nk)[:, None]
+    rows = torch.argsort(counts, stable=True)
+    rows = rows[counts[rows] > 0]  # empty query tiles stay (0, -inf)
+    sorted_counts = counts[rows].tolist()
+    budget = max(1, _CPU_CHUNK_ELEMS // (BLOCK * 2 * D))  # gathered K+V tiles per step
+    i = 0
+    while i < len(rows):
+        # Counts ascend, so a step's widest row is its last one: shrink the step until it fits the budget.
+        n = max(1, budget // sorted_counts[i])
+        while n > 1 and sorted_counts[min(i + n, len(rows)) - 1] * n > budget:
+            n = max(1, budget // sorted_counts[min(i + n, len(rows)) - 1])
+        blk = rows[i : i + n]
+        n, L = len(blk), sorted_counts[i + len(blk) - 1]
+        idx = order[blk, :L].flatten()  # [n*L]
+        kg = kb.index_select(0, idx).view(n, 1, L * BLOCK, D)
+        vg = vb.index_select(0, idx).view(n, 1, L * BLOCK, D)
+        bias = None
+        if sorted_counts[i] < L:  # rows with fewer than L tiles: mask their padded slots
+            pad = torch.arange(L, device=q.device) >= counts[blk, None]
+            bias = torch.zeros(n, 1, 1, L * BLOCK, dtype=ct, device=q.device)
+            bias.masked_fill_(pad.repeat_interleave(BLOCK, -1)[:, None, None, :], float("-inf"))
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb[blk].unsqueeze(1), kg, vg, attn_mask=bias)
+        out[blk] = o.squeeze(1)
+        lse[blk] = l.squeeze(1).float()
+        i += n
     return out.reshape(B, H, Sq, D).transpose(1, 2), lse.reshape(B, H, Sq)
 
 
@@ -234,7 +238,9 @@ def block_sparse_attention(q, k, v, block_mask):
         )
     shape = (B, H, Sq // BLOCK, k.shape[1] // BLOCK)
     if tuple(block_mask.shape) != shape or block_mask.dtype != torch.bool:
-        raise ValueError(f"block_mask must be bool {shape} = [B,H,nq,nk]; got {block_mask.dtype} {tuple(block_mask.shape)}")
+        raise ValueError(
+            f"block_mask must be bool [B,H,nq,nk] = {shape}; got {block_mask.dtype} {tuple(block_mask.shape)}"
+        )
     if q.is_cuda:
         out, lse = _block_sparse_cuda(q, k, v, block_mask)
         empty = (~block_mask.any(-1)).repeat_interleave(BLOCK, -1)  # [B,H,Sq]
