@@ -1,0 +1,87 @@
+"""Encode the prompts once per group and broadcast the embeddings, so only one rank holds the text encoders.
+
+Every rank of a model replica (the ranks that share dp and cfg coordinates: ring x ulysses x tp) needs the same
+text embeddings, but the 7B Qwen2.5-VL costs 15 GB in bf16. One rank per replica (its rank 0 in the flattened
+("ring", "ulysses", "tp") group) loads the encoders, encodes, broadcasts the few MB of embeddings, and frees the
+encoders unless asked to keep them (batch jobs encode again). The other ranks never load them.
+With CFG parallelism the two halves are two replicas, so each half's source encodes only its own prompt
+(k5.parallel.cfg.BranchText on top of this).
+
+Splitting the Qwen model itself across the ranks of a node is not done: one 15 GB encoder on one rank per replica
+fits the GPUs this targets, and it runs once per video.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from k5.engine.text import TextEmbeds
+from k5.parallel.comm_stats import CommStats, nbytes
+from k5.parallel.mesh import ParallelDims
+
+TEXT_DIMS = ("ring", "ulysses", "tp")
+
+
+def text_mesh(dims: ParallelDims):
+    """The 1-D mesh of one replica's ranks (same dp and cfg): a flattened view of the one mesh."""
+    if dims.mesh is None:
+        raise RuntimeError("ParallelDims.build_mesh(device_type) must be called before sharing text embeddings")
+    return dims.mesh[TEXT_DIMS]._flatten("text")  # idempotent: a second call returns the same mesh
+
+
+def is_text_source(dims: ParallelDims) -> bool:
+    """Whether this rank loads the text encoders (rank 0 of its replica)."""
+    return text_mesh(dims).get_local_rank() == 0
+
+
+class SharedText:
+    """``encode(prompts) -> TextEmbeds`` like engine.text.TextEncoder; runs the encoder on the group's rank 0 only.
+
+    ``encoder`` is the loaded TextEncoder on the source rank and None elsewhere; ``device`` is where receiving ranks
+    put the embeddings (the DiT's device). With ``keep=False`` the encoder is released after the first encode.
+    """
+
+    def __init__(self, encoder, group, device, keep: bool = False, stats: CommStats | None = None):
+        self.group, self.device, self.keep = group, torch.device(device), keep
+        self.source = dist.get_rank(group) == 0
+        self.stats = stats if stats is not None else CommStats()
+        if self.source and encoder is None:
+            raise ValueError("the text source rank (rank 0 of its replica) needs a loaded TextEncoder")
+        self.encoder = encoder if self.source else None
+
+    @classmethod
+    def for_dims(cls, encoder, dims: ParallelDims, device, keep: bool = False, stats: CommStats | None = None):
+        return cls(encoder, text_mesh(dims).get_group(), device, keep, stats)
+
+    def encode(self, prompts: list[str]) -> TextEmbeds:
+        if self.source:
+            if self.encoder is None:
+                raise RuntimeError("the text encoder was released after the first encode; pass keep=True to reuse it")
+            e = self.encoder.encode(prompts)
+            header = [[(tuple(t.shape), t.dtype) for t in (e.embeds, e.mask, e.pooled)], list(e.truncated)]
+            tensors = [t.to(self.device).contiguous() for t in (e.embeds, e.mask, e.pooled)]
+        else:
+            header = [None, None]
+        # Shapes and dtypes first (one small object broadcast), then the tensors themselves.
+        dist.broadcast_object_list(header, group_src=0, group=self.group, device=self._comm_device())
+        specs, truncated = header
+        if not self.source:
+            tensors = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
+        n = dist.get_world_size(self.group)
+        for t in tensors:
+            dist.broadcast(t, group_src=0, group=self.group)
+            if self.source:
+                self.stats.add("broadcast", nbytes(t) * (n - 1))
+        if self.source and not self.keep:
+            self.release()
+        return TextEmbeds(*tensors, truncated)
+
+    def _comm_device(self) -> torch.device | None:
+        # NCCL sends the pickled header through a CUDA tensor; gloo through a CPU one.
+        return self.device if self.device.type == "cuda" else None
+
+    def release(self) -> None:
+        if self.encoder is not None:
+            self.encoder.release()
+            self.encoder = None
