@@ -1,0 +1,516 @@
+"""Time the Kandinsky 5 DiT: forward, denoising step (CFG: 2 forwards), VAE decode; beside diffusers on the same
+weights; one process or under torchrun with any parallel layout.
+
+    python -m bench --model lite --blocks 2 --height 256 --width 256 --frames 17 --dtype fp32 --peer diffusers
+    torchrun --nproc_per_node=2 -m bench --model lite --blocks 2 --height 256 --width 256 --frames 17 --ulysses 2
+    python -m bench attention --frames 121 --height 512 --width 768 --heads 2 --P 0.02   (dense vs NABLA kernels)
+
+Every figure is a median over --repeat timed runs after --warmup runs (CUDA events on a GPU; under torchrun each
+repetition is the slowest rank's time, ranks aligned by a barrier). FLOPs are counted analytically (flops.py),
+NABLA by the density of the masks of a real forward on the same inputs. Results go to bench/results/<name>.json
+and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+if __package__ in (None, ""):  # run as a file: bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import fast, flops, peers, report
+from k5.engine.checkpoint import keeps_fp32
+from k5.engine.config import PRESETS, DiTConfig
+from k5.engine.dit import Kandinsky5DiT, TokenGrid
+from k5.engine.sampler import Conditioning, guided_velocity, model_input
+from k5.kernels.nabla import NablaSpec, block_sparse_attention, nabla_block_mask, pool_blocks, sta_block_mask
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The DiT of engine/tiny.py's checkpoint (text widths of its tiny Qwen / CLIP encoders).
+TINY = DiTConfig(in_text_dim=32, in_text_dim2=24, time_dim=32, model_dim=64, ff_dim=128, num_text_blocks=1,
+                 num_visual_blocks=2, axes_dims=(4, 6, 6))
+GUIDANCE = 5.0
+
+
+def model_config(name: str, blocks: int | None) -> DiTConfig:
+    if name == "tiny":
+        cfg = TINY
+    elif name in PRESETS:
+        cfg = PRESETS[name]
+    elif Path(name).is_file():
+        cfg = DiTConfig.from_json(name)
+    else:
+        raise ValueError(f"--model {name!r} is not tiny, {', '.join(PRESETS)} or a transformer config.json")
+    return cfg.replace(num_visual_blocks=blocks) if blocks else cfg
+
+
+# ---- the model and its inputs ---------------------------------------------------------------------------------
+
+
+def random_dit(cfg: DiTConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Kandinsky5DiT:
+    """Our DiT with seeded random weights built straight on ``device`` (no full fp32 copy: Pro fits)."""
+    with torch.device("meta"):
+        model = Kandinsky5DiT(cfg)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name, p in list(model.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        value = torch.empty(p.shape, device=device, dtype=torch.float32).normal_(generator=g)
+        if "norm" in name:
+            value = value.mul_(0.1).add_(1.0 if attr == "weight" else 0.0)
+        else:
+            value = value.div_(math.sqrt(p.shape[-1])) if p.ndim >= 2 else value.mul_(0.1)
+        param = torch.nn.Parameter(value.to(torch.float32 if keeps_fp32(name) else dtype), requires_grad=False)
+        setattr(model.get_submodule(owner), attr, param)
+    return model.eval()
+
+
+def make_inputs(cfg: DiTConfig, grid: tuple[int, int, int], text_tokens: int, device: torch.device, seed: int):
+    """Noise state, conditional and unconditional text conditioning, timestep: all seeded, never zeros."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    T, H, W = grid
+    pt, ph, pw = cfg.patch_size
+    rand = lambda *shape: torch.randn(*shape, device=device, generator=g)  # noqa: E731
+    state = rand(1, T * pt, H * ph, W * pw, cfg.in_visual_dim)
+    cond = Conditioning(rand(1, text_tokens, cfg.in_text_dim), None, rand(1, cfg.in_text_dim2))
+    uncond = Conditioning(rand(1, text_tokens, cfg.in_text_dim), None, rand(1, cfg.in_text_dim2))
+    return state, cond, uncond, torch.full((1,), 500.0, device=device)
+
+
+class DensityProbe:
+    """Single-device NABLA attention (as LocalAttention does it) that also counts the tiles its masks select."""
+
+    def __init__(self, spec: NablaSpec):
+        self.nabla, self.selected, self.total, self.sta = spec, 0, 0, 0
+
+    def __call__(self, q, k, v, grid: TokenGrid):
+        s = self.nabla
+        sta = sta_block_mask(*grid.blocks, s.wT, s.wH, s.wW, device=q.device)
+        mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, s.P)
+        self.selected += int(mask.sum())
+        self.total += mask.numel()
+        self.sta += int(sta.sum()) * mask.shape[0] * mask.shape[1]
+        return block_sparse_attention(q, k, v, mask)[0]
+
+    @property
+    def density(self) -> float:
+        return self.selected / self.total
+
+
+# ---- parallel layouts -------------------------------------------------------------------------------------------
+
+
+def plan(args, world_size: int, cfg: DiTConfig):
+    """Degrees for this world: tp and cfg as given, the rest over ulysses x ring (k5.parallel's own planner)."""
+    from k5.parallel.cfg import plan_parallel
+
+    return plan_parallel(world_size, cfg, tp=args.tp, cfg_parallel=args.cfg == 2, dp=1, ulysses=args.ulysses,
+                         ring=args.ring)
+
+
+def apply_layout(dit: Kandinsky5DiT, dims, device: torch.device):
+    """Build the mesh and apply each technique with a degree above 1 to the built model, as the launcher does.
+
+    Returns the CommStats every collective adds to and the CFG combiner (``guided_velocity``'s signature).
+    """
+    from k5.parallel.cfg import CfgParallel
+    from k5.parallel.comm_stats import CommStats
+    from k5.parallel.sequence import apply_sequence_parallel
+    from k5.parallel.tensor import apply_tensor_parallel
+
+    dims.build_mesh(device.type)
+    stats = CommStats()
+    if dims.tp > 1:
+        apply_tensor_parallel(dit, dims, stats)
+    if dims.sp_size > 1:
+        apply_sequence_parallel(dit, dims, stats)
+    guided = CfgParallel(dims, stats).guided if dims.cfg > 1 else guided_velocity
+    return stats, guided
+
+
+# ---- distributed helpers ------------------------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def slowest(times: list[float], device: torch.device) -> list[float]:
+    """Per repetition, the slowest rank's time."""
+    if not dist.is_initialized():
+        return times
+    t = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_ranks(value: float, device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return [value]
+    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
+    return [x.item() for x in out]
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated since the timed runs began"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (ru_maxrss), whole run"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+def run_dit(args) -> dict:
+    rank, world_size = world()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    cfg = model_config(args.model, args.blocks)
+    nabla = args.attention == "nabla"
+    grid = flops.latent_grid(args.height, args.width, args.frames, cfg.patch_size)
+    if nabla and (grid[1] % 8 or grid[2] % 8):
+        raise ValueError(f"NABLA needs height and width multiples of 128 pixels; got {args.height}x{args.width}")
+    tokens = math.prod(grid)
+    dims = plan(args, world_size, cfg) if world_size > 1 else None
+    layout = {k: v for k, v in dims.degrees.items() if v > 1} if dims else {}
+    peer = None
+
+    folder = None
+    if args.peer == "diffusers":
+        if rank == 0:
+            folder = peers.save_random_checkpoint(cfg, peers.temp_checkpoint_dir(), seed=args.seed)
+        if dist.is_initialized():
+            box = [str(folder) if folder else None]
+            dist.broadcast_object_list(box, src=0)
+            folder = Path(box[0])
+        dit = Kandinsky5DiT.from_pretrained(folder, torch_dtype=dtype, device=device, config=cfg)
+    else:
+        dit = random_dit(cfg, dtype, device, args.seed)
+    dit.set_attention("nabla" if nabla else "dense", args.P)
+    state, cond, uncond, t = make_inputs(cfg, grid, args.text_tokens, device, args.seed + 1)
+    inp = model_input(state, cfg.visual_cond, None)
+    forward = lambda: dit(inp, cond.embeds, cond.pooled, t)  # noqa: E731
+
+    P = dit.nabla.P if nabla else None
+    result = {"name": args.name or default_name(args, world_size, layout, P), "config": {
+        "model": args.model, "visual_blocks": cfg.num_visual_blocks, "text_blocks": cfg.num_text_blocks,
+        "model_dim": cfg.model_dim, "heads": cfg.num_heads, "height": args.height, "width": args.width,
+        "frames": args.frames, "latent_grid": list(grid), "visual_tokens": tokens, "text_tokens": args.text_tokens,
+        "attention": args.attention, "P": P, "dtype": args.dtype,
+        "world_size": world_size, "layout": layout or {"single": 1}, "compile": args.compile,
+        "sdpa_backend": args.sdpa_backend, "warmup": args.warmup, "repeat": args.repeat,
+    }}
+    checks, timing = {}, {}
+
+    # Reference forward on one device: the density of the NABLA masks, and the output every other path must match.
+    with torch.no_grad(), fast.sdpa_backend(args.sdpa_backend):
+        if nabla:
+            probe = DensityProbe(dit.nabla)
+            local, dit.visual_attention = dit.visual_attention, probe
+            reference = forward()
+            dit.visual_attention = local
+        else:
+            reference = forward()
+    density = probe.density if nabla else 1.0
+    if nabla:
+        result["nabla"] = {"density": density, "sta_density": probe.sta / probe.total, "P": dit.nabla.P,
+                           "wT_wH_wW": [dit.nabla.wT, dit.nabla.wH, dit.nabla.wW]}
+
+    if args.peer == "diffusers" and world_size == 1:
+        peer = peers.DiffusersPeer(folder, dtype, device, dit.nabla.P if nabla else None)
+        if args.compile:
+            peer.compile()
+        if nabla and device.type == "cpu":
+            checks["diffusers"] = "skipped: diffusers' NABLA needs compiled flex attention, which fails on CPU"
+            peer = None
+        else:
+            with torch.no_grad():
+                checks["diffusers_rel_err"] = rel_err(peer.forward(inp, cond.embeds, cond.pooled, t).float(),
+                                                      reference.float())
+
+    stats, guided = apply_layout(dit, dims, device) if dims else (None, guided_velocity)
+    if args.compile:
+        fast.compile_blocks(dit)
+    with torch.no_grad(), fast.sdpa_backend(args.sdpa_backend):
+        if stats is not None or args.compile:
+            key = "layout_rel_err" if stats is not None else "compiled_rel_err"
+            checks[key] = rel_err(forward().float(), reference.float())  # also the compile's first (untimed) call
+
+        def step():
+            v = guided(lambda x, tt, c: dit(x, c.embeds, c.pooled, tt), inp, t, cond, uncond, GUIDANCE)
+            return state + (-0.02) * v  # one Euler step: x + (t_next - t) * v
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with fast.no_recompile() if args.compile else contextlib.nullcontext():
+            fwd = slowest(fast.time_calls(forward, device, args.warmup, args.repeat, barrier), device)
+            stp = slowest(fast.time_calls(step, device, min(args.warmup, 1), args.repeat, barrier), device)
+        if stats is not None:
+            stats.reset()
+            forward()
+            sent_forward = stats.summary()
+            stats.reset()
+            step()
+            sent_step = stats.summary()
+        peak, peak_kind = peak_memory_bytes(device)
+
+        if peer is not None:
+            pf = fast.time_calls(lambda: peer.forward(inp, cond.embeds, cond.pooled, t), device, args.warmup,
+                                 args.repeat)
+            timing["diffusers_s_per_forward"] = median(pf)
+            timing["diffusers_backend"] = peer.backend
+
+    count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
+    s_fwd, s_step = median(fwd), median(stp)
+    peak_tflops = measure_peak(args, dtype, device)
+    # A forward runs on world/cfg devices (each CFG half does its own); a step (2 forwards) on all of them.
+    achieved = count.total / s_fwd / 1e12 / (world_size // (dims.cfg if dims else 1))
+    timing.update({
+        "s_per_forward": s_fwd, "s_per_step": s_step, "forward_runs_s": fwd, "step_runs_s": stp,
+        "visual_tokens_per_s": tokens / s_fwd, "tflop_per_forward": count.total / 1e12,
+        "tflops_per_device": achieved, "step_tflops_per_device": 2 * count.total / s_step / 1e12 / world_size,
+        "peak_tflops_per_device": peak_tflops, "mfu": achieved / peak_tflops,
+    })
+    if peer is not None:
+        timing["ours_over_diffusers"] = s_fwd / timing["diffusers_s_per_forward"]
+    result["flops"] = {k: v / 1e12 for k, v in count.as_dict().items()} | {"unit": "TFLOP per forward"}
+    result["timing"] = timing
+    result["checks"] = checks
+    result["memory"] = {"peak_gib_per_rank": [round(b / 2**30, 3) for b in all_ranks(peak, device)],
+                        "kind": peak_kind}
+    if stats is not None:
+        result["comm_bytes_per_rank"] = {"forward": sent_forward, "step": sent_step}
+    if args.vae != "none":
+        result["vae"] = time_vae(args, grid, device)
+    if args.xfuser:
+        result["xfuser"] = xfuser_peer(args, cfg, grid, dtype, device, dims)
+    result["env"] = report.environment(device, args.argv)
+    if folder is not None and rank == 0:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def measure_peak(args, dtype, device) -> float:
+    if args.peak_tflops != "measure":
+        return float(args.peak_tflops)
+    return statistics.median(all_ranks(fast.matmul_peak_tflops(dtype, device), device))
+
+
+def default_name(args, world_size: int, layout: dict, P: float | None) -> str:
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    lay = "-".join(f"{k}{v}" for k, v in layout.items()) or "single"
+    attn = f"nabla{P}" if args.attention == "nabla" else "dense"
+    blocks = f"-b{args.blocks}" if args.blocks else ""
+    extra = "-compiled" if args.compile else ""
+    return (f"{kind}-{args.model}{blocks}-{args.height}x{args.width}x{args.frames}-{attn}-{args.dtype}-"
+            f"w{world_size}-{lay}{extra}")
+
+
+def time_vae(args, grid, device) -> dict:
+    """Decode latents of this run's shape with a random VAE (tiny widths, or the real HunyuanVideo widths)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from k5.engine.vae import VideoVAE
+    from k5.parallel.vae_tiles import parallel_decode
+
+    widths = {"tiny": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4),
+              "real": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)}
+    if args.vae not in widths:
+        raise ValueError(f"--vae {args.vae!r} is not one of none, tiny, real")
+    torch.manual_seed(args.seed)
+    ae = AutoencoderKLHunyuanVideo(latent_channels=16, scaling_factor=0.476986, spatial_compression_ratio=8,
+                                   temporal_compression_ratio=4, mid_block_add_attention=True, **widths[args.vae])
+    vae = VideoVAE(ae.to(device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32))
+    T, H, W = grid
+    latents = torch.randn(1, T, H * 2, W * 2, 16, device=device, generator=torch.Generator(device).manual_seed(3))
+    _, world_size = world()
+    decode = (lambda: parallel_decode(vae, latents, dst=0)) if world_size > 1 else (lambda: vae.decode(latents))
+    runs = slowest(fast.time_calls(decode, device, warmup=1, repeat=args.vae_repeat, before=barrier), device)
+    return {"widths": args.vae, "latent": [1, T, H * 2, W * 2, 16], "dtype": str(vae.dtype),
+            "s_per_decode": median(runs), "runs_s": runs, "tiled": True,
+            "parallel_tiles": world_size > 1}
+
+
+def xfuser_peer(args, cfg, grid, dtype, device, dims) -> dict:
+    """xfuser's USP attention against ours on this run's self-attention shape (GPU only; errors are recorded)."""
+    try:
+        u, r = (dims.ulysses, dims.ring) if dims else (1, 1)
+        usp = peers.xfuser_usp_attention(u, r)
+        _, world_size = world()
+        S = math.prod(grid) // world_size
+        g = torch.Generator(device=device).manual_seed(7)
+        q, k, v = (torch.randn(1, S, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype, generator=g)
+                   for _ in range(3))
+        theirs = median(slowest(fast.time_calls(lambda: usp(q, k, v), device, 2, args.repeat, barrier), device))
+        return {"ulysses": u, "ring": r, "s_per_attention": theirs, "tokens_per_rank": S}
+    except Exception as e:  # noqa: BLE001 - a missing or failing peer is a recorded fact, not a crash
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+# ---- dense vs NABLA kernels ---------------------------------------------------------------------------------------
+
+
+def run_attention(args) -> dict:
+    """Dense SDPA against NABLA (mask + block-sparse kernel) on one self-attention of the same length."""
+    from k5.kernels.attention import attention
+    from k5.kernels.nabla import nabla_attention
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    T, H, W = flops.latent_grid(args.height, args.width, args.frames)
+    if H % 8 or W % 8:
+        raise ValueError(f"NABLA needs height and width multiples of 128 pixels; got {args.height}x{args.width}")
+    S = T * H * W
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    q, k, v = (torch.randn(1, S, args.heads, args.head_dim, device=device, dtype=dtype, generator=g)
+               for _ in range(3))
+    dense = median(fast.time_calls(lambda: attention(q, k, v), device, 1, args.repeat))
+    rows = []
+    for P in args.P_list:
+        spec = NablaSpec(P=P)
+        sta = sta_block_mask(T, H // 8, W // 8, spec.wT, spec.wH, spec.wW, device=device)
+        mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, P)
+        density = mask.float().mean().item()
+        full = median(fast.time_calls(lambda: nabla_attention(q, k, v, spec, T, H // 8, W // 8), device, 1,
+                                      args.repeat))
+        kernel = median(fast.time_calls(lambda: block_sparse_attention(q, k, v, mask), device, 1, args.repeat))
+        err = None
+        if S <= args.check_max_tokens:
+            # The dense kernel with the tile mask expanded to tokens computes the same function.
+            token_mask = mask.repeat_interleave(64, -1).repeat_interleave(64, -2)
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), attn_mask=token_mask
+            ).transpose(1, 2)
+            err = rel_err(block_sparse_attention(q, k, v, mask)[0].float(), want)
+        rows.append({"P": P, "density": density, "s_nabla": full, "s_block_sparse_kernel": kernel,
+                     "speedup_vs_dense": dense / full, "kernel_speedup_vs_dense": dense / kernel,
+                     "rel_err_vs_masked_dense": err})
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    name = args.name or f"{kind}-attention-{args.height}x{args.width}x{args.frames}-h{args.heads}-{args.dtype}"
+    fl = flops.attention_flops(1, args.heads, S, S, args.head_dim)
+    return {"name": name, "config": {"tokens": S, "grid_blocks": [T, H // 8, W // 8], "heads": args.heads,
+                                     "head_dim": args.head_dim, "dtype": args.dtype, "repeat": args.repeat},
+            "dense": {"s": dense, "tflops": fl / dense / 1e12},
+            "nabla": rows, "env": report.environment(device, args.argv)}
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", nargs="?", default="dit", choices=["dit", "attention"],
+                   help="dit: model forward/step/VAE (default); attention: dense vs NABLA kernels")
+    p.add_argument("--model", default="tiny", help="tiny, lite, lite-10s, pro, pro-hd, image-lite or a config.json")
+    p.add_argument("--blocks", type=int, help="cut the visual blocks to N (CPU-sized runs of big widths)")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--frames", type=int, default=5, help="video frames, 4k+1")
+    p.add_argument("--text-tokens", type=int, default=256, help="text tokens (the original pads to 256)")
+    p.add_argument("--attention", default="dense", choices=["dense", "nabla"])
+    p.add_argument("--P", type=float, default=None, help="NABLA kept mass (default: the config's or 0.9)")
+    p.add_argument("--P-list", type=float, nargs="+", default=[0.02, 0.1, 0.5], help="attention: NABLA P values")
+    p.add_argument("--heads", type=int, default=2, help="attention: heads")
+    p.add_argument("--head-dim", type=int, default=64, help="attention: head dim")
+    p.add_argument("--check-max-tokens", type=int, default=20000, help="attention: check vs masked dense up to")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: as many as heads allow)")
+    p.add_argument("--ring", type=int, default=None, help="ring degree")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--cfg", type=int, default=1, choices=[1, 2], help="CFG-parallel degree")
+    p.add_argument("--peer", default="none", choices=["none", "diffusers"],
+                   help="time diffusers' transformer on the same weights (loads both from one save_pretrained)")
+    p.add_argument("--xfuser", action="store_true", help="GPU: time xfuser's USP attention on the same shapes")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (fast path)")
+    p.add_argument("--sdpa-backend", default="auto", choices=list(fast.SDPA_BACKENDS))
+    p.add_argument("--vae", default="tiny", help="none, tiny or real (HunyuanVideo widths), random weights")
+    p.add_argument("--vae-repeat", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--peak-tflops", default="measure", help="peak for MFU in TFLOP/s, or 'measure' (matmul bench)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="result file name (default: from the settings)")
+    p.add_argument("--out", default=str(report.RESULTS), help="results folder")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    return p
+
+
+def setup(args) -> bool:
+    """Device, threads and (under torchrun) the process group; True if this call created the group."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device is None:
+        args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.device == "cpu" and "LOCAL_WORLD_SIZE" in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        return True
+    return False
+
+
+def summary_line(r: dict) -> str:
+    if "nabla" in r and isinstance(r["nabla"], list):
+        parts = [f"P {x['P']}: density {x['density']:.3f}, {x['speedup_vs_dense']:.2f}x" for x in r["nabla"]]
+        return f"{r['name']}: dense {r['dense']['s']:.3f} s; " + "; ".join(parts)
+    t = r["timing"]
+    line = (f"{r['name']}: {t['s_per_forward']:.4f} s/forward, {t['s_per_step']:.4f} s/step, "
+            f"{t['tflops_per_device']:.3g} TFLOP/s/device (MFU {t['mfu']:.1%})")
+    if "ours_over_diffusers" in t:
+        line += f", ours/diffusers {t['ours_over_diffusers']:.3f}"
+    checks = [f"{k} {v:.2e}" for k, v in r["checks"].items() if isinstance(v, float)]
+    return line + (f"; {', '.join(checks)}" if checks else "")
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    created = setup(args)
+    try:
+        result = run_attention(args) if args.what == "attention" else run_dit(args)
+    except ValueError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    rank, _ = world()
+    if rank == 0:
+        if not args.no_save:
+            json_path, md_path = report.write(result, Path(args.out))
+            print(f"wrote {json_path} and {md_path}")
+        print(summary_line(result))
+    if created:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Smoke tests of the bench CLI on tiny shapes: it must run and its reported facts must be right (not fast).
+
+What is checked against something independent: our output against diffusers' on the same saved weights; the
+2-process run against the 1-process forward; the NABLA kernel against dense SDPA with the tile mask expanded;
+FLOPs and densities against values worked out by hand. Timings are only checked for being positive and
+consistent with the FLOP count.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `bench`
+
+from bench import flops  # noqa: E402
+from bench.run import TINY, main  # noqa: E402
+from distributed import run_distributed  # noqa: E402
+
+FAST = ["--warmup", "0", "--repeat", "1", "--peak-tflops", "1", "--threads", "1"]
+
+
+def test_dit_beside_diffusers_writes_json_and_markdown(tmp_path):
+    r = main(["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--peer", "diffusers",
+              "--vae", "tiny", "--vae-repeat", "1", "--out", str(tmp_path), "--name", "smoke", *FAST])
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved["timing"] == r["timing"]
+    assert "| s_per_forward |" in (tmp_path / "smoke.md").read_text()
+    # Same weights through both models: fp32 agreement bounded by diffusers' bf16 rounding of q, k in its RoPE.
+    assert r["checks"]["diffusers_rel_err"] <= 1e-3
+    # 5 frames at 128x128: latent 2 x 16 x 16, patches 2 x 8 x 8 = 128 visual tokens; 256 text tokens.
+    assert r["config"]["visual_tokens"] == 128
+    count = flops.forward_flops(TINY, 128, 256)
+    assert r["flops"]["total"] == pytest.approx(count.total / 1e12)
+    t = r["timing"]
+    assert t["s_per_forward"] > 0 and t["s_per_step"] > 0 and t["diffusers_s_per_forward"] > 0
+    assert t["tflops_per_device"] == pytest.approx(count.total / t["s_per_forward"] / 1e12)
+    assert t["mfu"] == pytest.approx(t["tflops_per_device"])  # against the given 1 TFLOP/s peak
+    assert t["ours_over_diffusers"] == pytest.approx(t["s_per_forward"] / t["diffusers_s_per_forward"])
+    assert r["vae"]["s_per_decode"] > 0 and r["vae"]["latent"] == [1, 2, 16, 16, 16]
+    assert r["env"]["torch"] and r["env"]["device_type"] == "cpu"
+
+
+def test_nabla_density_from_the_masks(tmp_path):
+    """384x384 at 5 frames: a 2 x 3 x 3 tile grid. The STA prior (11, 3, 3) keeps, per frame pair (all within the
+    temporal window), (2+3+2)^2 = 49 of 81 spatial tile pairs: 196 of 324 = 0.605. P = 1 keeps every tile; P = 0
+    keeps STA plus at most one tile per row (the top-CDF rule keeps the largest tile)."""
+    common = ["--model", "tiny", "--height", "384", "--width", "384", "--frames", "5", "--attention", "nabla",
+              "--vae", "none", "--no-save", *FAST]
+    full = main([*common, "--P", "1.0"])
+    sparse = main([*common, "--P", "0.0"])
+    assert full["nabla"]["density"] == 1.0
+    assert sparse["nabla"]["sta_density"] == pytest.approx(196 / 324)
+    nk = 18
+    assert 196 / 324 <= sparse["nabla"]["density"] <= 196 / 324 + 1 / nk
+    dense_attn = flops.forward_flops(TINY, 1152, 256).self_attention
+    assert sparse["flops"]["self_attention"] == pytest.approx(sparse["nabla"]["density"] * dense_attn / 1e12)
+
+
+def test_attention_subcommand_checks_nabla_against_masked_dense():
+    r = main(["attention", "--height", "384", "--width", "384", "--frames", "5", "--heads", "2", "--head-dim", "16",
+              "--P-list", "0.3", "1.0", "--no-save", *FAST])
+    assert r["config"]["tokens"] == 1152
+    low, full = r["nabla"]
+    assert low["rel_err_vs_masked_dense"] <= 1e-5 and full["rel_err_vs_masked_dense"] <= 1e-5
+    assert full["density"] == 1.0 and 0 < low["density"] < 1.0
+    assert low["speedup_vs_dense"] > 0
+
+
+def _two_ranks(rank, world_size, out):
+    return main(["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--ulysses", "2",
+                 "--vae", "tiny", "--vae-repeat", "1", "--out", out, "--name", "w2", *FAST])
+
+
+def test_two_processes_match_one_and_count_bytes(tmp_path):
+    results = run_distributed(_two_ranks, 2, str(tmp_path))
+    r = results[0]
+    assert r["config"]["layout"] == {"ulysses": 2}
+    assert r["checks"]["layout_rel_err"] <= 1e-5  # fp32 sequence parallel against the 1-process forward
+    # Ulysses: per visual block 4 all-to-alls (q, k, v, out) of this rank's [64 tokens, 64 channels] fp32, half of
+    # each leaving the rank; then one all-gather of the 64-channel output (64 tokens x 64 x 4 B to 1 peer).
+    sent = r["comm_bytes_per_rank"]["forward"]
+    per_buffer = 64 * 64 * 4
+    assert sent["all_to_all"]["bytes"] == TINY.num_visual_blocks * 4 * per_buffer // 2
+    assert sent["all_gather"]["bytes"] == 64 * 64 * 4
+    step = r["comm_bytes_per_rank"]["step"]
+    assert {k: v["bytes"] for k, v in step.items()} == {k: 2 * v["bytes"] for k, v in sent.items()}
+    assert len(r["memory"]["peak_gib_per_rank"]) == 2
+    assert r["vae"]["parallel_tiles"] and (tmp_path / "w2.json").exists()
