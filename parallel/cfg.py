@@ -23,7 +23,8 @@ from k5.engine.text import TextEmbeds
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel, plan_layout
-from k5.parallel.tensor import check_tensor_parallel, check_tp_degree, load_dit, parameter_bytes
+from k5.parallel.tensor import (check_tensor_parallel, check_tp_degree, format_parameter_bytes, load_dit,
+                                parameter_bytes)
 from k5.parallel.text_share import SharedText, is_text_source
 
 COND, UNCOND = 0, 1  # cfg rank -> branch
@@ -122,10 +123,8 @@ class ParallelSetup:
 
     def describe(self) -> str:
         d = self.dims
-        b, gib = self.parameter_bytes, lambda n: f"{n / 2**30:.2f} GiB"
         return (f"layout dp {d.dp} x cfg {d.cfg} x ring {d.ring} x ulysses {d.ulysses} x tp {d.tp}; "
-                f"DiT parameters on this rank {gib(b['total'])} ({gib(b['split'])} tp-split, "
-                f"{gib(b['replicated'])} replicated)")
+                + format_parameter_bytes(self.parameter_bytes))
 
 
 def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,

@@ -214,7 +214,8 @@ def parameter_bytes(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def format_parameter_bytes(model: nn.Module) -> str:
-    b = parameter_bytes(model)
+def format_parameter_bytes(b: dict[str, int]) -> str:
+    """One line for a ``parameter_bytes`` result, printed by every rank at start."""
     gib = lambda n: f"{n / 2**30:.2f} GiB"
-    return f"DiT parameters on this rank: {gib(b['total'])} ({gib(b['split'])} tp-split, {gib(b['replicated'])} replicated)"
+    return (f"DiT parameters on this rank {gib(b['total'])} "
+            f"({gib(b['split'])} tp-split, {gib(b['replicated'])} replicated)")

@@ -1,4 +1,4 @@
-"""The tensor-parallel DiT (loaded shard-wise from a checkpoint) against the single-process DiT, fp32, rel err <= 1e-4."""
+"""The tensor-parallel DiT, loaded shard-wise from a checkpoint, vs the single-process DiT (fp32, rel err <= 1e-4)."""
 
 import pytest
 import torch
