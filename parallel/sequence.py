@@ -79,7 +79,7 @@ class ShardedAttention:
 def apply_sequence_parallel(dit: Kandinsky5DiT, dims: ParallelDims, stats: CommStats | None = None) -> CommStats:
     """Split ``dit``'s visual tokens over ``dims``' ring x ulysses ranks (mesh already built); return the byte
     counter that its collectives add to."""
-    dims.check_heads(dit.config.num_heads)
+    dims.check_heads(dit.config.num_heads // dims.tp)  # under tensor parallelism Ulysses splits the local heads
     stats = stats if stats is not None else CommStats()
     shards = SequenceShards(dims, stats)
     dit.tokens = shards
