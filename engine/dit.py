@@ -279,11 +279,17 @@ class Kandinsky5DiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.bfloat16,
                         device: torch.device | str = "cpu", reader: checkpoint.Reader = checkpoint.read_whole,
-                        config: DiTConfig | None = None) -> "Kandinsky5DiT":
-        """Build on the meta device and fill from safetensors (diffusers folder or original single file)."""
+                        config: DiTConfig | None = None, prepare=None) -> "Kandinsky5DiT":
+        """Build on the meta device and fill from safetensors (diffusers folder or original single file).
+
+        ``prepare(model)`` runs on the meta model before any tensor is read: tensor parallelism cuts the layers to
+        this rank's shard there, and passes a ``reader`` that reads only that shard.
+        """
         files = checkpoint.locate(path)
         with torch.device("meta"):
             model = cls(config or files.config)
+        if prepare is not None:
+            prepare(model)
         checkpoint.load_into(model, files, torch_dtype, device, reader)
         return model.eval().requires_grad_(False)
 

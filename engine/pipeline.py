@@ -123,12 +123,14 @@ class Kandinsky5Pipeline:
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None) -> "Kandinsky5Pipeline":
+                        dit: Kandinsky5DiT | None = None, text=None) -> "Kandinsky5Pipeline":
+        """Load every component; a ``dit`` or ``text`` encoder given by the caller (a tensor-parallel DiT, text
+        embeddings shared between ranks) is used instead of loading that component."""
         root = Path(root)
         check_components(root)
         device = torch.device(device)
         dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device)
-        text = TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
+        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
         # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
         vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=device)

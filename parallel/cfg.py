@@ -138,7 +138,6 @@ def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False,
     """
     from k5.engine.pipeline import Kandinsky5Pipeline
     from k5.engine.text import TextEncoder
-    from k5.engine.vae import VideoVAE
 
     if not dist.is_initialized():
         raise RuntimeError("setup_parallel needs torch.distributed initialized (torchrun / init_process_group)")
@@ -155,9 +154,6 @@ def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False,
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if cfg_parallel:
         text = BranchText(text, dims)
-    # Same VAE dtype rule as Kandinsky5Pipeline.from_pretrained: fp16 on GPU as the original, fp32 on CPU.
-    vae = VideoVAE.from_pretrained(root, torch_dtype=torch.float16 if device.type == "cuda" else torch.float32,
-                                   device=device)
-    pipeline = Kandinsky5Pipeline(root, dit, text, vae, device)
+    pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text)
     guided = CfgParallel(dims, stats).guided if cfg_parallel else None
     return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))

@@ -196,12 +196,10 @@ def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, devi
     """Build the DiT on meta, cut it for this rank, fill it with this rank's slices only (mesh already built).
 
     ``reader`` defaults to ``tp_reader(dims)`` (tests pass a recording wrapper of it)."""
-    files = checkpoint.locate(path)
-    with torch.device("meta"):
-        dit = Kandinsky5DiT(config or files.config)
-    stats = apply_tensor_parallel(dit, dims, stats)
-    checkpoint.load_into(dit, files, dtype, device, reader or tp_reader(dims))
-    return dit.eval().requires_grad_(False), stats
+    stats = stats if stats is not None else CommStats()
+    dit = Kandinsky5DiT.from_pretrained(path, dtype, device, reader or tp_reader(dims), config,
+                                        prepare=lambda model: apply_tensor_parallel(model, dims, stats))
+    return dit, stats
 
 
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
