@@ -171,7 +171,7 @@ class Kandinsky5Pipeline:
         if first is not None:
             from .i2v import normalize_first_frame
 
-            latents = normalize_first_frame(latents)
+            latents = normalize_first_frame(latents, per_frame=True)  # the original repo: per frame
         t2 = time.perf_counter()
         return Result(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
                       truncated=truncated[0])
