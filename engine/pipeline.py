@@ -114,6 +114,9 @@ class Kandinsky5Pipeline:
         self.root, self.dit, self.text, self.vae = Path(root), dit, text, vae
         self.device = torch.device(device)
         self.default_shift = scheduler_shift(root)
+        # share_image(encode) -> latent: how ranks that work on one item get the I2V image latent. Here: encode.
+        # Parallel runs encode on one rank and broadcast (k5.parallel.cfg.setup_parallel sets it).
+        self.share_image = lambda encode: encode()
 
     @staticmethod
     def read_config(root: str | Path) -> DiTConfig:
@@ -149,9 +152,12 @@ class Kandinsky5Pipeline:
             return None
         from .i2v import encode_image, load_image, prepare_image
 
-        img = prepare_image(load_image(req.image), req.height, req.width)
-        g = torch.Generator("cpu").manual_seed(req.seed)
-        return encode_image(self.vae, img, generator=g).float().to(self.device)
+        def encode():
+            img = prepare_image(load_image(req.image), req.height, req.width)
+            g = torch.Generator("cpu").manual_seed(req.seed)
+            return encode_image(self.vae, img, generator=g).float().to(self.device)
+
+        return self.share_image(encode)
 
     @torch.inference_mode()
     def generate(self, req: Request, on_step=None, guided=None) -> Result:

@@ -127,6 +127,17 @@ class ParallelSetup:
                 + format_parameter_bytes(self.parameter_bytes))
 
 
+def image_sharing(dims: ParallelDims, device):
+    """The I2V image is encoded once per item, on the item group's rank 0, and broadcast to the others."""
+    from k5.parallel.vae_tiles import broadcast_image_latent
+
+    def share(encode):
+        latent = encode() if dims.rank("item") == 0 else None
+        return broadcast_image_latent(latent, dims.group("item"), src=0, device=device)
+
+    return share
+
+
 def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
                    ulysses: int | None = None, ring: int | None = None, dtype: torch.dtype = torch.bfloat16,
                    device="cpu", keep_text: bool = False) -> ParallelSetup:
@@ -155,5 +166,6 @@ def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False,
     if cfg_parallel:
         text = BranchText(text, dims)
     pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text)
+    pipeline.share_image = image_sharing(dims, device)
     guided = CfgParallel(dims, stats).guided if cfg_parallel else None
     return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))

@@ -18,6 +18,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("dp", "cfg", "ring", "ulysses", "tp")
+# Flattened views of the same mesh, built once with it:
+# sp: the sequence-parallel ranks; replica: the ranks holding one model replica (same dp and cfg);
+# item: the ranks working on one item (same dp: both CFG halves).
+FLAT_DIMS = {"sp": ("ring", "ulysses"), "replica": ("ring", "ulysses", "tp"), "item": ("cfg", "ring", "ulysses", "tp")}
 
 
 def _divisor_pairs(n: int) -> list[tuple[int, int]]:
@@ -40,7 +44,7 @@ class ParallelDims:
     ulysses: int = 1
     tp: int = 1
     mesh: DeviceMesh | None = field(default=None, init=False, repr=False, compare=False)
-    _sp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False, compare=False)
+    _flat: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in MESH_DIMS:
@@ -103,7 +107,7 @@ class ParallelDims:
         self.validate(dist.get_world_size())
         shape = tuple(self.degrees.values())
         self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-        self._sp_mesh = self.mesh["ring", "ulysses"]._flatten("sp")
+        self._flat = {name: self.mesh[dims]._flatten(name) for name, dims in FLAT_DIMS.items()}
         return self.mesh
 
     def _need_mesh(self) -> DeviceMesh:
@@ -112,18 +116,14 @@ class ParallelDims:
         return self.mesh
 
     def group(self, dim: str) -> dist.ProcessGroup:
-        """Process group along one mesh dim ("dp", "cfg", "ring", "ulysses", "tp") or "sp" (ring x ulysses)."""
-        if dim == "sp":
-            self._need_mesh()
-            return self._sp_mesh.get_group()
-        return self._need_mesh().get_group(dim)
+        """Process group along one mesh dim ("dp", "cfg", "ring", "ulysses", "tp") or a flattened one (FLAT_DIMS)."""
+        mesh = self._need_mesh()
+        return self._flat[dim].get_group() if dim in FLAT_DIMS else mesh.get_group(dim)
 
     def rank(self, dim: str) -> int:
         """This process's coordinate along ``dim`` (its rank within ``group(dim)``)."""
-        if dim == "sp":
-            self._need_mesh()
-            return self._sp_mesh.get_local_rank()
-        return self._need_mesh().get_local_rank(dim)
+        mesh = self._need_mesh()
+        return self._flat[dim].get_local_rank() if dim in FLAT_DIMS else mesh.get_local_rank(dim)
 
     @property
     def ulysses_group(self) -> dist.ProcessGroup:

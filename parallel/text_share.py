@@ -20,19 +20,9 @@ from k5.engine.text import TextEmbeds
 from k5.parallel.comm_stats import CommStats, nbytes
 from k5.parallel.mesh import ParallelDims
 
-TEXT_DIMS = ("ring", "ulysses", "tp")
-
-
-def text_mesh(dims: ParallelDims):
-    """The 1-D mesh of one replica's ranks (same dp and cfg): a flattened view of the one mesh."""
-    if dims.mesh is None:
-        raise RuntimeError("ParallelDims.build_mesh(device_type) must be called before sharing text embeddings")
-    return dims.mesh[TEXT_DIMS]._flatten("text")  # idempotent: a second call returns the same mesh
-
-
 def is_text_source(dims: ParallelDims) -> bool:
-    """Whether this rank loads the text encoders (rank 0 of its replica)."""
-    return text_mesh(dims).get_local_rank() == 0
+    """Whether this rank loads the text encoders (rank 0 of its model replica)."""
+    return dims.rank("replica") == 0
 
 
 class SharedText:
@@ -52,7 +42,7 @@ class SharedText:
 
     @classmethod
     def for_dims(cls, encoder, dims: ParallelDims, device, keep: bool = False, stats: CommStats | None = None):
-        return cls(encoder, text_mesh(dims).get_group(), device, keep, stats)
+        return cls(encoder, dims.group("replica"), device, keep, stats)
 
     def encode(self, prompts: list[str]) -> TextEmbeds:
         if self.source:

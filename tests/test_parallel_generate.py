@@ -37,3 +37,29 @@ def test_setup_parallel_generate_equals_single_process():
     # One text encoder per cfg half, on its first rank.
     loaders = [r["coords"] for r in results if r["loaded_encoder"]]
     assert loaders == [dict(cfg=0, ring=0, ulysses=0, tp=0), dict(cfg=1, ring=0, ulysses=0, tp=0)]
+
+
+def _i2v_worker(rank, world_size, root, image):
+    import k5.engine.i2v as i2v
+
+    calls = []
+    encode = i2v.encode_image
+    i2v.encode_image = lambda *a, **kw: calls.append(1) or encode(*a, **kw)
+    par = setup_parallel(root, dtype=torch.float32, device="cpu", ulysses=2)
+    result = par.pipeline.generate(Request(**REQUEST, image=image, guidance_scale=1.0))
+    return dict(latents=result.latents, encodes=len(calls))
+
+
+def test_i2v_image_encoded_once_and_shared(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8)).save(image)
+    root = tiny_checkpoint()
+    req = Request(**REQUEST, image=str(image), guidance_scale=1.0)
+    want = Kandinsky5Pipeline.from_pretrained(root, dtype=torch.float32).generate(req).latents
+    results = run_distributed(_i2v_worker, 2, root, str(image))
+    assert [r["encodes"] for r in results] == [1, 0]  # rank 0 of the item encodes, the other receives
+    for r in results:
+        assert rel_err(r["latents"], want) <= 1e-4
