@@ -1,0 +1,350 @@
+"""Batch jobs: one output directory per job, a manifest of finished items, resume, items dealt to dp groups.
+
+The output directory of a job::
+
+    00000.mp4, cat.mp4, ...     finished videos (NAME.safetensors: their latents, with --save-latents)
+    manifest.jsonl              one record per finished item
+    logs/rank<r>.log            per-rank logs
+    .k5-job.lock                held by rank 0 while the job runs: a second job on the same directory is refused
+    .<name>.<random>.partial    temporary files; those of a killed run are deleted when the job starts again
+
+An item is finished when, and only when, the manifest has its record and its files match the record's sizes and
+sha256. The order of writing makes that exact: the files are written under temporary names, fsync'ed, hashed and
+linked to their final names, and only then is the record appended. Whatever a kill leaves (a temporary file, a
+published file without a record, a record cut short) is therefore not finished, and the next start deletes it and
+redoes the item; finished files are never touched.
+
+Several dp groups finish items at the same time, so several processes append to one manifest. Each record is one
+line written by one write() on an O_APPEND descriptor, which the kernel appends whole (local disks, Lustre, GPFS).
+Every record also carries the sha256 of its own text, so a line damaged anyway (NFS, which ignores O_APPEND across
+machines, or a crash in the middle of a write) is recognised, dropped and its item redone, never half-trusted.
+The start of a job rewrites the manifest without such lines, so each item is recorded exactly once.
+
+Items are dealt to dp groups by their index in the prompt file: item i goes to group i % dp. The deal depends only
+on the file and the dp degree, so a resumed job hands every remaining item to the group it would have gone to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from safetensors.torch import save_file
+
+from k5.launch.failures import LOGGER, Stopped, Supervisor
+from k5.launch.outputs import append_line, clean_partials, publish, replace_atomically, sha256_file, temp_path
+from k5.launch.prompts import Item
+
+MANIFEST = "manifest.jsonl"
+LOCK = ".k5-job.lock"
+log = logging.getLogger(LOGGER)
+
+
+# ---- records ------------------------------------------------------------------------------------------------------
+
+def seal(record: dict) -> str:
+    """The record as one JSON line carrying the sha256 of its own content."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False)
+    return json.dumps({**body, "record_sha256": hashlib.sha256(text.encode()).hexdigest()}, sort_keys=True,
+                      ensure_ascii=False)
+
+
+def is_sealed(record: dict) -> bool:
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False)
+    return record.get("record_sha256") == hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class ManifestState:
+    records: list[dict] = field(default_factory=list)  # intact records, in file order
+    damaged: list[int] = field(default_factory=list)  # line numbers of lines that are not intact records
+    exists: bool = False
+    ends_with_newline: bool = True
+
+
+def read_manifest(path: Path) -> ManifestState:
+    if not path.exists():
+        return ManifestState()
+    data = path.read_bytes()
+    state = ManifestState(exists=True, ends_with_newline=not data or data.endswith(b"\n"))
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and is_sealed(record)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ok = False
+        if ok:
+            state.records.append(record)
+        else:
+            state.damaged.append(n)
+    return state
+
+
+def settings(item: Item, job: dict) -> dict:
+    """Everything that decides an item's output files; a resumed job must ask for the same."""
+    return {"request": dataclasses.asdict(item.request), **job}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} (this run: {b!r})")
+    return out
+
+
+def check_resume(items: list[Item], out_dir: Path, job: dict) -> None:
+    """Read-only checks before anything runs: raise ValueError if resuming would mix settings or overwrite files
+    this job did not write. Every rank can run it; nothing is written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--output-dir {out_dir} exists and is not a folder")
+    if not out_dir.exists():
+        return
+    state = read_manifest(out_dir / MANIFEST)
+    recorded = {}
+    for record in state.records:
+        recorded.setdefault(record.get("output"), record)
+    for item in items:
+        record = recorded.get(item.output)
+        if record is not None:
+            diff = _differences(record.get("settings", {}), settings(item, job))
+            if diff:
+                raise ValueError(
+                    f"{out_dir / MANIFEST}: {item.output} ({item.where}) was made with "
+                    f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}; resume with the same prompt file and "
+                    f"flags, or use another --output-dir")
+        elif not state.exists:
+            for name in outputs_of(item, job):
+                if (out_dir / name).exists():
+                    raise ValueError(
+                        f"{out_dir / name} exists but {out_dir} has no {MANIFEST}, so it is not this job's work; "
+                        f"finished outputs are never overwritten: choose an empty --output-dir or move the file")
+
+
+def outputs_of(item: Item, job: dict) -> list[str]:
+    return [item.output] + ([item.latents_name] if job.get("save_latents") else [])
+
+
+# ---- the start of a job: lock, clean, verify, plan (rank 0) ----------------------------------------------------
+
+class JobLock:
+    """An flock on DIR/.k5-job.lock held by rank 0 for the whole job; the kernel drops it when the process ends,
+    however it ends, so a killed job never leaves a stale lock."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "JobLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"another job is writing to {self.path.parent} ({holder} holds {self.path}); wait for "
+                             f"it to end or choose another --output-dir") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.warning("warning: %s cannot be locked on this filesystem (%s); make sure no other job writes to "
+                        "this --output-dir", self.path, e.strerror)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class Plan:
+    pending: list[int]  # item indices still to do, in order
+    finished: int  # items of this prompt file already finished
+    notes: list[str] = field(default_factory=list)
+
+
+def _verify(out_dir: Path, record: dict, mode: str) -> str | None:
+    """None if every file of the record is in place and matches it, else what is wrong."""
+    for kind, f in record.get("files", {}).items():
+        path = out_dir / f["name"]
+        if not path.is_file():
+            return f"{f['name']} is missing"
+        size = path.stat().st_size
+        if size != f["bytes"]:
+            return f"{f['name']} has {size} bytes, the record says {f['bytes']} (truncated?)"
+        if mode == "checksum" and sha256_file(path) != f["sha256"]:
+            return f"{f['name']} does not match its recorded sha256"
+    return None
+
+
+def prepare(items: list[Item], out_dir: Path, job: dict, verify: str = "checksum") -> Plan:
+    """Under the job lock, before any rank writes: delete a killed run's leftovers, drop damaged or broken records,
+    and list the items still to do. Finished items' files are only read."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes = [f"removed leftover temporary file {p.name}" for p in clean_partials(out_dir)]
+    path = out_dir / MANIFEST
+    state = read_manifest(path)
+    wanted = {item.output: item for item in items}
+    keep, finished = [], set()
+    dropped = len(state.damaged)
+    if state.damaged:
+        notes.append(f"{MANIFEST}: dropped damaged line(s) {', '.join(map(str, state.damaged))}")
+    for record in state.records:
+        name = record.get("output")
+        item = wanted.get(name)
+        if item is None:
+            keep.append(record)  # another prompt file's item: not ours to judge
+            continue
+        problem = "recorded twice" if name in finished else _verify(out_dir, record, verify)
+        if problem is None and record.get("settings") != settings(item, job):
+            problem = "recorded with other settings"  # check_resume refuses this before we get here
+        if problem is None:
+            keep.append(record)
+            finished.add(name)
+        else:
+            dropped += 1
+            notes.append(f"{item.where}: {problem}; redoing it")
+    for item in items:
+        if item.output in finished:
+            continue
+        for name in outputs_of(item, job):
+            if (out_dir / name).exists():
+                # Published but never recorded (killed between the rename and the append) or failed verification.
+                (out_dir / name).unlink()
+                notes.append(f"removed {name}: not a finished item (no intact record)")
+    if dropped or not state.ends_with_newline:
+        replace_atomically(path, "".join(seal(r) + "\n" for r in keep))
+    elif not state.exists:
+        path.touch()
+    pending = [item.index for item in items if item.output not in finished]
+    return Plan(pending, len(finished), notes)
+
+
+def deal(pending: list[int], dp: int, group: int) -> list[int]:
+    """The items of dp group ``group``: item i goes to group i % dp, whatever else is finished."""
+    return [i for i in pending if i % dp == group]
+
+
+# ---- one item's files -----------------------------------------------------------------------------------------------
+
+def write_item(out_dir: Path, item: Item, frames, latents, record: dict) -> dict:
+    """Write the item's files and then its manifest record; on any error leave nothing of the item behind."""
+    from k5.engine.video import write_mp4
+
+    targets = {"video": out_dir / item.output}
+    if latents is not None:
+        targets["latents"] = out_dir / item.latents_name
+    tmps, published = {}, []
+    try:
+        for kind, path in targets.items():
+            tmps[kind] = temp_path(path)
+        write_mp4(frames, tmps["video"], fps=24, overwrite=True)
+        if latents is not None:
+            save_file({"latents": latents.detach().contiguous().cpu()}, tmps["latents"])
+        files = {}
+        umask = os.umask(0)
+        os.umask(umask)
+        for kind, tmp in tmps.items():
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; finished videos are for sharing
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            files[kind] = {"name": targets[kind].name, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+        for kind, tmp in tmps.items():
+            publish(tmp, targets[kind])
+            published.append(targets[kind])
+        record = {**record, "files": files, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        append_line(out_dir / MANIFEST, seal(record))
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        for path in published:
+            path.unlink(missing_ok=True)
+        raise
+    return record
+
+
+# ---- the loop over one group's items ---------------------------------------------------------------------------------
+
+@dataclass
+class Worker:
+    """What the launcher provides for one dp group: every rank of the group calls these together."""
+
+    generate: Callable  # (Request, on_step) -> engine.pipeline.Result
+    decode: Callable  # latents -> uint8 frames on the group's leader, None elsewhere
+    leader: bool  # this rank writes the group's files and records
+
+
+def run_items(items: list[Item], worker: Worker, sup: Supervisor, out_dir: Path, record_base: dict, job: dict,
+              on_step: Callable[[Item, int], None] | None = None, on_item: Callable[[Item, dict], None] | None = None
+              ) -> tuple[int, bool]:
+    """Run this group's items in order; return (items finished, whether the group stopped on a signal).
+
+    Every rank of the group calls ``sup.agree_stop`` at the same points (before each item, after each step, before
+    the decode), so the group stops together; a stopped item's files are never published.
+    """
+    finished = 0
+    for k, item in enumerate(items):
+        if sup.agree_stop():
+            return finished, True
+        sup.begin_item(item.index, f"item {item.index} ({item.where})")
+        t0 = time.perf_counter()
+        log.info("item %d (%s): %r, seed %d", item.index, item.where, item.request.prompt[:80], item.request.seed)
+
+        def step(i: int) -> None:
+            if on_step is not None:
+                on_step(item, i)
+            sup.step(i)
+
+        try:
+            result = worker.generate(item.request, step)
+            if sup.agree_stop():
+                raise Stopped()
+            t1 = time.perf_counter()
+            frames = worker.decode(result.latents)
+            t2 = time.perf_counter()
+            if worker.leader:
+                timings = {**result.timings, "decode_s": t2 - t1, "total_s": t2 - t0}  # the write excluded
+                record = {**record_base, "item": item.index, "source": item.source, "line": item.line,
+                          "output": item.output, "settings": settings(item, job), "truncated": result.truncated,
+                          "timings": timings}
+                latents = result.latents if job.get("save_latents") else None
+                record = write_item(out_dir, item, frames, latents, record)
+                if result.truncated:
+                    log.warning("warning: %s: the prompt is longer than the 256-token text budget and was truncated",
+                                item.where)
+                if on_item is not None:
+                    on_item(item, record)
+        except Stopped:
+            log.info("item %d (%s) discarded: stopping", item.index, item.where)
+            return finished, True
+        except Exception as e:
+            if not sup.stop_requested:
+                raise
+            # e.g. ffmpeg killed by the same SIGTERM: the item's files are gone (write_item cleans up); the group
+            # learns about the stop at the next agreement, where every rank is.
+            log.info("item %d (%s) discarded while stopping (%s: %s)", item.index, item.where, type(e).__name__, e)
+            continue
+        finished += 1
+        log.info("item %d done in %.2f s -> %s", item.index, time.perf_counter() - t0, item.output)
+    return finished, sup.agree_stop() and finished < len(items)

@@ -1,0 +1,263 @@
+"""Prompt files for batch jobs, every line checked before any model loads.
+
+Three formats, chosen by the file name:
+
+- ``.jsonl`` / ``.ndjson``: one JSON object per line, e.g. ``{"prompt": "a cat", "seed": 3, "output": "cat.mp4"}``;
+- ``.csv``: a header row naming the fields, then one item per row (an empty cell means "use the default");
+- anything else: plain text, one prompt per line.
+
+Blank lines are skipped. Fields an item leaves out take the command-line value (``--height``, ``--steps``, ...);
+the seed defaults to ``--seed`` plus the item's index, so the items of a plain-text file get different noise. A
+relative ``image`` path is taken relative to the prompt file's folder. ``output`` names the video inside
+``--output-dir`` (``.mp4`` is appended when missing); by default it is the item's index, ``00007.mp4``.
+
+A bad line stops the job before anything runs, with the file, the line number, the field and what is expected.
+The value rules themselves (sizes, 4k+1 frames, ...) are ``check_request``'s, passed in as ``check``.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from k5.engine.pipeline import Request
+
+FIELDS: dict[str, type] = {
+    "prompt": str, "negative_prompt": str, "seed": int, "image": str, "height": int, "width": int,
+    "num_frames": int, "steps": int, "guidance_scale": float, "shift": float, "output": str,
+}
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+MAX_LISTED = 20  # bad lines listed in one error; the rest are counted
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot run: the message names the file, the line(s) and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int  # position among the file's items (0-based): names the default output and deals it to a dp group
+    line: int  # 1-based line in the file (0 for a --prompt given on the command line)
+    source: str  # the file's name as given, for messages
+    request: Request
+    output: str  # video file name inside the output directory
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} line {self.line}" if self.line else self.source
+
+    @property
+    def latents_name(self) -> str:
+        return self.output[: -len(".mp4")] + ".safetensors"
+
+
+def default_output(index: int) -> str:
+    return f"{index:05d}.mp4"
+
+
+def output_name(value: str) -> str:
+    """A plain file name inside the output directory, ``.mp4`` appended when missing."""
+    if not value or "/" in value or "\\" in value or value.startswith(".") or value != value.strip():
+        raise ValueError(f"'output' must be a plain file name like \"cat.mp4\" (no folder, not starting with '.', "
+                         f"no surrounding spaces), got {value!r}")
+    return value if value.endswith(".mp4") else value + ".mp4"
+
+
+def _coerce(field: str, value, from_text: bool):
+    """The value as the field's type; CSV cells arrive as strings and are parsed."""
+    kind = FIELDS[field]
+    bad = ValueError(f"'{field}' must be {TYPE_NAMES[kind]}, got {value!r}")
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if from_text:
+        value = value.strip()
+        if kind is int:
+            if not re.fullmatch(r"[+-]?\d+", value):
+                raise bad
+            return int(value)
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad from None
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        number = value
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise bad
+            return int(value)
+    if not math.isfinite(number):
+        raise bad
+    return float(number)
+
+
+def _unknown(field: str) -> ValueError:
+    close = difflib.get_close_matches(field, FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ValueError(f"unknown field {field!r}{hint}; known fields: {', '.join(FIELDS)}")
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptFileError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl_rows(text: str):
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield n, ValueError(f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object "
+                                f"like {{\"prompt\": \"a cat\", \"seed\": 3}}")
+            continue
+        if not isinstance(obj, dict):
+            yield n, ValueError(f"must be a JSON object like {{\"prompt\": \"a cat\"}}, got {type(obj).__name__}")
+            continue
+        # JSON null means "use the default", like an empty CSV cell.
+        yield n, {k: v for k, v in obj.items() if v is not None}
+
+
+def _csv_rows(text: str, name: str):
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, header_line = None, 0
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            header, header_line = [cell.strip() for cell in row], reader.line_num
+            break
+    if header is None:
+        return
+    for field in header:
+        if field not in FIELDS:
+            raise PromptFileError(f"{name} line {header_line}: CSV header has {_unknown(field)}")
+    if "prompt" not in header:
+        raise PromptFileError(f"{name} line {header_line}: the CSV header needs a 'prompt' column, got "
+                              f"{', '.join(header)}")
+    dupes = sorted({f for f in header if header.count(f) > 1})
+    if dupes:
+        raise PromptFileError(f"{name} line {header_line}: column(s) {', '.join(dupes)} appear twice in the header")
+    start = reader.line_num
+    for row in reader:
+        n, start = start + 1, reader.line_num  # a quoted cell may span lines: report where the row starts
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            yield n, ValueError(f"has {len(row)} cells but the header has {len(header)} columns "
+                                f"({', '.join(header)})")
+            continue
+        yield n, {k: v for k, v in zip(header, row) if v.strip() or k == "prompt"}
+
+
+def _text_rows(text: str):
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield n, {"prompt": line}
+
+
+def read_prompts(path: str | Path, defaults: dict, check: Callable[[Request], None]) -> list[Item]:
+    """All items of a prompt file, or one PromptFileError naming every bad line (the first MAX_LISTED).
+
+    ``defaults`` holds the command-line values of the Request fields (``seed`` is the base seed); ``check`` raises
+    ValueError for a request that cannot run (``check_request`` with the checkpoint's config).
+    """
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {name} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raise PromptFileError(f"{name}: a .json file is not a prompt file; use JSON Lines (.jsonl, one object per "
+                              f"line), CSV with a header (.csv) or plain text (one prompt per line)")
+    text = _decode(path)
+    from_text = suffix not in (".jsonl", ".ndjson")
+    rows = (_jsonl_rows(text) if not from_text else _csv_rows(text, name) if suffix == ".csv" else _text_rows(text))
+
+    items: list[Item] = []
+    errors: list[str] = []
+    owner: dict[str, int] = {}  # output name -> line
+    for n, row in rows:
+        try:
+            if isinstance(row, Exception):
+                raise row
+            item = _item(row, len(items), n, name, path.parent, defaults, check, from_text)
+            if item.output in owner:
+                raise ValueError(f"output {item.output} is also the output of line {owner[item.output]}; "
+                                 f"every item needs its own file")
+        except ValueError as e:
+            errors.append(f"line {n}: {e}")
+            items.append(None)  # keep counting indices, so later default names do not shift
+            continue
+        owner[item.output] = n
+        items.append(item)
+    if errors:
+        if len(errors) == 1:
+            raise PromptFileError(f"{name} {errors[0]}")
+        listed = "\n".join(f"  {e}" for e in errors[:MAX_LISTED])
+        more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+        raise PromptFileError(f"{name}: {len(errors)} bad lines, nothing was run:\n{listed}{more}")
+    if not items:
+        raise PromptFileError(f"{name} has no prompts (blank lines are skipped)")
+    return items
+
+
+def _item(row: dict, index: int, line: int, source: str, folder: Path, defaults: dict,
+          check: Callable[[Request], None], from_text: bool) -> Item:
+    values = {}
+    for field, value in row.items():
+        if field not in FIELDS:
+            raise _unknown(field)
+        values[field] = _coerce(field, value, from_text)
+    if "prompt" not in values:
+        raise ValueError("missing 'prompt'; every item needs a text describing the video")
+    output = output_name(values.pop("output")) if "output" in values else default_output(index)
+    fields = {k: v for k, v in defaults.items() if v is not None}
+    fields["seed"] = defaults.get("seed", 0) + index
+    fields.update(values)
+    if "image" in values:
+        image = Path(values["image"]).expanduser()
+        fields["image"] = str(image if image.is_absolute() else folder / image)
+    if fields.get("image") is not None:
+        check_image(fields["image"])
+    req = Request(**fields)
+    check(req)
+    return Item(index, line, source, req, output)
+
+
+def check_image(path: str) -> None:
+    """Raise ValueError unless ``path`` is an image file this process can read."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"'image' {path} is not a readable file")
+    try:
+        from PIL import Image, UnidentifiedImageError
+
+        with Image.open(p) as im:
+            im.verify()
+    except OSError as e:  # PermissionError, UnidentifiedImageError, truncated files
+        kind = "is not an image file Pillow can read" if isinstance(e, UnidentifiedImageError) else "cannot be read"
+        raise ValueError(f"'image' {path} {kind} ({e})") from None
+
+
+def single_item(request: Request, output: str | None = None) -> Item:
+    """A --prompt from the command line as a one-item job."""
+    return Item(0, 0, "--prompt", request, output_name(output) if output else default_output(0))
+
+
+def with_request(item: Item, **changes) -> Item:
+    return replace(item, request=replace(item.request, **changes))
