@@ -1,6 +1,5 @@
 """NABLA against diffusers (fractal order, STA, nablaT_v2), hand-worked cases, and a dense masked fp64 reference."""
 
-import math
 import warnings
 
 import pytest
@@ -20,7 +19,7 @@ from k5.kernels.nabla import (
     sta_block_mask,
     to_fractal,
 )
-from numerics import rel_err
+from numerics import reference_attention, rel_err
 
 # fp32 kernel vs fp64 reference: rounding only.
 FP32_TOL = 1e-5
@@ -43,16 +42,6 @@ def structured_qk(B, nb, H, D, seed, spread=4.0):
         return (tiles + torch.randn(B, nb, 64, H, D, generator=g)).reshape(B, nb * 64, H, D)
 
     return one(), one()
-
-
-def naive_block_masked(q, k, v, block_mask):
-    """fp64 dense attention with the tile mask expanded to tokens; rows with no key -> (0, -inf)."""
-    tok = block_mask.repeat_interleave(64, -1).repeat_interleave(64, -2)  # [B,H,Sq,Sk]
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~tok, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = torch.softmax(s, -1).nan_to_num(0.0) @ v
-    return out.transpose(1, 2), lse
 
 
 # ---- token order and STA ------------------------------------------------------------------------------------------
@@ -188,7 +177,7 @@ def test_block_sparse_matches_masked_dense(nq, nk, budget, monkeypatch):
     mask[0, 1, 2] = False  # an empty query tile
     mask[1, 2, 0] = True  # a full row
     out, lse = block_sparse_attention(q, k, v, mask)
-    ref, ref_lse = naive_block_masked(q, k, v, mask)
+    ref, ref_lse = reference_attention(q, k, v, block_mask=mask)
     assert out.dtype == torch.float32 and lse.shape == (B, H, nq * 64)
     assert not out.isnan().any() and not lse.isnan().any()
     assert rel_err(out, ref) < FP32_TOL
@@ -217,7 +206,7 @@ def test_block_sparse_bf16():
     q, k, v = q.bfloat16(), k.bfloat16(), torch.randn_like(k).bfloat16()
     mask = random_block_mask(B, H, nb, nb, 0.5, seed=15) | torch.eye(nb, dtype=torch.bool)
     out, lse = block_sparse_attention(q, k, v, mask)
-    ref, ref_lse = naive_block_masked(q, k, v, mask)
+    ref, ref_lse = reference_attention(q, k, v, block_mask=mask)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert rel_err(out, ref) < 1e-2  # bf16 output rounding; inputs are the same bf16 values
     assert (lse.double() - ref_lse).abs().max() < 1e-4 * ref_lse.abs().max()
@@ -233,7 +222,7 @@ def test_nabla_attention_matches_diffusers_mask_and_dense_reference():
         warnings.simplefilter("ignore")
         ref_mask = blockmask_to_bool(nablaT_v2(q, k, sta[None, None], thr=spec.P))
     assert not ref_mask.all()
-    ref, _ = naive_block_masked(q, k, v, ref_mask)
+    ref, _ = reference_attention(q, k, v, block_mask=ref_mask)
     out = nabla_attention(q, k, v, spec, T, Hb, Wb)
     assert out.shape == q.shape and rel_err(out, ref) < FP32_TOL
 

@@ -10,7 +10,7 @@ from k5.parallel.comm_stats import CommStats
 from k5.parallel.layout import SequenceLayout
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.ring import RingCounters, ring_dense_attention, ring_nabla_attention
-from numerics import rel_err
+from numerics import reference_attention, rel_err
 
 B, H, D = 2, 4, 8
 TOL = 1e-4
@@ -27,14 +27,6 @@ def _qkv(num_tokens, seed, block_scale=1.5):
         return x.reshape(B, nb * 64, H, D)[:, :num_tokens].contiguous()
 
     return one(), one(), one()
-
-
-def _masked_reference(q, k, v, block_mask):
-    """Independent NABLA reference: token mask expanded from the block mask, naive fp64 softmax."""
-    tok = block_mask.repeat_interleave(64, -1).repeat_interleave(64, -2)  # [B,H,S,S]
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * D**-0.5
-    p = s.masked_fill(~tok, float("-inf")).softmax(-1)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double())
 
 
 def _run_cases(rank, world_size, cases):
@@ -84,7 +76,7 @@ def _check_nabla(case, res):
     mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta_block_mask(*case["grid"], spec.wT, spec.wH, spec.wW), spec.P)
     assert 0 < mask.float().mean() < 1  # the test data selects some blocks, not all
     ref_out, ref_lse = block_sparse_attention(q, k, v, mask)
-    naive = _masked_reference(q, k, v, mask)
+    naive = reference_attention(q, k, v, block_mask=mask)[0]
     nb = mask.shape[-1]
     rows = torch.cat([r["rows"] for r in res], 2)  # ring rank g holds the rows of span g
     assert not rows[:, :, nb:].any() and not rows[..., nb:].any()  # pad blocks: never selected, empty rows

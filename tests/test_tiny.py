@@ -7,7 +7,6 @@ Oracles: diffusers/transformers `from_pretrained` of every component, diffusers'
 import hashlib
 import inspect
 import json
-import os
 import shutil
 
 import pytest

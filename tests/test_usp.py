@@ -9,7 +9,7 @@ from k5.kernels.nabla import NablaSpec, block_sparse_attention, nabla_block_mask
 from k5.parallel.layout import SequenceLayout
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.usp import SequenceParallelAttention
-from numerics import rel_err
+from numerics import reference_attention, rel_err
 
 B, H, D = 2, 12, 8  # 12 heads divide by ulysses 2, 3, 4
 TOL = 1e-4
@@ -73,14 +73,6 @@ def _usp_worker(rank, world_size, splits, cases):
     return results
 
 
-def _masked_reference(q, k, v, block_mask):
-    """Independent NABLA reference: token mask expanded from the block mask, naive fp64 softmax."""
-    tok = block_mask.repeat_interleave(64, -1).repeat_interleave(64, -2)  # [B,H,S,S]
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * D**-0.5
-    p = s.masked_fill(~tok, float("-inf")).softmax(-1)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double())
-
-
 def _expected_bytes(case, U, R):
     layout = SequenceLayout(case["num_tokens"], U * R)
     shard = B * layout.shard_len * H * D * 4  # one fp32 q/k/v/out shard
@@ -107,7 +99,7 @@ def _check(splits, cases, res):
             mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta_block_mask(*case["grid"], spec.wT, spec.wH, spec.wW), spec.P)
             assert 0 < mask.float().mean() < 1  # the data selects some blocks, not all
             ref = block_sparse_attention(q, k, v, mask)[0]
-            assert rel_err(ref, _masked_reference(q, k, v, mask)) <= TOL
+            assert rel_err(ref, reference_attention(q, k, v, block_mask=mask)[0]) <= TOL
         for U, R in splits:
             per_rank = [r[(U, R, name)] for r in res]
             for r in per_rank:
@@ -130,7 +122,7 @@ def _check(splits, cases, res):
             assert torch.equal(full[:, :, :nb, :nb], mask), (U, R, name)
             assert not full[:, :, nb:].any() and not full[..., nb:].any()  # pad blocks: empty rows, never selected
             nabla_out = per_rank[0]["out"]
-            assert rel_err(nabla_out, _masked_reference(q, k, v, mask)) <= TOL
+            assert rel_err(nabla_out, reference_attention(q, k, v, block_mask=mask)[0]) <= TOL
 
 
 def _cases(seed):
