@@ -91,6 +91,18 @@ def time_calls(fn, device: torch.device, warmup: int, repeat: int, before=None) 
     return times
 
 
+def time_interleaved(fns: list, device: torch.device, warmup: int, repeat: int) -> list[list[float]]:
+    """Like time_calls for several functions, run in turns (a, b, a, b, ...): on a shared machine a change of load
+    then hits every function alike instead of whichever happened to run during it."""
+    for fn in fns:
+        time_calls(fn, device, warmup, 0)
+    runs = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, out in zip(fns, runs):
+            out += time_calls(fn, device, 0, 1)
+    return runs
+
+
 def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int | None = None, repeat: int = 10) -> float:
     """Measured dense matrix-product rate (TFLOP/s) of an n x n x n product on random data (never zeros)."""
     n = n or (8192 if device.type == "cuda" else 2048)

@@ -34,8 +34,12 @@ def cpu_name() -> str:
 
 def environment(device: torch.device, argv: list[str]) -> dict:
     """Device, library versions, commit and command of this run (what a reader needs to reproduce it)."""
-    import diffusers
+    try:
+        import diffusers
 
+        diffusers_version = diffusers.__version__
+    except ImportError:  # the GPU image has no diffusers unless its wheel is carried
+        diffusers_version = None
     env = {
         "device_type": device.type,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -44,7 +48,7 @@ def environment(device: torch.device, argv: list[str]) -> dict:
         "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
+        "diffusers": diffusers_version,
         "cuda": torch.version.cuda,
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--", "bench", "engine", "kernels", "parallel")),

@@ -225,8 +225,9 @@ def run_dit(args) -> dict:
     }}
     checks, timing = {}, {}
 
-    # Reference forward on one device: the density of the NABLA masks, and the output every other path must match.
-    with torch.no_grad(), fast.sdpa_backend(args.sdpa_backend):
+    # Reference forward: one device, eager, default attention backend. It gives the density of the NABLA masks and
+    # the output every other path (diffusers, the parallel layout, the compiled fast path) must match.
+    with torch.no_grad():
         if nabla:
             probe = DensityProbe(dit.nabla)
             local, dit.visual_attention = dit.visual_attention, probe
@@ -241,8 +242,9 @@ def run_dit(args) -> dict:
 
     if args.peer == "diffusers" and world_size == 1:
         peer = peers.DiffusersPeer(folder, dtype, device, dit.nabla.P if nabla else None)
-        if args.compile:
+        if args.peer_compile:
             peer.compile()
+        timing["diffusers_compiled"] = args.peer_compile
         if nabla and device.type == "cpu":
             checks["diffusers"] = "skipped: diffusers' NABLA needs compiled flex attention, which fails on CPU"
             peer = None
@@ -266,7 +268,14 @@ def run_dit(args) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with fast.no_recompile() if args.compile else contextlib.nullcontext():
-            fwd = slowest(fast.time_calls(forward, device, args.warmup, args.repeat, barrier), device)
+            if peer is not None:  # one process: ours and diffusers' forwards in turns
+                peer_fwd = lambda: peer.forward(inp, cond.embeds, cond.pooled, t)  # noqa: E731
+                fwd, pf = fast.time_interleaved([forward, peer_fwd], device, args.warmup, args.repeat)
+                timing["diffusers_s_per_forward"] = median(pf)
+                timing["diffusers_runs_s"] = pf
+                timing["diffusers_backend"] = peer.backend
+            else:
+                fwd = slowest(fast.time_calls(forward, device, args.warmup, args.repeat, barrier), device)
             stp = slowest(fast.time_calls(step, device, min(args.warmup, 1), args.repeat, barrier), device)
         if stats is not None:
             stats.reset()
@@ -277,11 +286,6 @@ def run_dit(args) -> dict:
             sent_step = stats.summary()
         peak, peak_kind = peak_memory_bytes(device)
 
-        if peer is not None:
-            pf = fast.time_calls(lambda: peer.forward(inp, cond.embeds, cond.pooled, t), device, args.warmup,
-                                 args.repeat)
-            timing["diffusers_s_per_forward"] = median(pf)
-            timing["diffusers_backend"] = peer.backend
 
     count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
     s_fwd, s_step = median(fwd), median(stp)
@@ -388,7 +392,8 @@ def run_attention(args) -> dict:
     g = torch.Generator(device=device).manual_seed(args.seed)
     q, k, v = (torch.randn(1, S, args.heads, args.head_dim, device=device, dtype=dtype, generator=g)
                for _ in range(3))
-    dense = median(fast.time_calls(lambda: attention(q, k, v), device, 1, args.repeat))
+    with fast.sdpa_backend(args.sdpa_backend):
+        dense = median(fast.time_calls(lambda: attention(q, k, v), device, 1, args.repeat))
     rows = []
     for P in args.P_list:
         spec = NablaSpec(P=P)
@@ -398,17 +403,17 @@ def run_attention(args) -> dict:
         full = median(fast.time_calls(lambda: nabla_attention(q, k, v, spec, T, H // 8, W // 8), device, 1,
                                       args.repeat))
         kernel = median(fast.time_calls(lambda: block_sparse_attention(q, k, v, mask), device, 1, args.repeat))
-        err = None
-        if S <= args.check_max_tokens:
-            # The dense kernel with the tile mask expanded to tokens computes the same function.
-            token_mask = mask.repeat_interleave(64, -1).repeat_interleave(64, -2)
-            want = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), attn_mask=token_mask
-            ).transpose(1, 2)
-            err = rel_err(block_sparse_attention(q, k, v, mask)[0].float(), want)
+        # The first query tiles against dense SDPA in fp32 with the tile mask expanded to tokens: the same function.
+        rows_checked = min(args.check_tiles, mask.shape[2]) * 64
+        token_mask = mask[:, :, : rows_checked // 64].repeat_interleave(64, -1).repeat_interleave(64, -2)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :rows_checked].transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+            attn_mask=token_mask,
+        ).transpose(1, 2)
+        err = rel_err(block_sparse_attention(q, k, v, mask)[0][:, :rows_checked].float(), want)
         rows.append({"P": P, "density": density, "s_nabla": full, "s_block_sparse_kernel": kernel,
                      "speedup_vs_dense": dense / full, "kernel_speedup_vs_dense": dense / kernel,
-                     "rel_err_vs_masked_dense": err})
+                     "rel_err_vs_masked_dense": err, "query_tiles_checked": rows_checked // 64})
     kind = "cuda" if device.type == "cuda" else "cpu"
     name = args.name or f"{kind}-attention-{args.height}x{args.width}x{args.frames}-h{args.heads}-{args.dtype}"
     fl = flops.attention_flops(1, args.heads, S, S, args.head_dim)
@@ -436,7 +441,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--P-list", type=float, nargs="+", default=[0.02, 0.1, 0.5], help="attention: NABLA P values")
     p.add_argument("--heads", type=int, default=2, help="attention: heads")
     p.add_argument("--head-dim", type=int, default=64, help="attention: head dim")
-    p.add_argument("--check-max-tokens", type=int, default=20000, help="attention: check vs masked dense up to")
+    p.add_argument("--check-tiles", type=int, default=8, help="attention: query tiles checked vs masked dense")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: as many as heads allow)")
     p.add_argument("--ring", type=int, default=None, help="ring degree")
@@ -444,6 +449,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=int, default=1, choices=[1, 2], help="CFG-parallel degree")
     p.add_argument("--peer", default="none", choices=["none", "diffusers"],
                    help="time diffusers' transformer on the same weights (loads both from one save_pretrained)")
+    p.add_argument("--peer-compile", action="store_true", help="compile diffusers' repeated blocks too")
     p.add_argument("--xfuser", action="store_true", help="GPU: time xfuser's USP attention on the same shapes")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (fast path)")
     p.add_argument("--sdpa-backend", default="auto", choices=list(fast.SDPA_BACKENDS))

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `bench`
 
 from bench import flops  # noqa: E402
+from bench.projection import Layout, comm_bytes  # noqa: E402
 from bench.run import TINY, main  # noqa: E402
 from distributed import run_distributed  # noqa: E402
 
@@ -69,15 +70,18 @@ def test_attention_subcommand_checks_nabla_against_masked_dense():
 
 
 def _two_ranks(rank, world_size, out):
-    return main(["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--ulysses", "2",
-                 "--vae", "tiny", "--vae-repeat", "1", "--out", out, "--name", "w2", *FAST])
+    runs = {}
+    for flag in ("--ulysses", "--ring", "--tp"):
+        runs[flag] = main(["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", flag, "2",
+                           "--vae", "tiny" if flag == "--ulysses" else "none", "--vae-repeat", "1", "--out", out,
+                           "--name", f"w2{flag}", *FAST])
+    return runs
 
 
 def test_two_processes_match_one_and_count_bytes(tmp_path):
-    results = run_distributed(_two_ranks, 2, str(tmp_path))
-    r = results[0]
+    runs = run_distributed(_two_ranks, 2, str(tmp_path))[0]
+    r = runs["--ulysses"]
     assert r["config"]["layout"] == {"ulysses": 2}
-    assert r["checks"]["layout_rel_err"] <= 1e-5  # fp32 sequence parallel against the 1-process forward
     # Ulysses: per visual block 4 all-to-alls (q, k, v, out) of this rank's [64 tokens, 64 channels] fp32, half of
     # each leaving the rank; then one all-gather of the 64-channel output (64 tokens x 64 x 4 B to 1 peer).
     sent = r["comm_bytes_per_rank"]["forward"]
@@ -87,4 +91,26 @@ def test_two_processes_match_one_and_count_bytes(tmp_path):
     step = r["comm_bytes_per_rank"]["step"]
     assert {k: v["bytes"] for k, v in step.items()} == {k: 2 * v["bytes"] for k, v in sent.items()}
     assert len(r["memory"]["peak_gib_per_rank"]) == 2
-    assert r["vae"]["parallel_tiles"] and (tmp_path / "w2.json").exists()
+    assert r["vae"]["parallel_tiles"] and (tmp_path / "w2--ulysses.json").exists()
+    for flag, lay in (("--ulysses", Layout(ulysses=2)), ("--ring", Layout(ring=2)), ("--tp", Layout(tp=2))):
+        r = runs[flag]
+        assert r["checks"]["layout_rel_err"] <= 1e-5, flag  # fp32, 2 processes against the 1-process forward
+        # The projection's byte model (fp32 here) against the bytes the real collectives counted.
+        counted = {k: v["bytes"] for k, v in r["comm_bytes_per_rank"]["forward"].items()}
+        modelled = {k: v["bytes"] for k, v in comm_bytes(TINY, 128, 256, lay, elem=4).items()}
+        assert counted == modelled, flag
+
+
+def test_projection_one_gpu_is_the_flop_count_over_the_rates(tmp_path):
+    from bench import projection
+
+    r = projection.main(["--shapes", "5s-sd", "--gpus", "1", "8", "16", "--out", str(tmp_path)])
+    assert "PROJECTION" in (tmp_path / "projection-pro.md").read_text()
+    one, eight, sixteen = r["rows"]
+    f = flops.forward_flops(projection.PRESETS["pro"], 31 * 32 * 48, 256)
+    rates = r["rates_tflops"]
+    by_hand = f.linear / rates["linear"] / 1e12 + f.attention / rates["dense_attention"] / 1e12
+    assert one["comm_s_per_forward"] == 0 and one["s_per_step"] == pytest.approx(2 * by_hand)
+    assert one["efficiency"] == 1.0 and 0 < sixteen["efficiency"] <= eight["efficiency"] <= 1.0
+    # 16 GPUs are two nodes of 8: the chosen layout's groups that leave a node run at the InfiniBand rate.
+    assert sixteen["gpus"] == 16 and eight["s_per_step"] > sixteen["s_per_step"]

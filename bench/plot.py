@@ -1,0 +1,93 @@
+"""Plots of the bench results: seconds per step against world size, and against sequence length (dense vs NABLA).
+
+    python -m bench plot [--results bench/results]
+
+Reads every DiT run's JSON in the folder; runs that differ only in world size (or only in resolution) form one
+line. Writes step_vs_world.png and step_vs_tokens.png beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def load_runs(folder: Path) -> list[dict]:
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        if "timing" in r and "config" in r and "s_per_step" in r["timing"]:
+            runs.append(r)
+    return runs
+
+
+def _series(runs, key, x):
+    lines = defaultdict(dict)
+    for r in runs:
+        lines[key(r)][x(r)] = r["timing"]["s_per_step"]  # a later file with the same point replaces an earlier
+    return {k: sorted(v.items()) for k, v in lines.items() if len(v) > 1}
+
+
+def by_world(runs):
+    def key(r):
+        c = r["config"]
+        layout = "+".join(sorted(k for k in c["layout"] if k != "single")) or "sp"
+        return (r["env"]["device"][:24], c["model"], f"{c['visual_blocks']} blocks", f"{c['visual_tokens']} tok",
+                c["attention"], c["dtype"], layout, "compiled" if c.get("compile") else "")
+
+    return _series(runs, key, lambda r: r["config"]["world_size"])
+
+
+def by_tokens(runs):
+    def key(r):
+        c = r["config"]
+        return (r["env"]["device"][:24], c["model"], f"{c['visual_blocks']} blocks", c["dtype"],
+                f"w{c['world_size']}", f"{c['attention']}" + (f" P={c['P']}" if c["P"] is not None else ""),
+                "compiled" if c.get("compile") else "")
+
+    return _series(runs, key, lambda r: r["config"]["visual_tokens"])
+
+
+def plot(folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load_runs(folder)
+    written = []
+    for name, series, xlabel, logx in (
+        ("step_vs_world.png", by_world(runs), "processes / GPUs (world size)", False),
+        ("step_vs_tokens.png", by_tokens(runs), "visual tokens per forward", True),
+    ):
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for key, points in series.items():
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=", ".join(str(k) for k in key if k))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("seconds per denoising step (CFG: 2 forwards)")
+        if logx:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        else:
+            ax.set_xticks(sorted({x for pts in series.values() for x, _ in pts}))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(name.removesuffix(".png").replace("_", " "))
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(folder / name)
+    return written
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench plot")
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    for path in plot(Path(args.results)):
+        print(f"wrote {path}")
