@@ -354,7 +354,7 @@ def time_vae(args, grid, device) -> dict:
     latents = torch.randn(1, T, H * 2, W * 2, 16, device=device, generator=torch.Generator(device).manual_seed(3))
     _, world_size = world()
     decode = (lambda: parallel_decode(vae, latents, dst=0)) if world_size > 1 else (lambda: vae.decode(latents))
-    runs = slowest(fast.time_calls(decode, device, warmup=1, repeat=args.vae_repeat, before=barrier), device)
+    runs = slowest(fast.time_calls(decode, device, args.vae_warmup, args.vae_repeat, barrier), device)
     return {"widths": args.vae, "latent": [1, T, H * 2, W * 2, 16], "dtype": str(vae.dtype),
             "s_per_decode": median(runs), "runs_s": runs, "tiled": True,
             "parallel_tiles": world_size > 1}
@@ -455,6 +455,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa-backend", default="auto", choices=list(fast.SDPA_BACKENDS))
     p.add_argument("--vae", default="tiny", help="none, tiny or real (HunyuanVideo widths), random weights")
     p.add_argument("--vae-repeat", type=int, default=2)
+    p.add_argument("--vae-warmup", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--peak-tflops", default="measure", help="peak for MFU in TFLOP/s, or 'measure' (matmul bench)")
