@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -35,10 +36,8 @@ def cpu_name() -> str:
 def environment(device: torch.device, argv: list[str]) -> dict:
     """Device, library versions, commit and command of this run (what a reader needs to reproduce it)."""
     try:
-        import diffusers
-
-        diffusers_version = diffusers.__version__
-    except ImportError:  # the GPU image has no diffusers unless its wheel is carried
+        diffusers_version = metadata.version("diffusers")  # no import: diffusers takes seconds to import
+    except metadata.PackageNotFoundError:  # the GPU image has no diffusers unless its wheel is carried
         diffusers_version = None
     env = {
         "device_type": device.type,
