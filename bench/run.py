@@ -344,11 +344,15 @@ def time_vae(args, grid, device) -> dict:
 
     widths = {"tiny": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4),
               "real": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)}
-    if args.vae not in widths:
-        raise ValueError(f"--vae {args.vae!r} is not one of none, tiny, real")
     torch.manual_seed(args.seed)
-    ae = AutoencoderKLHunyuanVideo(latent_channels=16, scaling_factor=0.476986, spatial_compression_ratio=8,
-                                   temporal_compression_ratio=4, mid_block_add_attention=True, **widths[args.vae])
+    if args.vae in widths:
+        ae = AutoencoderKLHunyuanVideo(latent_channels=16, scaling_factor=0.476986, spatial_compression_ratio=8,
+                                       temporal_compression_ratio=4, mid_block_add_attention=True,
+                                       **widths[args.vae])
+    elif Path(args.vae).exists():  # a VAE config.json or its folder: that architecture, random weights
+        ae = AutoencoderKLHunyuanVideo.from_config(AutoencoderKLHunyuanVideo.load_config(args.vae))
+    else:
+        raise ValueError(f"--vae {args.vae!r} is not none, tiny, real or a HunyuanVideo VAE config.json/folder")
     vae = VideoVAE(ae.to(device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32))
     T, H, W = grid
     latents = torch.randn(1, T, H * 2, W * 2, 16, device=device, generator=torch.Generator(device).manual_seed(3))
@@ -453,7 +457,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--xfuser", action="store_true", help="GPU: time xfuser's USP attention on the same shapes")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (fast path)")
     p.add_argument("--sdpa-backend", default="auto", choices=list(fast.SDPA_BACKENDS))
-    p.add_argument("--vae", default="tiny", help="none, tiny or real (HunyuanVideo widths), random weights")
+    p.add_argument("--vae", default="tiny",
+                   help="none, tiny, real (HunyuanVideo widths) or a VAE config.json/folder; random weights")
     p.add_argument("--vae-repeat", type=int, default=2)
     p.add_argument("--vae-warmup", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
