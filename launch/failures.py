@@ -17,9 +17,10 @@ The complaint this answers: a rank raises or dies and the others sit in a collec
 - Per-rank logs: ``DIR/logs/rank<r>.log``. Ranks other than 0 send everything (Python warnings, C++ messages,
   tracebacks) to their log only, so the terminal shows rank 0.
 
-Test hook (not for production): ``K5_TEST_FAIL="rank=1,item=0,step=1,mode=raise"`` makes that rank raise at that
-denoising step of that item (item = the item's index in the prompt file; default: its first item). ``mode=kill``
-SIGKILLs the rank instead (a crash without a word), ``mode=hang`` blocks it forever (a stuck rank).
+Test hook (not for production): ``K5_TEST_FAIL="rank=1,item=0,step=1,mode=raise"`` makes that rank raise right
+after denoising step 1 (1-based) of that item (item = the index in the prompt file; default: the rank's first
+item). ``mode=kill`` SIGKILLs the rank instead (a crash without a word), ``mode=hang`` blocks it forever (a stuck
+rank).
 """
 
 from __future__ import annotations
@@ -120,6 +121,15 @@ class Logs:
             os.dup2(fd, target)
         os.close(fd)
 
+    def detail(self, message: str, level: int = logging.ERROR) -> None:
+        """To the log file only (a traceback: the terminal gets the one-line explanation); to the terminal when
+        there is no log file, so it is never lost."""
+        record = self.log.makeRecord(LOGGER, level, "", 0, message, None, None)
+        files = [h for h in self.handlers if isinstance(h, logging.FileHandler)]
+        for h in files or self.handlers:
+            if record.levelno >= h.level:
+                h.handle(record)
+
     def flush(self) -> None:
         for h in self.handlers:
             h.flush()
@@ -191,7 +201,7 @@ class Injection:
         try:
             kv = dict(part.split("=", 1) for part in spec.split(","))
             item = kv.get("item")
-            inj = cls(int(kv["rank"]), None if item is None else int(item), int(kv.get("step", 0)),
+            inj = cls(int(kv["rank"]), None if item is None else int(item), int(kv.get("step", 1)),
                       kv.get("mode", "raise"))
         except (ValueError, KeyError):
             raise ValueError(f"{TEST_HOOK}={spec!r} must look like rank=1,item=0,step=1,mode=raise") from None
@@ -206,7 +216,7 @@ class Injection:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.mode == "hang":
             threading.Event().wait()
-        raise RuntimeError(f"injected failure ({TEST_HOOK}) at rank {rank}, item {item}, step {step}")
+        raise RuntimeError(f"injected failure ({TEST_HOOK}) at rank {rank}, item {item}, after step {step}")
 
 
 # ---- failure records ------------------------------------------------------------------------------------------------
@@ -313,11 +323,36 @@ class Supervisor:
         self.on_items_done = None  # rank 0: callback(total finished items), fed by the watchdog
         self._fatal = threading.Lock()
         self._quit = threading.Event()
-        self.channel = Channel(rank, world, op_timeout_s=max(5.0, min(30.0, timeout_s / 4))) if world > 1 else None
-        self.thread = None
-        if self.channel is not None:
+        self._beats = 0
+        self._beat_lock = threading.Lock()
+        self.channel = self._watch_channel = self.thread = None
+        if world > 1:
+            op_timeout = max(5.0, min(30.0, timeout_s / 4))
+            # The main thread and the watchdog each get a store client of their own.
+            self.channel = Channel(rank, world, op_timeout)
+            self._watch_channel = Channel(rank, world, op_timeout)
+            self.publish()  # a rank that dies before the watchdog's first round still has a heartbeat to go stale
             self.thread = threading.Thread(target=self._watch, name="k5-watchdog", daemon=True)
             self.thread.start()
+
+    def _beat(self, channel: "Channel", state: str | None = None) -> None:
+        with self._beat_lock:
+            self._beats += 1
+            n = self._beats
+        channel.beat(n, state or self.state, self.where)
+
+    def _ch(self) -> "Channel":
+        """This thread's store client."""
+        return self._watch_channel if threading.current_thread() is self.thread else self.channel
+
+    def publish(self) -> None:
+        """Heartbeat now from the main thread, so ``where`` reaches the others at once (a crash right after it is
+        then reported at the right place)."""
+        if self.channel is not None:
+            try:
+                self._beat(self.channel)
+            except Exception:  # the watchdog reports a lost store
+                pass
 
     # -- stopping (signals) --
 
@@ -338,12 +373,14 @@ class Supervisor:
         self.item, self.where = index, label
         if self.first_item is None:
             self.first_item = index
+        self.publish()
 
     def step(self, step: int) -> None:
-        """After each denoising step: the test hook, progress for the heartbeat, then the stop agreement."""
+        """After denoising step ``step`` (0-based): progress for the heartbeat, the test hook, the stop agreement."""
+        self.where = f"{self.where.split(', after step')[0]}, after step {step + 1}"
+        self.publish()
         if self.injection is not None:
-            self.injection.fire(self.rank, self.item, self.first_item, step)
-        self.where = f"{self.where.split(', step')[0]}, step {step + 1}"
+            self.injection.fire(self.rank, self.item, self.first_item, step + 1)
         if self.agree_stop():
             raise Stopped()
 
@@ -368,8 +405,8 @@ class Supervisor:
     def fail(self, exc: BaseException) -> None:
         """This rank raised: log the traceback, tell the others, end (rank 0 first says who failed and why)."""
         kind = classify(exc)
-        self.log.error("rank %d failed at %s:\n%s", self.rank, self.where,
-                       "".join(traceback.format_exception(exc)).rstrip())
+        self.logs.detail(f"rank {self.rank} failed at {self.where}:\n"
+                         + "".join(traceback.format_exception(exc)).rstrip())
         self.fatal(self._record(kind, exception_text(exc)))
 
     def fatal(self, own: dict | None = None, reason: str = "") -> None:
@@ -381,7 +418,7 @@ class Supervisor:
         try:
             if own is not None and self.channel is not None:
                 try:
-                    self.channel.report(own)
+                    self._ch().report(own)
                 except Exception as e:
                     self.log.error("could not report the failure to the other ranks: %s", e)
             if self.rank == 0:
@@ -391,7 +428,7 @@ class Supervisor:
         finally:
             if self.channel is not None:
                 try:  # tells rank 0 this rank left because of the failure, not silently before it
-                    self.channel.beat(-1, "exited", self.where)
+                    self._ch().beat(-1, "exited", self.where)
                 except Exception:
                     pass
             self.logs.flush()
@@ -412,9 +449,9 @@ class Supervisor:
         that died without a word is recognised by a heartbeat that neither advances nor says it exited."""
         start = time.monotonic()
         deadline = start + min(dead_after(self.timeout_s), 0.75 * self.timeout_s)
-        first = {r: self.channel.heartbeat(r) for r in range(self.world) if r != self.rank}
+        first = {r: self._ch().heartbeat(r) for r in range(self.world) if r != self.rank}
         while True:
-            records = self.channel.records()
+            records = self._ch().records()
             if own is not None and not any(r["rank"] == own["rank"] for r in records):
                 records.append(own)
             if any(r["kind"] in ("error", "dead") for r in records):
@@ -423,7 +460,7 @@ class Supervisor:
             if now - start >= 3 * POLL_S:
                 silent = []
                 for r, hb in first.items():
-                    cur = self.channel.heartbeat(r)
+                    cur = self._ch().heartbeat(r)
                     if hb is not None and cur is not None and cur["state"] == "running" and cur["n"] == hb["n"]:
                         silent.append(self._record("dead", "stopped without a report (killed by a signal or out "
                                                            "of memory?)", rank=r, where=cur["where"]))
@@ -434,36 +471,36 @@ class Supervisor:
     # -- the watchdog thread --
 
     def _watch(self) -> None:
-        n, seen, errors = 0, 0, 0
+        channel = self._watch_channel
+        seen, errors = 0, 0
         neighbour = (self.rank + 1) % self.world
         last_n, last_change = None, time.monotonic()
         silence = dead_after(self.timeout_s)
         while not self._quit.wait(POLL_S):
             try:
-                n += 1
-                self.channel.beat(n, self.state, self.where)
-                count = self.channel.failure_count()
+                self._beat(channel)
+                count = channel.failure_count()
                 if count > seen:
                     seen = count
-                    self._on_records(self.channel.records())
+                    self._on_records(channel.records())
                 if self.on_items_done is not None:
-                    self.on_items_done(self.channel.counter("items_done"))
-                hb = self.channel.heartbeat(neighbour)
+                    self.on_items_done(channel.counter("items_done"))
+                hb = channel.heartbeat(neighbour)
                 if hb is not None and hb["state"] == "running":
                     now = time.monotonic()
                     if hb["n"] != last_n:
                         last_n, last_change = hb["n"], now
                     elif now - last_change > silence:
                         self.log.error("rank %d sent no heartbeat for %.0f s", neighbour, now - last_change)
-                        self.channel.report(self._record(
+                        channel.report(self._record(
                             "dead", f"no heartbeat for {now - last_change:.0f} s (killed by a signal or out of "
-                            f"memory?); last seen at {hb['where']}", rank=neighbour, where=hb["where"]))
+                            f"memory?)", rank=neighbour, where=hb["where"]))
                         continue  # the record comes back through failure_count on the next round
                 errors = 0
             except Exception as e:
                 errors += 1
                 if errors * POLL_S >= max(3.0, min(10.0, self.timeout_s / 4)):
-                    self.fatal(self._record("store", f"lost the coordination store at {self.channel.address} "
+                    self.fatal(self._record("store", f"lost the coordination store at {channel.address} "
                                                      f"({type(e).__name__}: {e}); the launcher or rank 0 is gone"),
                                reason="lost the coordination store")
 

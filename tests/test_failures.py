@@ -1,0 +1,214 @@
+"""Failures end every rank within the timeout and rank 0 names the failed rank: a rank that raises in the middle of
+a generation, a rank that dies without a word; plus the pieces (signals, the test hook, classification, the
+explanation, per-rank log redirection) checked on their own.
+
+The multi-process tests start the ranks directly (RANK/WORLD_SIZE/MASTER_* as srun or any launcher would set
+them), not under torchrun: torchrun's agent kills the other workers of its node when one fails, which would hide
+whether the ranks end by themselves, as they must on other nodes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from k5.launch.batch import MANIFEST, read_manifest
+from k5.launch.failures import (Injection, Logs, Stopped, StopSignals, Supervisor, classify, dead_after, explain)
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATE = ROOT / "launch" / "generate.py"
+SIZES = ["--height", "64", "--width", "64", "--num-frames", "1"]
+
+
+def test_test_hook_parses_and_fires_only_where_asked(monkeypatch):
+    monkeypatch.setenv("K5_TEST_FAIL", "rank=1,item=2,step=3")
+    inj = Injection.from_env()
+    assert inj == Injection(rank=1, item=2, step=3, mode="raise")
+    inj.fire(rank=0, item=2, first_item=0, step=3)  # another rank
+    inj.fire(rank=1, item=1, first_item=0, step=3)  # another item
+    inj.fire(rank=1, item=2, first_item=0, step=2)  # another step
+    with pytest.raises(RuntimeError, match=r"injected failure \(K5_TEST_FAIL\) at rank 1, item 2, after step 3"):
+        inj.fire(rank=1, item=2, first_item=0, step=3)
+    monkeypatch.setenv("K5_TEST_FAIL", "rank=1")  # no item: the rank's first item; no step: after step 1
+    with pytest.raises(RuntimeError):
+        Injection.from_env().fire(rank=1, item=5, first_item=5, step=1)
+    monkeypatch.setenv("K5_TEST_FAIL", "rank=one")
+    with pytest.raises(ValueError, match=r"must look like rank=1,item=0,step=1,mode=raise"):
+        Injection.from_env()
+
+
+def test_classify_tells_consequences_from_causes():
+    assert classify(RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1")) \
+        == "comm"
+    assert classify(dist.DistBackendError("NCCL error in: ... unhandled system error")) == "comm"
+    assert classify(RuntimeError("Timed out waiting 60000ms for recv operation to complete")) == "comm"
+    assert classify(ValueError("height 100 is not a positive multiple of 16")) == "error"
+    assert classify(torch_oom()) == "error"
+
+
+def torch_oom():
+    return RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def record(rank, kind, error, t, where="item 0 (p.txt line 1), after step 2", log=None):
+    return {"rank": rank, "kind": kind, "error": error, "where": where, "time": t, "log": log}
+
+
+def test_explain_puts_the_cause_first():
+    records = [
+        record(0, "comm", "RuntimeError: Connection closed by peer", 1.0),
+        record(3, "error", "RuntimeError: boom", 2.0, log="/job/logs/rank3.log"),
+        record(2, "comm", "RuntimeError: Connection reset", 0.5),
+    ]
+    msg = explain(records)
+    lines = msg.splitlines()
+    assert lines[0] == "error: rank 3 failed at item 0 (p.txt line 1), after step 2: RuntimeError: boom"
+    assert lines[1] == "  its log: /job/logs/rank3.log"
+    assert lines[2].startswith("  then: rank 2: RuntimeError: Connection reset; rank 0:")
+    dead = explain([record(0, "comm", "closed", 1.0), record(5, "dead", "no heartbeat for 9 s", 2.0)])
+    assert dead.startswith("error: rank 5 died at item 0")
+    assert explain([record(1, "stop", "stopped by SIGTERM", 1.0)]).startswith("error: the job failed without")
+
+
+def test_sigterm_sets_the_flag_and_the_exit_code():
+    signals = StopSignals()
+    previous = signal.getsignal(signal.SIGTERM)
+    signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not signals.event.is_set() and time.monotonic() < deadline:
+            time.sleep(0.001)  # the handler runs between bytecodes of the main thread
+        assert signals.event.is_set() and signals.exit_code == 143 and signals.name == "SIGTERM"
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_one_process_stops_at_the_next_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("K5_TEST_FAIL", "rank=0,item=4,step=2")
+    logs = Logs(0, tmp_path)
+    signals = StopSignals()
+    sup = Supervisor(0, 1, 60.0, logs, signals, device=__import__("torch").device("cpu"))
+    try:
+        sup.begin_item(3, "item 3 (p.txt line 4)")
+        sup.step(0)
+        assert sup.where == "item 3 (p.txt line 4), after step 1"
+        signals.event.set()
+        with pytest.raises(Stopped):
+            sup.step(1)
+        signals.event.clear()
+        sup.begin_item(4, "item 4 (p.txt line 5)")
+        sup.step(0)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            sup.step(1)
+    finally:
+        sup.close()
+        logs.close()
+
+
+def test_ranks_other_than_0_write_to_their_log_only(tmp_path, capfd):
+    logs = Logs(1, tmp_path)
+    try:
+        os.write(2, b"a C++ warning\n")
+        os.write(1, b"a print\n")  # fd 1: what print() writes to outside pytest's capture
+        logs.log.info("a log line")
+    finally:
+        logs.close()
+    os.write(2, b"back on the terminal\n")
+    captured = capfd.readouterr()
+    text = (tmp_path / "rank1.log").read_text()
+    assert "a C++ warning" in text and "a print" in text and "rank1 INFO a log line" in text
+    assert "a C++ warning" not in captured.err + captured.out and "back on the terminal" in captured.err
+
+
+def test_dead_after_stays_within_the_timeout():
+    for timeout in (4.0, 20.0, 600.0):
+        assert dead_after(timeout) <= timeout / 2 + 1e-9 or timeout < 4
+    assert dead_after(600.0) == 300.0
+
+
+# ---- real processes --------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(tmp_path, args, hook: str, world: int = 2):
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+               "OMP_NUM_THREADS": "1", "K5_TEST_FAIL": hook}
+        out, err = open(tmp_path / f"rank{rank}.out", "w"), open(tmp_path / f"rank{rank}.err", "w")
+        procs.append(subprocess.Popen([sys.executable, str(GENERATE), *args], env=env, stdout=out, stderr=err,
+                                      cwd=ROOT, start_new_session=True))
+    return procs
+
+
+def wait_all(procs, limit_s: float = 240.0) -> list[tuple[int, float]]:
+    """(exit code, exit time) per rank, polled every 20 ms."""
+    ended = [None] * len(procs)
+    deadline = time.monotonic() + limit_s
+    try:
+        while None in ended:
+            assert time.monotonic() < deadline, "ranks still running"
+            for i, p in enumerate(procs):
+                if ended[i] is None and p.poll() is not None:
+                    ended[i] = (p.returncode, time.monotonic())
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return ended
+
+
+def prompts(tmp_path, n=4) -> Path:
+    p = tmp_path / "p.txt"
+    p.write_text("".join(f"a red fox, take {i}\n" for i in range(n)))
+    return p
+
+
+def test_a_rank_that_raises_mid_generation_ends_every_rank(tmp_path):
+    timeout = 20
+    out = tmp_path / "job"
+    # sequence parallel over both ranks: rank 0 sits in a collective with rank 1 when rank 1 raises
+    args = ["--model", "tiny", "--prompts", str(prompts(tmp_path)), "--output-dir", str(out), *SIZES,
+            "--steps", "3", "--timeout", str(timeout)]
+    (code0, t0), (code1, t1) = wait_all(launch_ranks(tmp_path, args, "rank=1,step=2"))
+    assert code1 == 1 and code0 == 1
+    assert t0 - t1 <= timeout, f"rank 0 ended {t0 - t1:.1f} s after rank 1"
+    err0 = (tmp_path / "rank0.err").read_text()
+    assert ("error: rank 1 failed at item 0 (" in err0 and ", after step 2: RuntimeError: injected failure "
+            "(K5_TEST_FAIL) at rank 1, item 0, after step 2" in err0), err0[-3000:]
+    assert f"its log: {out / 'logs' / 'rank1.log'}" in err0
+    log1 = (out / "logs" / "rank1.log").read_text()
+    assert "Traceback" in log1 and "injected failure" in log1
+    assert "injected failure" not in (tmp_path / "rank1.err").read_text()  # the terminal shows rank 0 only
+    assert read_manifest(out / MANIFEST).records == []  # the failed item left nothing
+    assert not [p.name for p in out.iterdir() if ".partial" in p.name]
+
+
+def test_a_rank_that_dies_silently_ends_every_rank(tmp_path):
+    timeout = 8
+    out = tmp_path / "job"
+    # data parallel: rank 0 works on its own items and shares no collective with rank 1; only the heartbeat can
+    # tell it that rank 1 is gone
+    args = ["--model", "tiny", "--prompts", str(prompts(tmp_path)), "--output-dir", str(out), *SIZES,
+            "--steps", "2", "--dp-degree", "2", "--timeout", str(timeout)]
+    (code0, t0), (code1, t1) = wait_all(launch_ranks(tmp_path, args, "rank=1,step=1,mode=kill"))
+    assert code1 == -signal.SIGKILL and code0 == 1
+    assert t0 - t1 <= timeout, f"rank 0 ended {t0 - t1:.1f} s after rank 1 died"
+    err0 = (tmp_path / "rank0.err").read_text()
+    assert "error: rank 1 died at item 1 (" in err0 and "no heartbeat for" in err0, err0[-3000:]
+    records = read_manifest(out / MANIFEST).records
+    assert all(r["item"] % 2 == 0 for r in records)  # rank 0's finished items stay recorded, rank 1 wrote nothing
