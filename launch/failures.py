@@ -72,6 +72,18 @@ def dead_after(timeout_s: float) -> float:
 
 # ---- logs -------------------------------------------------------------------------------------------------------
 
+class _TerminalHandler(logging.StreamHandler):
+    """Log lines above rank 0's progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 class Logs:
     """The launcher's logger: rank 0 on the terminal (plain messages), every rank in ``log_dir/rank<r>.log``.
 
@@ -87,7 +99,7 @@ class Logs:
         self.handlers: list[logging.Handler] = []
         self.saved_fds: list[tuple[int, int]] = []
         self.path = None if log_dir is None else Path(log_dir) / f"rank{rank}.log"
-        terminal = logging.StreamHandler(sys.stderr)
+        terminal = _TerminalHandler(sys.stderr)
         if rank == 0:
             terminal.setFormatter(logging.Formatter("%(message)s"))
             self._add(terminal)
@@ -255,6 +267,10 @@ def explain(records: list[dict]) -> str:
     others = [r for r in fatal[1:] if r["rank"] != cause["rank"]]
     if others:
         lines.append("  then: " + "; ".join(f"rank {r['rank']}: {r['error'][:160]}" for r in others))
+    alive = [r for r in records if r["kind"] == "alive"]
+    if alive:  # a timeout without a culprit: where the others were helps to find the one that stopped
+        lines.append("  alive when it failed: " +
+                     "; ".join(f"rank {r['rank']} at {r['where']}" for r in alive))
     return "\n".join(lines)
 
 
@@ -465,6 +481,9 @@ class Supervisor:
                         silent.append(self._record("dead", "stopped without a report (killed by a signal or out "
                                                            "of memory?)", rank=r, where=cur["where"]))
                 if silent or now > deadline:
+                    if not silent:  # nobody failed outright: a collective timed out on a rank that was alive
+                        records += [{"rank": r, "kind": "alive", "where": hb["where"], "time": now, "error": ""}
+                                    for r, hb in sorted(first.items()) if hb is not None and hb["state"] == "running"]
                     return records + silent
             time.sleep(POLL_S)
 
