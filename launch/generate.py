@@ -366,13 +366,17 @@ def run_single(args, env: Env, job: Job, sup: Supervisor) -> int:
 
 
 class Progress:
-    """Rank 0's terminal: a bar over the job's items (all dp groups) and one over the current item's steps."""
+    """Rank 0's terminal: a bar over the job's items (all dp groups) and one over the current item's steps.
+
+    Only on a terminal: redirected to a file (a Slurm output file) the per-item log lines say the same without a
+    carriage-return redraw per step."""
 
     def __init__(self, items: int, enabled: bool):
         from tqdm import tqdm
 
-        self.items = tqdm(total=items, desc="items", unit="item", position=0, disable=not enabled, file=sys.stderr)
-        self.steps = tqdm(total=1, desc="steps", unit="step", position=1, leave=False, disable=not enabled,
+        disable = None if enabled else True  # None: tqdm shows the bar only if stderr is a terminal
+        self.items = tqdm(total=items, desc="items", unit="item", position=0, disable=disable, file=sys.stderr)
+        self.steps = tqdm(total=1, desc="steps", unit="step", position=1, leave=False, disable=disable,
                           file=sys.stderr)
 
     def step(self, item, i: int) -> None:
