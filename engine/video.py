@@ -39,6 +39,13 @@ def _check_frames(frames) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+def shareable(path: str | Path) -> None:
+    """Give a mkstemp file (always 0600) the permissions the user's umask gives new files: outputs are for sharing."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_mp4(frames, path: str | Path, fps: int = 24, overwrite: bool = False, crf: int = 18) -> Path:
     """Write uint8 frames [F, H, W, 3] to an H.264 (libx264, yuv420p) MP4 at `path`; return the path.
 
@@ -64,6 +71,7 @@ def write_mp4(frames, path: str | Path, fps: int = 24, overwrite: bool = False, 
             ffmpeg.run(stream, input=frames.tobytes(), overwrite_output=True, capture_stdout=True, capture_stderr=True)
         except ffmpeg.Error as e:
             raise RuntimeError(f"ffmpeg failed writing {path}:\n{e.stderr.decode(errors='replace')[-2000:]}") from e
+        shareable(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:

@@ -263,10 +263,7 @@ def write_item(out_dir: Path, item: Item, frames, latents, record: dict) -> dict
         if latents is not None:
             save_file({"latents": latents.detach().contiguous().cpu()}, tmps["latents"])
         files = {}
-        umask = os.umask(0)
-        os.umask(umask)
         for kind, tmp in tmps.items():
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; finished videos are for sharing
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             files[kind] = {"name": targets[kind].name, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}

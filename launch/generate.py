@@ -201,9 +201,9 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
         d = job.dims
         s = setup_parallel(job.root, tp=d.tp, cfg_parallel=d.cfg == 2, dp=d.dp, ulysses=d.ulysses, ring=d.ring,
                            dtype=dtype, device=env.device, keep_text=keep_text)
-        flat = s.dims.mesh["cfg", "ring", "ulysses", "tp"]._flatten("item")
-        group = flat.get_group() if flat.size() > 1 else None
-        rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, group, flat.get_local_rank(), s.dims.rank("dp"),
+        item_size = s.dims.world_size // s.dims.dp
+        group = s.dims.group("item") if item_size > 1 else None
+        rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, group, s.dims.rank("item"), s.dims.rank("dp"),
                      s.describe())
     rt.pipe.dit.set_attention(args.attention, args.nabla_threshold)
     return rt

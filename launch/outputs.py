@@ -9,6 +9,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from k5.engine.video import shareable
+
 
 def refuse_existing(*paths: str | Path | None) -> None:
     """Raise before any work is done if an output would replace a finished file."""
@@ -21,6 +23,7 @@ def refuse_existing(*paths: str | Path | None) -> None:
 def publish(tmp: str | Path, path: str | Path) -> Path:
     """Move a complete temporary file to its final name, refusing to replace a file that appeared meanwhile."""
     path = Path(path)
+    shareable(tmp)  # after writing: some writers (safetensors) replace the file and its mode
     try:
         os.link(tmp, path)  # unlike rename(), link() fails atomically on an existing name
     except FileExistsError:
@@ -32,10 +35,7 @@ def publish(tmp: str | Path, path: str | Path) -> Path:
 
 def save_tensors(path: str | Path, tensors: dict) -> Path:
     """safetensors file written under a temporary name in the same folder, then published."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
     except BaseException:

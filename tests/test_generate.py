@@ -1,5 +1,6 @@
 """launch/generate.py end to end on the tiny model, and every bad input it must refuse."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,10 @@ def test_tiny_job_writes_playable_mp4_and_latents(tmp_path):
     assert f.shape == (9, 128, 192, 3) and f.dtype == torch.uint8
     assert "s/step" in r.stderr and "peak memory" in r.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (out, lat, frames):  # the umask's permissions, not mkstemp's private 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def expect_refusal(capsys, tmp_path, *args, match):
