@@ -25,10 +25,9 @@ LITE2=(--model lite --blocks 2 --height 512 --width 512 --frames 9)  # 3072 visu
 
 if [[ $WHAT == all || $WHAT == peer ]]; then
     # Target: our forward <= 0.8x diffusers' on the same weights (Lite widths, 2 blocks; timed in turns).
-    for dt in fp32 bf16; do
-        bench "${LITE2[@]}" --dtype $dt --peer diffusers --vae tiny --warmup 1 --repeat 5
-    done
-    bench "${LITE2[@]}" --dtype fp32 --peer diffusers --compile --vae none --warmup 1 --repeat 5
+    bench "${LITE2[@]}" --dtype fp32 --peer diffusers --vae tiny --vae-warmup 0 --vae-repeat 1 --warmup 1 --repeat 7
+    bench "${LITE2[@]}" --dtype bf16 --peer diffusers --vae none --warmup 1 --repeat 7
+    bench "${LITE2[@]}" --dtype fp32 --peer diffusers --compile --vae none --warmup 1 --repeat 7
 fi
 
 if [[ $WHAT == all || $WHAT == nabla ]]; then
