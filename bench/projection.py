@@ -253,11 +253,10 @@ def main(argv=None) -> dict:
         h, w, frames, attention, P = SHAPES[shape]
         grid = flops.latent_grid(h, w, frames, cfg.patch_size)
         density = 1.0 if attention == "dense" else (args.density or default_density(grid, P))
-        base = None
+        base = project_step(cfg, grid, args.text_tokens, Layout(), rates, link, density)["s_per_step"]
         for gpus in args.gpus:
             best = min((project_step(cfg, grid, args.text_tokens, lay, rates, link, density)
                         for lay in layouts(gpus, cfg.num_heads, args.max_tp)), key=lambda r: r["s_per_step"])
-            base = base or best["s_per_step"] * gpus
             rows.append({"shape": shape, "tokens": math.prod(grid), "attention": attention, "density": density,
                          **best, "s_per_video": best["s_per_step"] * args.steps,
                          "efficiency": base / (gpus * best["s_per_step"])})
