@@ -112,11 +112,21 @@ class DiffusersPeer:
 def xfuser_usp_attention(ulysses: int, ring: int):
     """xfuser's USP attention callable (q, k, v [B, S/P, H, D] -> out), or raise ImportError/RuntimeError.
 
-    Needs torch.distributed initialised (the bench does so, also for one process on a GPU).
+    Uses the bench's process group, or starts one of one process.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("xfuser runs on GPUs only")
+    import os
+    import socket
+
     import torch.distributed as dist
+
+    if not dist.is_initialized():  # one process: xfuser still wants a process group (of one)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("nccl", rank=0, world_size=1)
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
     from xfuser.core.long_ctx_attention import xFuserLongContextAttention
 
