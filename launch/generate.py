@@ -21,7 +21,7 @@ import resource
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -174,6 +174,7 @@ class Runtime:
     group_rank: int
     dp_rank: int
     describe: str
+    decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
 
     def generate(self, req, on_step):
         return self.pipe.generate(req, on_step=on_step, guided=self.guided)
@@ -184,7 +185,11 @@ class Runtime:
             return self.pipe.decode(latents)
         from k5.parallel.vae_tiles import parallel_decode
 
-        frames, _ = parallel_decode(self.pipe.vae.vae, latents, group=self.group, dst=0)
+        frames, stats = parallel_decode(self.pipe.vae.vae, latents, group=self.group, dst=0)
+        # One small gather after the decode, so the writing rank can report every rank's tiles, time and peak.
+        lines = [None] * dist.get_world_size(self.group) if self.group_rank == 0 else None
+        dist.gather_object(stats.summary(), lines, group=self.group, group_dst=0)
+        self.decode_report = lines or []
         return None if frames is None else frames[0]
 
 
@@ -361,6 +366,8 @@ def run_single(args, env: Env, job: Job, sup: Supervisor) -> int:
         if rt.stats is not None:
             line += f", sent per step {comm_summary(rt.stats, req.steps)}"
         log.info(line)
+        for decode_line in rt.decode_report:
+            log.info(decode_line)
     sup.finish()
     return 0
 

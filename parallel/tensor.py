@@ -214,6 +214,6 @@ def parameter_bytes(model: nn.Module) -> dict[str, int]:
 
 def format_parameter_bytes(b: dict[str, int]) -> str:
     """One line for a ``parameter_bytes`` result, printed by every rank at start."""
-    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
     return (f"DiT parameters on this rank {gib(b['total'])} "
             f"({gib(b['split'])} tp-split, {gib(b['replicated'])} replicated)")
