@@ -337,8 +337,9 @@ def default_name(args, world_size: int, layout: dict, P: float | None) -> str:
     attn = f"nabla{P}" if args.attention == "nabla" else "dense"
     blocks = f"-b{args.blocks}" if args.blocks else ""
     extra = "-compiled" if args.compile else ""
+    threads = f"-t{torch.get_num_threads()}" if kind == "cpu" else ""  # 1 vs 2 cores is another experiment
     return (f"{kind}-{args.model}{blocks}-{args.height}x{args.width}x{args.frames}-{attn}-{args.dtype}-"
-            f"w{world_size}-{lay}{extra}")
+            f"w{world_size}{threads}-{lay}{extra}")
 
 
 def time_vae(args, grid, device) -> dict:
