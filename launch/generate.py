@@ -117,8 +117,12 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
-def comm_summary(stats, steps: int) -> str:
-    return f"{stats.total_bytes / max(steps, 1) / 2**20:.3f} MiB ({stats.format()} in all)"
+def comm_summary(stats) -> str:
+    """Bytes this rank sent in the last denoising step, by collective (Runtime.generate closes a record per step;
+    the first step also carries the text broadcast, so the last one is the steady state)."""
+    if not stats.steps:
+        return stats.format()
+    return "; ".join(f"{kind} {v['bytes'] / 2**20:.3f} MiB in {v['calls']} calls" for kind, v in stats.steps[-1].items())
 
 
 @dataclass
@@ -177,7 +181,12 @@ class Runtime:
     decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
 
     def generate(self, req, on_step):
-        return self.pipe.generate(req, on_step=on_step, guided=self.guided)
+        def step(i):
+            if self.stats is not None:
+                self.stats.end_step()  # one record of bytes sent per denoising step
+            on_step(i)
+
+        return self.pipe.generate(req, on_step=step, guided=self.guided)
 
     def decode(self, latents):
         """uint8 frames [F, H, W, 3] on the group's rank 0, None on the others."""
@@ -364,7 +373,7 @@ def run_single(args, env: Env, job: Job, sup: Supervisor) -> int:
         line = (f"done: {req.steps} steps, {result.timings['step_s']:.3f} s/step, decode {decode_s:.2f} s, "
                 f"total {total:.1f} s, peak memory {peak_memory(env.device)}")
         if rt.stats is not None:
-            line += f", sent per step {comm_summary(rt.stats, req.steps)}"
+            line += f", sent per denoising step: {comm_summary(rt.stats)}"
         log.info(line)
         for decode_line in rt.decode_report:
             log.info(decode_line)
@@ -478,12 +487,11 @@ def run_batch(args, env: Env, job: Job, sup: Supervisor) -> int:
             progress.set_items(sup.channel.counter("items_done"))
         progress.close()
         done = sup.channel.counter("items_done") if sup.channel is not None else finished
-        steps = sum(item.request.steps for item in mine[:finished])
         if done == len(pending):
             line = (f"done: {done} item(s) -> {out_dir} ({plan['finished']} finished before), "
                     f"total {time.perf_counter() - t_start:.1f} s, peak memory {peak_memory(env.device)}")
             if rt.stats is not None:
-                line += f", sent per step {comm_summary(rt.stats, steps)}"
+                line += f", sent per denoising step: {comm_summary(rt.stats)}"
             log.info(line)
             return 0
         log.info("stopped by %s: %d item(s) finished in this run, %d remain; run the same command again to resume",
