@@ -90,7 +90,8 @@ def markdown(result: dict) -> str:
 
 def write(result: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / result["name"]
-    base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    base.with_suffix(".md").write_text(markdown(result))
-    return base.with_suffix(".json"), base.with_suffix(".md")
+    # Names may hold dots (nabla0.05): append the suffix instead of Path.with_suffix.
+    json_path, md_path = out_dir / f"{result['name']}.json", out_dir / f"{result['name']}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(markdown(result))
+    return json_path, md_path
