@@ -31,13 +31,26 @@ def _series(runs, key, x):
 
 
 def by_world(runs):
+    """One line per parallel layout; the 1-process run with the same settings (and threads per process) is the
+    first point of every layout's line."""
     def key(r):
         c = r["config"]
-        layout = "+".join(sorted(k for k in c["layout"] if k != "single")) or "sp"
         return (r["env"]["device"][:24], c["model"], f"{c['visual_blocks']} blocks", f"{c['visual_tokens']} tok",
-                c["attention"], c["dtype"], layout, "compiled" if c.get("compile") else "")
+                c["attention"], c["dtype"], f"{r['env']['torch_threads']} thread/proc",
+                "compiled" if c.get("compile") else "")
 
-    return _series(runs, key, lambda r: r["config"]["world_size"])
+    groups = defaultdict(dict)
+    for r in runs:
+        layout = "+".join(f"{k}{v}" for k, v in sorted(r["config"]["layout"].items()) if k != "single")
+        groups[key(r)][layout] = r
+    lines = {}
+    for k, by_layout in groups.items():
+        single = by_layout.get("")
+        for layout, r in by_layout.items():
+            if layout and single is not None:
+                lines[(*k, layout)] = [(1, single["timing"]["s_per_step"]),
+                                       (r["config"]["world_size"], r["timing"]["s_per_step"])]
+    return lines
 
 
 def by_tokens(runs):

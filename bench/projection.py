@@ -89,12 +89,12 @@ def comm_bytes(cfg: DiTConfig, tokens: int, text_tokens: int, lay: Layout, elem:
     d_tp = D // tp
     out_ch = math.prod(cfg.patch_size) * cfg.out_visual_dim
     out = {}
-    if U > 1:  # q, k, v to heads and the output back: 4 all-to-alls per visual block
-        out["all_to_all"] = {"bytes": 4 * n_vb * local * d_tp * elem * (U - 1) // U, "calls": 4 * n_vb,
+    if U > 1:  # q, k, v to heads (one packed all-to-all) and the output back: 4 tensors per visual block
+        out["all_to_all"] = {"bytes": 4 * n_vb * local * d_tp * elem * (U - 1) // U, "calls": 2 * n_vb,
                              "group": "ulysses"}
-    if R > 1:  # K and V of a span (local*U tokens, heads/U) passed R-1 times per visual block
+    if R > 1:  # K and V of a span (local*U tokens, heads/U), one packed buffer passed R-1 times per visual block
         out["p2p_ring"] = {"bytes": 2 * n_vb * (R - 1) * local * U * (d_tp // U) * elem,
-                           "calls": 2 * n_vb * (R - 1), "group": "ring"}
+                           "calls": n_vb * (R - 1), "group": "ring"}
     if tp > 1:  # row-parallel outputs: 3 per visual block (S_local tokens), 2 per text block (all text tokens)
         rows = 3 * n_vb * local + 2 * n_tb * text_tokens
         out["all_reduce"] = {"bytes": 2 * rows * D * elem * (tp - 1) // tp, "calls": 3 * n_vb + 2 * n_tb,

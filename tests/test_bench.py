@@ -96,8 +96,8 @@ def test_two_processes_match_one_and_count_bytes(tmp_path):
         r = runs[flag]
         assert r["checks"]["layout_rel_err"] <= 1e-5, flag  # fp32, 2 processes against the 1-process forward
         # The projection's byte model (fp32 here) against the bytes the real collectives counted.
-        counted = {k: v["bytes"] for k, v in r["comm_bytes_per_rank"]["forward"].items()}
-        modelled = {k: v["bytes"] for k, v in comm_bytes(TINY, 128, 256, lay, elem=4).items()}
+        counted = {k: (v["bytes"], v["calls"]) for k, v in r["comm_bytes_per_rank"]["forward"].items()}
+        modelled = {k: (v["bytes"], v["calls"]) for k, v in comm_bytes(TINY, 128, 256, lay, elem=4).items()}
         assert counted == modelled, flag
 
 
