@@ -515,9 +515,11 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     args.argv = argv
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # env's load is read at the end, this run included
     created = setup(args)
     try:
         result = run_attention(args) if args.what == "attention" else run_dit(args)
+        result["env"]["load_avg_at_start"] = load_at_start
     except ValueError as e:
         print(f"bench: {e}", file=sys.stderr)
         raise SystemExit(2)
