@@ -287,6 +287,11 @@ def run_dit(args) -> dict:
         peak, peak_kind = peak_memory_bytes(device)
 
 
+    if args.profile:
+        fns = {"ours": forward}
+        if peer is not None:
+            fns["diffusers"] = lambda: peer.forward(inp, cond.embeds, cond.pooled, t)
+        result["profile"] = {name: profile_ops(fn, device) for name, fn in fns.items()}
     count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
     s_fwd, s_step = median(fwd), median(stp)
     peak_tflops = measure_peak(args, dtype, device)
@@ -323,6 +328,24 @@ def run_dit(args) -> dict:
 
         shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+@torch.no_grad()
+def profile_ops(fn, device: torch.device, top: int = 12) -> dict:
+    """torch.profiler over one call: the ops with the most self time, and the share of matrix products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        fast.sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in ops) / 1e6
+    rows = [{"op": e.key, "self_s": getattr(e, attr) / 1e6, "calls": e.count} for e in ops[:top]]
+    share = lambda keys: sum(r["self_s"] for r in rows if any(k in r["op"] for k in keys)) / total  # noqa: E731
+    return {"total_self_s": total, "matmul_share": share(("aten::mm", "aten::addmm", "aten::bmm", "gemm")),
+            "attention_share": share(("scaled_dot_product", "flash", "attention", "flex")), "top": rows}
 
 
 def measure_peak(args, dtype, device) -> float:
@@ -470,6 +493,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-warmup", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one forward (and the peer's)")
     p.add_argument("--peak-tflops", default="measure", help="peak for MFU in TFLOP/s, or 'measure' (matmul bench)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
