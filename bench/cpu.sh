@@ -28,6 +28,10 @@ if [[ $WHAT == all || $WHAT == peer ]]; then
     bench "${LITE2[@]}" --dtype fp32 --peer diffusers --vae tiny --vae-warmup 0 --vae-repeat 1 --warmup 1 --repeat 7
     bench "${LITE2[@]}" --dtype bf16 --peer diffusers --vae none --warmup 1 --repeat 7
     bench "${LITE2[@]}" --dtype fp32 --peer diffusers --compile --vae none --warmup 1 --repeat 7
+    for dt in fp32 bf16; do  # where the time goes (torch.profiler, one forward each)
+        bench "${LITE2[@]}" --dtype $dt --peer diffusers --profile --vae none --warmup 1 --repeat 1 \
+            --name cpu-lite-b2-512x512x9-$dt-profile
+    done
 fi
 
 if [[ $WHAT == all || $WHAT == nabla ]]; then
