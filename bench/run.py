@@ -250,8 +250,14 @@ def run_dit(args) -> dict:
             peer = None
         else:
             with torch.no_grad():
-                checks["diffusers_rel_err"] = rel_err(peer.forward(inp, cond.embeds, cond.pooled, t).float(),
-                                                      reference.float())
+                try:
+                    theirs = peer.forward(inp, cond.embeds, cond.pooled, t)
+                except RuntimeError as e:  # its preferred backend refused this shape or device: plain SDPA
+                    checks["diffusers_backend_fallback"] = f"{peer.backend}: {str(e).splitlines()[0][:160]}"
+                    peer.model.set_attention_backend("native")
+                    peer.backend = "native"
+                    theirs = peer.forward(inp, cond.embeds, cond.pooled, t)
+                checks["diffusers_rel_err"] = rel_err(theirs.float(), reference.float())
 
     stats, guided = apply_layout(dit, dims, device) if dims else (None, guided_velocity)
     if args.compile:
