@@ -184,6 +184,60 @@ def median(times: list[float]) -> float:
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 
+def load_model(args, cfg: DiTConfig, dtype, device) -> tuple[Kandinsky5DiT, Path | None]:
+    """Our DiT with seeded random weights; with --peer diffusers, loaded from a folder that diffusers' own
+    save_pretrained wrote (rank 0 writes it, every rank reads it), which the peer then loads too."""
+    if args.peer != "diffusers":
+        return random_dit(cfg, dtype, device, args.seed), None
+    rank, _ = world()
+    folder = peers.save_random_checkpoint(cfg, peers.temp_checkpoint_dir(), seed=args.seed) if rank == 0 else None
+    if dist.is_initialized():
+        box = [str(folder) if folder else None]
+        dist.broadcast_object_list(box, src=0)
+        folder = Path(box[0])
+    return Kandinsky5DiT.from_pretrained(folder, torch_dtype=dtype, device=device, config=cfg), folder
+
+
+@torch.no_grad()
+def reference_forward(dit: Kandinsky5DiT, forward) -> tuple[torch.Tensor, dict | None]:
+    """One device, eager, default attention backend: the output every other path (diffusers, the parallel layout,
+    the compiled fast path) must match, and with NABLA the density of the masks this forward selected."""
+    if dit.nabla is None:
+        return forward(), None
+    probe = DensityProbe(dit.nabla)
+    local, dit.visual_attention = dit.visual_attention, probe
+    try:
+        out = forward()
+    finally:
+        dit.visual_attention = local
+    s = dit.nabla
+    return out, {"density": probe.density, "sta_density": probe.sta / probe.total, "P": s.P,
+                 "wT_wH_wW": [s.wT, s.wH, s.wW]}
+
+
+@torch.no_grad()
+def diffusers_peer(args, folder: Path, dtype, device, nabla_P, inputs, reference, checks: dict):
+    """diffusers' transformer on our weights, its output checked against ours; None where it cannot run here."""
+    if world()[1] > 1:
+        checks["diffusers"] = "skipped: the diffusers peer runs in single-process runs only"
+        return None
+    if nabla_P is not None and device.type == "cpu":
+        checks["diffusers"] = "skipped: diffusers' NABLA needs compiled flex attention, which fails on CPU"
+        return None
+    peer = peers.DiffusersPeer(folder, dtype, device, nabla_P)
+    if args.peer_compile:
+        peer.compile()
+    try:
+        theirs = peer.forward(*inputs)
+    except RuntimeError as e:  # its preferred backend refused this shape or device: plain SDPA
+        checks["diffusers_backend_fallback"] = f"{peer.backend}: {str(e).splitlines()[0][:160]}"
+        peer.model.set_attention_backend("native")
+        peer.backend = "native"
+        theirs = peer.forward(*inputs)
+    checks["diffusers_rel_err"] = rel_err(theirs.float(), reference.float())
+    return peer
+
+
 def run_dit(args) -> dict:
     rank, world_size = world()
     device = torch.device(args.device)
@@ -196,25 +250,15 @@ def run_dit(args) -> dict:
     tokens = math.prod(grid)
     dims = plan(args, world_size, cfg) if world_size > 1 else None
     layout = {k: v for k, v in dims.degrees.items() if v > 1} if dims else {}
-    peer = None
 
-    folder = None
-    if args.peer == "diffusers":
-        if rank == 0:
-            folder = peers.save_random_checkpoint(cfg, peers.temp_checkpoint_dir(), seed=args.seed)
-        if dist.is_initialized():
-            box = [str(folder) if folder else None]
-            dist.broadcast_object_list(box, src=0)
-            folder = Path(box[0])
-        dit = Kandinsky5DiT.from_pretrained(folder, torch_dtype=dtype, device=device, config=cfg)
-    else:
-        dit = random_dit(cfg, dtype, device, args.seed)
+    dit, folder = load_model(args, cfg, dtype, device)
     dit.set_attention("nabla" if nabla else "dense", args.P)
+    P = dit.nabla.P if nabla else None
     state, cond, uncond, t = make_inputs(cfg, grid, args.text_tokens, device, args.seed + 1)
     inp = model_input(state, cfg.visual_cond, None)
-    forward = lambda: dit(inp, cond.embeds, cond.pooled, t)  # noqa: E731
+    inputs = (inp, cond.embeds, cond.pooled, t)
+    forward = lambda: dit(*inputs)  # noqa: E731
 
-    P = dit.nabla.P if nabla else None
     result = {"name": args.name or default_name(args, world_size, layout, P), "config": {
         "model": args.model, "visual_blocks": cfg.num_visual_blocks, "text_blocks": cfg.num_text_blocks,
         "model_dim": cfg.model_dim, "heads": cfg.num_heads, "height": args.height, "width": args.width,
@@ -224,40 +268,14 @@ def run_dit(args) -> dict:
         "sdpa_backend": args.sdpa_backend, "warmup": args.warmup, "repeat": args.repeat,
     }}
     checks, timing = {}, {}
-
-    # Reference forward: one device, eager, default attention backend. It gives the density of the NABLA masks and
-    # the output every other path (diffusers, the parallel layout, the compiled fast path) must match.
-    with torch.no_grad():
-        if nabla:
-            probe = DensityProbe(dit.nabla)
-            local, dit.visual_attention = dit.visual_attention, probe
-            reference = forward()
-            dit.visual_attention = local
-        else:
-            reference = forward()
-    density = probe.density if nabla else 1.0
-    if nabla:
-        result["nabla"] = {"density": density, "sta_density": probe.sta / probe.total, "P": dit.nabla.P,
-                           "wT_wH_wW": [dit.nabla.wT, dit.nabla.wH, dit.nabla.wW]}
-
-    if args.peer == "diffusers" and world_size == 1:
-        peer = peers.DiffusersPeer(folder, dtype, device, dit.nabla.P if nabla else None)
-        if args.peer_compile:
-            peer.compile()
+    reference, nabla_info = reference_forward(dit, forward)
+    density = nabla_info["density"] if nabla else 1.0
+    if nabla_info:
+        result["nabla"] = nabla_info
+    peer = None
+    if folder is not None:
+        peer = diffusers_peer(args, folder, dtype, device, P, inputs, reference, checks)
         timing["diffusers_compiled"] = args.peer_compile
-        if nabla and device.type == "cpu":
-            checks["diffusers"] = "skipped: diffusers' NABLA needs compiled flex attention, which fails on CPU"
-            peer = None
-        else:
-            with torch.no_grad():
-                try:
-                    theirs = peer.forward(inp, cond.embeds, cond.pooled, t)
-                except RuntimeError as e:  # its preferred backend refused this shape or device: plain SDPA
-                    checks["diffusers_backend_fallback"] = f"{peer.backend}: {str(e).splitlines()[0][:160]}"
-                    peer.model.set_attention_backend("native")
-                    peer.backend = "native"
-                    theirs = peer.forward(inp, cond.embeds, cond.pooled, t)
-                checks["diffusers_rel_err"] = rel_err(theirs.float(), reference.float())
 
     stats, guided = apply_layout(dit, dims, device) if dims else (None, guided_velocity)
     if args.compile:
@@ -275,8 +293,8 @@ def run_dit(args) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         with fast.no_recompile() if args.compile else contextlib.nullcontext():
             if peer is not None:  # one process: ours and diffusers' forwards in turns
-                peer_fwd = lambda: peer.forward(inp, cond.embeds, cond.pooled, t)  # noqa: E731
-                fwd, pf = fast.time_interleaved([forward, peer_fwd], device, args.warmup, args.repeat)
+                fwd, pf = fast.time_interleaved([forward, lambda: peer.forward(*inputs)], device, args.warmup,
+                                                args.repeat)
                 timing["diffusers_s_per_forward"] = median(pf)
                 timing["diffusers_runs_s"] = pf
                 timing["diffusers_backend"] = peer.backend
@@ -292,11 +310,10 @@ def run_dit(args) -> dict:
             sent_step = stats.summary()
         peak, peak_kind = peak_memory_bytes(device)
 
-
     if args.profile:
         fns = {"ours": forward}
         if peer is not None:
-            fns["diffusers"] = lambda: peer.forward(inp, cond.embeds, cond.pooled, t)
+            fns["diffusers"] = lambda: peer.forward(*inputs)
         result["profile"] = {name: profile_ops(fn, device) for name, fn in fns.items()}
     count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
     s_fwd, s_step = median(fwd), median(stp)
