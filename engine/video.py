@@ -46,6 +46,26 @@ def shareable(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def publish(tmp: str | Path, path: str | Path) -> Path:
+    """Move a complete temporary file to its final name, refusing to replace a file that appeared meanwhile."""
+    path = Path(path)
+    shareable(tmp)  # after writing: some writers (safetensors) replace the file and its mode
+    try:
+        # link() refuses an existing name atomically, unlike rename(), which would replace a file that appeared
+        # while this run was writing it.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} appeared while this run was writing it; not overwritten") from None
+    except OSError:  # filesystem without hard links
+        if path.exists():
+            raise FileExistsError(f"{path} appeared while this run was writing it; not overwritten") from None
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def write_mp4(frames, path: str | Path, fps: int = 24, overwrite: bool = False, crf: int = 18) -> Path:
     """Write uint8 frames [F, H, W, 3] to an H.264 (libx264, yuv420p) MP4 at `path`; return the path.
 
@@ -71,20 +91,11 @@ def write_mp4(frames, path: str | Path, fps: int = 24, overwrite: bool = False, 
             ffmpeg.run(stream, input=frames.tobytes(), overwrite_output=True, capture_stdout=True, capture_stderr=True)
         except ffmpeg.Error as e:
             raise RuntimeError(f"ffmpeg failed writing {path}:\n{e.stderr.decode(errors='replace')[-2000:]}") from e
-        shareable(tmp)
         if overwrite:
+            shareable(tmp)
             os.replace(tmp, path)
         else:
-            # link() refuses an existing name atomically, unlike rename(), which would replace a file that
-            # appeared while we were encoding.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} appeared while encoding; not overwritten (pass overwrite=True)")
-            except OSError:  # filesystem without hard links
-                if path.exists():
-                    raise FileExistsError(f"{path} appeared while encoding; not overwritten (pass overwrite=True)")
-                os.replace(tmp, path)
+            publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from k5.engine.video import shareable
+from k5.engine.video import publish  # noqa: F401  (re-exported for batch.py)
 
 
 def refuse_existing(*paths: str | Path | None) -> None:
@@ -18,19 +18,6 @@ def refuse_existing(*paths: str | Path | None) -> None:
         if p is not None and Path(p).exists():
             raise FileExistsError(f"output {p} already exists; finished outputs are never overwritten: choose "
                                   f"another name or move the old file away")
-
-
-def publish(tmp: str | Path, path: str | Path) -> Path:
-    """Move a complete temporary file to its final name, refusing to replace a file that appeared meanwhile."""
-    path = Path(path)
-    shareable(tmp)  # after writing: some writers (safetensors) replace the file and its mode
-    try:
-        os.link(tmp, path)  # unlike rename(), link() fails atomically on an existing name
-    except FileExistsError:
-        raise FileExistsError(f"{path} appeared while this run was writing it; not overwritten") from None
-    finally:
-        os.unlink(tmp)
-    return path
 
 
 def save_tensors(path: str | Path, tensors: dict) -> Path:
