@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+if __package__ in (None, ""):  # run as a script (python/torchrun launch/generate.py): use the checkout it is in
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from k5.launch.failures import (EXIT_FAILED, EXIT_USAGE, POLL_S, Logs, Stopped, StopSignals, Supervisor,
                                 exception_text, init_distributed)
 
