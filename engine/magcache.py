@@ -96,7 +96,7 @@ class MagCache:
     """The step-cache stage of the step chain; put it after the guiding stage (it needs ``call.branch``).
 
     Keeps the last visual-stack residual of each branch this rank evaluates (its own token shard under sequence
-    parallelism). Step 0 starts a new item: the residuals are dropped.
+    parallelism). A branch's step 0 starts a new item for it: its residual and record are dropped.
     """
 
     mag_ratios: Sequence[float]
@@ -118,10 +118,10 @@ class MagCache:
     def __call__(self, call: StepCall, next: Next) -> Tensor:
         if call.branch is None:
             raise ValueError("MagCache must come after the guiding stage of the step chain (it needs the branch)")
-        if call.index == 0:
-            self.residual.clear()
-            self.skipped.clear()
-            self.ran.clear()
+        if call.index == 0:  # a new item for this branch: forget the last item's residual and record
+            self.residual.pop(call.branch, None)
+            self.skipped[:] = [k for k in self.skipped if k[1] != call.branch]
+            self.ran[:] = [k for k in self.ran if k[1] != call.branch]
         key = (call.index, call.branch)
         skip = key in self.plan(call.steps) and call.branch in self.residual
         (self.skipped if skip else self.ran).append(key)
