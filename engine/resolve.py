@@ -148,8 +148,8 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
                                f"(org/name); pass a Kandinsky 5 checkpoint folder, a .safetensors file or a repo id")
         snap = cached_snapshot(model, cache_dir)
         if snap is None:
-            raise ResolveError(f"--model {model}: the repo is not in the Hugging Face cache {hub_cache(cache_dir)} "
-                               f"(nothing is downloaded at run time); download it first: "
+            raise ResolveError(f"--model {model}: no such local path, and the repo is not in the Hugging Face cache "
+                               f"{hub_cache(cache_dir)} (nothing is downloaded at run time); download it first: "
                                f"{download_hint(model.partition('@')[0])}")
         path, revision = snap
         repo = model.partition("@")[0]
