@@ -30,6 +30,12 @@ from .variants import Variant, VariantError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 DIFFUSERS_MARKERS = ("model_index.json", "transformer")
+# What a single-file DiT needs from a diffusers-layout folder (engine.pipeline.COMPONENTS less the transformer).
+OTHER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def _has_components(root: Path) -> list[str]:
+    return [c for c in OTHER_COMPONENTS if not (root / c).is_dir()]
 
 
 class ResolveError(ValueError):
@@ -88,8 +94,10 @@ def _components(variant: Variant | None, config: DiTConfig, given: str | Path | 
     """A diffusers-layout folder to take the VAE and text encoders from, for a single-file DiT."""
     if given is not None:
         root = Path(given)
-        if not (root / "vae").is_dir():
-            raise ResolveError(f"components folder {root} has no vae/ (expected a Kandinsky 5 -Diffusers folder)")
+        missing = _has_components(root)
+        if missing:
+            raise ResolveError(f"components folder {root} lacks {', '.join(m + '/' for m in missing)} (expected a "
+                               f"Kandinsky 5 -Diffusers folder: {', '.join(OTHER_COMPONENTS)})")
         return root
     family = variants.family_of(config)
     image = family == "image-lite"
@@ -98,7 +106,7 @@ def _components(variant: Variant | None, config: DiTConfig, given: str | Path | 
                    if v.diffusers_repo and (v.family == "image-lite") == image and v.diffusers_repo not in candidates]
     for repo in candidates:
         snap = cached_snapshot(repo, cache_dir)
-        if snap is not None and (snap[0] / "vae").is_dir() and (snap[0] / "text_encoder").is_dir():
+        if snap is not None and not _has_components(snap[0]):
             return snap[0]
     suggest = candidates[0] if candidates else "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
     raise ResolveError(

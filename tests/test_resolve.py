@@ -15,7 +15,7 @@ from k5.engine import variants as V
 from k5.engine.checkpoint import keeps_fp32
 from k5.engine.config import PRESETS
 from k5.engine.dit import Kandinsky5DiT
-from k5.engine.resolve import ResolveError, hub_cache, resolve_model, tiny_variant
+from k5.engine.resolve import OTHER_COMPONENTS, ResolveError, hub_cache, resolve_model, tiny_variant
 from k5.kernels.nabla import NablaSpec
 from test_sharded_load import CFG, build_model, write_checkpoint
 
@@ -69,9 +69,14 @@ def diffusers_files(cfg):
         "model_index.json": text("{}"),
         "transformer/config.json": text(json.dumps(config)),
         "transformer/diffusion_pytorch_model.safetensors": lambda p: sparse_safetensors(p, cfg),
-        "vae/config.json": text("{}"),
-        "text_encoder/config.json": text("{}"),
+        **{f"{c}/config.json": text("{}") for c in OTHER_COMPONENTS},
     }
+
+
+def make_components(tmp_path):
+    for c in OTHER_COMPONENTS:
+        (tmp_path / "components" / c).mkdir(parents=True)
+    return tmp_path / "components"
 
 
 @pytest.fixture
@@ -151,6 +156,9 @@ def test_original_repo_takes_components_from_a_cached_diffusers_repo(hub):
 
 def test_single_file_without_components_names_the_download(hub, tmp_path):
     f = sparse_safetensors(tmp_path / "kandinsky5lite_t2v_sft_10s.safetensors", PRESETS["lite"])
+    (tmp_path / "partial" / "vae").mkdir(parents=True)
+    with pytest.raises(ResolveError, match=r"components folder .*partial lacks text_encoder/, tokenizer/, "):
+        resolve_model(str(f), components=tmp_path / "partial")
     want = r"holds only the DiT.*hf download kandinskylab/Kandinsky-5.0-T2V-Lite-sft-10s-Diffusers --exclude 'trans"
     with pytest.raises(ResolveError, match=want):
         resolve_model(str(f))
@@ -158,8 +166,7 @@ def test_single_file_without_components_names_the_download(hub, tmp_path):
 
 def test_single_file_with_a_nabla_variant_gets_nabla_with_its_P(hub, tmp_path):
     """DiT level: the inferred config of an original file is dense; the variant makes the DiT NABLA with its P."""
-    components = tmp_path / "components"
-    (components / "vae").mkdir(parents=True)
+    components = make_components(tmp_path)
     f = sparse_safetensors(tmp_path / "my_finetune.safetensors", PRESETS["lite"])
     with pytest.raises(V.VariantError, match=r"single-file checkpoint, which carries no settings.*--variant: one of "
                                              r"t2v-lite-sft-5s"):
@@ -178,8 +185,7 @@ def test_single_file_with_a_nabla_variant_gets_nabla_with_its_P(hub, tmp_path):
 
 
 def test_single_file_recognised_by_its_file_name(hub, tmp_path):
-    components = tmp_path / "components"
-    (components / "vae").mkdir(parents=True)
+    components = make_components(tmp_path)
     f = sparse_safetensors(tmp_path / "kandinsky5lite_t2v_distilled16steps_10s.safetensors", PRESETS["lite"])
     r = resolve_model(str(f), components=components)
     assert (r.variant.name, r.variant_from, r.config.attention_P) == ("t2v-lite-distilled16steps-10s", "recognised",
