@@ -144,8 +144,8 @@ class Kandinsky5Pipeline:
         conds = [Conditioning(e.embeds[i : i + 1], e.mask[i : i + 1], e.pooled[i : i + 1]) for i in range(len(prompts))]
         return conds, e.truncated
 
-    def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, scale_factor) -> Tensor:
-        return self.dit(inp, c.embeds, c.pooled, t, scale_factor=scale_factor, text_mask=c.mask)
+    def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, scale_factor, **dit_kwargs) -> Tensor:
+        return self.dit(inp, c.embeds, c.pooled, t, scale_factor=scale_factor, text_mask=c.mask, **dit_kwargs)
 
     def first_frame(self, req: Request) -> Tensor | None:
         if req.image is None:
@@ -160,7 +160,9 @@ class Kandinsky5Pipeline:
         return self.share_image(encode)
 
     @torch.inference_mode()
-    def generate(self, req: Request, on_step=None, guided=None) -> Result:
+    def generate(self, req: Request, on_step=None, guided=None, chain=()) -> Result:
+        """Sample one request. ``chain``: stages of the step chain (k5.engine.chain: CfgParallel, MagCache, ...);
+        ``guided``: the former single hook, taken as the guiding stage."""
         t0 = time.perf_counter()
         prompts = [req.prompt] + ([req.negative_prompt] if uses_cfg(req.guidance_scale) else [])
         conds, truncated = self.encode(prompts)
@@ -170,9 +172,10 @@ class Kandinsky5Pipeline:
         noise = initial_noise(req.latent_shape(), req.seed, self.device)
         sf = rope_scale(req.height, req.width)
         latents = sample(
-            lambda inp, t, c: self.velocity(inp, t, c, sf), noise, cond, uncond, steps=req.steps,
+            lambda inp, t, c, **kw: self.velocity(inp, t, c, sf, **kw), noise, cond, uncond, steps=req.steps,
             guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
             visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step, guided=guided,
+            chain=chain,
         )
         if first is not None:
             from .i2v import normalize_first_frame
