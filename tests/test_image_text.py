@@ -170,3 +170,51 @@ def test_format_and_images_must_agree(encoder):
         encoder.encode(["a cat"], fmt=IMAGE_EDIT)
     with pytest.raises(ValueError, match="no image"):
         encoder.encode(["a cat"], fmt=IMAGE, images=[np.zeros((28, 28, 3), np.uint8)])
+
+
+@torch.no_grad()
+def test_vision_tower_loads_new_style_keys_and_is_only_needed_for_images(encoder, tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    fitted = source_images()
+    want = encoder.encode(PROMPTS[:1], fmt=IMAGE_EDIT, images=[qwen_image(fitted)])
+    folder = tmp_path / "new"
+    shutil.copytree(tiny, folder)
+    file = folder / "text_encoder" / "model.safetensors"
+    state = load_file(file)
+    assert any(k.startswith("visual.blocks.1.") for k in state)  # legacy names in the tiny save
+    renamed = {}
+    for k, v in state.items():  # transformers >= 4.52 names: model.visual.*, model.language_model.*
+        if k.startswith("visual."):
+            k = "model." + k
+        elif k.startswith("model."):
+            k = "model.language_model." + k[len("model."):]
+        renamed[k] = v
+    save_file(renamed, file, metadata={"format": "pt"})
+    other = TextEncoder.from_pretrained(folder, torch_dtype=torch.float32)
+    assert torch.equal(other.encode(PROMPTS[:1], fmt=IMAGE_EDIT, images=[qwen_image(fitted)]).embeds, want.embeds)
+
+    # A text-only Qwen checkpoint (no vision tower) still runs T2I; an edit names what is missing.
+    shutil.rmtree(folder / "text_encoder")
+    shutil.copytree(tiny / "text_encoder", folder / "text_encoder")
+    save_file({k: v for k, v in state.items() if not k.startswith("visual.")}, file, metadata={"format": "pt"})
+    text_only = TextEncoder.from_pretrained(folder, torch_dtype=torch.float32)
+    assert torch.equal(text_only.encode(PROMPTS, fmt=IMAGE).embeds, encoder.encode(PROMPTS, fmt=IMAGE).embeds)
+    with pytest.raises(ValueError, match="component 'text_encoder' .* vision-tower weights not found"):
+        text_only.encode(PROMPTS[:1], fmt=IMAGE_EDIT, images=[qwen_image(fitted)])
+
+
+@torch.no_grad()
+def test_bf16_image_prompt(encoder, tiny):
+    from numerics import rel_err
+
+    fitted = source_images()
+    enc16 = TextEncoder.from_pretrained(tiny, torch_dtype=torch.bfloat16)
+    out16 = enc16.encode(PROMPTS[:1], fmt=IMAGE_EDIT, images=[qwen_image(fitted)])
+    out32 = encoder.encode(PROMPTS[:1], fmt=IMAGE_EDIT, images=[qwen_image(fitted)])
+    assert enc16.vision.tower.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert enc16.vision.tower.rotary_pos_emb.inv_freq.dtype == torch.float32
+    assert out16.embeds.dtype == torch.bfloat16 and torch.equal(out16.mask, out32.mask)
+    assert rel_err(out16.embeds, out32.embeds) < 5e-2  # bf16 weights, 2 + 2 layers: measured 1.5e-2
