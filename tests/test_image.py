@@ -163,3 +163,18 @@ def test_qwen_image_is_half_size_bilinear():
 def test_vae_input_range():
     x = vae_input(torch.tensor([[[0, 255]], [[127, 128]], [[1, 254]]], dtype=torch.uint8))
     assert x.shape == (1, 3, 1, 2) and x[0, 0, 0].tolist() == [-1.0, 1.0]
+
+
+@pytest.mark.parametrize("preset", ["image-lite", "image-lite-i2i"])
+def test_original_single_file_config_is_inferred(preset):
+    """kandinsky5lite_t2i/i2i.safetensors carry no config: the shapes of a diffusers model built with the released
+    config give it back (head 128 -> axes 32/48/48; 33 input channels -> the I2I edit input)."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    from k5.engine.config import infer_config
+
+    want = PRESETS[preset].replace(num_visual_blocks=3)
+    kwargs = {k: v for k, v in want.to_dict().items() if not k.startswith("_") and not k.startswith("attention")}
+    with torch.device("meta"):
+        ref = Kandinsky5Transformer3DModel(**kwargs)
+    assert infer_config({k: tuple(v.shape) for k, v in ref.state_dict().items()}) == want
