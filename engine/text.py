@@ -78,7 +78,8 @@ IMAGE_EDIT = PromptFormat("image_edit", IMAGE_EDIT_PROMPT_TEMPLATE, 55, 1024, wi
 
 @dataclass
 class TextEmbeds:
-    embeds: torch.Tensor  # [B, L, Dq] Qwen last hidden state (after final RMSNorm), template cropped; L = budget
+    embeds: torch.Tensor  # [B, L, Dq] last hidden state (after the final RMSNorm), template cropped; L: the budget
+    # (256 video, 512 image), or the longest prompt with its image tokens for image-edit prompts (not padded)
     mask: torch.Tensor  # bool [B, L], True = real prompt token (key-padding mask)
     pooled: torch.Tensor  # [B, Dclip] CLIP pooler_output
     truncated: list[bool]  # per prompt: did the prompt exceed the format's token budget
