@@ -87,12 +87,12 @@ def check_components(root: Path) -> None:
         )
 
 
-def scheduler_shift(root: Path) -> float:
+def scheduler_shift(root: Path, default: float = DEFAULT_SHIFT) -> float:
     path = Path(root) / "scheduler" / "scheduler_config.json"
     try:
-        return float(json.loads(path.read_text()).get("shift", DEFAULT_SHIFT))
+        return float(json.loads(path.read_text()).get("shift", default))
     except (OSError, json.JSONDecodeError, TypeError, ValueError):
-        return DEFAULT_SHIFT
+        return default
 
 
 def rope_scale(height: int, width: int) -> tuple[float, float, float]:
