@@ -48,7 +48,7 @@ COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 class TextEmbeds:
     embeds: torch.Tensor  # [B, 256, Dq] Qwen last hidden state (after final RMSNorm), template cropped
     mask: torch.Tensor  # bool [B, 256], True = real prompt token (key-padding mask)
-    pooled: torch.Tensor  # [B, Dclip] CLIP pooler_output
+    pooled: torch.Tensor  # [B, Dclip] CLIP pooler_output, fp32 (the DiT casts it at its input, as the original)
     truncated: list[bool]  # per prompt: did the prompt exceed the 256-token budget
 
 
@@ -158,7 +158,10 @@ class TextEncoder:
         qwen_tokenizer = _load_tokenizer(_component_dir(folder, "tokenizer"), "tokenizer")
         clip_dir = _component_dir(folder, "text_encoder_2")
         try:
-            clip = CLIPTextModel.from_pretrained(clip_dir, dtype=torch_dtype).to(device)
+            # fp32 whatever torch_dtype is: the original loads CLIP with from_pretrained's default (fp32) next to its
+            # bf16 Qwen, and its pooled vector reaches the DiT in fp32 (0.5 GB for ViT-L's text tower; in bf16 the
+            # pooled vector is off by ~1e-2 relative).
+            clip = CLIPTextModel.from_pretrained(clip_dir, dtype=torch.float32).to(device)
         except Exception as e:  # noqa: BLE001
             raise ValueError(
                 f"component 'text_encoder_2' in {folder}: cannot load CLIPTextModel from {clip_dir}: {e}"
