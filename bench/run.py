@@ -111,7 +111,7 @@ class DensityProbe:
 
 def plan(args, world_size: int, cfg: DiTConfig):
     """Degrees for this world: tp and cfg as given, the rest over ulysses x ring (k5.parallel's own planner)."""
-    from k5.parallel.cfg import plan_parallel
+    from k5.parallel.plan import plan_parallel
 
     return plan_parallel(world_size, cfg, tp=args.tp, cfg_parallel=args.cfg == 2, dp=1, ulysses=args.ulysses,
                          ring=args.ring)

@@ -317,6 +317,8 @@ class Kandinsky5DiT(nn.Module):
         dtype = self.dtype
         timestep = torch.as_tensor(timestep, device=x.device).float().reshape(-1).expand(B)
 
+        # The fp32 CLIP vector is rounded to the compute dtype at the Linear's input, as the original's bf16 autocast
+        # does; the sum with the fp32 time embedding is fp32 there too.
         time_embed = self.time_embeddings(timestep) + self.pooled_text_embeddings(pooled_embeds.to(dtype)).float()
         text = self.text_embeddings(text_embeds.to(dtype))
         if text_mask is not None and bool(text_mask.all()):

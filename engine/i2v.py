@@ -1,5 +1,7 @@
 """Image-to-video conditioning (architecture reference section 5.5).
 
+The video takes the image's aspect ratio: the original repo sizes it by area (`size_for_area`; the pipeline's
+`frame_size` applies it to a request) and resizes the image to that size without cropping (`prepare_image`).
 The conditioning image is encoded by the video VAE as a one-frame video; its latent overwrites latent frame 0 of the
 noisy video at every step (the pipeline does that), and after sampling the first latent frames are re-normalised
 towards the statistics of the following ones (`normalize_first_frame`) before the decode.
@@ -27,6 +29,13 @@ def load_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header (no pixel is decoded)."""
+    with Image.open(path) as im:
+        width, height = im.size
+    return height, width
+
+
 def size_for_area(height: int, width: int, max_area: int, divisibility: int = 16) -> tuple[int, int]:
     """The original repo's generation size for an image: its aspect ratio, area about `max_area` (SD 512*768,
     HD 1024*1024), sides rounded to multiples of `divisibility` (SD 16, HD 128)."""
@@ -35,18 +44,19 @@ def size_for_area(height: int, width: int, max_area: int, divisibility: int = 16
 
 
 def prepare_image(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """RGB [3, h, w] in [0, 1] -> [3, height, width] in [-1, 1].
+    """RGB [3, h, w] in [0, 1] (from 8-bit pixels) -> [3, height, width] in [-1, 1], as the original repo does.
 
-    Resized to exactly (height, width) like diffusers' I2V pipeline (no crop: pick the size with `size_for_area` to
-    keep the aspect ratio as the original repo does). Bilinear with antialiasing, the filter of the original repo's
-    torchvision resize; diffusers resizes PIL input with Lanczos, so pixels differ at the filter level.
+    The original resizes the uint8 image tensor with torchvision's default (bilinear with antialiasing, computed in
+    float32 and rounded back to uint8), with no crop (`size_for_area` picks a size of the image's aspect ratio), and
+    maps pixels by x / 127.5 - 1. Diffusers' I2V pipeline instead resizes PIL input with Lanczos.
     """
     if img.ndim != 3 or img.shape[0] != 3:
         raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(img.shape)}")
-    x = img.float()[None]
+    x = (img.float() * 255.0).round()[None]  # the 8-bit values, exactly
     if tuple(x.shape[-2:]) != (height, width):
         x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return (x[0].clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+        x = x.round().clamp(0.0, 255.0)  # back to uint8, as torchvision does for a uint8 tensor
+    return (x[0] / 127.5 - 1.0).contiguous()
 
 
 @torch.no_grad()

@@ -38,10 +38,31 @@ class Request:
     guidance_scale: float = 5.0
     shift: float | None = None  # None: the checkpoint's scheduler config, else 5.0
     seed: int = 0
-    image: str | None = None  # I2V conditioning image
+    image: str | None = None  # I2V conditioning image; height x width is then the area (see frame_size)
 
-    def latent_shape(self) -> tuple[int, int, int, int, int]:
-        return (1, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8, LATENT_CHANNELS)
+    def latent_shape(self, size: tuple[int, int] | None = None) -> tuple[int, int, int, int, int]:
+        height, width = size or (self.height, self.width)
+        return (1, (self.num_frames - 1) // 4 + 1, height // 8, width // 8, LATENT_CHANNELS)
+
+
+def hd_bucket(height: int, width: int) -> bool:
+    # The original has two resolutions, 512 (sizes with sides <= 768) and 1024 (a side >= 1024); they set the RoPE
+    # scale and, for I2V, the area and side multiple. Every released size falls on the side of 854 it belongs to,
+    # which is also diffusers' 854-pixel rule.
+    return max(height, width) > 854
+
+
+def frame_size(req: Request, nabla: bool) -> tuple[int, int]:
+    """(height, width) of the video. Text-to-video: as asked. Image-to-video: as the original I2V pipeline sizes it,
+    from the image: its aspect ratio at the area height x width (the original's 512x768 at resolution 512,
+    1024x1024 at 1024), sides rounded to multiples of 16, or of 128 in the 1024 bucket (the original's rule) and
+    under NABLA (8x8 tiles of 16-pixel patches). The image is then resized to it with no crop."""
+    if req.image is None:
+        return req.height, req.width
+    from .i2v import image_size, size_for_area
+
+    step = 128 if nabla or hd_bucket(req.height, req.width) else 16
+    return size_for_area(*image_size(req.image), req.height * req.width, step)
 
 
 def check_request(req: Request, cfg: DiTConfig, nabla: bool) -> None:
@@ -65,12 +86,22 @@ def check_request(req: Request, cfg: DiTConfig, nabla: bool) -> None:
         raise ValueError(f"guidance_scale must be >= 0, got {req.guidance_scale}")
     if req.shift is not None and req.shift <= 0:
         raise ValueError(f"shift must be > 0, got {req.shift}")
+    height, width = req.height, req.width
     if req.image is not None:
         if not cfg.visual_cond:
             raise ValueError("this checkpoint has no visual_cond input, so it cannot condition on an image")
         if not Path(req.image).is_file():
             raise ValueError(f"image {req.image} is not a readable file")
-    T, H, W = (req.num_frames - 1) // 4 + 1, req.height // 16, req.width // 16
+        try:
+            height, width = frame_size(req, nabla)
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"image {req.image} is not an image file Pillow can read ({e})") from None
+        if min(height, width) < 16:
+            raise ValueError(
+                f"image {req.image} is too narrow for its aspect ratio to fit the area {req.height}x{req.width}: "
+                f"the video would be {height}x{width}; crop the image or give a larger --height x --width"
+            )
+    T, H, W = (req.num_frames - 1) // 4 + 1, height // 16, width // 16
     if max(T, H, W) > 128:
         warnings.warn(f"latent grid {T}x{H}x{W} exceeds the 128 positions per axis the model was trained with")
 
@@ -96,10 +127,9 @@ def scheduler_shift(root: Path, default: float = DEFAULT_SHIFT) -> float:
 
 
 def rope_scale(height: int, width: int) -> tuple[float, float, float]:
-    # The original picks the RoPE scale by resolution bucket: (1,2,2) for the 512 bucket, (1,3.16,3.16) for the
-    # 1024 bucket. Every 512-bucket size has sides <= 768 and every 1024-bucket size a side >= 1024, which is also
-    # diffusers' 854-pixel rule on the released resolutions.
-    return (1.0, 2.0, 2.0) if max(height, width) <= 854 else (1.0, 3.16, 3.16)
+    # The original's RoPE scale by resolution bucket (its configs' scale_factor): (1,2,2) at 512, (1,3.16,3.16) at
+    # 1024. For I2V the bucket is the one of the requested area, as the original's comes from its config.
+    return (1.0, 3.16, 3.16) if hd_bucket(height, width) else (1.0, 2.0, 2.0)
 
 
 @dataclass
@@ -115,7 +145,7 @@ class Kandinsky5Pipeline:
         self.device = torch.device(device)
         self.default_shift = scheduler_shift(root)
         # share_image(encode) -> latent: how ranks that work on one item get the I2V image latent. Here: encode.
-        # Parallel runs encode on one rank and broadcast (k5.parallel.cfg.setup_parallel sets it).
+        # Parallel runs encode on one rank and broadcast (k5.parallel.plan sets it).
         self.share_image = lambda encode: encode()
 
     @staticmethod
@@ -147,13 +177,13 @@ class Kandinsky5Pipeline:
     def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, scale_factor, **dit_kwargs) -> Tensor:
         return self.dit(inp, c.embeds, c.pooled, t, scale_factor=scale_factor, text_mask=c.mask, **dit_kwargs)
 
-    def first_frame(self, req: Request) -> Tensor | None:
+    def first_frame(self, req: Request, size: tuple[int, int]) -> Tensor | None:
         if req.image is None:
             return None
         from .i2v import encode_image, load_image, prepare_image
 
         def encode():
-            img = prepare_image(load_image(req.image), req.height, req.width)
+            img = prepare_image(load_image(req.image), *size)
             g = torch.Generator("cpu").manual_seed(req.seed)
             return encode_image(self.vae, img, generator=g).float().to(self.device)
 
@@ -167,9 +197,10 @@ class Kandinsky5Pipeline:
         prompts = [req.prompt] + ([req.negative_prompt] if uses_cfg(req.guidance_scale) else [])
         conds, truncated = self.encode(prompts)
         cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
-        first = self.first_frame(req)
+        size = frame_size(req, self.dit.nabla is not None)
+        first = self.first_frame(req, size)
         t1 = time.perf_counter()
-        noise = initial_noise(req.latent_shape(), req.seed, self.device)
+        noise = initial_noise(req.latent_shape(size), req.seed, self.device)
         sf = rope_scale(req.height, req.width)
         latents = sample(
             lambda inp, t, c, **kw: self.velocity(inp, t, c, sf, **kw), noise, cond, uncond, steps=req.steps,

@@ -81,7 +81,7 @@ class TextEmbeds:
     embeds: torch.Tensor  # [B, L, Dq] last hidden state (after the final RMSNorm), template cropped; L: the budget
     # (256 video, 512 image), or the longest prompt with its image tokens for image-edit prompts (not padded)
     mask: torch.Tensor  # bool [B, L], True = real prompt token (key-padding mask)
-    pooled: torch.Tensor  # [B, Dclip] CLIP pooler_output
+    pooled: torch.Tensor  # [B, Dclip] CLIP pooler_output, fp32 (the DiT casts it at its input, as the original)
     truncated: list[bool]  # per prompt: did the prompt exceed the format's token budget
 
 
@@ -201,7 +201,10 @@ class TextEncoder:
         qwen_tokenizer = _load_tokenizer(_component_dir(folder, "tokenizer"), "tokenizer")
         clip_dir = _component_dir(folder, "text_encoder_2")
         try:
-            clip = CLIPTextModel.from_pretrained(clip_dir, dtype=torch_dtype).to(device)
+            # fp32 whatever torch_dtype is: the original loads CLIP with from_pretrained's default (fp32) next to its
+            # bf16 Qwen, and its pooled vector reaches the DiT in fp32 (0.5 GB for ViT-L's text tower; in bf16 the
+            # pooled vector is off by ~1e-2 relative).
+            clip = CLIPTextModel.from_pretrained(clip_dir, dtype=torch.float32).to(device)
         except Exception as e:  # noqa: BLE001
             raise ValueError(
                 f"component 'text_encoder_2' in {folder}: cannot load CLIPTextModel from {clip_dir}: {e}"

@@ -150,25 +150,17 @@ def detect_env(args) -> Env:
 
 
 # =====================================================================================================================
-# PARALLEL LAYOUT: the one place where the degree flags become a ParallelDims and a pipeline becomes parallel.
-# Tensor parallel, CFG parallel and shard-wise loading (issue 4) come in through k5.parallel.cfg (plan_parallel,
-# setup_parallel); sequence parallelism through k5.parallel.sequence inside it. The launcher builds no process group
-# of its own: the group of ranks that work on one item is a flattened view of the one mesh.
+# PARALLEL LAYOUT: k5.parallel.plan turns the degree flags into a ParallelDims (plan_parallel, before any weight) and
+# builds the parallel pipeline on its mesh (build_parallel). The launcher builds no process group of its own: the
+# group of ranks that work on one item is a flattened view of the one mesh.
 # =====================================================================================================================
 
 def plan_dims(args, cfg, world: int):
-    """The degrees for the flags, checked against the world size and the model (ValueError otherwise)."""
-    from k5.parallel.cfg import plan_parallel
+    """The degrees for the flags, checked against the world size and the model (LayoutError otherwise)."""
+    from k5.parallel.plan import plan_parallel
 
     return plan_parallel(world, cfg, tp=args.tp_degree, cfg_parallel=args.cfg_parallel, dp=args.dp_degree,
                          ulysses=args.ulysses_degree, ring=args.ring_degree)
-
-
-def check_parallel_request(args, req) -> None:
-    if args.cfg_parallel:
-        from k5.parallel.cfg import check_cfg_parallel
-
-        check_cfg_parallel(req.guidance_scale)
 
 
 @dataclass
@@ -206,24 +198,12 @@ class Runtime:
 
 
 def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
-    from k5.engine.pipeline import Kandinsky5Pipeline
+    from k5.parallel.plan import build_parallel
 
-    dtype = DTYPES[args.dtype]
-    if env.world == 1:
-        pipe = Kandinsky5Pipeline.from_pretrained(job.root, dtype=dtype, device=env.device)
-        rt = Runtime(pipe, job.dims, None, None, None, 0, 0, "")
-    else:
-        from k5.parallel.cfg import setup_parallel
-
-        d = job.dims
-        s = setup_parallel(job.root, tp=d.tp, cfg_parallel=d.cfg == 2, dp=d.dp, ulysses=d.ulysses, ring=d.ring,
-                           dtype=dtype, device=env.device, keep_text=keep_text)
-        item_size = s.dims.world_size // s.dims.dp
-        group = s.dims.group("item") if item_size > 1 else None
-        rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, group, s.dims.rank("item"), s.dims.rank("dp"),
-                     s.describe())
-    rt.pipe.dit.set_attention(args.attention, args.nabla_threshold)
-    return rt
+    s = build_parallel(job.root, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text)
+    s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
+    return Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
+                   s.describe() if env.world > 1 else "")
 
 # =====================================================================================================================
 
@@ -243,6 +223,7 @@ def validate(args, env: Env) -> Job:
     """Everything that can be checked without loading a weight; raises ValueError (or OSError) with the message."""
     from k5.engine.pipeline import Kandinsky5Pipeline, Request, check_request
     from k5.launch.outputs import refuse_existing
+    from k5.parallel.plan import check_request as check_layout_request
 
     if args.model == "tiny":
         from k5.engine.tiny import tiny_checkpoint
@@ -257,7 +238,7 @@ def validate(args, env: Env) -> Job:
 
     def check(req):
         check_request(req, cfg, nabla)
-        check_parallel_request(args, req)
+        check_layout_request(dims, req.guidance_scale)
 
     defaults = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, steps=args.steps, guidance_scale=args.guidance_scale,

@@ -8,6 +8,9 @@ a view of that mesh; no module keeps process groups of its own.
 
 Sequence-parallel (SP) rank order is ``sp_rank = ring_rank * ulysses + ulysses_rank`` (row-major over
 ("ring", "ulysses")), which is the rank order of the flattened "sp" mesh dim.
+
+Every degree check lives here (the world size, the heads Ulysses splits, what tensor parallelism cuts) and raises
+``LayoutError``; k5.parallel.plan chooses the degrees and applies the techniques.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ MESH_DIMS = ("dp", "cfg", "ring", "ulysses", "tp")
 # sp: the sequence-parallel ranks; replica: the ranks holding one model replica (same dp and cfg);
 # item: the ranks working on one item (same dp: both CFG halves).
 FLAT_DIMS = {"sp": ("ring", "ulysses"), "replica": ("ring", "ulysses", "tp"), "item": ("cfg", "ring", "ulysses", "tp")}
+
+
+class LayoutError(ValueError):
+    """Degrees that cannot run. The message names what is wrong and what would fit; ``degrees`` holds the degrees
+    asked for (by name, as in MESH_DIMS), ``choices`` the flag sets that would fit (possibly none)."""
+
+    def __init__(self, message: str, degrees: dict[str, int] | None = None, choices=()):
+        super().__init__(message)
+        self.degrees = dict(degrees or {})
+        self.choices = list(choices)
 
 
 def _divisor_pairs(n: int) -> list[tuple[int, int]]:
@@ -50,9 +63,10 @@ class ParallelDims:
         for name in MESH_DIMS:
             d = getattr(self, name)
             if not isinstance(d, int) or d < 1:
-                raise ValueError(f"--{name}-degree must be a positive integer, got {d!r}")
+                raise LayoutError(f"--{name}-degree must be a positive integer, got {d!r}")
         if self.cfg > 2:
-            raise ValueError(f"--cfg-degree {self.cfg}: classifier-free guidance has 2 branches; use 1 or 2")
+            raise LayoutError(f"--cfg-degree {self.cfg}: classifier-free guidance has 2 branches; use 1 or 2",
+                              self.degrees)
 
     @property
     def degrees(self) -> dict[str, int]:
@@ -70,7 +84,7 @@ class ParallelDims:
         return self.ring * self.ulysses
 
     def validate(self, world_size: int) -> None:
-        """Raise one ValueError if the degrees do not multiply to ``world_size``."""
+        """Raise one LayoutError if the degrees do not multiply to ``world_size``."""
         if self.world_size == world_size:
             return
         product = " * ".join(f"{name} {d}" for name, d in self.degrees.items())
@@ -82,21 +96,31 @@ class ParallelDims:
                 suggestions.append(_flag_list({**self.degrees, "ulysses": u, "ring": r}))
         else:
             suggestions = [_flag_list({"ulysses": u, "ring": r}) for u, r in _divisor_pairs(world_size)]
-        raise ValueError(
+        raise LayoutError(
             f"parallel degrees multiply to {self.world_size} ({product}) but the world size is {world_size}; "
-            f"valid choices include: " + "; ".join(suggestions)
+            f"valid choices include: " + "; ".join(suggestions),
+            self.degrees, suggestions,
         )
 
     def check_heads(self, num_heads: int) -> None:
-        """Ulysses splits heads: raise if ``num_heads`` does not divide by the ulysses degree."""
+        """Ulysses splits heads: raise if ``num_heads``, the heads one tp rank holds (the model's heads / tp),
+        does not divide by the ulysses degree."""
         if num_heads % self.ulysses == 0:
             return
-        fits = [(u, r) for u, r in _divisor_pairs(self.sp_size) if num_heads % u == 0]
-        options = " or ".join(f"--ulysses-degree {u} --ring-degree {r}" for u, r in fits)
-        raise ValueError(
-            f"{num_heads} heads do not divide by ulysses degree {self.ulysses}; "
-            f"use {options} (ulysses x ring = {self.sp_size})"
+        fits = [f"--ulysses-degree {u} --ring-degree {r}" for u, r in _divisor_pairs(self.sp_size) if num_heads % u == 0]
+        held = (f"with --tp-degree {self.tp} each rank holds {num_heads} of the {num_heads * self.tp} heads, and "
+                if self.tp > 1 else "")
+        raise LayoutError(
+            f"{held}{num_heads} heads do not divide by ulysses degree {self.ulysses}; "
+            f"use {' or '.join(fits)} (ulysses x ring = {self.sp_size})",
+            self.degrees, fits,
         )
+
+    def check_model(self, num_heads: int, ff_dim: int) -> None:
+        """Raise if the model cannot run on these degrees: tp must cut its heads and FFN width into equal parts, and
+        the heads each tp rank holds must divide by the ulysses degree."""
+        check_tp_degree(num_heads, ff_dim, self.tp)
+        self.check_heads(num_heads // self.tp)
 
     # ---- the mesh -------------------------------------------------------------------------------------
 
@@ -148,3 +172,15 @@ class ParallelDims:
     @property
     def sp_rank(self) -> int:
         return self.rank("sp")
+
+
+def check_tp_degree(num_heads: int, ff_dim: int, tp: int) -> None:
+    """Raise if ``tp`` does not divide the heads and the FFN width (the two things TP cuts into equal parts)."""
+    if isinstance(tp, int) and tp >= 1 and num_heads % tp == 0 and ff_dim % tp == 0:
+        return
+    fits = [d for d in range(1, num_heads + 1) if num_heads % d == 0 and ff_dim % d == 0]
+    raise LayoutError(
+        f"--tp-degree {tp} does not divide the model's {num_heads} heads and ff_dim {ff_dim}; "
+        f"use --tp-degree {' or '.join(map(str, fits))}",
+        {"tp": tp}, [f"--tp-degree {d}" for d in fits],
+    )

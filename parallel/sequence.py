@@ -12,8 +12,6 @@ The model file knows none of this: ``apply_sequence_parallel`` swaps the model's
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from k5.engine.dit import Kandinsky5DiT, TokenGrid
@@ -22,29 +20,6 @@ from k5.parallel.comm_stats import CommStats
 from k5.parallel.layout import SequenceLayout
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.usp import SequenceParallelAttention
-
-
-def plan_layout(world_size: int, num_heads: int, ulysses: int | None = None, ring: int | None = None,
-                **other_degrees: int) -> ParallelDims:
-    """Degrees for a world: what the user gave, the rest filled in (as much Ulysses as the heads allow).
-
-    ``other_degrees`` (tp, cfg, dp) are taken as given; the sequence-parallel part is world / their product.
-    """
-    others = math.prod(other_degrees.values()) if other_degrees else 1
-    if world_size % others:
-        ParallelDims(ulysses=ulysses or 1, ring=ring or 1, **other_degrees).validate(world_size)
-    sp = world_size // others
-    if ulysses is None and ring is None:
-        ulysses = max(u for u in range(1, sp + 1) if sp % u == 0 and num_heads % u == 0)
-        ring = sp // ulysses
-    elif ulysses is None:
-        ulysses = sp // ring if sp % ring == 0 else 0
-    elif ring is None:
-        ring = sp // ulysses if sp % ulysses == 0 else 0
-    dims = ParallelDims(ulysses=max(ulysses, 1), ring=max(ring, 1), **other_degrees)
-    dims.validate(world_size)
-    dims.check_heads(num_heads)
-    return dims
 
 
 class SequenceShards:

@@ -131,36 +131,12 @@ class TPLinear(nn.Module):
         return f"{self.style}, local weight {tuple(self.weight.shape)}, tp {self.size}"
 
 
-def check_tp_degree(cfg: DiTConfig, tp: int) -> None:
-    """Raise if ``tp`` does not divide the heads and the FFN width (the two things TP cuts into equal parts)."""
-    heads = cfg.num_heads
-    if isinstance(tp, int) and tp >= 1 and heads % tp == 0 and cfg.ff_dim % tp == 0:
-        return
-    fits = [d for d in range(1, heads + 1) if heads % d == 0 and cfg.ff_dim % d == 0]
-    raise ValueError(
-        f"--tp-degree {tp} does not divide the model's {heads} heads and ff_dim {cfg.ff_dim}; "
-        f"use --tp-degree {' or '.join(map(str, fits))}"
-    )
-
-
-def check_tensor_parallel(cfg: DiTConfig, dims: ParallelDims) -> None:
-    """Raise one ValueError if the DiT cannot be cut ``dims.tp`` ways, or the heads left do not fit Ulysses."""
-    check_tp_degree(cfg, dims.tp)
-    heads, tp = cfg.num_heads, dims.tp
-    try:
-        dims.check_heads(heads // tp)
-    except ValueError as e:
-        if tp == 1:
-            raise
-        raise ValueError(f"with --tp-degree {tp} each rank holds {heads // tp} of the {heads} heads, and {e}") from None
-
-
 def apply_tensor_parallel(dit: Kandinsky5DiT, dims: ParallelDims, stats: CommStats | None = None) -> CommStats:
     """Cut ``dit``'s block Linears to this rank's tp shard (meta or filled weights); return the byte counter."""
     stats = stats if stats is not None else CommStats()
     if dims.tp == 1:
         return stats
-    check_tensor_parallel(dit.config, dims)
+    dims.check_model(dit.config.num_heads, dit.config.ff_dim)
     group, rank = dims.group("tp"), dims.rank("tp")
     for name, module in list(dit.named_modules()):
         style = split_style(name)

@@ -6,14 +6,12 @@ deterministic stand-in (the real one runs in test_parallel_generate.py).
 
 import zlib
 
-import pytest
 import torch
 
 from distributed import run_distributed
-from k5.engine.config import DiTConfig
 from k5.engine.sampler import Conditioning, guided_velocity, sample
 from k5.engine.text import TextEmbeds
-from k5.parallel.cfg import BranchText, CfgParallel, check_cfg_parallel, plan_parallel
+from k5.parallel.cfg import BranchText, CfgParallel
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel
 from k5.parallel.tensor import apply_tensor_parallel
@@ -133,22 +131,3 @@ def test_cfg_ring_tp_three_degrees_equals_sequential():
     want, want_v0 = reference()
     results = run_distributed(_cfg_worker, 8, dict(cfg=2, ring=2, tp=2))
     check_cfg_results(results, want, want_v0)
-
-
-def test_plan_parallel():
-    lite = DiTConfig()  # 28 heads
-    d = plan_parallel(8, lite, tp=2, cfg_parallel=True)
-    assert (d.dp, d.cfg, d.ring, d.ulysses, d.tp) == (1, 2, 1, 2, 2)
-    d = plan_parallel(8, lite, tp=2, ulysses=2, ring=1)  # dp inferred from what is left
-    assert (d.dp, d.cfg, d.ring, d.ulysses, d.tp) == (2, 1, 1, 2, 2)
-    d = plan_parallel(8, CFG, tp=4, cfg_parallel=True)  # 1 head per tp rank: no Ulysses, ring instead
-    assert (d.cfg, d.ring, d.ulysses, d.tp) == (2, 1, 1, 4)
-    with pytest.raises(ValueError, match="parallel degrees multiply to 12 .* but the world size is 8; valid choices"):
-        plan_parallel(8, lite, tp=2, cfg_parallel=True, ulysses=3)
-    with pytest.raises(ValueError, match="with --tp-degree 2 each rank holds 14 of the 28 heads, and 14 heads do not "
-                                         "divide by ulysses degree 4; use --ulysses-degree 2 --ring-degree 2"):
-        plan_parallel(8, lite, tp=2, ulysses=4)
-    with pytest.raises(ValueError, match="--tp-degree 8 does not divide the model's 28 heads"):
-        plan_parallel(8, lite, tp=8)
-    with pytest.raises(ValueError, match="--guidance-scale 1 has no unconditional pass; drop --cfg-parallel"):
-        check_cfg_parallel(1.0)

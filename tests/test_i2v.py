@@ -7,7 +7,9 @@ import torch
 from diffusers import Kandinsky5I2VPipeline
 from PIL import Image
 
+from k5.engine.config import DiTConfig
 from k5.engine.i2v import encode_image, load_image, normalize_first_frame, prepare_image, size_for_area
+from k5.engine.pipeline import Request, check_request, frame_size
 from k5.engine.vae import VideoVAE
 from test_vae import SMALL_TILES, tiny_vae
 
@@ -91,7 +93,7 @@ def test_load_and_prepare_image(tmp_path):
     assert img.shape == (3, 20, 30) and img.dtype == torch.float32
     assert torch.equal(img, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
     same = prepare_image(img, 20, 30)
-    assert torch.equal(same, img * 2 - 1)
+    assert torch.equal(same, torch.from_numpy(rgb).permute(2, 0, 1) / 127.5 - 1)  # the original's x / 127.5 - 1
     resized = prepare_image(img, 16, 48)
     assert resized.shape == (3, 16, 48)
     assert torch.allclose(resized[0], torch.ones(16, 48))  # a constant channel stays constant
@@ -104,3 +106,60 @@ def test_size_for_area_by_hand():
     assert size_for_area(1080, 1920, 512 * 768, 16) == (29 * 16, 52 * 16)
     h, w = size_for_area(1024, 1024, 1024 * 1024, 128)
     assert (h, w) == (1024, 1024) and math.gcd(h, w) % 128 == 0
+
+
+def original_first_frame_image(path, max_area: int, divisibility: int) -> torch.Tensor:
+    """The original I2V pipeline's image preparation (kandinsky/i2v_pipeline.py get_first_frame_from_image and
+    resize_image), written out: the PIL RGB image as a uint8 tensor [1, 3, h, w]; k = sqrt(max_area / (h * w)) /
+    divisibility; sides int(round(side * k) * divisibility); torchvision.transforms.functional.resize on that uint8
+    tensor at its defaults (bilinear, antialias=True, computed in float32 and rounded back to uint8; nothing to do at
+    the same size); then x / 127.5 - 1. No crop. Returns [3, new_h, new_w]."""
+    image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)[None]
+    h, w = image.shape[2:]
+    k = math.sqrt(max_area / (h * w)) / divisibility
+    new_h, new_w = int(round(h * k) * divisibility), int(round(w * k) * divisibility)
+    if (new_h, new_w) != (h, w):
+        image = torch.nn.functional.interpolate(image.float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                                                align_corners=False).round().to(torch.uint8)
+    return image[0] / 127.5 - 1.0
+
+
+def random_image(path, height, width, seed=0):
+    rgb = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return str(path)
+
+
+# (image height, width), the requested --height x --width, NABLA -> the original's (max_area, divisibility).
+# Its resolution 512 is max_area 512*768 with sides multiples of 16, its 1024 is 1024*1024 with multiples of 128;
+# NABLA needs multiples of 128 whatever the area (our rule: the original runs NABLA only at 1024).
+FITS = [
+    ((300, 200), (512, 768), False, (512 * 768, 16)),
+    ((123, 457), (512, 768), False, (512 * 768, 16)),
+    ((720, 1280), (512, 768), False, (512 * 768, 16)),  # a larger image is scaled down
+    ((300, 500), (1024, 1024), False, (1024 * 1024, 128)),
+    ((300, 500), (512, 768), True, (512 * 768, 128)),
+    ((50, 70), (64, 96), False, (64 * 96, 16)),  # the tiny sizes of the end-to-end tests
+]
+
+
+@pytest.mark.parametrize("image_hw, budget, nabla, rule", FITS)
+def test_i2v_fit_is_the_originals(tmp_path, image_hw, budget, nabla, rule):
+    path = random_image(tmp_path / "im.png", *image_hw)
+    want = original_first_frame_image(path, *rule)
+    req = Request(prompt="a cat", image=path, height=budget[0], width=budget[1])
+    size = frame_size(req, nabla)
+    assert size == tuple(want.shape[1:])
+    assert torch.equal(prepare_image(load_image(path), *size), want)
+    check_request(req, DiTConfig(visual_cond=True), nabla)  # a fitted size always passes the request checks
+
+
+def test_i2v_fit_refuses_what_it_cannot_size(tmp_path):
+    cfg = DiTConfig(visual_cond=True)
+    # 1x200 at the area 64*64: k = sqrt(4096 / 200) / 16 = 0.28, so the height rounds to 0.
+    narrow = Request(prompt="a cat", image=random_image(tmp_path / "line.png", 1, 200), height=64, width=64)
+    with pytest.raises(ValueError, match="too narrow .* the video would be 0x"):
+        check_request(narrow, cfg, nabla=False)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png is not an image file Pillow can read"):
+        check_request(Request(prompt="a cat", image=str(tmp_path / "notes.png")), cfg, nabla=False)

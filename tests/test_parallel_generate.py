@@ -6,7 +6,7 @@ import torch
 from distributed import run_distributed
 from k5.engine.pipeline import Kandinsky5Pipeline, Request
 from k5.engine.tiny import tiny_checkpoint
-from k5.parallel.cfg import setup_parallel
+from k5.parallel.plan import setup_parallel
 from numerics import rel_err
 
 REQUEST = dict(prompt="a cat walks on the grass", height=64, width=96, num_frames=5, steps=2, seed=7)

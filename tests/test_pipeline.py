@@ -56,13 +56,16 @@ def test_i2v_overwrites_first_latent_frame_every_step(pipe, monkeypatch, tmp_pat
     path = tmp_path / "cat.png"
     Image.fromarray(rgb).save(path)
     req = small(guidance_scale=1.0, image=str(path), num_frames=21)  # 6 latent frames: normalisation applies
+    # The video takes the image's aspect ratio at the area 64x64 (the original's fit, test_i2v.py): k =
+    # sqrt(4096 / (48 * 80)) / 16; 48k = 3.1 -> 3 * 16 = 48, 80k = 5.2 -> 5 * 16 = 80.
     g = torch.Generator("cpu").manual_seed(req.seed)
-    image_latent = encode_image(pipe.vae, prepare_image(load_image(path), 64, 64), generator=g).float()
+    image_latent = encode_image(pipe.vae, prepare_image(load_image(path), 48, 80), generator=g).float()
     raw = []
     monkeypatch.setattr("k5.engine.i2v.normalize_first_frame",
                         lambda x, **kw: raw.append(x.clone()) or normalize_first_frame(x, **kw))
     calls = record_calls(pipe, monkeypatch)
     out = pipe.generate(req).latents
+    assert out.shape == (1, 6, 48 // 8, 80 // 8, 16)
     for c in calls:
         x = c["x"]
         assert torch.equal(x[:, :1, ..., :16], image_latent)  # frame 0 is the image latent at every step

@@ -7,7 +7,8 @@ from distributed import run_distributed
 from k5.engine.config import DiTConfig
 from k5.engine.dit import Kandinsky5DiT
 from k5.kernels.nabla import NablaSpec
-from k5.parallel.sequence import apply_sequence_parallel, plan_layout
+from k5.parallel.plan import plan_layout
+from k5.parallel.sequence import apply_sequence_parallel
 from numerics import rel_err
 
 CFG = DiTConfig(in_text_dim=24, in_text_dim2=12, time_dim=32, model_dim=64, ff_dim=128, num_text_blocks=1,
@@ -63,17 +64,3 @@ def test_sequence_parallel_dit_equals_single_process(ulysses, ring):
         assert summary  # something was sent
     # NABLA really is sparse here: dense attention on the same input differs
     assert rel_err(forward(model, make_inputs(NABLA_SHAPE, 2), nabla=False), want_nabla) > 1e-3
-
-
-def test_heads_not_divisible():
-    with pytest.raises(ValueError, match="4 heads do not divide by ulysses degree 3; use --ulysses-degree 1 "
-                                         "--ring-degree 3"):
-        plan_layout(3, 4, ulysses=3)
-
-
-def test_default_layout_prefers_ulysses():
-    assert (plan_layout(8, 28).ulysses, plan_layout(8, 28).ring) == (4, 2)
-    assert (plan_layout(8, 32).ulysses, plan_layout(8, 32).ring) == (8, 1)
-    assert (plan_layout(3, 4).ulysses, plan_layout(3, 4).ring) == (1, 3)
-    with pytest.raises(ValueError, match="world size is 4"):
-        plan_layout(4, 4, ulysses=2, ring=3)

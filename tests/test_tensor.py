@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from k5.engine.config import DiTConfig
 from k5.kernels.nabla import NablaSpec
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel
-from k5.parallel.tensor import check_tensor_parallel, load_dit, parameter_bytes
+from k5.parallel.tensor import load_dit, parameter_bytes
 from numerics import rel_err
 from test_sharded_load import CFG, build_model, write_checkpoint
 
@@ -60,15 +59,3 @@ def test_tensor_parallel_dit_equals_single_process(tmp_path, tp, ulysses, ring):
         assert calls["all_gather"] == CFG.num_visual_blocks + CFG.num_text_blocks + 1 + (ulysses * ring > 1)
         assert nbytes["split"] > 0 and nbytes["total"] < 0.6 * full_bytes
     assert rel_err(forward(model, make_inputs(NABLA_SHAPE, 2), nabla=False), want_nabla) > 1e-3
-
-
-def test_tp_degree_errors():
-    with pytest.raises(ValueError, match=r"--tp-degree 3 does not divide the model's 4 heads and ff_dim 128; "
-                                         r"use --tp-degree 1 or 2 or 4"):
-        check_tensor_parallel(CFG, ParallelDims(tp=3))
-    with pytest.raises(ValueError, match=r"with --tp-degree 2 each rank holds 2 of the 4 heads, and 2 heads do not "
-                                         r"divide by ulysses degree 4; use --ulysses-degree 2 --ring-degree 2 or "
-                                         r"--ulysses-degree 1 --ring-degree 4"):
-        check_tensor_parallel(CFG, ParallelDims(tp=2, ulysses=4))
-    check_tensor_parallel(CFG, ParallelDims(tp=2, ulysses=2))  # 1 head per Ulysses rank is fine
-    check_tensor_parallel(DiTConfig(), ParallelDims(tp=4, ulysses=7))  # Lite: 28 heads -> 7 per tp rank

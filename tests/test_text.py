@@ -19,6 +19,7 @@ from diffusers import Kandinsky5T2VPipeline
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextModel, Qwen2_5_VLForConditionalGeneration
 
+from k5.engine.pipeline import Kandinsky5Pipeline, Request
 from k5.engine.text import (
     DEFAULT_NEGATIVE_PROMPT,
     QWEN_MAX_LENGTH,
@@ -156,10 +157,37 @@ def test_bf16_load(encoder, tiny):
     assert enc16.qwen.embed_tokens.weight.dtype == torch.bfloat16
     assert enc16.qwen.rotary_emb.inv_freq.dtype == torch.float32  # RoPE frequencies stay fp32 as in transformers
     out16, out32 = enc16.encode(PROMPTS), encoder.encode(PROMPTS)
-    assert out16.embeds.dtype == torch.bfloat16 and out16.pooled.dtype == torch.bfloat16
+    assert out16.embeds.dtype == torch.bfloat16 and out16.pooled.dtype == torch.float32  # CLIP stays fp32
     n = int(out32.mask[0].sum())
     assert rel_err(out16.embeds[0, :n], out32.embeds[0, :n]) < 5e-2  # bf16 weights, 2 layers: measured 1.9e-2
-    assert rel_err(out16.pooled, out32.pooled) < 5e-2  # measured 1.0e-2
+    assert torch.equal(out16.pooled, out32.pooled)
+
+
+@torch.no_grad()
+def test_bf16_pipeline_hands_the_dit_an_fp32_clip_vector(tiny, monkeypatch):
+    """The original runs CLIP in fp32 next to its bf16 Qwen and DiT, passes the fp32 pooled vector to the DiT, whose
+    bf16 autocast rounds it once, at the input of pooled_text_embeddings.in_layer. Oracle: an fp32 CLIPTextModel
+    built here by transformers from the checkpoint's text_encoder_2, run as the original runs it."""
+    pipe = Kandinsky5Pipeline.from_pretrained(tiny, dtype=torch.bfloat16)
+    handed, linear_inputs = [], []
+    forward = pipe.dit.forward
+    monkeypatch.setattr(pipe.dit, "forward",
+                        lambda x, text, pooled, *a, **kw: handed.append(pooled) or forward(x, text, pooled, *a, **kw))
+    pipe.dit.pooled_text_embeddings.in_layer.register_forward_hook(lambda m, args, out: linear_inputs.append(args[0]))
+    pipe.generate(Request(prompt=PROMPTS[0], height=32, width=32, num_frames=1, steps=1, guidance_scale=5.0))
+
+    clip = CLIPTextModel.from_pretrained(tiny / "text_encoder_2", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "tokenizer_2")
+    tokens = tokenizer([PROMPTS[0], DEFAULT_NEGATIVE_PROMPT], max_length=77, truncation=True, add_special_tokens=True,
+                       padding="max_length", return_tensors="pt")
+    want = clip(**tokens)["pooler_output"]
+    assert [p.dtype for p in handed] == [torch.float32, torch.float32]  # cond, uncond
+    assert torch.equal(handed[0], want[:1]) and torch.equal(handed[1], want[1:])
+    # The one rounding, at the DiT's input Linear, as the original's autocast does it.
+    assert torch.equal(linear_inputs[0], want[:1].to(torch.bfloat16))
+    # A bf16 CLIP (what the pipeline ran before) is measurably off: the test can tell the two apart.
+    bf16 = CLIPTextModel.from_pretrained(tiny / "text_encoder_2", dtype=torch.bfloat16).eval()
+    assert rel_err(bf16(**tokens)["pooler_output"].float(), want) > 1e-3
 
 
 def test_release_frees_the_models(tiny):

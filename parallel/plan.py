@@ -1,0 +1,173 @@
+"""The composition root of k5's parallelism: degree flags and a world size -> ParallelDims -> the one mesh -> a
+pipeline with every technique applied.
+
+Two stages, so that bad degrees fail before any weight is read:
+- ``plan_parallel`` (no process group, no weights): tp, cfg (2 with --cfg-parallel) and dp as given, ulysses x ring
+  filled in, every degree checked against the world size and the model (k5.parallel.mesh; ``LayoutError``).
+- ``build_parallel`` (torch.distributed initialized): mesh -> DiT on meta, cut for tp, filled with this rank's
+  slices -> sequence parallelism -> text encoders on one rank per replica (per cfg half) -> VAE on every rank (the
+  tiled parallel decode needs it everywhere) -> the I2V image encoded once per item group -> the CFG exchange.
+One process (all degrees 1) gets the plain single-device pipeline.
+
+The techniques themselves live in their own files: tensor.py, sequence.py, cfg.py, text_share.py, vae_tiles.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from k5.engine.config import DiTConfig
+from k5.parallel.cfg import BranchText, CfgParallel, check_cfg_parallel
+from k5.parallel.comm_stats import CommStats
+from k5.parallel.mesh import LayoutError, ParallelDims, check_tp_degree
+from k5.parallel.sequence import apply_sequence_parallel
+from k5.parallel.tensor import format_parameter_bytes, load_dit, parameter_bytes
+from k5.parallel.text_share import SharedText, is_text_source
+
+__all__ = ["LayoutError", "ParallelSetup", "build_parallel", "check_layout", "check_request", "image_sharing",
+           "plan_layout", "plan_parallel", "setup_parallel"]
+
+
+def plan_layout(world_size: int, num_heads: int, ulysses: int | None = None, ring: int | None = None,
+                **other_degrees: int) -> ParallelDims:
+    """Degrees for a world: what the user gave, the rest filled in (as much Ulysses as the heads allow).
+
+    ``num_heads`` are the heads one tp rank holds; ``other_degrees`` (tp, cfg, dp) are taken as given and the
+    sequence-parallel part is world / their product.
+    """
+    others = math.prod(other_degrees.values()) if other_degrees else 1
+    if world_size % others:
+        ParallelDims(ulysses=ulysses or 1, ring=ring or 1, **other_degrees).validate(world_size)
+    sp = world_size // others
+    if ulysses is None and ring is None:
+        ulysses = max(u for u in range(1, sp + 1) if sp % u == 0 and num_heads % u == 0)
+        ring = sp // ulysses
+    elif ulysses is None:
+        ulysses = sp // ring if sp % ring == 0 else 0
+    elif ring is None:
+        ring = sp // ulysses if sp % ulysses == 0 else 0
+    dims = ParallelDims(ulysses=max(ulysses, 1), ring=max(ring, 1), **other_degrees)
+    dims.validate(world_size)
+    dims.check_heads(num_heads)
+    return dims
+
+
+def plan_parallel(world_size: int, config: DiTConfig, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
+                  ulysses: int | None = None, ring: int | None = None) -> ParallelDims:
+    """Degrees for the CLI flags: tp, cfg (2 with --cfg-parallel) and dp as given, the rest over ulysses x ring.
+
+    ``dp=None`` is inferred: the world left over when ulysses and ring are both given, else 1. Raises one
+    LayoutError saying what would fit if the degrees do not multiply to ``world_size``, tp does not cut the model,
+    or the heads each tp rank holds do not divide by the ulysses degree.
+    """
+    cfg = 2 if cfg_parallel else 1
+    check_tp_degree(config.num_heads, config.ff_dim, tp)
+    if dp is None:
+        rest = cfg * tp * (ulysses or 0) * (ring or 0)
+        dp = world_size // rest if rest and world_size % rest == 0 else 1
+    return plan_layout(world_size, config.num_heads // tp, ulysses, ring, dp=dp, cfg=cfg, tp=tp)
+
+
+def check_layout(config: DiTConfig, dims: ParallelDims) -> None:
+    """Raise a LayoutError if the DiT of ``config`` cannot run on ``dims`` (tp cut, heads per Ulysses rank)."""
+    dims.check_model(config.num_heads, config.ff_dim)
+
+
+def check_request(dims: ParallelDims, guidance_scale: float) -> None:
+    """Raise a LayoutError if a request cannot run on the layout (CFG parallelism needs two guidance branches)."""
+    if dims.cfg == 2:
+        check_cfg_parallel(guidance_scale)
+
+
+@dataclass
+class ParallelSetup:
+    dims: ParallelDims  # with its mesh when world_size > 1
+    pipeline: object  # k5.engine.pipeline.Kandinsky5Pipeline with the parallel DiT and text encoder
+    guided: Callable | None  # pass to pipeline.generate(req, guided=...); None without CFG parallelism
+    stats: CommStats | None  # bytes sent by every collective (DiT, CFG exchange, text broadcast); None on one process
+    parameter_bytes: dict[str, int]  # this rank's DiT parameters (k5.parallel.tensor.parameter_bytes)
+
+    def describe(self) -> str:
+        d = self.dims
+        return (f"layout dp {d.dp} x cfg {d.cfg} x ring {d.ring} x ulysses {d.ulysses} x tp {d.tp}; "
+                + format_parameter_bytes(self.parameter_bytes))
+
+    @property
+    def item_group(self) -> dist.ProcessGroup | None:
+        """The ranks that work on one item (both cfg halves, ring x ulysses x tp); None when a rank is alone."""
+        d = self.dims
+        return d.group("item") if d.world_size // d.dp > 1 else None
+
+    @property
+    def item_rank(self) -> int:
+        return self.dims.rank("item") if self.dims.world_size > 1 else 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.rank("dp") if self.dims.world_size > 1 else 0
+
+
+def image_sharing(dims: ParallelDims, device):
+    """The I2V image is encoded once per item, on the item group's rank 0, and broadcast to the others."""
+    from k5.parallel.vae_tiles import broadcast_image_latent
+
+    def share(encode):
+        latent = encode() if dims.rank("item") == 0 else None
+        return broadcast_image_latent(latent, dims.group("item"), src=0, device=device)
+
+    return share
+
+
+def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                   keep_text: bool = False) -> ParallelSetup:
+    """Everything a rank needs to generate on the planned ``dims`` (from ``plan_parallel``).
+
+    ``keep_text``: keep the text encoders after the first encode (batch jobs encode again). With more than one
+    process torch.distributed must be initialized and its world size equal ``dims.world_size``.
+    """
+    from k5.engine.pipeline import Kandinsky5Pipeline
+    from k5.engine.text import TextEncoder
+
+    root, device = Path(root), torch.device(device)
+    if dims.world_size == 1:
+        pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device)
+        return ParallelSetup(dims, pipeline, None, None, parameter_bytes(pipeline.dit))
+    if not dist.is_initialized():
+        raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized "
+                           f"(torchrun / init_process_group)")
+    config = Kandinsky5Pipeline.read_config(root)
+    check_layout(config, dims)
+    dims.build_mesh(device.type)
+
+    stats = CommStats()
+    dit, _ = load_dit(root, dims, dtype, device, stats, config)
+    if dims.sp_size > 1:
+        apply_sequence_parallel(dit, dims, stats)
+    encoder = TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device) if is_text_source(dims) else None
+    text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
+    if dims.cfg == 2:
+        text = BranchText(text, dims)
+    pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text)
+    pipeline.share_image = image_sharing(dims, device)
+    guided = CfgParallel(dims, stats).guided if dims.cfg == 2 else None
+    return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))
+
+
+def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
+                   ulysses: int | None = None, ring: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                   device="cpu", keep_text: bool = False) -> ParallelSetup:
+    """``plan_parallel`` for this process group's world size, then ``build_parallel`` (torch.distributed
+    initialized)."""
+    from k5.engine.pipeline import Kandinsky5Pipeline
+
+    if not dist.is_initialized():
+        raise RuntimeError("setup_parallel needs torch.distributed initialized (torchrun / init_process_group)")
+    dims = plan_parallel(dist.get_world_size(), Kandinsky5Pipeline.read_config(root), tp, cfg_parallel, dp, ulysses,
+                         ring)
+    return build_parallel(root, dims, dtype=dtype, device=device, keep_text=keep_text)
