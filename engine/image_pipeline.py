@@ -10,8 +10,10 @@ RoPE scale (1, 1, 1). What differs is the conditioning:
 The noise and the source image's posterior sample come from one CPU generator seeded with the request's seed, in that
 order, as diffusers' I2I pipeline draws them: the same latents on every device and world size.
 
-Parallel runs use this class unchanged: k5.parallel applies itself to ``pipeline.dit``, ``share_image`` encodes the
-source image on one rank and broadcasts it, and ``generate(guided=...)`` takes the CFG-parallel combination.
+Parallel runs use this class unchanged: k5.parallel.plan applies itself to ``pipeline.dit`` and ``pipeline.text``,
+``share_image`` encodes the source image on one rank and broadcasts it, and ``generate(chain=...)`` takes the step
+chain's stages (CFG parallel) as Kandinsky5Pipeline does. MagCache is refused: the reference calibrated its ratios on
+the video models only, and a stage without ratios would skip on guesses.
 """
 
 from __future__ import annotations
@@ -53,6 +55,24 @@ def check_image_checkpoint(root: str | Path) -> DiTConfig:
     return cfg
 
 
+def refuse_magcache(chain) -> None:
+    """Raise if the step chain caches steps: MagCache needs per-checkpoint ratios, and the reference has none for
+    Image Lite (its configs config_t2i.yaml / config_i2i.yaml have no magcache section)."""
+    from .magcache import MagCache
+
+    if any(isinstance(stage, MagCache) for stage in chain):
+        raise ValueError("MagCache has no ratios for Image Lite (the reference calibrated it on the video models "
+                         "only); drop --magcache")
+
+
+def pipeline_class(root: str | Path):
+    """The pipeline that runs a checkpoint folder: ImagePipeline for Image Lite (FLUX VAE), else Kandinsky5Pipeline.
+    Reads config files only."""
+    from .pipeline import Kandinsky5Pipeline
+
+    return ImagePipeline if is_image_checkpoint(root) else Kandinsky5Pipeline
+
+
 class ImagePipeline:
     def __init__(self, root: Path, dit: Kandinsky5DiT, text, vae: ImageVAE, device):
         self.root, self.dit, self.text, self.vae = Path(root), dit, text, vae
@@ -85,9 +105,9 @@ class ImagePipeline:
         conds = [Conditioning(e.embeds[i : i + 1], e.mask[i : i + 1], e.pooled[i : i + 1]) for i in range(len(prompts))]
         return conds, e.truncated
 
-    def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, extra: Tensor | None) -> Tensor:
+    def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, extra: Tensor | None, **dit_kwargs) -> Tensor:
         x = inp if extra is None else torch.cat([inp, extra.to(inp.dtype)], -1)
-        return self.dit(x, c.embeds, c.pooled, t, scale_factor=ROPE_SCALE, text_mask=c.mask)
+        return self.dit(x, c.embeds, c.pooled, t, scale_factor=ROPE_SCALE, text_mask=c.mask, **dit_kwargs)
 
     def extra_channels(self, edit: Tensor | None, shape) -> Tensor | None:
         """What the DiT takes besides the noisy latent: nothing (T2I checkpoint), [edit latent, ones] (I2I), or
@@ -99,9 +119,12 @@ class ImagePipeline:
         return torch.cat([edit, torch.ones_like(edit[..., :1])], -1)
 
     @torch.inference_mode()
-    def generate(self, req: ImageRequest, on_step=None, guided=None) -> ImageResult:
+    def generate(self, req: ImageRequest, on_step=None, guided=None, chain=()) -> ImageResult:
+        """Sample one request. ``chain``: stages of the step chain (k5.engine.chain; CfgParallel), ``guided``: the
+        former single hook, as in Kandinsky5Pipeline.generate."""
         if self.dit.nabla is not None:
             raise ValueError("NABLA attention is for video; Image Lite runs dense attention (--attention dense)")
+        refuse_magcache(chain)
         t0 = time.perf_counter()
         req = self.resolve(req)
         shape = req.latent_shape()
@@ -118,9 +141,9 @@ class ImagePipeline:
         extra = self.extra_channels(edit, shape)
         t1 = time.perf_counter()
         latents = sample(
-            lambda inp, t, c: self.velocity(inp, t, c, extra), noise, cond, uncond, steps=req.steps,
+            lambda inp, t, c, **kw: self.velocity(inp, t, c, extra, **kw), noise, cond, uncond, steps=req.steps,
             guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift, visual_cond=False,
-            on_step=on_step, guided=guided,
+            on_step=on_step, guided=guided, chain=chain,
         )
         t2 = time.perf_counter()
         return ImageResult(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},

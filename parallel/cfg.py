@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from k5.engine.chain import BRANCHES, Conditioning, StepCall, Velocity, combine_cfg, compose, uses_cfg
-from k5.engine.text import TextEmbeds
+from k5.engine.text import VIDEO, PromptFormat, TextEmbeds
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import LayoutError, ParallelDims
 
@@ -62,9 +62,11 @@ class CfgParallel:
 class BranchText:
     """Wraps a text encoder (TextEncoder or SharedText) so that each cfg half encodes only its own prompt.
 
-    Asked for [prompt, negative_prompt] (what Kandinsky5Pipeline.generate asks), it encodes the one of this half
-    and returns both rows; the other half's row is NaN (embeddings and pooled vector), never evaluated by
-    ``CfgParallel.guided``, and any accidental use turns the output into NaN instead of a plausible wrong video.
+    Asked for [prompt, negative_prompt] (what Kandinsky5Pipeline.generate and ImagePipeline.generate ask; an image
+    edit gives the source image with each), it encodes the one of this half and returns both rows; the other half's
+    row is NaN (embeddings and pooled vector), never evaluated by ``CfgParallel.guided``, and any accidental use
+    turns the output into NaN instead of a plausible wrong video. Rows of image-edit prompts are as long as this
+    half's own prompt (unpadded), which is all the DiT of this half sees.
     The truncation flags are exchanged, so both halves know whether the prompt was truncated.
     """
 
@@ -73,10 +75,11 @@ class BranchText:
             raise LayoutError(f"BranchText needs a cfg mesh dim of size 2, got {dims.cfg}", dims.degrees)
         self.inner, self.group, self.branch = inner, dims.group("cfg"), dims.rank("cfg")
 
-    def encode(self, prompts: list[str]) -> TextEmbeds:
+    def encode(self, prompts: list[str], fmt: PromptFormat = VIDEO, images: list | None = None) -> TextEmbeds:
         if len(prompts) != 2:
-            return self.inner.encode(prompts)  # no guidance: both halves need the one prompt
-        own = self.inner.encode([prompts[self.branch]])
+            return self.inner.encode(prompts, fmt=fmt, images=images)  # no guidance: both halves need the one prompt
+        own_image = None if images is None else [images[self.branch]]
+        own = self.inner.encode([prompts[self.branch]], fmt=fmt, images=own_image)
         flag = torch.tensor([int(own.truncated[0])], device=own.embeds.device)
         flags = [torch.empty_like(flag) for _ in range(2)]
         dist.all_gather(flags, flag, group=self.group)

@@ -9,6 +9,10 @@ Two stages, so that bad degrees fail before any weight is read:
   tiled parallel decode needs it everywhere) -> the I2V image encoded once per item group -> the CFG exchange.
 One process (all degrees 1) gets the plain single-device pipeline.
 
+Image Lite checkpoints (FLUX VAE; k5.engine.image_pipeline.pipeline_class tells) get an ImagePipeline on the same
+layouts: the one-frame token grid is sharded like a video's (pad blocks when it does not divide), the edit prompt and
+its source image go to the text source rank, and the I2I source latent is encoded once per item group and broadcast.
+
 The techniques themselves live in their own files: tensor.py, sequence.py, cfg.py, text_share.py, vae_tiles.py.
 """
 
@@ -88,7 +92,7 @@ def check_request(dims: ParallelDims, guidance_scale: float) -> None:
 @dataclass
 class ParallelSetup:
     dims: ParallelDims  # with its mesh when world_size > 1
-    pipeline: object  # k5.engine.pipeline.Kandinsky5Pipeline with the parallel DiT and text encoder
+    pipeline: object  # Kandinsky5Pipeline or ImagePipeline (by checkpoint) with the parallel DiT and text encoder
     guided: Callable | None  # pass to pipeline.generate(req, guided=...); None without CFG parallelism
     stats: CommStats | None  # bytes sent by every collective (DiT, CFG exchange, text broadcast); None on one process
     parameter_bytes: dict[str, int]  # this rank's DiT parameters (k5.parallel.tensor.parameter_bytes)
@@ -114,7 +118,8 @@ class ParallelSetup:
 
 
 def image_sharing(dims: ParallelDims, device):
-    """The I2V image is encoded once per item, on the item group's rank 0, and broadcast to the others."""
+    """The I2V image (I2I: the source image) is encoded once per item, on the item group's rank 0, and broadcast to
+    the others."""
     from k5.parallel.vae_tiles import broadcast_image_latent
 
     def share(encode):
@@ -131,17 +136,18 @@ def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype =
     ``keep_text``: keep the text encoders after the first encode (batch jobs encode again). With more than one
     process torch.distributed must be initialized and its world size equal ``dims.world_size``.
     """
-    from k5.engine.pipeline import Kandinsky5Pipeline
+    from k5.engine.image_pipeline import pipeline_class
     from k5.engine.text import TextEncoder
 
     root, device = Path(root), torch.device(device)
+    Pipeline = pipeline_class(root)
     if dims.world_size == 1:
-        pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device)
+        pipeline = Pipeline.from_pretrained(root, dtype, device)
         return ParallelSetup(dims, pipeline, None, None, parameter_bytes(pipeline.dit))
     if not dist.is_initialized():
         raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized "
                            f"(torchrun / init_process_group)")
-    config = Kandinsky5Pipeline.read_config(root)
+    config = Pipeline.read_config(root)
     check_layout(config, dims)
     dims.build_mesh(device.type)
 
@@ -153,7 +159,7 @@ def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype =
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if dims.cfg == 2:
         text = BranchText(text, dims)
-    pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text)
+    pipeline = Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text)
     pipeline.share_image = image_sharing(dims, device)
     guided = CfgParallel(dims, stats).guided if dims.cfg == 2 else None
     return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))
@@ -164,10 +170,10 @@ def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False,
                    device="cpu", keep_text: bool = False) -> ParallelSetup:
     """``plan_parallel`` for this process group's world size, then ``build_parallel`` (torch.distributed
     initialized)."""
-    from k5.engine.pipeline import Kandinsky5Pipeline
+    from k5.engine.image_pipeline import pipeline_class
 
     if not dist.is_initialized():
         raise RuntimeError("setup_parallel needs torch.distributed initialized (torchrun / init_process_group)")
-    dims = plan_parallel(dist.get_world_size(), Kandinsky5Pipeline.read_config(root), tp, cfg_parallel, dp, ulysses,
-                         ring)
+    config = pipeline_class(root).read_config(root)
+    dims = plan_parallel(dist.get_world_size(), config, tp, cfg_parallel, dp, ulysses, ring)
     return build_parallel(root, dims, dtype=dtype, device=device, keep_text=keep_text)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from k5.engine.text import TextEmbeds
+from k5.engine.text import VIDEO, PromptFormat, TextEmbeds
 from k5.parallel.comm_stats import CommStats, nbytes
 from k5.parallel.mesh import ParallelDims
 
@@ -26,7 +26,7 @@ def is_text_source(dims: ParallelDims) -> bool:
 
 
 class SharedText:
-    """``encode(prompts) -> TextEmbeds`` like engine.text.TextEncoder; runs the encoder on the group's rank 0 only.
+    """``encode(prompts, fmt, images) -> TextEmbeds`` like engine.text.TextEncoder; runs the encoder on the group's rank 0 only.
 
     ``encoder`` is the loaded TextEncoder on the source rank and None elsewhere; ``device`` is where receiving ranks
     put the embeddings (the DiT's device). With ``keep=False`` the encoder is released after the first encode.
@@ -44,11 +44,13 @@ class SharedText:
     def for_dims(cls, encoder, dims: ParallelDims, device, keep: bool = False, stats: CommStats | None = None):
         return cls(encoder, dims.group("replica"), device, keep, stats)
 
-    def encode(self, prompts: list[str]) -> TextEmbeds:
+    def encode(self, prompts: list[str], fmt: PromptFormat = VIDEO, images: list | None = None) -> TextEmbeds:
+        """As TextEncoder.encode; ``images`` (an image edit's source, one per prompt) are read on the source rank
+        only, and the embeddings' shapes travel in the header (an edit prompt's length depends on its image)."""
         if self.source:
             if self.encoder is None:
                 raise RuntimeError("the text encoder was released after the first encode; pass keep=True to reuse it")
-            e = self.encoder.encode(prompts)
+            e = self.encoder.encode(prompts, fmt=fmt, images=images)
             header = [[(tuple(t.shape), t.dtype) for t in (e.embeds, e.mask, e.pooled)], list(e.truncated)]
             tensors = [t.to(self.device).contiguous() for t in (e.embeds, e.mask, e.pooled)]
         else:
