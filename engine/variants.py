@@ -4,8 +4,9 @@ Source of truth: kandinskylab/kandinsky-5 (configs/*.yaml, README model zoo, tes
 kandinsky5-architecture.md section 1.2. Each row names the config it comes from (``source``); tests/test_variants.py
 checks every row against the reference values written out there. Settings that the reference keeps outside the
 YAML:
-- shift: the reference CLI (test.py) passes ``--scheduler_scale 5.0`` for every model and every README command;
-  the YAML ``metrics.scheduler_scale`` is read by no code. The Pro -Diffusers repos' scheduler_config has 5.0 too.
+- shift (video): the reference CLI (test.py) passes ``--scheduler_scale 5.0`` for every model and every README
+  command; the YAML ``metrics.scheduler_scale`` is read by no code. The Pro -Diffusers repos' scheduler_config has
+  5.0 too. Image Lite: see below.
 - size: SD is 512x768 (test.py's default), HD 768x1280 (the HD commands of examples/examples.sh); frames are
   ``24 * seconds // 4 * 4 + 1`` (121 for 5 s, 241 for 10 s).
 - The Lite 5 s sft and nocfg MagCache ratios are in ai-forever/Kandinsky-5 configs/config_5s_{sft,nocfg}.yaml
@@ -16,8 +17,18 @@ YAML:
 - Pro distilled checkpoints: none is released with a config (the README lists "distil 16 steps" as not done for Pro;
   a kandinskylab/Kandinsky-5.0-I2V-Pro-distilled-5s-Diffusers repo exists with no readable settings), so there is
   no row for them rather than a guess.
-- Image Lite rows (t2i/i2i) are placeholders for the Image Lite work: steps and guidance from configs/config_t2i.yaml
-  and config_i2i.yaml (57bcb40), shift and size to be confirmed there.
+- Image Lite (t2i/i2i): steps, guidance and the RoPE scale from configs/config_t2i.yaml and config_i2i.yaml (the
+  README's k5_lite_{t2i,i2i}_sft_hd.yaml are these files renamed; the index holds the old names). config_i2i.yaml has
+  two stored versions, guidance 3.5 (57bcb40) and 5.0 (116a145); 3.5 is the one of the later mirror
+  maybleMyers/kandinsky5@0254232 and diffusers' Kandinsky5I2IPipeline default. Repos and weight files: the README
+  model zoo and kandinsky/utils.py get_T2I_pipeline / get_I2I_pipeline (kandinsky5lite_t2i / _i2i.safetensors;
+  kandinskylab's config_i2i.yaml names the t2i file, a copy-paste the mirror corrected). -Diffusers repos: diffusers'
+  Kandinsky 5 image pipelines' docstrings. The pretrain repos' file names appear in no stored reference file; they
+  follow the video pretrain releases' pattern (kandinsky5lite_t2v_pretrain_5s) and only serve to recognise a file.
+  Shift 3.0: the image pipelines' own ``scheduler_scale`` default (Kandinsky5T2IPipeline / Kandinsky5I2IPipeline
+  ``__call__``), what the README's Python examples run; test.py's 5.0 reaches them only through its CLI. Size
+  1024x1024: both pipelines' default (the reference's and diffusers'); I2I without a size takes the source image's
+  nearest bucket (``defaults()`` leaves it open), as diffusers does.
 
 Everything here is plain data and arithmetic; nothing imports torch.distributed or loads weights.
 """
@@ -151,6 +162,7 @@ _PRO_I2V_5S_HD = (
 )
 
 SD, HD, IMAGE = (512, 768), (768, 1280), (1024, 1024)
+IMAGE_SHIFT = 3.0  # the reference image pipelines' scheduler_scale default (module docstring)
 FRAMES = {5: 121, 10: 241}
 _KC = "kandinskylab/kandinsky-5 configs/"
 _AF = "ai-forever/Kandinsky-5 configs/"
@@ -199,13 +211,13 @@ _ROWS = (
      5.0, 0.7, HD, 10, None, "README model zoo (no config): " + _KC + "k5_pro_t2v_10s_sft_hd.yaml"),
     ("t2v-pro-pretrain-10s-sd", "t2v", "pro", "T2V-Pro-pretrain-10s", "kandinsky5pro_t2v_pretrain_10s", False, 50,
      5.0, 0.9, SD, 10, None, "README model zoo (no config): " + _KC + "k5_pro_t2v_10s_sft_sd.yaml"),
-    # Image Lite: placeholders for the Image Lite work (shift and default size to be confirmed there).
+    # Image Lite: config_t2i.yaml / config_i2i.yaml (module docstring); pretrain repos have no config (README: "-").
     ("t2i-lite-sft", "t2i", "image-lite", "T2I-Lite", "kandinsky5lite_t2i", "T2I-Lite-sft", 50, 3.5, None, IMAGE, 0,
      None, _KC + "config_t2i.yaml"),
     ("t2i-lite-pretrain", "t2i", "image-lite", "T2I-Lite-pretrain", "kandinsky5lite_t2i_pretrain", "T2I-Lite-pretrain",
      50, 3.5, None, IMAGE, 0, None, "README model zoo (no config): " + _KC + "config_t2i.yaml"),
     ("i2i-lite-sft", "i2i", "image-lite", "I2I-Lite", "kandinsky5lite_i2i", "I2I-Lite-sft", 50, 3.5, None, IMAGE, 0,
-     None, _KC + "config_i2i.yaml@57bcb40"),
+     None, _KC + "config_i2i.yaml@57bcb40 (= maybleMyers/kandinsky5@0254232)"),
     ("i2i-lite-pretrain", "i2i", "image-lite", "I2I-Lite-pretrain", "kandinsky5lite_i2i_pretrain", "I2I-Lite-pretrain",
      50, 3.5, None, IMAGE, 0, None, "README model zoo (no config): " + _KC + "config_i2i.yaml@57bcb40"),
 )
@@ -221,7 +233,7 @@ class Variant:
     diffusers_repo: str | None  # the -Diffusers repo id, where one is released
     steps: int
     guidance_scale: float
-    shift: float | None  # None: the checkpoint's scheduler config (else 5.0)
+    shift: float | None  # None: the checkpoint's scheduler config
     nabla_P: float | None  # None: dense attention
     height: int
     width: int
@@ -253,8 +265,11 @@ class Variant:
         return {"steps": self.steps, "guidance_scale": self.guidance_scale, "shift": self.shift}
 
     def defaults(self) -> dict:
-        """Request defaults of a real checkpoint: sampling settings plus size and frames."""
-        return {**self.sampling(), "height": self.height, "width": self.width, "num_frames": self.num_frames}
+        """Request defaults of a real checkpoint: sampling settings plus size and frames. An edit (i2i) leaves the
+        size open: it follows the source image (its nearest bucket); ``height`` x ``width`` is the size without one."""
+        open_size = self.task == "i2i"
+        return {**self.sampling(), "height": None if open_size else self.height,
+                "width": None if open_size else self.width, "num_frames": self.num_frames}
 
     def configure(self, config: DiTConfig) -> DiTConfig:
         """``config`` with this variant's attention: what a single-file checkpoint (no config) runs with."""
@@ -274,7 +289,7 @@ def _variant(row) -> Variant:
     return Variant(
         name=name, task=task, family=family, repo=f"{ORG}/Kandinsky-5.0-{repo}", weights=f"model/{weights}.safetensors",
         diffusers_repo=f"{ORG}/Kandinsky-5.0-{diffusers}-Diffusers" if diffusers else None, steps=steps,
-        guidance_scale=guidance, shift=5.0 if video else None, nabla_P=P, height=h, width=w,
+        guidance_scale=guidance, shift=5.0 if video else IMAGE_SHIFT, nabla_P=P, height=h, width=w,
         num_frames=FRAMES[seconds] if video else 1, mag_ratios=ratios, source=source,
     )
 

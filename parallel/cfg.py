@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from k5.engine.chain import BRANCHES, Conditioning, StepCall, Velocity, combine_cfg, compose, uses_cfg
-from k5.engine.text import VIDEO, PromptFormat, TextEmbeds
+from k5.engine.text import TextEmbeds
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import LayoutError, ParallelDims
 
@@ -75,11 +75,13 @@ class BranchText:
             raise LayoutError(f"BranchText needs a cfg mesh dim of size 2, got {dims.cfg}", dims.degrees)
         self.inner, self.group, self.branch = inner, dims.group("cfg"), dims.rank("cfg")
 
-    def encode(self, prompts: list[str], fmt: PromptFormat = VIDEO, images: list | None = None) -> TextEmbeds:
+    def encode(self, prompts: list[str], **kwargs) -> TextEmbeds:
+        """``kwargs`` as TextEncoder.encode (``fmt``, ``images``: one per prompt, of which this half takes its own)."""
         if len(prompts) != 2:
-            return self.inner.encode(prompts, fmt=fmt, images=images)  # no guidance: both halves need the one prompt
-        own_image = None if images is None else [images[self.branch]]
-        own = self.inner.encode([prompts[self.branch]], fmt=fmt, images=own_image)
+            return self.inner.encode(prompts, **kwargs)  # no guidance: both halves need the one prompt
+        if kwargs.get("images") is not None:
+            kwargs["images"] = [kwargs["images"][self.branch]]
+        own = self.inner.encode([prompts[self.branch]], **kwargs)
         flag = torch.tensor([int(own.truncated[0])], device=own.embeds.device)
         flags = [torch.empty_like(flag) for _ in range(2)]
         dist.all_gather(flags, flag, group=self.group)

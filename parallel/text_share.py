@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from k5.engine.text import VIDEO, PromptFormat, TextEmbeds
+from k5.engine.text import TextEmbeds
 from k5.parallel.comm_stats import CommStats, nbytes
 from k5.parallel.mesh import ParallelDims
 
@@ -44,13 +44,14 @@ class SharedText:
     def for_dims(cls, encoder, dims: ParallelDims, device, keep: bool = False, stats: CommStats | None = None):
         return cls(encoder, dims.group("replica"), device, keep, stats)
 
-    def encode(self, prompts: list[str], fmt: PromptFormat = VIDEO, images: list | None = None) -> TextEmbeds:
-        """As TextEncoder.encode; ``images`` (an image edit's source, one per prompt) are read on the source rank
-        only, and the embeddings' shapes travel in the header (an edit prompt's length depends on its image)."""
+    def encode(self, prompts: list[str], **kwargs) -> TextEmbeds:
+        """As TextEncoder.encode; ``kwargs`` (``fmt``, and ``images``: an image edit's source, one per prompt) go to
+        the encoder on the source rank only. The embeddings' shapes travel in the header (an edit prompt is as long
+        as its image makes it)."""
         if self.source:
             if self.encoder is None:
                 raise RuntimeError("the text encoder was released after the first encode; pass keep=True to reuse it")
-            e = self.encoder.encode(prompts, fmt=fmt, images=images)
+            e = self.encoder.encode(prompts, **kwargs)
             header = [[(tuple(t.shape), t.dtype) for t in (e.embeds, e.mask, e.pooled)], list(e.truncated)]
             tensors = [t.to(self.device).contiguous() for t in (e.embeds, e.mask, e.pooled)]
         else:

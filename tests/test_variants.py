@@ -8,6 +8,8 @@ frames = time_length * 24 // 4 latent steps -> 121 / 241; size: test.py's 512x76
 --width 1280 --height 768 (examples/examples.sh).
 """
 
+import re
+
 import pytest
 import yaml
 
@@ -208,16 +210,32 @@ model:
   guidance_weight: 3.5
   attention: {type: flash}
 """,
-    "config_i2i.yaml@57bcb40": """
+    # kandinskylab configs/config_i2i.yaml@57bcb40 names "kandinsky5lite_t2i.safetensors" here (copied from the t2i
+    # config; its other stored version, 116a145, also has guidance_weight 5.0); the mirror's later copy below has the
+    # I2I file of get_I2I_pipeline and guidance 3.5, as 57bcb40 and diffusers' Kandinsky5I2IPipeline.
+    "config_i2i.yaml (maybleMyers/kandinsky5@0254232)": """
 metrics:
   scale_factor: [1.0, 1.0, 1.0]
   resolution: 1024
 model:
+  checkpoint_path: "./weights/model/kandinsky5lite_i2i.safetensors"
   num_steps: 50
   guidance_weight: 3.5
+  dit_params: {instruct_type: "channel", in_visual_dim: 16, model_dim: 2560, num_visual_blocks: 50}
   attention: {type: flash}
 """,
 }
+
+# Outside the image YAMLs (kandinskylab/kandinsky-5 @116a145): kandinsky/utils.py get_T2I_pipeline / get_I2I_pipeline
+# download model_name's "model/<wieghts_name>"; the README model zoo lists the pretrain repos; t2i_pipeline.py and
+# i2i_pipeline.py __call__ default to width=1024, height=1024, scheduler_scale=3.0.
+IMAGE_REPOS = {
+    "t2i-lite-sft": ("kandinskylab/Kandinsky-5.0-T2I-Lite", "kandinsky5lite_t2i.safetensors"),
+    "i2i-lite-sft": ("kandinskylab/Kandinsky-5.0-I2I-Lite", "kandinsky5lite_i2i.safetensors"),
+    "t2i-lite-pretrain": ("kandinskylab/Kandinsky-5.0-T2I-Lite-pretrain", None),  # file name in no reference file
+    "i2i-lite-pretrain": ("kandinskylab/Kandinsky-5.0-I2I-Lite-pretrain", None),
+}
+IMAGE_CALL_DEFAULTS = {"width": 1024, "height": 1024, "scheduler_scale": 3.0}
 
 # variant -> (reference file, seconds). Pro pretrain and Image Lite pretrain have no config of their own (README
 # model zoo: "-", same NFE as sft): they take the sft config of their duration and resolution, without ratios.
@@ -243,8 +261,8 @@ EXPECTED = {
     "t2v-pro-pretrain-10s-hd": ("k5_pro_t2v_10s_sft_hd.yaml", 10),
     "t2i-lite-sft": ("config_t2i.yaml", 0),
     "t2i-lite-pretrain": ("config_t2i.yaml", 0),
-    "i2i-lite-sft": ("config_i2i.yaml@57bcb40", 0),
-    "i2i-lite-pretrain": ("config_i2i.yaml@57bcb40", 0),
+    "i2i-lite-sft": ("config_i2i.yaml (maybleMyers/kandinsky5@0254232)", 0),
+    "i2i-lite-pretrain": ("config_i2i.yaml (maybleMyers/kandinsky5@0254232)", 0),
 }
 NO_OWN_CONFIG = {"t2v-pro-pretrain-5s-sd", "t2v-pro-pretrain-5s-hd", "t2v-pro-pretrain-10s-sd",
                  "t2v-pro-pretrain-10s-hd", "t2i-lite-pretrain", "i2i-lite-pretrain"}
@@ -287,6 +305,42 @@ def test_settings_equal_the_reference_config(name):
         assert (v.height, v.width) == SIZE[ref["metrics"]["resolution"]]
     else:
         assert v.num_frames == 1 and ref["metrics"]["resolution"] == 1024
+        assert v.shift == IMAGE_CALL_DEFAULTS["scheduler_scale"]
+        assert (v.height, v.width) == (IMAGE_CALL_DEFAULTS["height"], IMAGE_CALL_DEFAULTS["width"])
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_REPOS))
+def test_image_rows_name_the_reference_repos_and_files(name):
+    repo, weights = IMAGE_REPOS[name]
+    v = V.VARIANTS[name]
+    assert v.repo == repo  # its -Diffusers repo: test_image_rows_agree_with_diffusers_and_the_engine
+    if weights is not None:
+        assert v.weights == "model/" + weights
+    assert V.recognise(repo) is v and V.recognise(v.diffusers_repo) is v
+
+
+def test_image_rows_agree_with_diffusers_and_the_engine():
+    """diffusers' image pipelines (installed: an oracle independent of the reference's YAML) and the defaults the
+    engine runs an image request with (k5.engine.image) give the same settings as the catalogue."""
+    import inspect
+
+    import diffusers.pipelines.kandinsky5.pipeline_kandinsky_i2i as d_i2i
+    import diffusers.pipelines.kandinsky5.pipeline_kandinsky_t2i as d_t2i
+
+    from k5.engine import image
+
+    for module, cls, task in ((d_t2i, d_t2i.Kandinsky5T2IPipeline, "t2i"), (d_i2i, d_i2i.Kandinsky5I2IPipeline, "i2i")):
+        call = {k: p.default for k, p in inspect.signature(cls.__call__).parameters.items()}
+        named = set(re.findall(r"kandinskylab/Kandinsky-5\.0-[\w.-]+-Diffusers", inspect.getsource(module)))
+        rows = [v for v in V.VARIANTS.values() if v.task == task]
+        assert {v.diffusers_repo for v in rows} == named
+        for v in rows:
+            assert (v.steps, v.guidance_scale) == (call["num_inference_steps"], call["guidance_scale"])
+            d = v.defaults()
+            # T2I: 1024x1024 as diffusers; I2I: no size (diffusers and the engine take the source image's bucket)
+            assert (d["height"], d["width"]) == (call["height"], call["width"])
+            assert (v.steps, v.guidance_scale, v.shift) == (image.STEPS, image.GUIDANCE_SCALE, image.DEFAULT_SHIFT)
+            assert (v.height, v.width) == image.DEFAULT_SIZE and v.rope_scale == image.ROPE_SCALE
 
 
 def test_families_and_tasks_by_name():
