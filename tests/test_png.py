@@ -1,4 +1,5 @@
-"""write_png: what PIL reads back, no clobbering, and no partial file whatever fails."""
+"""write_png: what PIL reads back, no clobbering, and no partial file whatever fails; check_png refuses a truncated
+file, another size and other pixels."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 from PIL import Image
 
 import k5.engine.video as video_module
-from k5.engine.png import write_png
+from k5.engine.png import UnreadableImage, check_png, encode_png, write_png
 
 
 def image(h=24, w=40, seed=0):
@@ -69,3 +70,21 @@ def test_bad_arrays(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         write_png(bad, tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_png_decodes_the_whole_file(tmp_path):
+    img = image(h=32, w=48)
+    path = tmp_path / "a.png"
+    expect = encode_png(img, path)
+    assert (expect["width"], expect["height"]) == (48, 32)
+    check_png(path, **expect)
+    data = path.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # cut in the pixel data
+    with pytest.raises(UnreadableImage, match="cut.png is not a readable PNG image"):
+        check_png(tmp_path / "cut.png", **expect)
+    with pytest.raises(UnreadableImage, match=r"width 48 \(written 40\)"):
+        check_png(path, 40, 32)
+    other = img.copy()
+    other[5, 7, 1] ^= 1  # one channel of one pixel, one level
+    with pytest.raises(UnreadableImage, match="its pixels differ"):
+        check_png(path, 48, 32, encode_png(other, tmp_path / "b.png")["pixels_sha256"])
