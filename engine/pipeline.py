@@ -102,6 +102,25 @@ def rope_scale(height: int, width: int) -> tuple[float, float, float]:
     return (1.0, 2.0, 2.0) if max(height, width) <= 854 else (1.0, 3.16, 3.16)
 
 
+def make_expander(encoder: TextEncoder | None):
+    """``expander(prompt, task, seed) -> str`` on the encoder's Qwen2.5-VL; without an encoder (a rank that is not a
+    text source) one that refuses, since share_text never calls it there."""
+
+    def expander(prompt: str, task: str, seed: int) -> str:
+        from .expand import expand_prompt
+
+        if encoder is None:
+            raise RuntimeError("this rank holds no text encoder; prompt expansion runs on the item group's rank 0")
+        if task == "i2v":
+            # TODO(vision tower): expand.expand_prompt_with_image once the Qwen2.5-VL vision tower and image
+            # processor are on the encoder.
+            raise ValueError("prompt expansion for image-to-video needs the Qwen2.5-VL vision tower, which k5 does "
+                             "not load yet; use --no-expand-prompt")
+        return expand_prompt(encoder, prompt, task, seed)
+
+    return expander
+
+
 @dataclass
 class Result:
     latents: Tensor  # [1, T, H, W, 16] fp32
@@ -117,6 +136,10 @@ class Kandinsky5Pipeline:
         # share_image(encode) -> latent: how ranks that work on one item get the I2V image latent. Here: encode.
         # Parallel runs encode on one rank and broadcast (k5.parallel.cfg.setup_parallel sets it).
         self.share_image = lambda encode: encode()
+        # expander(prompt, task, seed) -> text: the reference's prompt expansion (None: not loaded). share_text runs
+        # it once per item and shares the text, like share_image (k5.parallel.text_share.share_expansion).
+        self.expander = None
+        self.share_text = lambda expand: expand()
 
     @staticmethod
     def read_config(root: str | Path) -> DiTConfig:
@@ -126,18 +149,32 @@ class Kandinsky5Pipeline:
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None, text=None) -> "Kandinsky5Pipeline":
+                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False,
+                        adapters=()) -> "Kandinsky5Pipeline":
         """Load every component; a ``dit`` or ``text`` encoder given by the caller (a tensor-parallel DiT, text
-        embeddings shared between ranks) is used instead of loading that component."""
+        embeddings shared between ranks) is used instead of loading that component. ``expand``: also load the
+        Qwen2.5-VL lm_head for prompt expansion (``expand_prompt``); ``adapters``: LoRAs merged into the DiT."""
         root = Path(root)
         check_components(root)
         device = torch.device(device)
-        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device)
-        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
+        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device, adapters=adapters)
+        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
         # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
         vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=device)
-        return cls(root, dit, text, vae, device)
+        pipe = cls(root, dit, text, vae, device)
+        if expand and isinstance(text, TextEncoder):
+            pipe.expander = make_expander(text)
+        return pipe
+
+    def expand_prompt(self, req: Request, task: str | None = None) -> str:
+        """The reference's expansion of ``req.prompt`` (seeded with ``req.seed``), computed once per item (on the item
+        group's rank 0 in parallel runs) and returned on every rank. ``task``: t2v / i2v / t2i (default: i2v with an
+        image, else t2v). The caller encodes the result: ``generate(req, prompt=expanded)``."""
+        if self.expander is None:
+            raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
+        task = task or ("i2v" if req.image else "t2v")
+        return self.share_text(lambda: self.expander(req.prompt, task, req.seed))
 
     def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
         e = self.text.encode(prompts)
@@ -160,9 +197,11 @@ class Kandinsky5Pipeline:
         return self.share_image(encode)
 
     @torch.inference_mode()
-    def generate(self, req: Request, on_step=None, guided=None) -> Result:
+    def generate(self, req: Request, on_step=None, guided=None, prompt: str | None = None) -> Result:
+        """``prompt``: the text to encode instead of ``req.prompt`` (its expansion, see ``expand_prompt``)."""
         t0 = time.perf_counter()
-        prompts = [req.prompt] + ([req.negative_prompt] if uses_cfg(req.guidance_scale) else [])
+        prompts = [req.prompt if prompt is None else prompt]
+        prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
         conds, truncated = self.encode(prompts)
         cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
         first = self.first_frame(req)

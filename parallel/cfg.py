@@ -25,7 +25,7 @@ from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel, plan_layout
 from k5.parallel.tensor import (check_tensor_parallel, check_tp_degree, format_parameter_bytes, load_dit,
                                 parameter_bytes)
-from k5.parallel.text_share import SharedText, is_text_source
+from k5.parallel.text_share import SharedText, is_text_source, share_expansion
 
 COND, UNCOND = 0, 1  # cfg rank -> branch
 
@@ -140,14 +140,14 @@ def image_sharing(dims: ParallelDims, device):
 
 def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
                    ulysses: int | None = None, ring: int | None = None, dtype: torch.dtype = torch.bfloat16,
-                   device="cpu", keep_text: bool = False) -> ParallelSetup:
+                   device="cpu", keep_text: bool = False, expand: bool = False, adapters=()) -> ParallelSetup:
     """Everything a rank needs to generate with the given degrees (torch.distributed already initialized).
 
     Order: degrees checked (before any weight is read) -> mesh -> DiT on meta, cut for tp, filled with this rank's
     slices -> sequence parallelism -> text encoders on one rank per replica (per cfg half) -> VAE on every rank
     (the tiled parallel decode needs it everywhere).
     """
-    from k5.engine.pipeline import Kandinsky5Pipeline
+    from k5.engine.pipeline import Kandinsky5Pipeline, make_expander
     from k5.engine.text import TextEncoder
 
     if not dist.is_initialized():
@@ -158,14 +158,18 @@ def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False,
     dims.build_mesh(device.type)
 
     stats = CommStats()
-    dit, _ = load_dit(root, dims, dtype, device, stats, config)
+    dit, _ = load_dit(root, dims, dtype, device, stats, config, adapters=adapters)
     if dims.sp_size > 1:
         apply_sequence_parallel(dit, dims, stats)
-    encoder = TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device) if is_text_source(dims) else None
+    encoder = (TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
+               if is_text_source(dims) else None)
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if cfg_parallel:
         text = BranchText(text, dims)
     pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text)
     pipeline.share_image = image_sharing(dims, device)
+    if expand:
+        pipeline.expander = make_expander(encoder)
+        pipeline.share_text = share_expansion(dims, device)
     guided = CfgParallel(dims, stats).guided if cfg_parallel else None
     return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))

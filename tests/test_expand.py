@@ -1,0 +1,172 @@
+"""Prompt expansion on the tiny checkpoint against the reference's own route: transformers'
+Qwen2_5_VLForConditionalGeneration loaded whole from the checkpoint folder, `generate(max_new_tokens=256)` after
+`transformers.set_seed(seed)`, decoded without special tokens (kandinskylab/kandinsky-5 t2v_pipeline.py). k5 runs
+the same decoding on the text encoder's own decoder and head; the texts must be equal, token for token.
+"""
+
+import pytest
+import torch
+import transformers
+from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+from distributed import run_distributed
+from k5.engine import expand
+from k5.engine.pipeline import Kandinsky5Pipeline, Request
+from k5.engine.text import TextEncoder
+from k5.engine.tiny import tiny_checkpoint
+
+PROMPT = "a red fox running through snow"
+CHAT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n" \
+       "<|im_start|>assistant\n"  # Qwen2-VL's chat template for one user message, written out
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+# The sampling settings of the Qwen2.5-VL Instruct release (generation_config.json), to exercise the seeded path.
+SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny):
+    return TextEncoder.from_pretrained(tiny, torch.float32, lm_head=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny / "text_encoder", dtype=torch.float32).eval()
+
+
+def reference_expansion(model, tokenizer, prompt, task, seed, max_new_tokens=256, **inputs):
+    ids = inputs.pop("input_ids", None)
+    if ids is None:
+        ids = tokenizer(expand.render(tokenizer, expand.expansion_messages(prompt, task)), return_tensors="pt")[
+            "input_ids"]
+    transformers.set_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             **inputs)
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True,
+                                  clean_up_tokenization_spaces=False)[0]
+
+
+def test_messages_and_chat_rendering(encoder):
+    tok = encoder.qwen_tokenizer
+    assert tok.chat_template is None  # the tiny tokenizer has none: Qwen2-VL's template applies
+    for task, image in [("t2v", ""), ("t2i", ""), ("i2v", "before"), ("i2i", "after")]:
+        text = expand.INSTRUCTIONS[task].replace("{prompt}", "A {b} c")  # braces in a prompt stay as they are
+        user = VISION + text if image == "before" else text + VISION if image == "after" else text
+        assert expand.render(tok, expand.expansion_messages("A {b} c", task)) == CHAT.format(user)
+        assert f'Rewrite Prompt: "A {{b}} c"' in text
+    with pytest.raises(ValueError, match="task 'v2v' is not one of t2v, i2v, t2i, i2i"):
+        expand.expansion_messages(PROMPT, "v2v")
+
+
+@pytest.mark.parametrize("task, seed", [("t2v", 3), ("t2i", 4)])
+def test_greedy_expansion_equals_reference_generate(encoder, reference, task, seed):
+    assert not encoder.generation_config.do_sample  # the tiny checkpoint's config: greedy (transformers' default)
+    got = expand.expand_prompt(encoder, PROMPT, task, seed)
+    assert got == reference_expansion(reference, encoder.qwen_tokenizer, PROMPT, task, seed)
+    assert len(got) > 100 and got == expand.expand_prompt(encoder, PROMPT, task, seed)
+
+
+def test_seeded_sampling_equals_reference_and_keeps_global_rng(encoder, reference):
+    saved = encoder.generation_config, reference.generation_config
+    encoder.generation_config = GenerationConfig(**{**saved[0].to_dict(), **SAMPLING})
+    encoder._generator = None
+    reference.generation_config = GenerationConfig(**{**saved[1].to_dict(), **SAMPLING})
+    try:
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        got = expand.expand_prompt(encoder, PROMPT, "t2v", 5, max_new_tokens=64)
+        assert torch.equal(torch.get_rng_state(), state)  # the expansion seeds its own draws
+        assert got == expand.expand_prompt(encoder, PROMPT, "t2v", 5, max_new_tokens=64)
+        want = reference_expansion(reference, encoder.qwen_tokenizer, PROMPT, "t2v", 5, max_new_tokens=64)
+        assert got == want and len(got) > 50
+    finally:
+        (encoder.generation_config, reference.generation_config), encoder._generator = saved, None
+
+
+def test_generation_shares_the_encoder_weights(encoder, tiny):
+    from safetensors import safe_open
+
+    model = encoder._generation_model()
+    assert model.model.language_model is encoder.qwen and model.lm_head is encoder.lm_head
+    own = {p.data_ptr() for p in encoder.qwen.parameters()} | {encoder.lm_head.weight.data_ptr()}
+    assert {p.data_ptr() for p in model.parameters()} == own  # nothing else: no second copy, nothing on meta
+    with safe_open(str(tiny / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert torch.equal(encoder.lm_head.weight, f.get_tensor("lm_head.weight"))
+        assert not torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("model.embed_tokens.weight"))
+
+
+def test_image_expansion_with_a_vision_tower(encoder, reference):
+    """I2V/I2I expansion, with the tiny checkpoint's vision tower attached as the image engineer's will be."""
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(64, 96, 3, generator=g) * 255).to(torch.uint8).numpy())
+    pixels = Qwen2VLImageProcessorPil()(images=[image], return_tensors="pt")
+    assert pixels["image_grid_thw"].tolist() == [[1, 4, 6]]  # 64x96 -> 56x84 -> 4x6 patches of 14
+    tok = encoder.qwen_tokenizer
+    for task in ("i2v", "i2i"):
+        rendered = expand.render(tok, expand.expansion_messages(PROMPT, task))
+        inputs = expand.image_prompt_ids(tok, rendered, pixels["image_grid_thw"], merge_size=2)
+        pad = tok.convert_tokens_to_ids("<|image_pad|>")
+        assert int((inputs["input_ids"] == pad).sum()) == 4 * 6 // 4 == int(inputs["mm_token_type_ids"].sum())
+        with pytest.raises(RuntimeError, match="needs the Qwen2.5-VL vision tower"):
+            expand.expand_prompt_with_image(encoder, PROMPT, pixels["pixel_values"], pixels["image_grid_thw"], task)
+        encoder.visual, encoder._generator = reference.model.visual, None
+        try:
+            got = expand.expand_prompt_with_image(encoder, PROMPT, pixels["pixel_values"], pixels["image_grid_thw"],
+                                                  task, seed=7)
+        finally:
+            encoder.visual, encoder._generator = None, None
+        want = reference_expansion(reference, tok, PROMPT, task, 7, pixel_values=pixels["pixel_values"],
+                                   image_grid_thw=pixels["image_grid_thw"], **inputs)
+        assert got == want and len(got) > 100
+        assert got != expand.expand_prompt(encoder, PROMPT, "t2v", 7)  # the image and instruction matter
+
+
+def test_pipeline_encodes_the_expansion(tiny, encoder):
+    pipe = Kandinsky5Pipeline.from_pretrained(tiny, torch.float32, expand=True)
+    req = Request(prompt=PROMPT, height=64, width=64, num_frames=1, steps=1, seed=11)
+    expanded = pipe.expand_prompt(req)
+    assert expanded == expand.expand_prompt(encoder, PROMPT, "t2v", 11)
+    seen = []
+    encode = pipe.text.encode
+    pipe.text.encode = lambda prompts: seen.append(list(prompts)) or encode(prompts)
+    pipe.generate(req, prompt=expanded)
+    assert seen == [[expanded, req.negative_prompt]]
+    with pytest.raises(ValueError, match="image-to-video needs the Qwen2.5-VL vision tower"):
+        pipe.expand_prompt(req, task="i2v")
+    plain = Kandinsky5Pipeline.from_pretrained(tiny, torch.float32, dit=pipe.dit, text=pipe.text)
+    with pytest.raises(RuntimeError, match="build the pipeline with expand=True"):
+        plain.expand_prompt(req)
+
+
+def _shared_worker(rank, world_size, tiny):
+    from k5.parallel.cfg import setup_parallel
+
+    pipe = setup_parallel(tiny, ulysses=world_size, dtype=torch.float32, expand=True, keep_text=True).pipeline
+    calls, inner = [], pipe.expander
+    pipe.expander = lambda *a: calls.append(a) or inner(*a)
+    text = pipe.expand_prompt(Request(prompt=PROMPT, seed=11))
+    # The source's expansion fails: every rank of the item group must raise, none may wait.
+    pipe.expander = lambda *a: (_ for _ in ()).throw(OSError("disk on fire"))
+    try:
+        pipe.expand_prompt(Request(prompt=PROMPT, seed=11))
+        error = None
+    except Exception as e:  # noqa: BLE001 - returned to the test
+        error = f"{type(e).__name__}: {e}"
+    return text, calls, error
+
+
+def test_expansion_runs_once_per_item_and_is_shared(tiny, encoder):
+    want = expand.expand_prompt(encoder, PROMPT, "t2v", 11)
+    results = run_distributed(_shared_worker, 2, tiny)
+    assert [r[0] for r in results] == [want, want]
+    assert [len(r[1]) for r in results] == [1, 0]  # generated on rank 0 only
+    assert results[0][2] == "OSError: disk on fire"
+    assert results[1][2] == "RuntimeError: prompt expansion failed on the item group's rank 0: OSError: disk on fire"
