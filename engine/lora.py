@@ -214,7 +214,9 @@ def open_lora(path: str | Path, scale: float = 1.0) -> LoraAdapter:
             bare = bare.removeprefix(prefix)
         if m := _FACTOR.match(bare):
             which = "A" if m["kind"] in ("lora_A", "lora_down") else "B"
-            factors.setdefault(m["module"], {})[which] = key
+            other = factors.setdefault(m["module"], {}).setdefault(which, key)
+            if other != key:
+                raise LoraError(f"LoRA {file}: {other} and {key} are both factor {which} of {m['module']}")
             names.add(m["name"])
         elif m := _ALPHA.match(bare):
             alphas[m["module"]] = key

@@ -271,8 +271,9 @@ class TextEncoder:
         """The token ids generated after ``input_ids`` [1, L] (the prompt itself is not returned).
 
         Settings are the checkpoint's generation_config.json (as ``from_pretrained`` + ``generate`` use them in the
-        reference), with ``max_new_tokens``; sampling, if the config asks for it, draws from a generator seeded with
-        ``seed`` (as the reference's ``transformers.set_seed(seed)``), without touching the global RNG state.
+        reference), with ``max_new_tokens``; sampling, if the config asks for it, draws after ``torch.manual_seed(seed)``
+        (as after the reference's ``transformers.set_seed(seed)``) inside a forked RNG state, so the caller's RNG
+        state is left as it was.
         ``image_inputs``: pixel_values, image_grid_thw, mm_token_type_ids for a prompt that shows an image."""
         self._check_loaded()
         model = self._generation_model()
@@ -281,7 +282,8 @@ class TextEncoder:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         image_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in image_inputs.items()}
-        devices = [device] if device.type == "cuda" else []
+        # manual_seed seeds every GPU, so every GPU's state is saved and restored, not only this one's.
+        devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask.to(device),

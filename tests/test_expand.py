@@ -63,6 +63,20 @@ def test_messages_and_chat_rendering(encoder):
         expand.expansion_messages(PROMPT, "v2v")
 
 
+def test_checkpoint_chat_template_is_used(tiny, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny / "tokenizer", tmp_path / "tokenizer")
+    template = "[{% for c in messages[0]['content'] %}{{ c['text'] }}{% endfor %}]"
+    (tmp_path / "tokenizer" / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    assert expand.render(tok, expand.expansion_messages("x", "t2i")) == "[" + expand.T2I_INSTRUCTION.replace(
+        "{prompt}", "x") + "]"
+
+
 @pytest.mark.parametrize("task, seed", [("t2v", 3), ("t2i", 4)])
 def test_greedy_expansion_equals_reference_generate(encoder, reference, task, seed):
     assert not encoder.generation_config.do_sample  # the tiny checkpoint's config: greedy (transformers' default)

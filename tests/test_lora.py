@@ -354,6 +354,8 @@ def test_bad_lora_files(setup, tmp_path):
                           r"A \(4, 64\) and B \(64, 3\); a LoRA needs A \[rank, in\] and B \[out, rank\]"),
         "dora": ({**good, f"transformer.{q}.lora_magnitude_vector": torch.ones(64)}, r"DoRA .* not supported"),
         "bias": ({**good, f"transformer.{q}.lora_B.bias": torch.ones(64)}, r"lora_bias=True\) is not supported"),
+        "twice": ({**good, f"{q}.lora_down.weight": torch.zeros(4, 64)},
+                  rf"transformer\.{q}\.lora_A\.weight and {q}\.lora_down\.weight are both factor A"),
     }
     for what, (tensors, message) in cases.items():
         with pytest.raises(lora.LoraError, match=message):
