@@ -111,6 +111,9 @@ PRESETS: dict[str, DiTConfig] = {
                         axes_dims=(32, 48, 48), **_nabla(0.8)),
     "image-lite": DiTConfig(model_dim=2560, ff_dim=10240, num_text_blocks=2, num_visual_blocks=50,
                             axes_dims=(32, 48, 48), visual_cond=False),
+    # I2I: the original's instruct_type "channel" = diffusers' visual_cond (edit latent + mask channels)
+    "image-lite-i2i": DiTConfig(model_dim=2560, ff_dim=10240, num_text_blocks=2, num_visual_blocks=50,
+                                axes_dims=(32, 48, 48), visual_cond=True),
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -308,8 +308,14 @@ class Kandinsky5DiT(nn.Module):
         return self.visual_embeddings.in_layer.weight.dtype
 
     def forward(self, x: Tensor, text_embeds: Tensor, pooled_embeds: Tensor, timestep: Tensor,
-                scale_factor: tuple[float, float, float] = (1.0, 2.0, 2.0), text_mask: Tensor | None = None) -> Tensor:
-        """Velocity [B,T,H,W,16] for channels-last latents x [B,T,H,W,C_in] at timesteps (sigma*1000, fp32) [B]."""
+                scale_factor: tuple[float, float, float] = (1.0, 2.0, 2.0), text_mask: Tensor | None = None,
+                visual_stack: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None) -> Tensor:
+        """Velocity [B,T,H,W,16] for channels-last latents x [B,T,H,W,C_in] at timesteps (sigma*1000, fp32) [B].
+
+        ``visual_stack(visual, run)`` replaces running the visual blocks on this rank's tokens (``run(visual)``
+        runs them): a step cache returns ``visual`` plus a cached residual instead. The text blocks before it and
+        the output layer after it always run.
+        """
         cfg = self.config
         B, T, H, W, C = x.shape
         pt, ph, pw = cfg.patch_size
@@ -345,8 +351,13 @@ class Kandinsky5DiT(nn.Module):
         visual = self.tokens.scatter(visual)
         angles = self.tokens.scatter(angles, dim=0)
         cos, sin = angles.cos(), angles.sin()
-        for block in self.visual_transformer_blocks:
-            visual = block(visual, text, time_embed, cos, sin, text_mask, self.visual_attention, grid)
+
+        def run(visual: Tensor) -> Tensor:
+            for block in self.visual_transformer_blocks:
+                visual = block(visual, text, time_embed, cos, sin, text_mask, self.visual_attention, grid)
+            return visual
+
+        visual = run(visual) if visual_stack is None else visual_stack(visual, run)
 
         # The output projection is per token, so it runs before the gather: ranks exchange 64 channels, not D.
         out = self.tokens.gather(self.out_layer(visual, time_embed))

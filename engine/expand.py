@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 MAX_NEW_TOKENS = 256  # the reference's generate(max_new_tokens=256)
@@ -72,7 +73,6 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}"
 )
-IMAGE_PAD = "<|image_pad|>"
 
 
 def expansion_messages(prompt: str, task: str) -> list[dict]:
@@ -120,33 +120,23 @@ def expand_prompt(encoder, prompt: str, task: str = "t2v", seed: int = 0, max_ne
     return _decode(tok, encoder.generate(ids, max_new_tokens or MAX_NEW_TOKENS, seed))
 
 
-def image_prompt_ids(tokenizer, text: str, image_grid_thw: torch.Tensor, merge_size: int) -> dict:
-    """What Qwen2.5-VL's processor does to a rendered chat with one image: the single <|image_pad|> becomes one token
-    per merged patch (grid t*h*w / merge_size^2), and mm_token_type_ids marks them (1) for the 3D RoPE positions."""
-    if text.count(IMAGE_PAD) != 1:
-        raise ValueError(f"expected one {IMAGE_PAD} in the rendered prompt, found {text.count(IMAGE_PAD)}")
-    n = int(image_grid_thw.reshape(-1, 3)[0].prod()) // merge_size**2
-    ids = tokenizer(text.replace(IMAGE_PAD, IMAGE_PAD * n), return_tensors="pt")["input_ids"]
-    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    return {"input_ids": ids, "mm_token_type_ids": (ids == pad_id).int()}
+def expand_prompt_with_image(encoder, prompt: str, image, task: str = "i2v", seed: int = 0,
+                             max_new_tokens: int | None = None) -> str:
+    """The reference's expansion for an image task: i2v (the image, then the instruction) or i2i (the instruction,
+    then the image, shrunk first to a quarter of its width and height as the reference does). ``image``: a PIL
+    image (RGB) or an HxWx3 uint8 array. The encoder's vision tower (engine.vision) is loaded on first use."""
+    from PIL import Image
 
-
-def expand_prompt_with_image(encoder, prompt: str, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                             task: str = "i2v", seed: int = 0, max_new_tokens: int | None = None) -> str:
-    """The reference's expansion for an image task (i2v: the image, then the instruction; i2i: the reverse).
-
-    ``pixel_values`` / ``image_grid_thw``: the Qwen2-VL image processor's output for the one image (the reference
-    passes the I2V image as loaded, and the I2I image shrunk to a quarter of its width and height first:
-    ``image.resize((w // 4, h // 4))``). Needs the vision tower on the encoder (``encoder.visual``)."""
     if task not in IMAGE_TASKS:
         raise ValueError(f"task {task} has no image: use expand_prompt")
-    if getattr(encoder, "visual", None) is None:
-        raise RuntimeError("expanding an image prompt needs the Qwen2.5-VL vision tower on the text encoder "
-                           "(encoder.visual)")
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if task == "i2i":
+        image = image.resize((image.width // 4, image.height // 4))  # i2i_pipeline.py expand_prompt
+    vision = encoder._load_vision()
     tok = encoder.qwen_tokenizer
-    merge = encoder.qwen.full_config.vision_config.spatial_merge_size
-    inputs = image_prompt_ids(tok, render(tok, expansion_messages(prompt, task)), image_grid_thw, merge)
+    inputs = vision.inputs(tok, render(tok, expansion_messages(prompt, task)), image)
     ids = inputs.pop("input_ids")
-    out = encoder.generate(ids, max_new_tokens or MAX_NEW_TOKENS, seed, pixel_values=pixel_values,
-                           image_grid_thw=image_grid_thw, **inputs)
+    mm_types = (ids == vision.image_token_id).int()  # marks the image tokens for Qwen's 3D RoPE positions
+    out = encoder.generate(ids, max_new_tokens or MAX_NEW_TOKENS, seed, mm_token_type_ids=mm_types, **inputs)
     return _decode(tok, out)

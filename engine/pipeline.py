@@ -87,12 +87,12 @@ def check_components(root: Path) -> None:
         )
 
 
-def scheduler_shift(root: Path) -> float:
+def scheduler_shift(root: Path, default: float = DEFAULT_SHIFT) -> float:
     path = Path(root) / "scheduler" / "scheduler_config.json"
     try:
-        return float(json.loads(path.read_text()).get("shift", DEFAULT_SHIFT))
+        return float(json.loads(path.read_text()).get("shift", default))
     except (OSError, json.JSONDecodeError, TypeError, ValueError):
-        return DEFAULT_SHIFT
+        return default
 
 
 def rope_scale(height: int, width: int) -> tuple[float, float, float]:
@@ -103,20 +103,23 @@ def rope_scale(height: int, width: int) -> tuple[float, float, float]:
 
 
 def make_expander(encoder: TextEncoder | None):
-    """``expander(prompt, task, seed) -> str`` on the encoder's Qwen2.5-VL; without an encoder (a rank that is not a
-    text source) one that refuses, since share_text never calls it there."""
+    """``expander(prompt, task, seed, image=None) -> str`` on the encoder's Qwen2.5-VL (``image``: a path, for i2v and
+    i2i); without an encoder (a rank that is not a text source) one that refuses, since share_text never calls it
+    there."""
 
-    def expander(prompt: str, task: str, seed: int) -> str:
-        from .expand import expand_prompt
+    def expander(prompt: str, task: str, seed: int, image: str | None = None) -> str:
+        from .expand import IMAGE_TASKS, expand_prompt, expand_prompt_with_image
 
         if encoder is None:
             raise RuntimeError("this rank holds no text encoder; prompt expansion runs on the item group's rank 0")
-        if task == "i2v":
-            # TODO(vision tower): expand.expand_prompt_with_image once the Qwen2.5-VL vision tower and image
-            # processor are on the encoder.
-            raise ValueError("prompt expansion for image-to-video needs the Qwen2.5-VL vision tower, which k5 does "
-                             "not load yet; use --no-expand-prompt")
-        return expand_prompt(encoder, prompt, task, seed)
+        if task not in IMAGE_TASKS:
+            return expand_prompt(encoder, prompt, task, seed)
+        if image is None:
+            raise ValueError(f"prompt expansion for {task} needs the image")
+        from PIL import Image
+
+        with Image.open(image) as im:  # as the reference: the file's pixels, in RGB
+            return expand_prompt_with_image(encoder, prompt, im.convert("RGB"), task, seed)
 
     return expander
 
@@ -136,8 +139,8 @@ class Kandinsky5Pipeline:
         # share_image(encode) -> latent: how ranks that work on one item get the I2V image latent. Here: encode.
         # Parallel runs encode on one rank and broadcast (k5.parallel.cfg.setup_parallel sets it).
         self.share_image = lambda encode: encode()
-        # expander(prompt, task, seed) -> text: the reference's prompt expansion (None: not loaded). share_text runs
-        # it once per item and shares the text, like share_image (k5.parallel.text_share.share_expansion).
+        # expander(prompt, task, seed, image) -> text: the reference's prompt expansion (None: not loaded). share_text
+        # runs it once per item and shares the text, like share_image (k5.parallel.text_share.share_expansion).
         self.expander = None
         self.share_text = lambda expand: expand()
 
@@ -174,15 +177,15 @@ class Kandinsky5Pipeline:
         if self.expander is None:
             raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
         task = task or ("i2v" if req.image else "t2v")
-        return self.share_text(lambda: self.expander(req.prompt, task, req.seed))
+        return self.share_text(lambda: self.expander(req.prompt, task, req.seed, req.image))
 
     def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
         e = self.text.encode(prompts)
         conds = [Conditioning(e.embeds[i : i + 1], e.mask[i : i + 1], e.pooled[i : i + 1]) for i in range(len(prompts))]
         return conds, e.truncated
 
-    def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, scale_factor) -> Tensor:
-        return self.dit(inp, c.embeds, c.pooled, t, scale_factor=scale_factor, text_mask=c.mask)
+    def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, scale_factor, **dit_kwargs) -> Tensor:
+        return self.dit(inp, c.embeds, c.pooled, t, scale_factor=scale_factor, text_mask=c.mask, **dit_kwargs)
 
     def first_frame(self, req: Request) -> Tensor | None:
         if req.image is None:
@@ -197,8 +200,10 @@ class Kandinsky5Pipeline:
         return self.share_image(encode)
 
     @torch.inference_mode()
-    def generate(self, req: Request, on_step=None, guided=None, prompt: str | None = None) -> Result:
-        """``prompt``: the text to encode instead of ``req.prompt`` (its expansion, see ``expand_prompt``)."""
+    def generate(self, req: Request, on_step=None, guided=None, chain=(), prompt: str | None = None) -> Result:
+        """Sample one request. ``chain``: stages of the step chain (k5.engine.chain: CfgParallel, MagCache, ...);
+        ``guided``: the former single hook, taken as the guiding stage. ``prompt``: the text to encode instead of
+        ``req.prompt`` (its expansion, see ``expand_prompt``)."""
         t0 = time.perf_counter()
         prompts = [req.prompt if prompt is None else prompt]
         prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
@@ -209,9 +214,10 @@ class Kandinsky5Pipeline:
         noise = initial_noise(req.latent_shape(), req.seed, self.device)
         sf = rope_scale(req.height, req.width)
         latents = sample(
-            lambda inp, t, c: self.velocity(inp, t, c, sf), noise, cond, uncond, steps=req.steps,
+            lambda inp, t, c, **kw: self.velocity(inp, t, c, sf, **kw), noise, cond, uncond, steps=req.steps,
             guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
             visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step, guided=guided,
+            chain=chain,
         )
         if first is not None:
             from .i2v import normalize_first_frame

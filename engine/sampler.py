@@ -8,11 +8,13 @@ compute dtype each step, so only the accumulation differs from the original's bf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+# The guidance math and the conditioning type live with the step chain; imported here for existing callers.
+from .chain import Conditioning, LegacyGuided, Stage, StepCall, Velocity, combine_cfg, compose, uses_cfg
 
 DEFAULT_SHIFT = 5.0
 
@@ -23,24 +25,6 @@ def timesteps(steps: int, shift: float = DEFAULT_SHIFT) -> Tensor:
         raise ValueError(f"steps must be >= 1, got {steps}")
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
     return shift * t / (1 + (shift - 1) * t)
-
-
-def uses_cfg(guidance_scale: float) -> bool:
-    # The reference skips the unconditional pass when |w - 1| <= 1e-6 (nocfg and distilled checkpoints).
-    return abs(guidance_scale - 1.0) > 1e-6
-
-
-def combine_cfg(v_cond: Tensor, v_uncond: Tensor, guidance_scale: float) -> Tensor:
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-
-@dataclass
-class Conditioning:
-    """What the DiT needs besides the latent: text embeddings, their key mask and the CLIP pooled vector."""
-
-    embeds: Tensor
-    mask: Tensor | None
-    pooled: Tensor
 
 
 def model_input(x: Tensor, visual_cond: bool, first_frame: Tensor | None) -> Tensor:
@@ -60,32 +44,40 @@ def model_input(x: Tensor, visual_cond: bool, first_frame: Tensor | None) -> Ten
     return torch.cat([x, torch.zeros_like(x), mask], -1)
 
 
-Velocity = Callable[[Tensor, Tensor, Conditioning], Tensor]  # (model input, t*1000 [B] fp32, conditioning) -> v
-
-
 def guided_velocity(velocity: Velocity, inp: Tensor, t: Tensor, cond: Conditioning,
                     uncond: Conditioning | None, guidance_scale: float) -> Tensor:
-    v = velocity(inp, t, cond).float()
-    if uncond is None or not uses_cfg(guidance_scale):
-        return v
-    return combine_cfg(v, velocity(inp, t, uncond).float(), guidance_scale)
+    """One step's velocity through the default chain (sequential CFG); kept for callers of the former hook."""
+    return compose([], velocity)(StepCall(inp, t, 0, 1, guidance_scale, cond, uncond))
+
+
+def step_chain(chain: Sequence[Stage] = (), guided: Callable | None = None) -> list[Stage]:
+    """The stages of a step: ``guided`` (the former single hook: a stage, or a function of the old signature)
+    becomes the guiding stage in front of ``chain``."""
+    stages = list(chain)
+    if guided is not None:
+        owner = getattr(guided, "__self__", None)  # CfgParallel(...).guided: its stage
+        stage = guided if getattr(guided, "guides", False) else owner if getattr(owner, "guides", False) else None
+        stages.insert(0, stage or LegacyGuided(guided))
+    return stages
 
 
 def sample(velocity: Velocity, noise: Tensor, cond: Conditioning, uncond: Conditioning | None, *, steps: int,
            guidance_scale: float, shift: float = DEFAULT_SHIFT, visual_cond: bool = True,
            first_frame: Tensor | None = None, on_step: Callable[[int], None] | None = None,
-           guided: Callable | None = None) -> Tensor:
+           guided: Callable | None = None, chain: Sequence[Stage] = ()) -> Tensor:
     """Integrate from noise [B,T,H,W,16] (fp32) to the final latent (fp32).
 
-    ``guided`` replaces ``guided_velocity`` (CFG parallelism runs the two branches on two halves of the mesh).
+    Each step's velocity comes from the step chain (k5.engine.chain): ``chain`` lists its stages (CFG parallel,
+    the step cache, ...); ``Guidance`` is put in front when no stage guides. ``guided`` is the former single hook
+    (a guiding stage or a function ``guided(velocity, inp, t, cond, uncond, guidance_scale)``).
     """
-    guided = guided or guided_velocity
+    run = compose(step_chain(chain, guided), velocity)
     ts = timesteps(steps, shift)
     x = noise.float()
     for i in range(steps):
         inp = model_input(x, visual_cond, first_frame)
         t = (ts[i] * 1000).expand(x.shape[0]).to(x.device)
-        v = guided(velocity, inp, t, cond, uncond, guidance_scale)
+        v = run(StepCall(inp, t, i, steps, guidance_scale, cond, uncond))
         x = x + (ts[i + 1] - ts[i]) * v
         if on_step is not None:
             on_step(i)

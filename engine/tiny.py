@@ -1,4 +1,8 @@
-"""A seeded, randomly initialised Kandinsky 5 video pipeline in the diffusers folder layout, small enough for CPU.
+"""A seeded, randomly initialised Kandinsky 5 pipeline in the diffusers folder layout, small enough for CPU.
+
+Three kinds: "video" (T2V/I2V: HunyuanVideo VAE), and the Image Lite pair "t2i" / "i2i" (FLUX-style 2D VAE, a DiT
+without / with the edit-latent input, a Qwen2.5-VL whose vision tower is deep enough to have windowed and full
+attention blocks, and the Qwen2-VL image processor settings in tokenizer/ as the real repos ship them).
 
 The folder has every component a real `*-Diffusers` repo has (model_index.json, transformer, vae, text_encoder,
 tokenizer, text_encoder_2, tokenizer_2, scheduler) with the real structure and compression ratios but tiny widths,
@@ -22,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .text import DEFAULT_NEGATIVE_PROMPT, VIDEO_CROP_START, VIDEO_PROMPT_TEMPLATE, VIDEO_TEMPLATE_PREFIX
+from .text import (DEFAULT_NEGATIVE_PROMPT, IMAGE, IMAGE_EDIT, VIDEO_CROP_START, VIDEO_PROMPT_TEMPLATE,
+                   VIDEO_TEMPLATE_PREFIX)
 
 TINY_VERSION = "2"  # bump when the folder content changes, so cached folders are rebuilt
 QWEN_HIDDEN = 32
@@ -108,23 +113,37 @@ def _vocab(base: list[str], merges, specials: list[str]) -> dict[str, int]:
     return vocab
 
 
-def build_qwen_tokenizer():
+def _image_tokenizer_plan(words):
+    """Image kinds: the image template prefix is 41 tokens (the original's crop) with "promt" and 40 with diffusers'
+    "prompt" (its crop), and every word of the edit template's prefix is one token but "promt" (52 tokens: what the
+    real tokenizer gives by the same rule; the original crops 55 there, so 3 prompt tokens go, as they would)."""
+    prefix, edit_prefix = IMAGE.template.split("{}")[0], IMAGE_EDIT.template.split("{}")[0]
+    diffusers_prefix = prefix.replace("promt", "prompt")
+    corpus = IMAGE.template.replace("promt", "prompt").format(_ENGLISH + DEFAULT_NEGATIVE_PROMPT)
+    corpus += IMAGE_EDIT.template.replace("promt", "prompt").format("")
+    probes = (words(prefix), words(diffusers_prefix), words(edit_prefix))
+    n_specials = [p.count("<|") for p in (prefix, diffusers_prefix, edit_prefix)]
+    target = [IMAGE.crop_start - n_specials[0], IMAGE.crop_start - 1 - n_specials[1], len(probes[2]) + 1]
+    return corpus, probes, target
+
+
+def build_qwen_tokenizer(kind: str = "video"):
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
     backend = Qwen2Tokenizer().backend_tokenizer
     words = lambda text: _words(text, backend, QWEN_SPECIALS)  # noqa: E731
-    diffusers_prefix = VIDEO_TEMPLATE_PREFIX.replace("promt", "prompt")
-    corpus = VIDEO_PROMPT_TEMPLATE.replace("promt", "prompt").format(_ENGLISH + DEFAULT_NEGATIVE_PROMPT)
-    n_specials = [p.count("<|") for p in (VIDEO_TEMPLATE_PREFIX, diffusers_prefix)]
-    merges, history = _train_bpe(
-        collections.Counter(words(corpus)), list, 2000, probes=(words(VIDEO_TEMPLATE_PREFIX), words(diffusers_prefix))
-    )
-    # The fewest merges that give both crops: a deterministic search, since the counts only ever go down.
-    target = [VIDEO_CROP_START - n_specials[0], DIFFUSERS_CROP_START - n_specials[1]]
+    if kind == "video":
+        diffusers_prefix = VIDEO_TEMPLATE_PREFIX.replace("promt", "prompt")
+        corpus = VIDEO_PROMPT_TEMPLATE.replace("promt", "prompt").format(_ENGLISH + DEFAULT_NEGATIVE_PROMPT)
+        n_specials = [p.count("<|") for p in (VIDEO_TEMPLATE_PREFIX, diffusers_prefix)]
+        probes = (words(VIDEO_TEMPLATE_PREFIX), words(diffusers_prefix))
+        target = [VIDEO_CROP_START - n_specials[0], DIFFUSERS_CROP_START - n_specials[1]]
+    else:
+        corpus, probes, target = _image_tokenizer_plan(words)
+    merges, history = _train_bpe(collections.Counter(words(corpus)), list, 2000, probes=probes)
+    # The fewest merges that give the crops: a deterministic search, since the counts only ever go down.
     if target not in history:
-        raise RuntimeError(
-            f"no BPE merge count gives template prefixes of {VIDEO_CROP_START}/{DIFFUSERS_CROP_START} tokens"
-        )
+        raise RuntimeError(f"no BPE merge count gives the {kind} template prefix lengths {target} (+ specials)")
     merges = merges[: history.index(target) + 1]
     base = [_bytes_to_unicode()[b] for b in range(256)]
     return Qwen2Tokenizer(
@@ -165,7 +184,7 @@ def _reinit_(module: nn.Module, seed: int):
     return module
 
 
-def _qwen_text_encoder(tokenizer, seed: int):
+def _qwen_text_encoder(tokenizer, seed: int, vision_depth: int = 1):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
@@ -184,9 +203,10 @@ def _qwen_text_encoder(tokenizer, seed: int):
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
         ),
+        # The image kinds have 2 blocks: windowed attention, then full attention (the real tower: full every 8th).
         vision_config=dict(
-            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN_HIDDEN,
-            fullatt_block_indexes=[0],
+            depth=vision_depth, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN_HIDDEN,
+            fullatt_block_indexes=[vision_depth - 1],
         ),  # fmt: skip
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -216,7 +236,7 @@ def _clip_text_encoder(tokenizer, seed: int):
     return _reinit_(CLIPTextModel(config), seed)
 
 
-def _transformer(attention: str, seed: int):
+def _transformer(attention: str, seed: int, visual_cond: bool = True):
     from diffusers import Kandinsky5Transformer3DModel
 
     sparse = {}  # "regular" keeps the library defaults (None) for every attention_* field
@@ -227,7 +247,7 @@ def _transformer(attention: str, seed: int):
             attention_wT=11, attention_wH=3, attention_wW=3,
         )  # fmt: skip
     model = Kandinsky5Transformer3DModel(
-        in_visual_dim=16, out_visual_dim=16, visual_cond=True, patch_size=(1, 2, 2),
+        in_visual_dim=16, out_visual_dim=16, visual_cond=visual_cond, patch_size=(1, 2, 2),
         model_dim=64, ff_dim=128, time_dim=32, axes_dims=(4, 6, 6),  # head_dim 16 -> 4 heads
         num_text_blocks=1, num_visual_blocks=2, in_text_dim=QWEN_HIDDEN, in_text_dim2=CLIP_HIDDEN,
         attention_type=attention, **sparse,
@@ -247,20 +267,51 @@ def _vae(seed: int):
     return _reinit_(model, seed)
 
 
+def _flux_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    # The FLUX.1-dev VAE's structure and constants (16 latent channels, 8x, no quant convs, scaling 0.3611, shift
+    # 0.1159 that Kandinsky ignores), tiny widths. Its mid-block attention is left out: at the 1024-class sizes it is
+    # a 16k-token attention that would cost a CPU several seconds per image, and it is library code we do not test.
+    model = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+        mid_block_add_attention=False,
+    )  # fmt: skip
+    return _reinit_(model, seed)
+
+
+# Qwen2.5-VL-7B-Instruct's preprocessor_config.json (the real diffusers repos keep it in tokenizer/).
+QWEN_IMAGE_PROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}  # fmt: skip
+KINDS = ("video", "t2i", "i2i")
+
+
 def _write_json(path: Path, data: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def build_tiny_checkpoint(folder, seed: int = 0, attention: str = "regular") -> Path:
+def build_tiny_checkpoint(folder, seed: int = 0, attention: str = "regular", kind: str = "video") -> Path:
     if attention not in ("regular", "nabla"):
         raise ValueError(f"attention={attention!r}; use 'regular' (dense) or 'nabla'")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; use one of {', '.join(KINDS)}")
+    if kind != "video" and attention != "regular":
+        raise ValueError("Image Lite uses dense attention; build the t2i/i2i tiny checkpoints with attention='regular'")
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty; build the tiny checkpoint into a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
     with _quiet_saves():
-        _write_components(folder, seed, attention)
+        if kind == "video":
+            _write_components(folder, seed, attention)
+        else:
+            _write_image_components(folder, seed, kind)
     return folder
 
 
@@ -311,21 +362,59 @@ def _write_components(folder: Path, seed: int, attention: str):
     )
 
 
-def tiny_checkpoint(cache_dir=None, seed: int = 0, attention: str = "regular") -> Path:
-    """Build once per (seed, attention, version of this file and of the libraries), return the cached folder."""
+def _write_image_components(folder: Path, seed: int, kind: str):
+    import diffusers
+
+    qwen_tokenizer, clip_tokenizer = build_qwen_tokenizer("image"), build_clip_tokenizer()
+    qwen_tokenizer.save_pretrained(folder / "tokenizer")
+    _write_json(folder / "tokenizer" / "preprocessor_config.json", QWEN_IMAGE_PROCESSOR)
+    clip_tokenizer.save_pretrained(folder / "tokenizer_2")
+    # Seeds apart from the video kind's (seed * 16 + 0..3), and the same for t2i and i2i except the transformer.
+    _transformer("regular", seed * 16 + (4 if kind == "t2i" else 5), visual_cond=kind == "i2i").save_pretrained(
+        folder / "transformer"
+    )
+    _flux_vae(seed * 16 + 6).save_pretrained(folder / "vae")
+    _qwen_text_encoder(qwen_tokenizer, seed * 16 + 7, vision_depth=2).save_pretrained(folder / "text_encoder")
+    _clip_text_encoder(clip_tokenizer, seed * 16 + 8).save_pretrained(folder / "text_encoder_2")
+    _write_json(
+        folder / "scheduler" / "scheduler_config.json",
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+    )
+    # "tokenizer" as for video: a plain tokenizer class, so that diffusers' from_pretrained works without torchvision.
+    _write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": "Kandinsky5T2IPipeline" if kind == "t2i" else "Kandinsky5I2IPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+            "text_encoder_2": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "transformer": ["diffusers", "Kandinsky5Transformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    )
+
+
+def tiny_checkpoint(cache_dir=None, seed: int = 0, attention: str = "regular", kind: str = "video") -> Path:
+    """Build once per (kind, seed, attention, version of this file and of the libraries), return the cached folder.
+
+    ``kind``: "video" (T2V/I2V), "t2i" or "i2i" (Image Lite)."""
     import diffusers
     import transformers
 
     cache_dir = Path(cache_dir or os.environ.get("K5_TINY_CACHE") or Path(tempfile.gettempdir()) / "k5-tiny")
     versions = f"v{TINY_VERSION}-torch{torch.__version__}-tf{transformers.__version__}-df{diffusers.__version__}"
-    final = cache_dir / f"seed{seed}-{attention}-{versions}"
+    name = f"seed{seed}-{attention}" if kind == "video" else f"{kind}-seed{seed}"
+    final = cache_dir / f"{name}-{versions}"
     if final.is_dir():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Build aside and rename into place: rename is atomic, so a concurrent process sees nothing or a full folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:
-        build_tiny_checkpoint(tmp, seed=seed, attention=attention)
+        build_tiny_checkpoint(tmp, seed=seed, attention=attention, kind=kind)
         os.rename(tmp, final)
     except OSError:
         if not final.is_dir():  # another process did not win the race: a real error

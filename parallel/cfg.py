@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from k5.engine.config import DiTConfig
-from k5.engine.sampler import Conditioning, Velocity, combine_cfg, uses_cfg
+from k5.engine.chain import BRANCHES, Conditioning, StepCall, Velocity, combine_cfg, compose, uses_cfg
 from k5.engine.text import TextEmbeds
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import ParallelDims
@@ -27,7 +27,7 @@ from k5.parallel.tensor import (check_tensor_parallel, check_tp_degree, format_p
                                 parameter_bytes)
 from k5.parallel.text_share import SharedText, is_text_source, share_expansion
 
-COND, UNCOND = 0, 1  # cfg rank -> branch
+COND, UNCOND = 0, 1  # cfg rank -> branch (BRANCHES[rank])
 
 
 def check_cfg_parallel(guidance_scale: float) -> None:
@@ -40,7 +40,11 @@ def check_cfg_parallel(guidance_scale: float) -> None:
 
 
 class CfgParallel:
-    """``guided`` for engine.sampler.sample / Kandinsky5Pipeline.generate: this half's branch, then one exchange."""
+    """The guiding stage of the step chain (k5.engine.chain) under CFG parallelism: this half's branch, then one
+    exchange. Put it first in ``sample(chain=[...])`` / ``Kandinsky5Pipeline.generate(chain=[...])``; the stages
+    after it (the step cache) see this half's branch only."""
+
+    guides = True
 
     def __init__(self, dims: ParallelDims, stats: CommStats | None = None):
         if dims.cfg != 2:
@@ -48,15 +52,20 @@ class CfgParallel:
         self.group, self.branch = dims.group("cfg"), dims.rank("cfg")
         self.stats = stats if stats is not None else CommStats()
 
-    def guided(self, velocity: Velocity, inp: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
-               guidance_scale: float) -> Tensor:
-        if uncond is None or not uses_cfg(guidance_scale):
-            return velocity(inp, t, cond).float()  # one branch only: both halves compute it
-        own = velocity(inp, t, cond if self.branch == COND else uncond).float().contiguous()
+    def __call__(self, call: StepCall, next) -> Tensor:
+        if not call.guided:
+            return next(call.branch_call("cond"))  # one branch only: both halves compute it
+        own = next(call.branch_call(BRANCHES[self.branch])).contiguous()
         parts = [torch.empty_like(own) for _ in range(2)]
         dist.all_gather(parts, own, group=self.group)
         self.stats.all_gather(own, 2)
-        return combine_cfg(parts[COND], parts[UNCOND], guidance_scale)
+        return combine_cfg(parts[COND], parts[UNCOND], call.guidance_scale)
+
+    def guided(self, velocity: Velocity, inp: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
+               guidance_scale: float) -> Tensor:
+        """The former ``guided=`` hook's signature, for its callers: this stage alone in front of ``velocity``
+        (``sample(guided=...)`` puts it in front of the rest of the chain)."""
+        return compose([self], velocity)(StepCall(inp, t, 0, 1, guidance_scale, cond, uncond))
 
 
 class BranchText:

@@ -8,10 +8,11 @@ import pytest
 import torch
 import transformers
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
 from distributed import run_distributed
 from k5.engine import expand
-from k5.engine.pipeline import Kandinsky5Pipeline, Request
+from k5.engine.pipeline import Kandinsky5Pipeline, Request, make_expander
 from k5.engine.text import TextEncoder
 from k5.engine.tiny import tiny_checkpoint
 
@@ -114,33 +115,43 @@ def test_generation_shares_the_encoder_weights(encoder, tiny):
         assert not torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("model.embed_tokens.weight"))
 
 
-def test_image_expansion_with_a_vision_tower(encoder, reference):
-    """I2V/I2I expansion, with the tiny checkpoint's vision tower attached as the image engineer's will be."""
-    from PIL import Image
-    from transformers import Qwen2VLImageProcessorPil
+class Processor(Qwen2_5_VLProcessor):
+    """The reference's processor class, without its class check (it wants torchvision's video processor)."""
 
-    g = torch.Generator().manual_seed(0)
-    image = Image.fromarray((torch.rand(64, 96, 3, generator=g) * 255).to(torch.uint8).numpy())
-    pixels = Qwen2VLImageProcessorPil()(images=[image], return_tensors="pt")
-    assert pixels["image_grid_thw"].tolist() == [[1, 4, 6]]  # 64x96 -> 56x84 -> 4x6 patches of 14
+    def check_argument_for_proper_class(self, argument_name, argument):
+        return type(argument)
+
+
+def test_image_expansion_equals_reference_generate(encoder, reference, tiny):
+    """I2V and I2I: messages with the image, processor, generate, as text_embedders.py / i2i_pipeline.py run them,
+    against k5's expansion with the vision tower of engine/vision.py (loaded on first use)."""
+    from PIL import Image
+
+    from k5.engine.vision import load_image_processor
+
     tok = encoder.qwen_tokenizer
-    for task in ("i2v", "i2i"):
-        rendered = expand.render(tok, expand.expansion_messages(PROMPT, task))
-        inputs = expand.image_prompt_ids(tok, rendered, pixels["image_grid_thw"], merge_size=2)
-        pad = tok.convert_tokens_to_ids("<|image_pad|>")
-        assert int((inputs["input_ids"] == pad).sum()) == 4 * 6 // 4 == int(inputs["mm_token_type_ids"].sum())
-        with pytest.raises(RuntimeError, match="needs the Qwen2.5-VL vision tower"):
-            expand.expand_prompt_with_image(encoder, PROMPT, pixels["pixel_values"], pixels["image_grid_thw"], task)
-        encoder.visual, encoder._generator = reference.model.visual, None
-        try:
-            got = expand.expand_prompt_with_image(encoder, PROMPT, pixels["pixel_values"], pixels["image_grid_thw"],
-                                                  task, seed=7)
-        finally:
-            encoder.visual, encoder._generator = None, None
-        want = reference_expansion(reference, tok, PROMPT, task, 7, pixel_values=pixels["pixel_values"],
-                                   image_grid_thw=pixels["image_grid_thw"], **inputs)
-        assert got == want and len(got) > 100
-        assert got != expand.expand_prompt(encoder, PROMPT, "t2v", 7)  # the image and instruction matter
+    proc = Processor(image_processor=load_image_processor(tiny / "tokenizer"), tokenizer=tok,
+                     chat_template=expand.QWEN2_VL_CHAT_TEMPLATE)
+    g = torch.Generator().manual_seed(0)
+    big = Image.fromarray((torch.rand(256, 384, 3, generator=g) * 255).to(torch.uint8).numpy())
+    small = big.resize((96, 64))
+    for task, ours_in, ref_in in [("i2v", small, small), ("i2i", big, big.resize((384 // 4, 256 // 4)))]:
+        instruction = {"type": "text", "text": expand.INSTRUCTIONS[task].format(prompt=PROMPT)}
+        image = {"type": "image", "image": ref_in}
+        content = [image, instruction] if task == "i2v" else [instruction, image]
+        text = proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                        add_generation_prompt=True)
+        inputs = proc(text=[text], images=[ref_in], padding=True, return_tensors="pt")
+        assert inputs["image_grid_thw"].tolist() == [[1, 4, 6]]  # 64x96 -> 56x84: 4x6 patches of 14, 6 tokens
+        transformers.set_seed(7)
+        with torch.no_grad():
+            out = reference.generate(**inputs, max_new_tokens=256)
+        want = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                clean_up_tokenization_spaces=False)[0]
+        got = expand.expand_prompt_with_image(encoder, PROMPT, ours_in, task, seed=7)
+        assert got == want and len(got) > 100, task
+        assert got != expand.expand_prompt(encoder, PROMPT, "t2v", 7)  # the image and the instruction matter
+    assert encoder.vision is not None
 
 
 def test_pipeline_encodes_the_expansion(tiny, encoder):
@@ -153,11 +164,31 @@ def test_pipeline_encodes_the_expansion(tiny, encoder):
     pipe.text.encode = lambda prompts: seen.append(list(prompts)) or encode(prompts)
     pipe.generate(req, prompt=expanded)
     assert seen == [[expanded, req.negative_prompt]]
-    with pytest.raises(ValueError, match="image-to-video needs the Qwen2.5-VL vision tower"):
+    with pytest.raises(ValueError, match="prompt expansion for i2v needs the image"):
         pipe.expand_prompt(req, task="i2v")
     plain = Kandinsky5Pipeline.from_pretrained(tiny, torch.float32, dit=pipe.dit, text=pipe.text)
     with pytest.raises(RuntimeError, match="build the pipeline with expand=True"):
         plain.expand_prompt(req)
+
+
+def test_pipelines_expand_with_their_task(tiny, encoder, tmp_path):
+    from PIL import Image
+
+    from k5.engine.image import ImageRequest
+    from k5.engine.image_pipeline import ImagePipeline
+
+    path = tmp_path / "frame.png"
+    Image.fromarray((torch.rand(64, 96, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+                    .numpy()).save(path)
+    pipe = Kandinsky5Pipeline(tiny, dit=None, text=encoder, vae=None, device="cpu")  # expansion needs no DiT/VAE
+    pipe.expander = make_expander(encoder)
+    req = Request(prompt=PROMPT, image=str(path), seed=2)
+    with Image.open(path) as im:
+        assert pipe.expand_prompt(req) == expand.expand_prompt_with_image(encoder, PROMPT, im.convert("RGB"), "i2v", 2)
+    t2i = tiny_checkpoint(kind="t2i")
+    image_pipe = ImagePipeline.from_pretrained(t2i, torch.float32, expand=True)
+    got = image_pipe.expand_prompt(ImageRequest(prompt=PROMPT, seed=3))
+    assert got == expand.expand_prompt(image_pipe.text, PROMPT, "t2i", 3) and len(got) > 100
 
 
 def _shared_worker(rank, world_size, tiny):

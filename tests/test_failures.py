@@ -8,7 +8,6 @@ whether the ranks end by themselves, as they must on other nodes."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from distributed import hosted_store, store_env
 from k5.launch.batch import MANIFEST, read_manifest
 from k5.launch.failures import (Injection, Logs, Stopped, StopSignals, Supervisor, classify, dead_after, explain)
 
@@ -135,19 +135,13 @@ def test_dead_after_stays_within_the_timeout():
 
 # ---- real processes --------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_ranks(tmp_path, args, hook: str, world: int = 2):
-    port = free_port()
+def launch_ranks(tmp_path, store, args, hook: str, world: int = 2):
+    """The ranks as plain processes meeting at ``store`` (hosted by this test on a port the kernel picked)."""
     procs = []
     for rank in range(world):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-               "OMP_NUM_THREADS": "1", "K5_TEST_FAIL": hook}
+        env = {**os.environ, **store_env(store), "RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1",
+               "K5_TEST_FAIL": hook}
         out, err = open(tmp_path / f"rank{rank}.out", "w"), open(tmp_path / f"rank{rank}.err", "w")
         procs.append(subprocess.Popen([sys.executable, str(GENERATE), *args], env=env, stdout=out, stderr=err,
                                       cwd=ROOT, start_new_session=True))
@@ -184,7 +178,8 @@ def test_a_rank_that_raises_mid_generation_ends_every_rank(tmp_path):
     # sequence parallel over both ranks: rank 0 sits in a collective with rank 1 when rank 1 raises
     args = ["--model", "tiny", "--prompts", str(prompts(tmp_path)), "--output-dir", str(out), *SIZES,
             "--steps", "3", "--timeout", str(timeout)]
-    (code0, t0), (code1, t1) = wait_all(launch_ranks(tmp_path, args, "rank=1,step=2"))
+    with hosted_store() as store:
+        (code0, t0), (code1, t1) = wait_all(launch_ranks(tmp_path, store, args, "rank=1,step=2"))
     assert code1 == 1 and code0 == 1
     assert t0 - t1 <= timeout, f"rank 0 ended {t0 - t1:.1f} s after rank 1"
     err0 = (tmp_path / "rank0.err").read_text()
@@ -205,7 +200,8 @@ def test_a_rank_that_dies_silently_ends_every_rank(tmp_path):
     # tell it that rank 1 is gone
     args = ["--model", "tiny", "--prompts", str(prompts(tmp_path)), "--output-dir", str(out), *SIZES,
             "--steps", "2", "--dp-degree", "2", "--timeout", str(timeout)]
-    (code0, t0), (code1, t1) = wait_all(launch_ranks(tmp_path, args, "rank=1,step=1,mode=kill"))
+    with hosted_store() as store:
+        (code0, t0), (code1, t1) = wait_all(launch_ranks(tmp_path, store, args, "rank=1,step=1,mode=kill"))
     assert code1 == -signal.SIGKILL and code0 == 1
     assert t0 - t1 <= timeout, f"rank 0 ended {t0 - t1:.1f} s after rank 1 died"
     err0 = (tmp_path / "rank0.err").read_text()

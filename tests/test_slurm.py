@@ -5,7 +5,6 @@ that runs the task on this machine."""
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,14 +84,13 @@ def test_refusals(env, message):
 def test_a_real_run_through_the_script(tmp_path):
     # srun stand-in: drop srun's options and run the one task of this one-node job here.
     srun = fake_bin(tmp_path, "srun", 'while [[ $1 == --* ]]; do shift; done\nexport SLURM_NODEID=0\nexec "$@"\n')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"a red fox, take {i}"}) + "\n" for i in range(2)))
     out = tmp_path / "job"
+    # rendezvous port 0: the c10d store binds a port the kernel picks and torchrun hands that one to the workers
+    # (what --standalone does), so no port is chosen here that another process could take first.
     env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
-           "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": str(ROOT), "K5_MASTER_PORT": str(port),
+           "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": str(ROOT), "K5_MASTER_PORT": "0",
            "K5_TORCHRUN": str(Path(sys.executable).parent / "torchrun")}
     r = sbatch(env, "--model", "tiny", "--prompts", str(prompts), "--output-dir", str(out), "--height", "64",
                "--width", "64", "--num-frames", "1", "--steps", "2", "--dp-degree", "2", path_dirs=[srun])

@@ -1,0 +1,148 @@
+"""Text to image and image editing (Kandinsky 5 Image Lite) on one device: text -> DiT sampling -> FLUX VAE decode.
+
+The same DiT, sampler and text encoders as video (engine.pipeline), on a one-frame latent [1, 1, H/8, W/8, 16] with
+RoPE scale (1, 1, 1). What differs is the conditioning:
+- T2I: the "image" prompt template (512-token budget); the DiT of a T2I checkpoint takes the 16 latent channels.
+- I2I: the source image, fitted to the bucket, goes to Qwen (half size, as vision tokens in the "image_edit" template)
+  and to the DiT as its VAE latent: input [noise(16), edit latent(16), ones(1)] at every step, only the first 16
+  channels integrated (the original's instruct_type "channel"; diffusers' Kandinsky5I2IPipeline does the same).
+  An I2I checkpoint asked for T2I gets zeros in both extra parts, as the original does without an image.
+The noise and the source image's posterior sample come from one CPU generator seeded with the request's seed, in that
+order, as diffusers' I2I pipeline draws them: the same latents on every device and world size.
+
+Parallel runs use this class unchanged: k5.parallel applies itself to ``pipeline.dit``, ``share_image`` encodes the
+source image on one rank and broadcasts it, and ``generate(guided=...)`` takes the CFG-parallel combination.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .checkpoint import locate
+from .config import DiTConfig
+from .dit import Kandinsky5DiT
+from .image import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, is_image_checkpoint, load_source,
+                    qwen_image, resolve, vae_input)
+from .image_vae import ImageVAE
+from .pipeline import Result, check_components, make_expander, scheduler_shift
+from .sampler import Conditioning, sample, uses_cfg
+from .text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
+
+
+@dataclass
+class ImageResult(Result):
+    request: ImageRequest | None = None  # the resolved request (task, bucket size, notes)
+
+
+def check_image_checkpoint(root: str | Path) -> DiTConfig:
+    """The DiT config of an Image Lite checkpoint (no weights read); ValueError for anything else."""
+    root = Path(root)
+    check_components(root)
+    if not is_image_checkpoint(root):
+        raise ValueError(f"{root} is not a Kandinsky 5 Image Lite checkpoint: its vae/ is not the FLUX AutoencoderKL "
+                         f"(a video checkpoint runs t2v/i2v)")
+    cfg = locate(root).config
+    if cfg.uses_nabla:
+        raise ValueError(f"{root}: the DiT config asks for NABLA attention, which Image Lite does not use; fix "
+                         f"attention_type in transformer/config.json")
+    return cfg
+
+
+class ImagePipeline:
+    def __init__(self, root: Path, dit: Kandinsky5DiT, text, vae: ImageVAE, device):
+        self.root, self.dit, self.text, self.vae = Path(root), dit, text, vae
+        self.device = torch.device(device)
+        self.default_shift = scheduler_shift(root, DEFAULT_SHIFT)
+        # share_image(encode) -> latent: how the ranks of one item get the source latent (see Kandinsky5Pipeline).
+        self.share_image = lambda encode: encode()
+        self.expander, self.share_text = None, lambda expand: expand()  # prompt expansion, as in Kandinsky5Pipeline
+
+    @staticmethod
+    def read_config(root: str | Path) -> DiTConfig:
+        return check_image_checkpoint(root)
+
+    @classmethod
+    def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False,
+                        adapters=()) -> "ImagePipeline":
+        """``expand``: also load the lm_head for prompt expansion; ``adapters``: LoRAs merged into the DiT."""
+        root, device = Path(root), torch.device(device)
+        check_image_checkpoint(root)
+        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device, adapters=adapters)
+        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
+        # bf16 on GPU as the original runs the FLUX VAE; fp32 on CPU, where half precision is slow and inexact.
+        vae = ImageVAE.from_pretrained(root, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+        pipe = cls(root, dit, text, vae, device)
+        if expand and isinstance(text, TextEncoder):
+            pipe.expander = make_expander(text)
+        return pipe
+
+    def expand_prompt(self, req: ImageRequest) -> str:
+        """The reference's expansion of ``req.prompt`` (t2i, or i2i with the source image), seeded with ``req.seed``,
+        once per item and shared; encode it with ``generate(req, prompt=expanded)``."""
+        if self.expander is None:
+            raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
+        task = "i2i" if req.image is not None else "t2i"
+        return self.share_text(lambda: self.expander(req.prompt, task, req.seed, req.image))
+
+    def resolve(self, req: ImageRequest) -> ImageRequest:
+        return resolve(req, self.dit.config)
+
+    def encode(self, prompts: list[str], fmt: PromptFormat, image=None) -> tuple[list[Conditioning], list[bool]]:
+        images = None if image is None else [image] * len(prompts)
+        e = self.text.encode(prompts, fmt=fmt, images=images)
+        conds = [Conditioning(e.embeds[i : i + 1], e.mask[i : i + 1], e.pooled[i : i + 1]) for i in range(len(prompts))]
+        return conds, e.truncated
+
+    def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, extra: Tensor | None) -> Tensor:
+        x = inp if extra is None else torch.cat([inp, extra.to(inp.dtype)], -1)
+        return self.dit(x, c.embeds, c.pooled, t, scale_factor=ROPE_SCALE, text_mask=c.mask)
+
+    def extra_channels(self, edit: Tensor | None, shape) -> Tensor | None:
+        """What the DiT takes besides the noisy latent: nothing (T2I checkpoint), [edit latent, ones] (I2I), or
+        zeros (an I2I checkpoint run as T2I)."""
+        if not self.dit.config.visual_cond:
+            return None
+        if edit is None:
+            return torch.zeros(*shape[:-1], shape[-1] + 1, device=self.device)
+        return torch.cat([edit, torch.ones_like(edit[..., :1])], -1)
+
+    @torch.inference_mode()
+    def generate(self, req: ImageRequest, on_step=None, guided=None, prompt: str | None = None) -> ImageResult:
+        """``prompt``: the text to encode instead of ``req.prompt`` (its expansion, see ``expand_prompt``)."""
+        if self.dit.nabla is not None:
+            raise ValueError("NABLA attention is for video; Image Lite runs dense attention (--attention dense)")
+        t0 = time.perf_counter()
+        req = self.resolve(req)
+        shape = req.latent_shape()
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        edit, fmt, qwen_input = None, IMAGE, None
+        if req.image is not None:
+            source = fit_to_bucket(load_source(req.image), req.height, req.width)
+            edit = self.share_image(lambda: self.vae.encode(vae_input(source), generator=generator).to(self.device))
+            fmt, qwen_input = IMAGE_EDIT, qwen_image(source)
+        prompts = [req.prompt if prompt is None else prompt]
+        prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
+        conds, truncated = self.encode(prompts, fmt, qwen_input)
+        cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
+        extra = self.extra_channels(edit, shape)
+        t1 = time.perf_counter()
+        latents = sample(
+            lambda inp, t, c: self.velocity(inp, t, c, extra), noise, cond, uncond, steps=req.steps,
+            guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift, visual_cond=False,
+            on_step=on_step, guided=guided,
+        )
+        t2 = time.perf_counter()
+        return ImageResult(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
+                           truncated=truncated[0], request=req)
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        """uint8 image as one frame [1, H, W, 3]."""
+        return self.vae.decode(latents)

@@ -1,0 +1,214 @@
+"""What ``--model`` names, turned into files on this machine, a DiT config and a catalogue variant.
+
+``--model`` may be:
+- a local folder in the diffusers layout (``transformer/``, ``vae/``, ``text_encoder/``, ...);
+- a Hugging Face repo id (``kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers``, optionally ``@revision``),
+  found in the local Hugging Face cache, never downloaded: a repo that is not there is an error naming the command
+  that downloads it;
+- an original single-file checkpoint (``kandinsky5lite_t2v_sft_10s.safetensors``, or an original-format repo or
+  folder holding ``model/<name>.safetensors``). It carries no settings, so its variant (given, or recognised from
+  the file or repo name) sets the attention: config inference alone would run a NABLA-trained 10 s or HD model
+  dense. Its VAE and text encoders come from a diffusers-layout folder (``components``), or from any Kandinsky 5
+  -Diffusers repo of the same kind in the cache.
+
+The variant is recognised from the repo id or folder name, or given; a given variant must fit the checkpoint's
+shapes (a Pro variant on Lite weights is an error naming both). Nothing here reads a weight, only safetensors
+headers and JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import locate
+from .config import DiTConfig
+from . import variants
+from .variants import Variant, VariantError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+DIFFUSERS_MARKERS = ("model_index.json", "transformer")
+# What a single-file DiT needs from a diffusers-layout folder (engine.pipeline.COMPONENTS less the transformer).
+OTHER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def _has_components(root: Path) -> list[str]:
+    return [c for c in OTHER_COMPONENTS if not (root / c).is_dir()]
+
+
+class ResolveError(ValueError):
+    """--model or --variant names nothing usable; the message says what would be."""
+
+
+def hub_cache(cache_dir: str | Path | None = None) -> Path:
+    """The Hugging Face hub cache folder, with huggingface_hub's precedence of environment variables."""
+    if cache_dir:
+        return Path(cache_dir)
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def download_hint(repo: str, exclude: str | None = None) -> str:
+    extra = f" --exclude '{exclude}'" if exclude else ""
+    return f"hf download {repo}{extra}  (older huggingface_hub: huggingface-cli download {repo}{extra})"
+
+
+def cached_snapshot(repo: str, cache_dir: str | Path | None = None) -> tuple[Path, str] | None:
+    """(snapshot folder, commit) of ``repo[@revision]`` in the hub cache, or None when it is not there."""
+    repo, _, revision = repo.partition("@")
+    revision = revision or "main"
+    base = hub_cache(cache_dir) / ("models--" + repo.replace("/", "--"))
+    snapshots = base / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = base / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    if (snapshots / commit).is_dir():
+        return snapshots / commit, commit
+    found = [p for p in snapshots.iterdir() if p.is_dir()]
+    if revision == "main" and not ref.is_file() and len(found) == 1:  # downloaded by commit, no ref written
+        return found[0], found[0].name
+    return None
+
+
+def _single_file_in(folder: Path, variant: Variant | None) -> Path | None:
+    """The original-format weights in a repo snapshot or folder: ``model/<variant's file>`` or the only one."""
+    if variant is not None and (folder / variant.weights).is_file():
+        return folder / variant.weights
+    files = sorted((folder / "model").glob("*.safetensors")) if (folder / "model").is_dir() else []
+    return files[0] if len(files) == 1 else None
+
+
+def _recognise_file(path: Path) -> Variant | None:
+    matches = [v for v in variants.VARIANTS.values() if Path(v.weights).name == path.name]
+    return matches[0] if matches else None  # SD/HD rows share a file: the first (HD) is the default
+
+
+def _components(variant: Variant | None, config: DiTConfig, given: str | Path | None,
+                cache_dir: str | Path | None) -> Path:
+    """A diffusers-layout folder to take the VAE and text encoders from, for a single-file DiT."""
+    if given is not None:
+        root = Path(given)
+        missing = _has_components(root)
+        if missing:
+            raise ResolveError(f"components folder {root} lacks {', '.join(m + '/' for m in missing)} (expected a "
+                               f"Kandinsky 5 -Diffusers folder: {', '.join(OTHER_COMPONENTS)})")
+        return root
+    family = variants.family_of(config)
+    image = family == "image-lite"
+    candidates = [variant.diffusers_repo] if variant is not None and variant.diffusers_repo else []
+    candidates += [v.diffusers_repo for v in variants.VARIANTS.values()
+                   if v.diffusers_repo and (v.family == "image-lite") == image and v.diffusers_repo not in candidates]
+    for repo in candidates:
+        snap = cached_snapshot(repo, cache_dir)
+        if snap is not None and not _has_components(snap[0]):
+            return snap[0]
+    suggest = candidates[0] if candidates else "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
+    raise ResolveError(
+        "a single-file checkpoint holds only the DiT; the VAE and text encoders come from a Kandinsky 5 -Diffusers "
+        f"folder, and none is in the Hugging Face cache {hub_cache(cache_dir)}. Pass one as the components folder, "
+        f"or download one without its transformer: {download_hint(suggest, 'transformer/*')}"
+    )
+
+
+@dataclass(frozen=True)
+class Resolved:
+    model: str  # what was asked for
+    kind: str  # "folder" (diffusers layout) or "file" (original single file)
+    root: Path  # diffusers-layout folder: the VAE, text encoders (and the DiT unless ``kind == "file"``)
+    dit: Path  # what Kandinsky5DiT.from_pretrained reads: ``root`` or the single file
+    config: DiTConfig  # the DiT config to build with (the variant's attention applied)
+    variant: Variant | None
+    variant_from: str | None  # "given" or "recognised"
+    repo: str | None = None  # the hub repo id, when --model was one
+    revision: str | None = None  # its cached commit
+
+    def describe(self) -> dict:
+        """For the manifest record and the summary."""
+        return {"model": self.model, "kind": self.kind, "root": str(self.root), "dit": str(self.dit),
+                "repo": self.repo, "revision": self.revision,
+                "variant": self.variant.name if self.variant else None, "variant_from": self.variant_from}
+
+
+def _choose_variant(given: str | None, recognised: Variant | None, what: str) -> tuple[Variant | None, str | None]:
+    if given is None:
+        return recognised, "recognised" if recognised else None
+    variant = variants.get(given)
+    if recognised is not None and recognised.task != variant.task:
+        raise VariantError(f"variant {variant.name} is a {variant.task} model, but {what} is the {recognised.task} "
+                           f"checkpoint {recognised.repo}: use one of its variants ({recognised.name}, ...)")
+    return variant, "given"
+
+
+def resolve_model(model: str, variant: str | None = None, *, components: str | Path | None = None,
+                  cache_dir: str | Path | None = None) -> Resolved:
+    """Turn ``--model`` (and ``--variant``) into files, a config and a variant; raise ResolveError / VariantError
+    (both ValueError) with one message naming what is wrong and what would be right."""
+    path, repo, revision, recognised = Path(model).expanduser(), None, None, None
+    if not path.exists():
+        if not REPO_ID.match(model):
+            raise ResolveError(f"--model {model}: no such file or folder, and not a Hugging Face repo id "
+                               f"(org/name); pass a Kandinsky 5 checkpoint folder, a .safetensors file or a repo id")
+        snap = cached_snapshot(model, cache_dir)
+        if snap is None:
+            raise ResolveError(f"--model {model}: no such local path, and the repo is not in the Hugging Face cache "
+                               f"{hub_cache(cache_dir)} (nothing is downloaded at run time); download it first: "
+                               f"{download_hint(model.partition('@')[0])}")
+        path, revision = snap
+        repo = model.partition("@")[0]
+        recognised = variants.recognise(repo)
+    elif path.is_dir():
+        snapshot_of = next((p.name for p in path.resolve().parents if p.name.startswith("models--")), None)
+        recognised = variants.recognise(path.name) or (variants.recognise(snapshot_of) if snapshot_of else None)
+    else:
+        recognised = _recognise_file(path)
+    chosen, chosen_from = _choose_variant(variant, recognised, f"--model {model}")
+
+    if path.is_dir() and any((path / m).exists() for m in DIFFUSERS_MARKERS):
+        config = locate(path).config
+        kind, root, dit = "folder", path, path
+    else:
+        if path.is_dir():
+            single = _single_file_in(path, chosen)
+            if single is None:
+                raise ResolveError(
+                    f"--model {model}: {path} is neither a diffusers-layout folder (model_index.json, transformer/) "
+                    f"nor an original release holding one model/*.safetensors")
+            if chosen is None:
+                chosen = _recognise_file(single)
+                chosen_from = "recognised" if chosen else None
+        else:
+            single = path
+        if not single.exists():  # a cache symlink to a blob that never finished downloading
+            raise ResolveError(f"{single} is missing (an interrupted download?); "
+                               f"{download_hint(repo) if repo else 'copy the checkpoint again'}")
+        files = locate(single)
+        config = files.config
+        if chosen is None and not single.with_name("config.json").exists():
+            family = variants.family_of(config)
+            fitting = [v.name for v in variants.VARIANTS.values() if v.family == family]
+            raise VariantError(
+                f"--model {model} is a single-file checkpoint, which carries no settings (attention, steps, "
+                f"guidance); name its variant with --variant" + (f": one of {', '.join(fitting)}" if fitting else ""))
+        kind, dit = "file", single
+        root = _components(chosen, config, components, cache_dir)
+
+    if chosen is not None:
+        variants.check_fits(chosen, config, f"--model {model}")
+        config = chosen.configure(config)
+    return Resolved(model, kind, root, dit, config, chosen, chosen_from, repo, revision)
+
+
+def tiny_variant(name: str | None, tasks=("t2v", "i2v")) -> Variant | None:
+    """The variant a tiny model takes its sampling settings from (steps, guidance, shift, MagCache ratios): any
+    variant of the tiny model's tasks; its attention, size and frames stay the tiny model's own."""
+    if name is None:
+        return None
+    variant = variants.get(name)
+    variants.check_task(variant, tasks, "the tiny model")
+    return variant
