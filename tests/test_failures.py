@@ -18,7 +18,11 @@ import torch.distributed as dist
 
 from distributed import hosted_store, store_env
 from k5.launch.batch import MANIFEST, read_manifest
-from k5.launch.failures import (Injection, Logs, Stopped, StopSignals, Supervisor, classify, dead_after, explain)
+from k5.launch.channel import classify, dead_after, explain, find_hung
+from k5.launch.logs import Logs
+from k5.launch.signals import Stopped, StopSignals
+from k5.launch.supervisor import Supervisor
+from k5.launch.testhook import Injection
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ROOT / "launch" / "generate.py"
@@ -72,7 +76,7 @@ def test_explain_puts_the_cause_first():
     assert lines[2].startswith("  then: rank 2: RuntimeError: Connection reset; rank 0:")
     dead = explain([record(0, "comm", "closed", 1.0), record(5, "dead", "no heartbeat for 9 s", 2.0)])
     assert dead.startswith("error: rank 5 died at item 0")
-    assert explain([record(1, "stop", "stopped by SIGTERM", 1.0)]).startswith("error: the job failed without")
+    assert explain([record(1, "alive", "", 1.0)]).startswith("error: the job failed without")
 
 
 def test_sigterm_sets_the_flag_and_the_exit_code():
