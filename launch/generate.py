@@ -59,7 +59,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="checkpoint folder (diffusers layout) or 'tiny' (built-in random model); required")
@@ -119,6 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="check the inputs once, then start N workers on this machine (torchrun --standalone); "
                         "default: run in this process (or as the torchrun worker it is)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
     defaults = dict(height=128 if tiny else 512, width=128 if tiny else 768, num_frames=9 if tiny else 121,

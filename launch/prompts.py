@@ -91,7 +91,7 @@ def _coerce(field: str, value, from_text: bool):
                 raise bad
             return int(value)
     if not math.isfinite(number):
-        raise bad
+        raise ValueError(f"'{field}' must be a finite number, got {value!r}")
     return float(number)
 
 

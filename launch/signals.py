@@ -31,16 +31,30 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """SIGTERM / SIGINT set a flag that the work loop reads at safe points; a second Ctrl-C ends at once."""
+    """SIGTERM / SIGINT set a flag that the work loop reads at safe points; a second Ctrl-C ends at once.
+
+    Python runs a signal handler only when the main thread executes Python code, and a rank waiting in a
+    collective sits in C++ for as long as the collective lasts, which can be until the timeout: the peer it waits
+    for will not arrive before it hears of the stop. So the C-level handler also writes the signal to a pipe
+    (``signal.set_wakeup_fd``), which the watchdog thread reads (``drain``) while the main thread is blocked.
+    Every delivery writes one byte, and whichever thread reads it counts it, so each signal is counted once.
+    """
 
     def __init__(self):
         self.signum: int | None = None
         self.event = threading.Event()
         self._previous: dict[int, object] = {}
+        self._previous_fd: int | None = None
+        self._pipe: tuple[int, int] | None = None
+        self._lock = threading.Lock()
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        self._pipe = os.pipe()
+        for fd in self._pipe:
+            os.set_blocking(fd, False)
+        self._previous_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -48,12 +62,38 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
 
     def _handle(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            os._exit(stop_exit_code(signum))  # Ctrl-C twice: the user wants out now
-        if self.signum is None:
-            self.signum = signum
+        if self._pipe is None:
+            self._note(signum)
+        self.drain()
+
+    def drain(self) -> None:
+        """Count the signals delivered since the last call (any thread)."""
+        if self._pipe is None:
+            return
+        while True:
+            try:
+                data = os.read(self._pipe[0], 64)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._note(signum)
+
+    def _note(self, signum: int) -> None:
+        with self._lock:
+            if self.signum == signal.SIGINT and signum == signal.SIGINT:
+                os._exit(stop_exit_code(signum))  # Ctrl-C twice: the user wants out now
+            if self.signum is None:
+                self.signum = signum
         self.event.set()
 
     @property

@@ -7,8 +7,9 @@
 - ``kill``: SIGKILL itself (a crash without a word: the OOM killer, a lost node);
 - ``hang``: block forever (a stuck rank; only the others' timeout ends it);
 - ``gate``: hold until the job is asked to stop (a signal here or on another rank), then go on. Tests use it to
-  stop a job that cannot have finished before the signal, whatever the machine's load. With ``mark=PATH`` the rank
-  creates PATH when it starts to hold, so the test knows when to send the signal.
+  stop a job that cannot have finished before the signal, whatever the machine's load.
+
+With ``mark=PATH`` a hanging or holding rank creates PATH when it starts to, so a test knows when to act.
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ class Injection:
             return
         if self.mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.mark and self.mode in ("hang", "gate"):
+            Path(self.mark).touch()
         if self.mode == "hang":
             threading.Event().wait()
         if self.mode == "gate":
-            if self.mark:
-                Path(self.mark).touch()
             (stop or threading.Event()).wait()
             return
         raise RuntimeError(f"injected failure ({TEST_HOOK}) at rank {rank}, item {item}, after step {step}")

@@ -53,6 +53,7 @@ class Watchdog:
         silence = dead_after(sup.timeout_s)
         while not self.quit.wait(POLL_S):
             try:
+                sup.signals.drain()  # a signal that came while the main thread waits in a collective
                 sup.beat(channel)
                 now = time.monotonic()
                 signum = sup.signals.signum
