@@ -455,7 +455,8 @@ def report_end(args, job: Job, result, wall_s: float, written: list[str]) -> Non
     rt, outcome = result.runtime, result.outcome
     metrics_files = []
     if outcome is not None and outcome.reports is not None and result.status in ("done", "stopped"):
-        layout = {"world": rt.dims.world_size, **rt.dims.degrees}
+        dims = rt.dims if rt is not None else job.dims  # stopped before loading: the planned layout
+        layout = {"world": dims.world_size, **dims.degrees}
         files = written + [str(p) for p in (args.metrics_json, job.dest.metrics_path) if p]
         doc = summary(args=args, job=job, layout=layout, plan=result.plan, outcome=outcome, status=result.status,
                       exit_code=result.code, wall_s=wall_s, files=files)

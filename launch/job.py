@@ -106,7 +106,7 @@ class Progress:
 def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_base: dict, job_settings: dict,
               needs_frames: bool, on_step: Callable[[Item, int], None] | None = None,
               on_item: Callable[[Item, dict], None] | None = None) -> tuple[list[dict], bool]:
-    """Run this group's items in order; return (the finished items' metrics, whether the group stopped).
+    """Run this group's items in order; return (the metrics of the items this rank wrote, whether the group stopped).
 
     Every rank of the group calls ``sup.agree_stop`` at the same points (before each item, after each step, before
     the decode), so the group stops together; a stopped item's files are never published.
@@ -170,7 +170,7 @@ def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_b
             log.info("item %d (%s) discarded while stopping (%s: %s)", item.index, item.where, type(e).__name__, e)
             continue
         log.info("item %d done in %.2f s -> %s", item.index, time.perf_counter() - t0, item.output)
-    return finished, sup.agree_stop() and len(finished) < len(items)
+    return finished, False
 
 
 # ---- the whole run --------------------------------------------------------------------------------------------------

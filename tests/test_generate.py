@@ -1,5 +1,6 @@
 """launch/generate.py end to end on the tiny model, and every bad input it must refuse."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -25,9 +26,10 @@ def run_cli(*args, timeout=300):
 
 def test_tiny_job_writes_playable_mp4_and_latents(tmp_path):
     out, lat, frames = tmp_path / "fox.mp4", tmp_path / "fox.safetensors", tmp_path / "frames.safetensors"
+    metrics = tmp_path / "run" / "metrics.json"
     r = run_cli("--model", "tiny", "--prompt", "a red fox running through snow", "--num-frames", 9,
                 "--height", 128, "--width", 192, "--steps", 2, "--output", out, "--save-latents", lat,
-                "--save-frames", frames)
+                "--save-frames", frames, "--metrics-json", metrics)
     assert r.returncode == 0, r.stderr
     info = probe(out, count_frames=True)
     assert (info["frames"], info["width"], info["height"], info["fps"]) == (9, 192, 128, 24.0)
@@ -37,6 +39,18 @@ def test_tiny_job_writes_playable_mp4_and_latents(tmp_path):
     f = load_file(frames)["frames"]
     assert f.shape == (9, 128, 192, 3) and f.dtype == torch.uint8
     assert "s/step" in r.stderr and "peak memory" in r.stderr
+    # the last line names every file written
+    assert r.stderr.strip().splitlines()[-1] == f"done: wrote {out}, {lat}, {frames}; metrics: {metrics}"
+    m = json.loads(metrics.read_text())
+    assert m["status"] == "done" and m["exit_code"] == 0 and m["items"]["finished"] == 1
+    assert m["layout"] == {"world": 1, "dp": 1, "cfg": 1, "ring": 1, "ulysses": 1, "tp": 1}
+    (item,) = m["per_item"]
+    assert len(item["step_s"]) == 2 and all(t > 0 for t in item["step_s"])
+    assert set(m["times"]["stages"]) == {"text_s", "denoise_s", "decode_s", "write_s"}
+    # guidance 5 runs the conditional and the unconditional forward at each of the 2 steps: 4, worked out by hand
+    assert m["dit_forwards"] == {"run": 4, "skipped": 0} and item["dit_forwards"] == {"run": 4, "skipped": 0}
+    assert m["ranks"][0]["peak_memory"]["bytes"] > 0 and m["ranks"][0]["compile"]["recompiles"] is None
+    assert m["files"] == [str(out), str(lat), str(frames), str(metrics)]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
     umask = os.umask(0)
     os.umask(umask)
