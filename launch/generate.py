@@ -413,7 +413,7 @@ def run(args, env: Env, job: Job) -> int:
     t_start = time.perf_counter()
     try:
         sup = Supervisor(env.rank, env.world, args.timeout, logs, signals, env.device)
-        sup.written_note = lambda: written_note(job, written)
+        sup.written_note = lambda: written_note(job, written, sup.job_items_done())
         result = run_job(job, sup, env.rank, lambda keep_text: build_runtime(args, job, env, keep_text), written)
         if env.rank == 0:
             report_end(args, job, result, time.perf_counter() - t_start, written)
@@ -422,7 +422,7 @@ def run(args, env: Env, job: Job) -> int:
         if sup is not None and env.world > 1:
             sup.fail(e)  # tells the other ranks and ends this process
         logs.log.error("error: %s", exception_text(e), exc_info=e)
-        logs.log.error(written_note(job, written))
+        logs.log.error(written_note(job, written, 0 if sup is None else sup.job_items_done()))
         code = EXIT_FAILED
     finally:
         signals.restore()
@@ -435,12 +435,13 @@ def run(args, env: Env, job: Job) -> int:
     return code
 
 
-def written_note(job: Job, written: list[str]) -> str:
+def written_note(job: Job, written: list[str], items_done: int) -> str:
     """The last line of a failed run: what it wrote before it failed (finished files are kept)."""
-    if not written:
-        return "nothing was written" + ("" if not hasattr(job.dest, "out_dir") else
-                                        f" in this run; finished items in {job.dest.out_dir} are kept")
-    return f"written before the failure (kept): {', '.join(written)}"
+    out_dir = getattr(job.dest, "out_dir", None)
+    if out_dir is not None:
+        return (f"{items_done} item(s) finished in this run; every finished item stays in {out_dir}; run the same "
+                f"command again to resume")
+    return f"written before the failure (kept): {', '.join(written)}" if written else "nothing was written"
 
 
 def report_end(args, job: Job, result, wall_s: float, written: list[str]) -> None:

@@ -239,8 +239,12 @@ class Supervisor:
             if any(r["kind"] in ("error", "dead") for r in records):
                 return records
             now = time.monotonic()
+            current = ch.heartbeats()
+            # A straggler that already left because of this failure was alive: it hung, no need to watch longer.
+            hung = [r for r in find_hung(current) if current[r]["state"] == "exited"]
+            if hung:
+                return records + [self._hung(r, current[r]) for r in hung]
             if now - start >= 3 * POLL_S:
-                current = ch.heartbeats()
                 dead = [r for r, hb in first.items() if r != self.rank and hb is not None
                         and current.get(r) is not None and current[r]["state"] == "running"
                         and current[r]["n"] == hb["n"]]
@@ -250,15 +254,24 @@ class Supervisor:
                                       for r in dead]
                 hung = find_hung(current)
                 if hung:
-                    return records + [self.record(
-                        "hung", f"it never reached the next step's synchronisation, where the other rank(s) of its "
-                        f"group waited for it longer than --timeout {self.timeout_s:g} s", rank=r,
-                        where=current[r]["where"]) for r in hung]
+                    return records + [self._hung(r, current[r]) for r in hung]
                 if now - start >= 6 * POLL_S:  # nobody failed outright: a collective timed out on a live rank
                     return records + [{"rank": r, "kind": "alive", "where": hb["where"], "time": now, "error": ""}
                                       for r, hb in sorted(current.items()) if hb is not None
                                       and hb["state"] == "running"]
             time.sleep(POLL_S)
+
+    def _hung(self, rank: int, heartbeat: dict) -> dict:
+        return self.record("hung", f"it never reached the next step's synchronisation, where the other rank(s) of "
+                                   f"its group waited for it longer than --timeout {self.timeout_s:g} s", rank=rank,
+                           where=heartbeat["where"])
+
+    def job_items_done(self) -> int:
+        """Items finished in this run by every dp group so far (this process's count if the store is gone)."""
+        try:
+            return self._ch().counter("items_done") if self.channel is not None else self.items_done
+        except Exception:
+            return self.items_done
 
     # -- the end of a run --
 

@@ -195,6 +195,8 @@ def test_a_rank_that_raises_mid_generation_ends_every_rank(tmp_path):
     assert "injected failure" not in (tmp_path / "rank1.err").read_text()  # the terminal shows rank 0 only
     assert read_manifest(out / MANIFEST).records == []  # the failed item left nothing
     assert not [p.name for p in out.iterdir() if ".partial" in p.name]
+    assert err0.strip().splitlines()[-1] == (f"0 item(s) finished in this run; every finished item stays in {out}; "
+                                             f"run the same command again to resume")
 
 
 def test_a_rank_that_dies_silently_ends_every_rank(tmp_path):
@@ -212,6 +214,10 @@ def test_a_rank_that_dies_silently_ends_every_rank(tmp_path):
     assert "error: rank 1 died at item 1 (" in err0 and "no heartbeat for" in err0, err0[-3000:]
     records = read_manifest(out / MANIFEST).records
     assert all(r["item"] % 2 == 0 for r in records)  # rank 0's finished items stay recorded, rank 1 wrote nothing
+    # the last line counts the items recorded when rank 0 ended (a record is appended before it is counted)
+    done, rest = err0.strip().splitlines()[-1].split(" item(s) finished in this run; ")
+    assert int(done) <= len(records) and rest == f"every finished item stays in {out}; run the same command again " \
+                                                 f"to resume"
 
 
 def wait_for(path: Path, procs, limit_s: float = 240.0) -> float:

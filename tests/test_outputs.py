@@ -138,7 +138,8 @@ def test_a_disk_with_room_for_half_a_video_publishes_nothing_and_the_resume_comp
     # The full disk: the job fails (exit 1) and leaves no published video, no record, no temporary file.
     assert first[0] == "1", first[1][-3000:]
     assert reason in first[1], first[1][-3000:]
-    assert first[1].strip().splitlines()[-1] == f"nothing was written in this run; finished items in {job} are kept"
+    assert first[1].strip().splitlines()[-1] == (f"0 item(s) finished in this run; every finished item stays in {job}; "
+                                                 f"run the same command again to resume")
     assert sorted(p.name for p in failed.iterdir() if not p.name.startswith(".k5-job")) == ["logs", MANIFEST]
     assert read_manifest(failed / MANIFEST).records == []
 
