@@ -337,8 +337,10 @@ def validate(args, env: Env) -> Job:
                     num_frames=args.num_frames, steps=args.steps, guidance_scale=args.guidance_scale,
                     shift=args.shift, seed=args.seed, image=args.image)
     model = "tiny" if args.model == "tiny" else str(Path(args.model).resolve())
+    # What decides a job folder's files besides each request (a resume must repeat it); for a single video, the
+    # summary's record of the run.
     settings = {"model": model, "dtype": args.dtype, "attention": args.attention,
-                "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is not None}
+                "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True}
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     if single:
         from k5.launch.job import OutputFiles
@@ -371,12 +373,11 @@ def validate(args, env: Env) -> Job:
         items = [single_item(Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None}))]
         check(items[0].request)
     out_dir = Path(args.output_dir)
-    check_resume(items, out_dir, {**settings, "save_latents": args.save_latents is True})
-    check_writable(out_dir / "manifest.jsonl", "--output-dir")
+    check_resume(items, out_dir, settings)
+    check_writable(out_dir, "--output-dir", folder=True)
     refuse_existing(*(p for p, _ in extra))
     for path, flag in extra:
         check_writable(path, flag)
-    settings["save_latents"] = args.save_latents is True
     return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True)
 
 

@@ -180,11 +180,12 @@ def refuse_existing(*paths: str | Path | None) -> None:
                                   f"another name or move the old file away")
 
 
-def check_writable(path: str | Path, what: str) -> None:
-    """Raise ValueError unless a file can be created in ``path``'s folder (or, where that folder does not exist yet,
-    in the nearest folder above it that does, where it will be made). Tried with a real file, not guessed from
-    permission bits (root, ACLs, read-only mounts and quotas all differ from what the bits say)."""
-    folder = Path(path).absolute().parent
+def check_writable(path: str | Path, what: str, folder: bool = False) -> None:
+    """Raise ValueError unless a file can be created in ``path``'s folder (``path`` itself with ``folder``), or,
+    where that folder does not exist yet, in the nearest folder above it that does, where it will be made. Tried
+    with a real file, not guessed from permission bits (root, ACLs, read-only mounts and quotas all differ from what
+    the bits say)."""
+    folder = Path(path).absolute() if folder else Path(path).absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
