@@ -20,7 +20,7 @@ import logging
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -182,7 +182,6 @@ class RunResult:
     plan: dict
     outcome: object = None  # k5.launch.supervisor.Outcome
     runtime: object = None
-    files: list[str] = field(default_factory=list)
 
 
 def record_base(job, rt) -> dict:
@@ -198,7 +197,7 @@ def record_base(job, rt) -> dict:
 
 def make_plan(dest, items: list[Item], sup: Supervisor, rank: int) -> dict:
     """Rank 0 starts the destination (for a job folder: lock, clean, verify) and every rank gets the same plan:
-    {"pending", "finished"}, or {"error"} for a job that cannot start, or {"stopped"} when a stop came first."""
+    {"pending", "finished"}, or {"error"} for a job that cannot start (another job holds the folder)."""
     if not dest.shared_plan:
         plan = dest.start(items)
         return {"pending": plan.pending, "finished": plan.finished}
@@ -273,12 +272,12 @@ def run_job(job, sup: Supervisor, rank: int, load: Callable[[bool], object], wri
         progress.set_items(outcome.items_done)
     progress.close()
     if outcome.items_done >= len(pending):
-        return RunResult(EXIT_OK, "done", plan, outcome, rt, written)
+        return RunResult(EXIT_OK, "done", plan, outcome, rt)
     if outcome.stop_signal is not None:
         if rank != 0:  # rank 0 says it on the terminal (last_line); the others in their logs
             log.info("stopped by %s", signal_name(outcome.stop_signal))
-        return RunResult(stop_exit_code(outcome.stop_signal), "stopped", plan, outcome, rt, written)
-    return RunResult(EXIT_FAILED, "failed", plan, outcome, rt, written)
+        return RunResult(stop_exit_code(outcome.stop_signal), "stopped", plan, outcome, rt)
+    return RunResult(EXIT_FAILED, "failed", plan, outcome, rt)
 
 
 def last_line(job, result: RunResult) -> str:
@@ -293,7 +292,7 @@ def last_line(job, result: RunResult) -> str:
         return f"done: wrote {dest.describe(done, plan['finished'])}"
     signal = signal_name(result.outcome.stop_signal if result.outcome is not None else None)
     if result.status == "stopped":
-        if not getattr(dest, "shared_plan", False):
+        if isinstance(dest, OutputFiles):
             return f"stopped by {signal} before the video was finished; nothing was written"
         return (f"stopped by {signal}: {done} item(s) finished in this run, {len(plan['pending']) - done} remain in "
                 f"{dest.out_dir}; run the same command again to resume")
