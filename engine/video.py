@@ -102,9 +102,10 @@ def encode_mp4(frames, path: str | Path, fps: int = 24, crf: int = 18) -> dict:
     num_frames, height, width, _ = frames.shape
     stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
     stream = ffmpeg.output(stream, str(path), format="mp4", vcodec="libx264", pix_fmt="yuv420p", r=fps, crf=crf,
-                           movflags="+faststart").global_args("-nostdin", "-loglevel", "error")
-    proc = subprocess.run(ffmpeg.compile(stream, overwrite_output=True), input=frames.tobytes(),
-                          capture_output=True)
+                           movflags="+faststart")
+    cmd = ffmpeg.compile(stream, overwrite_output=True)
+    cmd[1:1] = ["-nostdin", "-loglevel", "error"]  # only errors in the log, so any line in it is one
+    proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True)
     log = proc.stderr.decode(errors="replace")
     # At -loglevel error every line is an error; ffmpeg does not always let them change its exit status.
     if proc.returncode != 0 or log.strip():

@@ -81,9 +81,10 @@ def fake_ffmpeg(tmp_path, real: Path, message: str):
     folder.mkdir()
     script = folder / "ffmpeg"
     script.write_text(f"""#!/bin/bash
-out="${{@: -2:1}}"  # the output path is the last argument but one (-y comes last)
+for arg; do [[ $arg == *.partial* ]] && out=$arg; done  # the temporary output
 cat > /dev/null
 head -c $(( $(stat -c %s {real}) / 2 )) {real} > "$out"
+cp "$out" {real.parent / "written"}
 [[ -n "{message}" ]] && echo "{message}" >&2
 exit 0
 """)
@@ -106,6 +107,7 @@ def test_a_write_cut_short_is_an_error_even_when_ffmpeg_exits_0(tmp_path, monkey
     if message:
         assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
     assert list(out.iterdir()) == []  # nothing published, no temporary file
+    assert (tmp_path / "written").stat().st_size == real.stat().st_size // 2  # the stand-in did write half a video
 
 
 def test_a_disk_that_fills_during_the_trailer_is_an_error(tmp_path):
