@@ -49,6 +49,9 @@ def _open(path: Path):
         raise ValueError(f"cannot read safetensors file {path}: {e}") from e
 
 
+open_safetensors = _open  # for the LoRA files (engine/lora.py): the same error for a damaged file
+
+
 def _names_in(path: Path) -> list[str]:
     with _open(path) as f:
         return list(f.keys())
@@ -89,6 +92,56 @@ def locate(path: str | Path) -> CheckpointFiles:
     else:
         raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}")
     return CheckpointFiles(config, weight_map)
+
+
+# ---- every component, before anything loads -------------------------------------------------------------------
+
+# The weight files of each component a pipeline loads (diffusers layout): one file, or shards listed in an index.
+WEIGHT_FILES = {
+    "transformer": (SINGLE, INDEX),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
+    "text_encoder_2": ("model.safetensors", "model.safetensors.index.json"),
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def component_weights(folder: Path, single: str, index: str) -> list[Path]:
+    """The safetensors files of one component folder; ValueError naming the problem otherwise."""
+    if (folder / index).is_file():
+        try:
+            names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"cannot read the shard index {folder / index}: {e}") from e
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(f"shard(s) {', '.join(missing)} listed in {folder / index} are missing")
+        return [folder / n for n in names]
+    if (folder / single).is_file():
+        return [folder / single]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} holds {', '.join(pickles)}, a pickle file, and no safetensors: k5 loads weights only from "
+            f"safetensors (unpickling a file can run any code in it); use the release's {single} (or convert the "
+            f"weights with safetensors.torch.save_file)")
+    raise ValueError(f"{folder} has no weights: expected {single} (or {index} with its shards)")
+
+
+def check_weights(root: str | Path) -> None:
+    """Every component's weights are safetensors files whose headers read, before any weight loads.
+
+    Catches a missing, truncated or foreign file (a pickle .bin in place of the safetensors) in a second instead of
+    after minutes of loading the components before it."""
+    root = Path(root)
+    for component, (single, index) in WEIGHT_FILES.items():
+        for path in component_weights(root / component, single, index):
+            with _open(path) as f:
+                if not list(f.keys()):
+                    raise ValueError(f"safetensors file {path} holds no tensors")
 
 
 # A reader returns the tensor a parameter should hold, given the checkpoint's lazy slice of it. The default reads
@@ -142,3 +195,27 @@ def load_into(
                 module_name, _, attr = name.rpartition(".")
                 module = model.get_submodule(module_name)
                 module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def reload_into(model: nn.Module, ckpt: CheckpointFiles, names: list[str], reader: Reader = read_whole) -> None:
+    """Read ``names`` again from the checkpoint into the model's parameters, in place.
+
+    Each tensor goes through ``reader`` and the same cast as at load (the parameter keeps its dtype and device), so
+    a reader that adds nothing restores exactly the values ``load_into`` gave (LoRA switching relies on this)."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params or n not in ckpt.weight_map]
+    if unknown:
+        raise KeyError(f"cannot reload {', '.join(unknown[:5])}: not a parameter of the model and the checkpoint")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(ckpt.weight_map[name], []).append(name)
+    with torch.no_grad():
+        for path, group in by_file.items():
+            with open_safetensors(path) as f:
+                for name in group:
+                    param = params[name]
+                    tensor = reader(name, f.get_slice(name), param.shape)
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise ValueError(f"tensor {name} in {path} read as {tuple(tensor.shape)}, the parameter is "
+                                         f"{tuple(param.shape)}")
+                    param.copy_(tensor.to(device=param.device, dtype=param.dtype))

@@ -8,6 +8,7 @@ the decode, and the launch script decides which rank writes what.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import locate
+from .checkpoint import check_weights, locate
 from .config import DiTConfig
 from .dit import Kandinsky5DiT
 from .sampler import DEFAULT_SHIFT, Conditioning, initial_noise, sample, uses_cfg
@@ -82,10 +83,10 @@ def check_request(req: Request, cfg: DiTConfig, nabla: bool) -> None:
         )
     if req.steps < 1:
         raise ValueError(f"steps must be at least 1, got {req.steps}")
-    if req.guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {req.guidance_scale}")
-    if req.shift is not None and req.shift <= 0:
-        raise ValueError(f"shift must be > 0, got {req.shift}")
+    if not math.isfinite(req.guidance_scale) or req.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {req.guidance_scale}")
+    if req.shift is not None and (not math.isfinite(req.shift) or req.shift <= 0):
+        raise ValueError(f"shift must be a finite number > 0, got {req.shift}")
     height, width = req.height, req.width
     if req.image is not None:
         if not cfg.visual_cond:
@@ -132,6 +133,28 @@ def rope_scale(height: int, width: int) -> tuple[float, float, float]:
     return (1.0, 3.16, 3.16) if hd_bucket(height, width) else (1.0, 2.0, 2.0)
 
 
+def make_expander(encoder: TextEncoder | None):
+    """``expander(prompt, task, seed, image=None) -> str`` on the encoder's Qwen2.5-VL (``image``: a path, for i2v and
+    i2i); without an encoder (a rank that is not a text source) one that refuses, since share_text never calls it
+    there."""
+
+    def expander(prompt: str, task: str, seed: int, image: str | None = None) -> str:
+        from .expand import IMAGE_TASKS, expand_prompt, expand_prompt_with_image
+
+        if encoder is None:
+            raise RuntimeError("this rank holds no text encoder; prompt expansion runs on the item group's rank 0")
+        if task not in IMAGE_TASKS:
+            return expand_prompt(encoder, prompt, task, seed)
+        if image is None:
+            raise ValueError(f"prompt expansion for {task} needs the image")
+        from PIL import Image
+
+        with Image.open(image) as im:  # as the reference: the file's pixels, in RGB
+            return expand_prompt_with_image(encoder, prompt, im.convert("RGB"), task, seed)
+
+    return expander
+
+
 @dataclass
 class Result:
     latents: Tensor  # [1, T, H, W, 16] fp32
@@ -147,27 +170,47 @@ class Kandinsky5Pipeline:
         # share_image(encode) -> latent: how ranks that work on one item get the I2V image latent. Here: encode.
         # Parallel runs encode on one rank and broadcast (k5.parallel.plan sets it).
         self.share_image = lambda encode: encode()
+        # expander(prompt, task, seed, image) -> text: the reference's prompt expansion (None: not loaded). share_text
+        # runs it once per item and shares the text, like share_image (k5.parallel.text_share.share_expansion).
+        self.expander = None
+        self.share_text = lambda expand: expand()
 
     @staticmethod
     def read_config(root: str | Path) -> DiTConfig:
-        """The DiT config alone (no weights), to validate requests before loading."""
+        """The DiT config alone (no weights), to validate requests before loading; checks that every component is
+        there and its weight files are safetensors whose headers read."""
         check_components(Path(root))
+        check_weights(root)
         return locate(root).config
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None, text=None) -> "Kandinsky5Pipeline":
+                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False,
+                        adapters=()) -> "Kandinsky5Pipeline":
         """Load every component; a ``dit`` or ``text`` encoder given by the caller (a tensor-parallel DiT, text
-        embeddings shared between ranks) is used instead of loading that component."""
+        embeddings shared between ranks) is used instead of loading that component. ``expand``: also load the
+        Qwen2.5-VL lm_head for prompt expansion (``expand_prompt``); ``adapters``: LoRAs merged into the DiT."""
         root = Path(root)
         check_components(root)
         device = torch.device(device)
-        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device)
-        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
+        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device, adapters=adapters)
+        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
         # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
         vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=device)
-        return cls(root, dit, text, vae, device)
+        pipe = cls(root, dit, text, vae, device)
+        if expand and isinstance(text, TextEncoder):
+            pipe.expander = make_expander(text)
+        return pipe
+
+    def expand_prompt(self, req: Request, task: str | None = None) -> str:
+        """The reference's expansion of ``req.prompt`` (seeded with ``req.seed``), computed once per item (on the item
+        group's rank 0 in parallel runs) and returned on every rank. ``task``: t2v / i2v / t2i (default: i2v with an
+        image, else t2v). The caller encodes the result: ``generate(req, prompt=expanded)``."""
+        if self.expander is None:
+            raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
+        task = task or ("i2v" if req.image else "t2v")
+        return self.share_text(lambda: self.expander(req.prompt, task, req.seed, req.image))
 
     def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
         e = self.text.encode(prompts)
@@ -190,11 +233,13 @@ class Kandinsky5Pipeline:
         return self.share_image(encode)
 
     @torch.inference_mode()
-    def generate(self, req: Request, on_step=None, guided=None, chain=()) -> Result:
+    def generate(self, req: Request, on_step=None, guided=None, chain=(), prompt: str | None = None) -> Result:
         """Sample one request. ``chain``: stages of the step chain (k5.engine.chain: CfgParallel, MagCache, ...);
-        ``guided``: the former single hook, taken as the guiding stage."""
+        ``guided``: the former single hook, taken as the guiding stage. ``prompt``: the text to encode instead of
+        ``req.prompt`` (its expansion, see ``expand_prompt``)."""
         t0 = time.perf_counter()
-        prompts = [req.prompt] + ([req.negative_prompt] if uses_cfg(req.guidance_scale) else [])
+        prompts = [req.prompt if prompt is None else prompt]
+        prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
         conds, truncated = self.encode(prompts)
         cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
         size = frame_size(req, self.dit.nabla is not None)
