@@ -77,6 +77,11 @@ class ImageRequest:
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         return (1, 1, self.height // 8, self.width // 8, 16)
 
+    @property
+    def num_frames(self) -> int:
+        """One: what an image is to code that sizes requests by frames (memory estimates, compile shapes)."""
+        return 1
+
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of an image file as displayed (EXIF orientation applied), reading only its header."""

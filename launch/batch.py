@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k5.launch.logs import LOGGER
-from k5.launch.outputs import append_line, check_output, clean_partials, replace_atomically, sha256_file, write_outputs
+from k5.launch.outputs import (append_line, check_output, clean_partials, media_kind, replace_atomically, sha256_file,
+                              write_outputs)
 from k5.launch.prompts import Item
 
 MANIFEST = "manifest.jsonl"
@@ -256,15 +257,17 @@ def deal(pending: list[int], dp: int, group: int) -> list[int]:
 # ---- one item's files -----------------------------------------------------------------------------------------------
 
 def targets_of(out_dir: Path, item: Item, job: dict) -> dict[str, Path]:
-    """The item's files in the job folder, by kind (k5.launch.outputs.OUTPUTS)."""
-    targets = {"video": out_dir / item.output}
+    """The item's files in the job folder, by kind (k5.launch.outputs.OUTPUTS): its video or image (by the name's
+    extension), and its latents with --save-latents."""
+    targets = {media_kind(item.output): out_dir / item.output}
     if job.get("save_latents"):
         targets["latents"] = out_dir / item.latents_name
     return targets
 
 
 def write_item(out_dir: Path, item: Item, frames, latents, record: dict) -> dict:
-    """Write the item's files and then its manifest record; on any error leave nothing of the item behind."""
+    """Write the item's files and then its manifest record; on any error leave nothing of the item behind.
+    ``frames``: uint8 [F, H, W, 3], the video's frames or the one frame of an image."""
     targets = targets_of(out_dir, item, {"save_latents": latents is not None})
     sealed = {}
 
@@ -272,7 +275,7 @@ def write_item(out_dir: Path, item: Item, frames, latents, record: dict) -> dict
         sealed.update(record, files=files, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         append_line(out_dir / MANIFEST, seal(sealed))
 
-    write_outputs(targets, {"video": frames, "latents": latents}, commit)
+    write_outputs(targets, {media_kind(item.output): frames, "latents": latents}, commit)
     return sealed
 
 
@@ -298,7 +301,7 @@ class JobFolder:
     def write(self, item: Item, data: dict, record: dict) -> dict:
         """Publish the item's files, then append its record; return the record."""
         latents = data["latents"] if self.job.get("save_latents") else None
-        return write_item(self.out_dir, item, data["video"], latents, record)
+        return write_item(self.out_dir, item, data[media_kind(item.output)], latents, record)
 
     def describe(self, done: int, before: int) -> str:
         return (f"{done} item(s) -> {self.out_dir} ({before} finished before; videos, {MANIFEST}, {METRICS}, "

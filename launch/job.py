@@ -147,14 +147,15 @@ def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_b
                 record = {**record_base, "item": item.index, "source": item.source, "line": item.line,
                           "output": item.output, "settings": settings(item, job_settings), "truncated": result.truncated,
                           "timings": timings}
-                data = {"video": frames, "frames": frames, "latents": result.latents}
+                # An image is one frame: the "image" output (PNG) takes the same uint8 [1, H, W, 3].
+                data = {"video": frames, "image": frames, "frames": frames, "latents": result.latents}
                 record = dest.write(item, data, record)
                 metrics.update(write_s=time.perf_counter() - t2, total_s=time.perf_counter() - t0,
                                files=[str(p) for p in dest.targets(item).values()])
                 finished.append(metrics)
                 if result.truncated:
-                    log.warning("warning: %s: the prompt is longer than the 256-token text budget and was truncated",
-                                item.where)
+                    log.warning("warning: %s: the prompt is longer than the model's text budget (video 256 tokens, "
+                                "image 512) and was truncated", item.where)
                 if on_item is not None:
                     on_item(item, record)
             if worker.leader:

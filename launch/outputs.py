@@ -6,8 +6,10 @@ check. Every output goes the same way (``write_outputs``): written under a tempo
 hashed, and only then linked to its final name, which is never replaced. A write the filesystem refused (a full
 disk, a quota) is an error even where the encoder exits 0; nothing of the item is published then.
 
-A new kind of output (Image Lite's PNG images) is one more row: a writer that fills the temporary file and
-returns what the file must hold, and a check that raises unless it does.
+A kind of output is one row: a writer that fills the temporary file and returns what the file must hold, and a
+check that raises unless it does. Image Lite's PNG images are the "image" row (decoded again: size and the sha256
+of the pixels, PNG being lossless). An item's main file is its "video" or its "image" (``MEDIA``), told apart by
+the name's extension (``media_kind``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from k5.engine.png import check_png, encode_png
 from k5.engine.video import check_mp4, encode_mp4, publish, shareable
 
 FPS = 24
@@ -35,6 +38,14 @@ def _write_video(frames, path: Path) -> dict:
 
 def _check_video(path: Path, expect: dict) -> None:
     check_mp4(path, expect["frames"], expect["width"], expect["height"])
+
+
+def _write_image(image, path: Path) -> dict:
+    return encode_png(image, path)  # checked: decodes to these pixels at this size
+
+
+def _check_image(path: Path, expect: dict) -> None:
+    check_png(path, expect["width"], expect["height"], expect.get("pixels_sha256"))
 
 
 def _tensor_writer(key: str) -> Callable[[Any, Path], dict]:
@@ -70,15 +81,23 @@ class OutputKind:
 
 OUTPUTS = {
     "video": OutputKind("video", (".mp4",), "H.264 MP4 video (24 fps, yuv420p)", _write_video, _check_video),
+    "image": OutputKind("image", (".png",), "PNG image (RGB, lossless)", _write_image, _check_image),
     "latents": OutputKind("latents", (".safetensors",), "safetensors file of the final latents (key 'latents')",
                           _tensor_writer("latents"), _check_tensors),
     "frames": OutputKind("frames", (".safetensors",), "safetensors file of the uint8 frames (key 'frames')",
                          _tensor_writer("frames"), _check_tensors),
 }
 
-# Extensions of media files k5 does not write: a name ending in one is refused, not given a second extension.
+# Extensions of media files k5 does not write as this kind: a name ending in one is refused, not given a second
+# extension (the other MEDIA kind's extensions count too: cat.mp4 is no name for an image).
 OTHER_MEDIA = {".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".png",
-               ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".pt", ".pth", ".bin", ".npy", ".npz"}
+               ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".pt", ".pth", ".bin", ".npy", ".npz", ".mp4"}
+MEDIA = ("video", "image")  # an item's main file: a video model's video, an Image Lite model's image
+
+
+def media_kind(name: str | Path) -> str:
+    """The MEDIA kind a file name is written as: "image" for .png, else "video"."""
+    return "image" if Path(name).suffix.lower() in OUTPUTS["image"].suffixes else "video"
 
 
 def check_suffix(kind: str, path: str | Path, what: str) -> None:
@@ -95,8 +114,8 @@ def output_name(value: str, kind: str = "video") -> str:
     """A prompt file's ``output`` field as a plain file name in the job folder: the kind's extension kept, added
     when the name has none of it, refused when the name ends in another media format's."""
     if not value or "/" in value or "\\" in value or value.startswith(".") or value != value.strip():
-        raise ValueError(f"'output' must be a plain file name like \"cat.mp4\" (no folder, not starting with '.', "
-                         f"no surrounding spaces), got {value!r}")
+        raise ValueError(f"'output' must be a plain file name like \"cat{OUTPUTS[kind].suffixes[0]}\" (no folder, "
+                         f"not starting with '.', no surrounding spaces), got {value!r}")
     spec = OUTPUTS[kind]
     suffix = Path(value).suffix.lower()
     if suffix in spec.suffixes:

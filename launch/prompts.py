@@ -8,12 +8,14 @@ Three formats, chosen by the file name:
 
 Blank lines are skipped. Fields an item leaves out take the command-line value (``--height``, ``--steps``, ...);
 the seed defaults to ``--seed`` plus the item's index, so the items of a plain-text file get different noise. A
-relative ``image`` path is taken relative to the prompt file's folder. ``output`` names the video inside
-``--output-dir`` (``.mp4`` is appended when the name has no extension; another video or image format's extension
-is refused); by default it is the item's index, ``00007.mp4``.
+relative ``image`` path is taken relative to the prompt file's folder (for a video model the I2V image, for an
+Image Lite model the source image of an edit). ``output`` names the video (Image Lite: the PNG image) inside
+``--output-dir`` (``.mp4``, resp. ``.png``, is appended when the name has no extension; another video or image
+format's extension is refused); by default it is the item's index, ``00007.mp4`` (``00007.png``).
 
 A bad line stops the job before anything runs, with the file, the line number, the field and what is expected.
-The value rules themselves (sizes, 4k+1 frames, ...) are ``check_request``'s, passed in as ``check``.
+The value rules themselves (sizes, 4k+1 frames, ...) are ``check_request``'s, passed in as ``check``; the request
+type (a video Request or an Image Lite ImageRequest) is built by ``make``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from k5.engine.pipeline import Request
-from k5.launch.outputs import output_name
+from k5.launch.outputs import OUTPUTS, output_name
 
 FIELDS: dict[str, type] = {
     "prompt": str, "negative_prompt": str, "seed": int, "image": str, "height": int, "width": int,
@@ -48,8 +50,8 @@ class Item:
     index: int  # position among the file's items (0-based): names the default output and deals it to a dp group
     line: int  # 1-based line in the file (0 for a --prompt given on the command line)
     source: str  # the file's name as given, for messages
-    request: Request
-    output: str  # video file name inside the output directory
+    request: Request  # or engine.image.ImageRequest (Image Lite)
+    output: str  # video (or image) file name inside the output directory
 
     @property
     def where(self) -> str:
@@ -60,8 +62,8 @@ class Item:
         return str(Path(self.output).with_suffix(".safetensors"))
 
 
-def default_output(index: int) -> str:
-    return f"{index:05d}.mp4"
+def default_output(index: int, kind: str = "video") -> str:
+    return f"{index:05d}{OUTPUTS[kind].suffixes[0]}"
 
 
 def _coerce(field: str, value, from_text: bool):
@@ -164,11 +166,15 @@ def _text_rows(text: str):
             yield n, {"prompt": line}
 
 
-def read_prompts(path: str | Path, defaults: dict, check: Callable[[Request], None]) -> list[Item]:
+def read_prompts(path: str | Path, defaults: dict, check: Callable, make: Callable = Request,
+                 kind: str = "video") -> list[Item]:
     """All items of a prompt file, or one PromptFileError naming every bad line (the first MAX_LISTED).
 
     ``defaults`` holds the command-line values of the Request fields (``seed`` is the base seed); ``check`` raises
-    ValueError for a request that cannot run (``check_request`` with the checkpoint's config).
+    ValueError for a request that cannot run (``check_request`` with the checkpoint's config) and may return the
+    request as it will run (an image request resolved to its bucket), which the item then holds. ``make`` builds
+    the request from the fields (ValueError for a field the request type does not take); ``kind`` is the MEDIA
+    kind of the item's file ("video" or "image").
     """
     path = Path(path)
     name = str(path)
@@ -189,7 +195,7 @@ def read_prompts(path: str | Path, defaults: dict, check: Callable[[Request], No
         try:
             if isinstance(row, Exception):
                 raise row
-            item = _item(row, len(items), n, name, path.parent, defaults, check, from_text)
+            item = _item(row, len(items), n, name, path.parent, defaults, check, from_text, make, kind)
             if item.output in owner:
                 raise ValueError(f"output {item.output} is also the output of line {owner[item.output]}; "
                                  f"every item needs its own file")
@@ -210,8 +216,8 @@ def read_prompts(path: str | Path, defaults: dict, check: Callable[[Request], No
     return items
 
 
-def _item(row: dict, index: int, line: int, source: str, folder: Path, defaults: dict,
-          check: Callable[[Request], None], from_text: bool) -> Item:
+def _item(row: dict, index: int, line: int, source: str, folder: Path, defaults: dict, check: Callable,
+          from_text: bool, make: Callable = Request, kind: str = "video") -> Item:
     values = {}
     for field, value in row.items():
         if field not in FIELDS:
@@ -219,7 +225,7 @@ def _item(row: dict, index: int, line: int, source: str, folder: Path, defaults:
         values[field] = _coerce(field, value, from_text)
     if "prompt" not in values:
         raise ValueError("missing 'prompt'; every item needs a text describing the video")
-    output = output_name(values.pop("output")) if "output" in values else default_output(index)
+    output = output_name(values.pop("output"), kind) if "output" in values else default_output(index, kind)
     fields = {k: v for k, v in defaults.items() if v is not None}
     fields["seed"] = defaults.get("seed", 0) + index
     fields.update(values)
@@ -228,8 +234,8 @@ def _item(row: dict, index: int, line: int, source: str, folder: Path, defaults:
         fields["image"] = str(image if image.is_absolute() else folder / image)
     if fields.get("image") is not None:
         check_image(fields["image"])
-    req = Request(**fields)
-    check(req)
+    req = make(**fields)
+    req = check(req) or req
     return Item(index, line, source, req, output)
 
 
@@ -248,9 +254,9 @@ def check_image(path: str, what: str = "'image'") -> None:
         raise ValueError(f"{what} {path} {kind} ({e})") from None
 
 
-def single_item(request: Request, output: str | None = None) -> Item:
+def single_item(request: Request, output: str | None = None, kind: str = "video") -> Item:
     """A --prompt from the command line as a one-item job."""
-    return Item(0, 0, "--prompt", request, output_name(output) if output else default_output(0))
+    return Item(0, 0, "--prompt", request, output_name(output, kind) if output else default_output(0, kind))
 
 
 def with_request(item: Item, **changes) -> Item:
