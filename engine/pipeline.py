@@ -106,15 +106,18 @@ def check_request(req: Request, cfg: DiTConfig, nabla: bool) -> None:
         warnings.warn(f"latent grid {T}x{H}x{W} exceeds the 128 positions per axis the model was trained with")
 
 
-def check_components(root: Path) -> None:
+def check_components(root: Path, transformer: bool = True) -> None:
+    """Raise ValueError unless ``root`` holds every component folder; ``transformer=False`` when the DiT comes from
+    elsewhere (an original single-file checkpoint: the folder then supplies only the VAE and text encoders)."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"checkpoint {root} is not a folder; pass a Kandinsky 5 diffusers-format folder or 'tiny'")
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    needed = COMPONENTS if transformer else COMPONENTS[1:]
+    missing = [c for c in needed if not (root / c).is_dir()]
     if missing:
         raise ValueError(
             f"{root} is not a complete Kandinsky 5 checkpoint: missing component folder(s) {', '.join(missing)} "
-            f"(expected {', '.join(COMPONENTS)} as in the diffusers layout)"
+            f"(expected {', '.join(needed)} as in the diffusers layout)"
         )
 
 
@@ -156,18 +159,29 @@ class Kandinsky5Pipeline:
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None, text=None) -> "Kandinsky5Pipeline":
+                        dit: Kandinsky5DiT | None = None, text=None, *, dit_path: str | Path | None = None,
+                        config: DiTConfig | None = None) -> "Kandinsky5Pipeline":
         """Load every component; a ``dit`` or ``text`` encoder given by the caller (a tensor-parallel DiT, text
-        embeddings shared between ranks) is used instead of loading that component."""
+        embeddings shared between ranks) is used instead of loading that component.
+
+        ``dit_path``: where the DiT weights are when not in ``root`` (an original single-file checkpoint), and
+        ``config`` the DiT config to build (a catalogue variant's attention on a file that carries none); both come
+        from ``k5.engine.resolve.resolve_model`` (see ``from_resolved``)."""
         root = Path(root)
-        check_components(root)
+        check_components(root, transformer=dit_path is None or Path(dit_path) == root)
         device = torch.device(device)
-        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device)
+        dit = dit or Kandinsky5DiT.from_pretrained(dit_path or root, torch_dtype=dtype, device=device, config=config)
         text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
         # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
         vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=device)
         return cls(root, dit, text, vae, device)
+
+    @classmethod
+    def from_resolved(cls, resolved, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "Kandinsky5Pipeline":
+        """Load what ``k5.engine.resolve.resolve_model`` found: components from its root, the DiT from its file or
+        folder with its config (the variant's attention applied)."""
+        return cls.from_pretrained(resolved.root, dtype, device, dit_path=resolved.dit, config=resolved.config)
 
     def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
         e = self.text.encode(prompts)
