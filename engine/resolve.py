@@ -33,9 +33,9 @@ from .variants import Variant, VariantError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 DIFFUSERS_MARKERS = ("model_index.json", "transformer")
-# The built-in tiny models: ``--model`` name -> (engine.tiny.tiny_checkpoint kind, the tasks it runs). The Image
-# Lite tasks add their own names here.
-TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"))}
+# The built-in tiny models: ``--model`` name -> (engine.tiny.tiny_checkpoint kind, the tasks it runs, its own
+# request defaults: a size a CPU runs in seconds). The Image Lite tasks add their own names here.
+TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "num_frames": 9, "steps": 4})}
 # model_index.json ``_class_name`` of the diffusers pipelines -> the task of a -Diffusers checkpoint.
 PIPELINE_TASKS = {"Kandinsky5T2VPipeline": "t2v", "Kandinsky5I2VPipeline": "i2v", "Kandinsky5T2IPipeline": "t2i",
                   "Kandinsky5I2IPipeline": "i2i"}
@@ -149,11 +149,11 @@ class Resolved:
 
     def defaults(self) -> dict:
         """Request settings the variant sets (flags override them): steps, guidance, shift, and for a real
-        checkpoint the size and frames; a tiny model keeps its own size. A ``shift`` of None leaves the folder's
-        scheduler config in charge. Empty without a variant."""
-        if self.variant is None:
-            return {}
-        return self.variant.sampling() if self.kind == "tiny" else self.variant.defaults()
+        checkpoint the size and frames; a tiny model has its own size (and 4 steps without a variant). A ``shift``
+        of None leaves the folder's scheduler config in charge. Empty for a checkpoint without a variant."""
+        if self.kind == "tiny":
+            return {**TINY_MODELS[self.model][2], **(self.variant.sampling() if self.variant else {})}
+        return self.variant.defaults() if self.variant else {}
 
     @property
     def mag_ratios(self) -> tuple[float, ...] | None:
@@ -244,7 +244,7 @@ def _resolve_tiny(model: str, variant: str | None, attention: str) -> Resolved:
     from .checkpoint import locate as _locate
     from .tiny import tiny_checkpoint
 
-    kind, tasks = TINY_MODELS[model]
+    kind, tasks, _ = TINY_MODELS[model]
     chosen = tiny_variant(variant, tasks, f"the tiny model --model {model}")
     root = tiny_checkpoint(attention=attention, kind=kind)  # cached; built aside and renamed, safe under torchrun
     return Resolved(model, "tiny", root, root, _locate(root).config, chosen, "given" if chosen else None,

@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "generate":
         from k5.launch.generate import main as generate
 
-        return generate(rest)
+        saved = sys.argv[0]
+        sys.argv[0] = "k5 generate"  # argparse's prog: usage lines and errors name the command as typed
+        try:
+            return generate(rest)
+        finally:
+            sys.argv[0] = saved
     if command == "variants":
         from k5.launch.catalogue import main as variants
 
