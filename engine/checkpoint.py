@@ -49,6 +49,9 @@ def _open(path: Path):
         raise ValueError(f"cannot read safetensors file {path}: {e}") from e
 
 
+open_safetensors = _open  # for the LoRA files (engine/lora.py): the same error for a damaged file
+
+
 def _names_in(path: Path) -> list[str]:
     with _open(path) as f:
         return list(f.keys())
@@ -142,3 +145,27 @@ def load_into(
                 module_name, _, attr = name.rpartition(".")
                 module = model.get_submodule(module_name)
                 module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def reload_into(model: nn.Module, ckpt: CheckpointFiles, names: list[str], reader: Reader = read_whole) -> None:
+    """Read ``names`` again from the checkpoint into the model's parameters, in place.
+
+    Each tensor goes through ``reader`` and the same cast as at load (the parameter keeps its dtype and device), so
+    a reader that adds nothing restores exactly the values ``load_into`` gave (LoRA switching relies on this)."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params or n not in ckpt.weight_map]
+    if unknown:
+        raise KeyError(f"cannot reload {', '.join(unknown[:5])}: not a parameter of the model and the checkpoint")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(ckpt.weight_map[name], []).append(name)
+    with torch.no_grad():
+        for path, group in by_file.items():
+            with open_safetensors(path) as f:
+                for name in group:
+                    param = params[name]
+                    tensor = reader(name, f.get_slice(name), param.shape)
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise ValueError(f"tensor {name} in {path} read as {tuple(tensor.shape)}, the parameter is "
+                                         f"{tuple(param.shape)}")
+                    param.copy_(tensor.to(device=param.device, dtype=param.dtype))

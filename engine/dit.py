@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from k5.kernels.attention import attention
 from k5.kernels.nabla import NablaSpec, from_fractal, nabla_attention, to_fractal
 
-from . import checkpoint
+from . import checkpoint, lora
 from .config import DiTConfig
+from .lora import LoraAdapter
 
 
 def get_freqs(n: int, theta: float = 10000.0) -> Tensor:
@@ -252,6 +253,7 @@ class Kandinsky5DiT(nn.Module):
         self.out_layer = OutLayer(cfg)
         self.tokens = LocalTokens()
         self.visual_attention = LocalAttention(self.default_nabla())
+        self.lora_adapters: tuple[LoraAdapter, ...] = ()  # merged into the weights (engine.lora.switch_adapters)
 
     def default_nabla(self, P: float | None = None) -> NablaSpec | None:
         cfg = self.config
@@ -280,18 +282,25 @@ class Kandinsky5DiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.bfloat16,
                         device: torch.device | str = "cpu", reader: checkpoint.Reader = checkpoint.read_whole,
-                        config: DiTConfig | None = None, prepare=None) -> "Kandinsky5DiT":
+                        config: DiTConfig | None = None, prepare=None, adapters: Sequence[LoraAdapter] = (),
+                        factor_reader: lora.FactorReader = lora.read_whole_factor) -> "Kandinsky5DiT":
         """Build on the meta device and fill from safetensors (diffusers folder or original single file).
 
         ``prepare(model)`` runs on the meta model before any tensor is read: tensor parallelism cuts the layers to
-        this rank's shard there, and passes a ``reader`` that reads only that shard.
+        this rank's shard there, and passes a ``reader`` that reads only that shard (and a ``factor_reader`` that
+        reads the matching part of each LoRA factor). ``adapters`` (engine.lora.open_lora) are merged into the
+        weights as they are read.
         """
         files = checkpoint.locate(path)
         with torch.device("meta"):
             model = cls(config or files.config)
+        adapters = tuple(adapters)
+        lora.check_fits(adapters, lora.linear_shapes(model))  # before prepare: the full, uncut shapes
         if prepare is not None:
             prepare(model)
-        checkpoint.load_into(model, files, torch_dtype, device, reader)
+        with lora.merging_reader(reader, adapters, factor_reader, device) as merged:
+            checkpoint.load_into(model, files, torch_dtype, device, merged)
+        model.lora_adapters = adapters
         return model.eval().requires_grad_(False)
 
     @property

@@ -29,7 +29,7 @@ from .dit import Kandinsky5DiT
 from .image import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, is_image_checkpoint, load_source,
                     qwen_image, resolve, vae_input)
 from .image_vae import ImageVAE
-from .pipeline import Result, check_components, scheduler_shift
+from .pipeline import Result, check_components, make_expander, scheduler_shift
 from .sampler import Conditioning, sample, uses_cfg
 from .text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
 
@@ -60,6 +60,7 @@ class ImagePipeline:
         self.default_shift = scheduler_shift(root, DEFAULT_SHIFT)
         # share_image(encode) -> latent: how the ranks of one item get the source latent (see Kandinsky5Pipeline).
         self.share_image = lambda encode: encode()
+        self.expander, self.share_text = None, lambda expand: expand()  # prompt expansion, as in Kandinsky5Pipeline
 
     @staticmethod
     def read_config(root: str | Path) -> DiTConfig:
@@ -67,14 +68,27 @@ class ImagePipeline:
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None, text=None) -> "ImagePipeline":
+                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False,
+                        adapters=()) -> "ImagePipeline":
+        """``expand``: also load the lm_head for prompt expansion; ``adapters``: LoRAs merged into the DiT."""
         root, device = Path(root), torch.device(device)
         check_image_checkpoint(root)
-        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device)
-        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
+        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device, adapters=adapters)
+        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
         # bf16 on GPU as the original runs the FLUX VAE; fp32 on CPU, where half precision is slow and inexact.
         vae = ImageVAE.from_pretrained(root, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
-        return cls(root, dit, text, vae, device)
+        pipe = cls(root, dit, text, vae, device)
+        if expand and isinstance(text, TextEncoder):
+            pipe.expander = make_expander(text)
+        return pipe
+
+    def expand_prompt(self, req: ImageRequest) -> str:
+        """The reference's expansion of ``req.prompt`` (t2i, or i2i with the source image), seeded with ``req.seed``,
+        once per item and shared; encode it with ``generate(req, prompt=expanded)``."""
+        if self.expander is None:
+            raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
+        task = "i2i" if req.image is not None else "t2i"
+        return self.share_text(lambda: self.expander(req.prompt, task, req.seed, req.image))
 
     def resolve(self, req: ImageRequest) -> ImageRequest:
         return resolve(req, self.dit.config)
@@ -99,7 +113,8 @@ class ImagePipeline:
         return torch.cat([edit, torch.ones_like(edit[..., :1])], -1)
 
     @torch.inference_mode()
-    def generate(self, req: ImageRequest, on_step=None, guided=None) -> ImageResult:
+    def generate(self, req: ImageRequest, on_step=None, guided=None, prompt: str | None = None) -> ImageResult:
+        """``prompt``: the text to encode instead of ``req.prompt`` (its expansion, see ``expand_prompt``)."""
         if self.dit.nabla is not None:
             raise ValueError("NABLA attention is for video; Image Lite runs dense attention (--attention dense)")
         t0 = time.perf_counter()
@@ -112,7 +127,8 @@ class ImagePipeline:
             source = fit_to_bucket(load_source(req.image), req.height, req.width)
             edit = self.share_image(lambda: self.vae.encode(vae_input(source), generator=generator).to(self.device))
             fmt, qwen_input = IMAGE_EDIT, qwen_image(source)
-        prompts = [req.prompt] + ([req.negative_prompt] if uses_cfg(req.guidance_scale) else [])
+        prompts = [req.prompt if prompt is None else prompt]
+        prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
         conds, truncated = self.encode(prompts, fmt, qwen_input)
         cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
         extra = self.extra_channels(edit, shape)

@@ -135,6 +135,28 @@ def rope_scale(height: int, width: int) -> tuple[float, float, float]:
     return (1.0, 3.16, 3.16) if hd_bucket(height, width) else (1.0, 2.0, 2.0)
 
 
+def make_expander(encoder: TextEncoder | None):
+    """``expander(prompt, task, seed, image=None) -> str`` on the encoder's Qwen2.5-VL (``image``: a path, for i2v and
+    i2i); without an encoder (a rank that is not a text source) one that refuses, since share_text never calls it
+    there."""
+
+    def expander(prompt: str, task: str, seed: int, image: str | None = None) -> str:
+        from .expand import IMAGE_TASKS, expand_prompt, expand_prompt_with_image
+
+        if encoder is None:
+            raise RuntimeError("this rank holds no text encoder; prompt expansion runs on the item group's rank 0")
+        if task not in IMAGE_TASKS:
+            return expand_prompt(encoder, prompt, task, seed)
+        if image is None:
+            raise ValueError(f"prompt expansion for {task} needs the image")
+        from PIL import Image
+
+        with Image.open(image) as im:  # as the reference: the file's pixels, in RGB
+            return expand_prompt_with_image(encoder, prompt, im.convert("RGB"), task, seed)
+
+    return expander
+
+
 @dataclass
 class Result:
     latents: Tensor  # [1, T, H, W, 16] fp32
@@ -150,6 +172,10 @@ class Kandinsky5Pipeline:
         # share_image(encode) -> latent: how ranks that work on one item get the I2V image latent. Here: encode.
         # Parallel runs encode on one rank and broadcast (k5.parallel.plan sets it).
         self.share_image = lambda encode: encode()
+        # expander(prompt, task, seed, image) -> text: the reference's prompt expansion (None: not loaded). share_text
+        # runs it once per item and shares the text, like share_image (k5.parallel.text_share.share_expansion).
+        self.expander = None
+        self.share_text = lambda expand: expand()
 
     @staticmethod
     def read_config(root: str | Path) -> DiTConfig:
@@ -159,10 +185,12 @@ class Kandinsky5Pipeline:
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None, text=None, *, dit_path: str | Path | None = None,
+                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False,
+                        adapters=(), *, dit_path: str | Path | None = None,
                         config: DiTConfig | None = None) -> "Kandinsky5Pipeline":
         """Load every component; a ``dit`` or ``text`` encoder given by the caller (a tensor-parallel DiT, text
-        embeddings shared between ranks) is used instead of loading that component.
+        embeddings shared between ranks) is used instead of loading that component. ``expand``: also load the
+        Qwen2.5-VL lm_head for prompt expansion (``expand_prompt``); ``adapters``: LoRAs merged into the DiT.
 
         ``dit_path``: where the DiT weights are when not in ``root`` (an original single-file checkpoint), and
         ``config`` the DiT config to build (a catalogue variant's attention on a file that carries none); both come
@@ -170,18 +198,32 @@ class Kandinsky5Pipeline:
         root = Path(root)
         check_components(root, transformer=dit_path is None or Path(dit_path) == root)
         device = torch.device(device)
-        dit = dit or Kandinsky5DiT.from_pretrained(dit_path or root, torch_dtype=dtype, device=device, config=config)
-        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
+        dit = dit or Kandinsky5DiT.from_pretrained(dit_path or root, torch_dtype=dtype, device=device, config=config,
+                                                   adapters=adapters)
+        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
         # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
         vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=device)
-        return cls(root, dit, text, vae, device)
+        pipe = cls(root, dit, text, vae, device)
+        if expand and isinstance(text, TextEncoder):
+            pipe.expander = make_expander(text)
+        return pipe
+
+    def expand_prompt(self, req: Request, task: str | None = None) -> str:
+        """The reference's expansion of ``req.prompt`` (seeded with ``req.seed``), computed once per item (on the item
+        group's rank 0 in parallel runs) and returned on every rank. ``task``: t2v / i2v / t2i (default: i2v with an
+        image, else t2v). The caller encodes the result: ``generate(req, prompt=expanded)``."""
+        if self.expander is None:
+            raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
+        task = task or ("i2v" if req.image else "t2v")
+        return self.share_text(lambda: self.expander(req.prompt, task, req.seed, req.image))
 
     @classmethod
-    def from_resolved(cls, resolved, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "Kandinsky5Pipeline":
+    def from_resolved(cls, resolved, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs) -> "Kandinsky5Pipeline":
         """Load what ``k5.engine.resolve.resolve_model`` found: components from its root, the DiT from its file or
-        folder with its config (the variant's attention applied)."""
-        return cls.from_pretrained(resolved.root, dtype, device, dit_path=resolved.dit, config=resolved.config)
+        folder with its config (the variant's attention applied). ``kwargs``: expand, adapters."""
+        return cls.from_pretrained(resolved.root, dtype, device, dit_path=resolved.dit, config=resolved.config,
+                                   **kwargs)
 
     def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
         e = self.text.encode(prompts)
@@ -204,11 +246,13 @@ class Kandinsky5Pipeline:
         return self.share_image(encode)
 
     @torch.inference_mode()
-    def generate(self, req: Request, on_step=None, guided=None, chain=()) -> Result:
+    def generate(self, req: Request, on_step=None, guided=None, chain=(), prompt: str | None = None) -> Result:
         """Sample one request. ``chain``: stages of the step chain (k5.engine.chain: CfgParallel, MagCache, ...);
-        ``guided``: the former single hook, taken as the guiding stage."""
+        ``guided``: the former single hook, taken as the guiding stage. ``prompt``: the text to encode instead of
+        ``req.prompt`` (its expansion, see ``expand_prompt``)."""
         t0 = time.perf_counter()
-        prompts = [req.prompt] + ([req.negative_prompt] if uses_cfg(req.guidance_scale) else [])
+        prompts = [req.prompt if prompt is None else prompt]
+        prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
         conds, truncated = self.encode(prompts)
         cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
         size = frame_size(req, self.dit.nabla is not None)

@@ -8,6 +8,8 @@ padding="longest" without a mask, ftfy cleaning.
 Only the Qwen2.5-VL *text* decoder is loaded up front (the vision tower and lm_head of the 7B checkpoint are
 skipped), built on the meta device and filled straight from the safetensors, so loading never materialises random
 weights. The vision tower joins (engine/vision.py, same way) the first time a prompt carries an image: image editing.
+Prompt expansion (engine/expand.py) also needs the lm_head: ``from_pretrained(..., lm_head=True)`` loads it, and
+``generate`` decodes with the same decoder module (no second copy of the 7B weights).
 """
 
 import gc
@@ -153,7 +155,28 @@ def _load_qwen_text_model(path: Path, dtype: torch.dtype, device: torch.device):
     model.rotary_emb = Qwen2_5_VLRotaryEmbedding(text_config).to(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"text decoder tensors left unloaded on the meta device: {left}"
+    model.full_config = config  # the Qwen2_5_VLConfig (text + vision), for generation
     return model.eval().requires_grad_(False)
+
+
+def _load_lm_head(path: Path, qwen, dtype: torch.dtype, device: torch.device) -> torch.nn.Linear:
+    """The language-model head: `lm_head.weight` of the checkpoint (Qwen2.5-VL-7B keeps it separate), or the input
+    embedding itself when the config ties them (the 3B) and the checkpoint has no head."""
+    config = qwen.full_config
+    head = torch.nn.Linear(qwen.config.hidden_size, qwen.config.vocab_size, bias=False, device="meta")
+    for file in _safetensors_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            if "lm_head.weight" in f.keys():
+                head.weight = torch.nn.Parameter(f.get_tensor("lm_head.weight").to(dtype), requires_grad=False)
+                return head
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(qwen.config, "tie_word_embeddings", False)
+    if not tied:
+        raise ValueError(
+            f"component 'text_encoder' in {path.parent}: no lm_head.weight in {path} and the config does not tie it "
+            "to the input embeddings; prompt expansion needs the language-model head (or use --no-expand-prompt)"
+        )
+    head.weight = qwen.embed_tokens.weight  # shared, not copied
+    return head
 
 
 def _load_tokenizer(path: Path, name: str):
@@ -166,11 +189,28 @@ def _load_tokenizer(path: Path, name: str):
         raise ValueError(f"component '{name}' in {path.parent}: cannot load a tokenizer from {path}: {e}") from e
 
 
+def _generation_config(path: Path, config):
+    """The checkpoint's generation_config.json (what transformers' from_pretrained loads for generate), else the
+    settings derived from the model config (greedy)."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        try:
+            return GenerationConfig.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read generation_config.json: {e}")
+    return GenerationConfig.from_model_config(config)
+
+
 class TextEncoder:
-    def __init__(self, qwen, qwen_tokenizer, clip, clip_tokenizer, folder: Path | None = None):
+    def __init__(self, qwen, qwen_tokenizer, clip, clip_tokenizer, folder: Path | None = None, lm_head=None,
+                 generation_config=None):
         self.qwen, self.qwen_tokenizer, self.clip, self.clip_tokenizer = qwen, qwen_tokenizer, clip, clip_tokenizer
         self.folder = folder  # the checkpoint, where the vision tower is read from when an image prompt comes
         self.vision = None  # engine.vision.QwenVision, loaded on first use
+        # For generate(): the head on the decoder's final norm, and the checkpoint's generation settings.
+        self.lm_head, self.generation_config = lm_head, generation_config
+        self._generator = None
         # The crop must sit on the template/prompt boundary, so padding has to go at the end.
         self.qwen_tokenizer.padding_side = "right"
         self.clip_tokenizer.padding_side = "right"
@@ -190,14 +230,21 @@ class TextEncoder:
         return self._crop_start
 
     @classmethod
-    def from_pretrained(cls, folder, torch_dtype: torch.dtype = torch.bfloat16, device="cpu") -> "TextEncoder":
+    def from_pretrained(cls, folder, torch_dtype: torch.dtype = torch.bfloat16, device="cpu",
+                        lm_head: bool = False) -> "TextEncoder":
+        """``lm_head=True`` also loads the language-model head, for ``generate`` (prompt expansion)."""
         from transformers import CLIPTextModel
 
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
         device = torch.device(device)
-        qwen = _load_qwen_text_model(_component_dir(folder, "text_encoder"), torch_dtype, device)
+        qwen_dir = _component_dir(folder, "text_encoder")
+        qwen = _load_qwen_text_model(qwen_dir, torch_dtype, device)
+        head = generation_config = None
+        if lm_head:
+            head = _load_lm_head(qwen_dir, qwen, torch_dtype, device)
+            generation_config = _generation_config(qwen_dir, qwen.full_config)
         qwen_tokenizer = _load_tokenizer(_component_dir(folder, "tokenizer"), "tokenizer")
         clip_dir = _component_dir(folder, "text_encoder_2")
         try:
@@ -210,7 +257,8 @@ class TextEncoder:
                 f"component 'text_encoder_2' in {folder}: cannot load CLIPTextModel from {clip_dir}: {e}"
             ) from e
         clip_tokenizer = _load_tokenizer(_component_dir(folder, "tokenizer_2"), "tokenizer_2")
-        return cls(qwen, qwen_tokenizer, clip.eval().requires_grad_(False), clip_tokenizer, folder)
+        return cls(qwen, qwen_tokenizer, clip.eval().requires_grad_(False), clip_tokenizer, folder, head,
+                   generation_config)
 
     @property
     def device(self) -> torch.device:
@@ -269,10 +317,56 @@ class TextEncoder:
         mask = tokens["attention_mask"][:, crop:].bool()
         return embeds, mask, [n > max_length for n in full_lengths]
 
+    def _generation_model(self):
+        """Qwen2_5_VLForConditionalGeneration around the loaded modules (its own, built on meta, are replaced):
+        transformers' generate() then runs with the reference's decoding rules (logits processors, 3D RoPE
+        positions for image tokens) on this decoder and head, with no second copy of the weights."""
+        if self.lm_head is None:
+            raise RuntimeError("generate() needs the lm_head: load with TextEncoder.from_pretrained(..., lm_head=True)")
+        if self._generator is None:
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            with torch.device("meta"):
+                model = Qwen2_5_VLForConditionalGeneration(self.qwen.full_config)
+            model.model.language_model = self.qwen
+            model.lm_head = self.lm_head
+            model.generation_config = self.generation_config
+            self._generator = model.eval()
+        # The vision tower once an image prompt has loaded it (engine.vision); until then an empty module, so that no
+        # meta parameter is left (the model's device is that of its first parameter).
+        self._generator.model.visual = self.vision.tower if self.vision is not None else torch.nn.Module()
+        return self._generator
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, seed: int, attention_mask=None,
+                 **image_inputs) -> torch.Tensor:
+        """The token ids generated after ``input_ids`` [1, L] (the prompt itself is not returned).
+
+        Settings are the checkpoint's generation_config.json (as ``from_pretrained`` + ``generate`` use them in the
+        reference), with ``max_new_tokens``; sampling, if the config asks for it, draws after
+        ``torch.manual_seed(seed)`` (as after the reference's ``transformers.set_seed(seed)``) inside a forked RNG
+        state, so the caller's RNG state is left as it was.
+        ``image_inputs``: pixel_values, image_grid_thw, mm_token_type_ids for a prompt that shows an image (the
+        vision tower must be loaded: ``_load_vision``)."""
+        self._check_loaded()
+        model = self._generation_model()
+        device = self.device
+        input_ids = input_ids.to(device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in image_inputs.items()}
+        # manual_seed seeds every GPU, so every GPU's state is saved and restored, not only this one's.
+        devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask.to(device),
+                                 max_new_tokens=max_new_tokens, **image_inputs)
+        return out[:, input_ids.shape[1]:]
+
     def release(self):
         """Drop the models (a batch job keeps the encoder; a single generation frees it before the DiT runs)."""
         on_cuda = self.qwen is not None and self.device.type == "cuda"
-        self.qwen = self.clip = self.vision = None
+        self.qwen = self.clip = self.vision = self.lm_head = self._generator = None
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()

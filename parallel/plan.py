@@ -139,23 +139,26 @@ def _checkpoint(root, dit_path, config) -> tuple[Path, Path, DiTConfig]:
 
 
 def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                   keep_text: bool = False, dit_path: str | Path | None = None,
+                   keep_text: bool = False, expand: bool = False, adapters=(), dit_path: str | Path | None = None,
                    config: DiTConfig | None = None) -> ParallelSetup:
     """Everything a rank needs to generate on the planned ``dims`` (from ``plan_parallel``).
 
     ``root``: a diffusers-layout folder, or what ``k5.engine.resolve.resolve_model`` returned. ``dit_path`` and
     ``config``: the DiT's weights and config when they are not the folder's own (a single-file checkpoint, a
     variant's attention). ``keep_text``: keep the text encoders after the first encode (batch jobs encode again).
-    With more than one process torch.distributed must be initialized and its world size equal
-    ``dims.world_size``.
+    ``expand``: load Qwen's lm_head for prompt expansion, run once per item on the item group's rank 0 and shared.
+    ``adapters``: LoRA adapters (k5.engine.lora.open_lora) merged while each rank reads its slices. With more than
+    one process torch.distributed must be initialized and its world size equal ``dims.world_size``.
     """
-    from k5.engine.pipeline import Kandinsky5Pipeline
+    from k5.engine.pipeline import Kandinsky5Pipeline, make_expander
     from k5.engine.text import TextEncoder
+    from k5.parallel.text_share import share_expansion
 
     root, dit_path, config = _checkpoint(root, dit_path, config)
     device = torch.device(device)
     if dims.world_size == 1:
-        pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit_path=dit_path, config=config)
+        pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, expand=expand, adapters=adapters,
+                                                      dit_path=dit_path, config=config)
         return ParallelSetup(dims, pipeline, None, None, parameter_bytes(pipeline.dit))
     if not dist.is_initialized():
         raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized "
@@ -164,28 +167,32 @@ def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloa
     dims.build_mesh(device.type)
 
     stats = CommStats()
-    dit, _ = load_dit(dit_path, dims, dtype, device, stats, config)
+    dit, _ = load_dit(dit_path, dims, dtype, device, stats, config, adapters=adapters)
     if dims.sp_size > 1:
         apply_sequence_parallel(dit, dims, stats)
-    encoder = TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device) if is_text_source(dims) else None
+    encoder = (TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
+               if is_text_source(dims) else None)
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if dims.cfg == 2:
         text = BranchText(text, dims)
     pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text, dit_path=dit_path)
     pipeline.share_image = image_sharing(dims, device)
+    if expand:
+        pipeline.expander = make_expander(encoder)
+        pipeline.share_text = share_expansion(dims, device)
     guided = CfgParallel(dims, stats).guided if dims.cfg == 2 else None
     return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))
 
 
 def setup_parallel(root, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
                    ulysses: int | None = None, ring: int | None = None, dtype: torch.dtype = torch.bfloat16,
-                   device="cpu", keep_text: bool = False, dit_path: str | Path | None = None,
-                   config: DiTConfig | None = None) -> ParallelSetup:
+                   device="cpu", keep_text: bool = False, expand: bool = False, adapters=(),
+                   dit_path: str | Path | None = None, config: DiTConfig | None = None) -> ParallelSetup:
     """``plan_parallel`` for this process group's world size, then ``build_parallel`` (torch.distributed
     initialized). ``root``: a diffusers-layout folder or a ``resolve_model`` result (see ``build_parallel``)."""
     if not dist.is_initialized():
         raise RuntimeError("setup_parallel needs torch.distributed initialized (torchrun / init_process_group)")
     root, dit_path, config = _checkpoint(root, dit_path, config)
     dims = plan_parallel(dist.get_world_size(), config, tp, cfg_parallel, dp, ulysses, ring)
-    return build_parallel(root, dims, dtype=dtype, device=device, keep_text=keep_text, dit_path=dit_path,
-                          config=config)
+    return build_parallel(root, dims, dtype=dtype, device=device, keep_text=keep_text, expand=expand,
+                          adapters=adapters, dit_path=dit_path, config=config)

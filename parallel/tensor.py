@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from k5.engine import checkpoint
+from k5.engine import checkpoint, lora
 from k5.engine.config import DiTConfig
 from k5.engine.dit import Kandinsky5DiT
 from k5.parallel.comm_stats import CommStats, nbytes
@@ -166,16 +166,50 @@ def tp_reader(dims: ParallelDims) -> checkpoint.Reader:
     return shard_reader(dims.rank("tp"), dims.tp)
 
 
+def lora_factor_reader(rank: int, size: int) -> lora.FactorReader:
+    """An ``engine.lora`` factor reader that reads only what tp rank ``rank``'s slice of the weight needs.
+
+    W + B @ A restricted to rows r of a column-parallel weight is W[r] + B[r] @ A, and to columns c of a row-parallel
+    weight W[:, c] + B @ A[:, c]: B's rows or A's columns are cut along the weight's own split, the other factor
+    (rank x features, small) is read whole."""
+
+    def read(weight: str, which: str, sl) -> Tensor:
+        dim = shard_dim(weight)
+        if size == 1 or (dim, which) not in ((0, "B"), (1, "A")):
+            return sl[:]
+        a, b = _span(sl.get_shape()[dim], rank, size, f"LoRA factor {which} of {weight}")
+        return sl[a:b] if dim == 0 else sl[:, a:b]
+
+    return read
+
+
+def tp_factor_reader(dims: ParallelDims) -> lora.FactorReader:
+    return lora_factor_reader(dims.rank("tp"), dims.tp)
+
+
 def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, device="cpu",
              stats: CommStats | None = None, config: DiTConfig | None = None,
-             reader: checkpoint.Reader | None = None) -> tuple[Kandinsky5DiT, CommStats]:
-    """Build the DiT on meta, cut it for this rank, fill it with this rank's slices only (mesh already built).
+             reader: checkpoint.Reader | None = None, adapters=(),
+             factor_reader: lora.FactorReader | None = None) -> tuple[Kandinsky5DiT, CommStats]:
+    """Build the DiT on meta, cut it for this rank, fill it with this rank's slices only (mesh already built),
+    merging the LoRA ``adapters`` (engine.lora.open_lora) into those slices as they are read.
 
-    ``reader`` defaults to ``tp_reader(dims)`` (tests pass a recording wrapper of it)."""
+    ``reader`` / ``factor_reader`` default to ``tp_reader(dims)`` / ``tp_factor_reader(dims)`` (tests pass
+    recording wrappers of them)."""
     stats = stats if stats is not None else CommStats()
     dit = Kandinsky5DiT.from_pretrained(path, dtype, device, reader or tp_reader(dims), config,
-                                        prepare=lambda model: apply_tensor_parallel(model, dims, stats))
+                                        prepare=lambda model: apply_tensor_parallel(model, dims, stats),
+                                        adapters=adapters, factor_reader=factor_reader or tp_factor_reader(dims))
     return dit, stats
+
+
+def switch_dit_adapters(dit: Kandinsky5DiT, path, dims: ParallelDims, adapters,
+                        reader: checkpoint.Reader | None = None,
+                        factor_reader: lora.FactorReader | None = None) -> list[str]:
+    """``engine.lora.switch_adapters`` for a DiT loaded by ``load_dit``: each rank re-reads its own slices of the
+    touched base tensors and merges its slices of the new factors (no communication)."""
+    return lora.switch_adapters(dit, path, adapters, reader or tp_reader(dims),
+                                factor_reader or tp_factor_reader(dims))
 
 
 def parameter_bytes(model: nn.Module) -> dict[str, int]:

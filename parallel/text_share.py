@@ -75,3 +75,28 @@ class SharedText:
         if self.encoder is not None:
             self.encoder.release()
             self.encoder = None
+
+
+def share_expansion(dims: ParallelDims, device):
+    """``share(expand) -> str``: the prompt expansion of an item runs on the item group's rank 0 (a text source, so
+    it holds the Qwen2.5-VL weights) and the text is broadcast to the group, as the reference broadcasts it from
+    rank 0. If the expansion fails there, every rank of the group raises instead of waiting."""
+    device = torch.device(device)
+    comm_device = device if device.type == "cuda" else None  # NCCL sends the pickle through a CUDA tensor
+
+    def share(expand) -> str:
+        box = [None]
+        if dims.rank("item") == 0:
+            try:
+                box = [("ok", expand())]
+            except Exception as e:
+                box = [("error", f"{type(e).__name__}: {e}")]
+                dist.broadcast_object_list(box, group_src=0, group=dims.group("item"), device=comm_device)
+                raise
+        dist.broadcast_object_list(box, group_src=0, group=dims.group("item"), device=comm_device)
+        status, text = box[0]
+        if status != "ok":
+            raise RuntimeError(f"prompt expansion failed on the item group's rank 0: {text}")
+        return text
+
+    return share
