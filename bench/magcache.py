@@ -11,7 +11,8 @@ weights (bench.run.random_dit), so its latents mean nothing; the forwards that r
 the preset's ratios and step count, so they are exact, and they are counted twice: from the plan
 (k5.engine.magcache.forwards) and by hooks on the model (DiT calls, and runs of the first visual block). Runs of
 the two modes alternate (off, on, off, on, ...) so that a change of load on a shared machine hits both; the
-result gives min / median / max seconds per video of each.
+result gives min / median / max wall seconds per video of each, and the same of the process's CPU seconds (on a
+shared CPU the steadier measure of the work).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +53,22 @@ class ForwardCounter:
         out = {"dit_calls": self.calls, "visual_stack_runs": self.visual}
         self.calls = self.visual = 0
         return out
+
+
+def timed_in_turns(fns, device, repeat: int) -> list[tuple[list[float], list[float]]]:
+    """(wall seconds, this process's CPU seconds) of each call, the functions in turns (a, b, a, b, ...). On a
+    shared CPU the wall time includes waiting for cores that other jobs hold; the process time counts only the
+    cycles this process ran, so it is the steadier measure of the work (1 thread: the compute time)."""
+    out = [([], []) for _ in fns]
+    for _ in range(repeat):
+        for fn, (wall, cpu) in zip(fns, out):
+            fast.sync(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            fast.sync(device)
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+    return out
 
 
 def spread(times: list[float]) -> dict:
@@ -95,7 +113,7 @@ def run(args) -> dict:
     on()
     counted_on = counter.take()
     plan = forwards(ratios, steps, guided)
-    times_off, times_on = fast.time_interleaved([off, on], device, 0, args.repeat)
+    (times_off, cpu_off), (times_on, cpu_on) = timed_in_turns([off, on], device, args.repeat)
     per_video = (2 if guided else 1) * steps
 
     tokens = math.prod(grid)
@@ -118,8 +136,10 @@ def run(args) -> dict:
             "fraction_run": plan.run / per_video,
         },
         "seconds_per_video": {"without": spread(times_off), "with": spread(times_on)},
+        "cpu_seconds_per_video": {"without": spread(cpu_off), "with": spread(cpu_on)},
         "speedup_median": statistics.median(times_off) / statistics.median(times_on),
         "speedup_min": min(times_off) / min(times_on),
+        "speedup_cpu_median": statistics.median(cpu_off) / statistics.median(cpu_on),
         "latents_rel_diff_on_vs_off": (diff.norm() / latents["off"].double().norm()).item(),
         "env": report.environment(device, args.argv),
     }
@@ -182,10 +202,12 @@ def main(argv=None) -> dict:
 
 
 def summary_line(r: dict) -> str:
-    f, s = r["forwards"], r["seconds_per_video"]
+    f, s, c = r["forwards"], r["seconds_per_video"], r["cpu_seconds_per_video"]
     return (f"{r['name']}: DiT forwards {f['per_video_without']} -> {f['run_with']} ({f['skipped_with']} skipped); "
             f"s/video median {s['without']['median']:.3f} -> {s['with']['median']:.3f} "
-            f"({r['speedup_median']:.2f}x; min {s['without']['min']:.3f} -> {s['with']['min']:.3f})")
+            f"({r['speedup_median']:.2f}x; min {s['without']['min']:.3f} -> {s['with']['min']:.3f}); "
+            f"CPU s/video median {c['without']['median']:.3f} -> {c['with']['median']:.3f} "
+            f"({r['speedup_cpu_median']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ def test_magcache_bench_counts_the_reference_forwards(tmp_path, capsys):
     assert r["checks"]["hook_counts_equal_the_plan"] is True
     assert 0 < r["latents_rel_diff_on_vs_off"] < 1  # skipping changes the latents, on random weights by this much
     saved = json.loads((tmp_path / "smoke.json").read_text())
-    for mode in ("without", "with"):
-        s = saved["seconds_per_video"][mode]
-        assert 0 < s["min"] <= s["median"] <= s["max"] and len(s["runs"]) == 1
+    for kind in ("seconds_per_video", "cpu_seconds_per_video"):
+        for mode in ("without", "with"):
+            s = saved[kind][mode]
+            assert 0 < s["min"] <= s["median"] <= s["max"] and len(s["runs"]) == 1
     assert saved["config"]["steps"] == 50 and saved["config"]["guidance_scale"] == 5.0
     assert "DiT forwards 100 -> 48 (52 skipped)" in capsys.readouterr().out
 
