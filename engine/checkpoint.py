@@ -94,6 +94,56 @@ def locate(path: str | Path) -> CheckpointFiles:
     return CheckpointFiles(config, weight_map)
 
 
+# ---- every component, before anything loads -------------------------------------------------------------------
+
+# The weight files of each component a pipeline loads (diffusers layout): one file, or shards listed in an index.
+WEIGHT_FILES = {
+    "transformer": (SINGLE, INDEX),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
+    "text_encoder_2": ("model.safetensors", "model.safetensors.index.json"),
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def component_weights(folder: Path, single: str, index: str) -> list[Path]:
+    """The safetensors files of one component folder; ValueError naming the problem otherwise."""
+    if (folder / index).is_file():
+        try:
+            names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"cannot read the shard index {folder / index}: {e}") from e
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(f"shard(s) {', '.join(missing)} listed in {folder / index} are missing")
+        return [folder / n for n in names]
+    if (folder / single).is_file():
+        return [folder / single]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} holds {', '.join(pickles)}, a pickle file, and no safetensors: k5 loads weights only from "
+            f"safetensors (unpickling a file can run any code in it); use the release's {single} (or convert the "
+            f"weights with safetensors.torch.save_file)")
+    raise ValueError(f"{folder} has no weights: expected {single} (or {index} with its shards)")
+
+
+def check_weights(root: str | Path) -> None:
+    """Every component's weights are safetensors files whose headers read, before any weight loads.
+
+    Catches a missing, truncated or foreign file (a pickle .bin in place of the safetensors) in a second instead of
+    after minutes of loading the components before it."""
+    root = Path(root)
+    for component, (single, index) in WEIGHT_FILES.items():
+        for path in component_weights(root / component, single, index):
+            with _open(path) as f:
+                if not list(f.keys()):
+                    raise ValueError(f"safetensors file {path} holds no tensors")
+
+
 # A reader returns the tensor a parameter should hold, given the checkpoint's lazy slice of it. The default reads
 # the whole tensor; tensor parallelism passes one that reads only the rank's rows or columns.
 Reader = Callable[[str, object, torch.Size], torch.Tensor]

@@ -8,6 +8,7 @@ the decode, and the launch script decides which rank writes what.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import locate
+from .checkpoint import check_weights, locate
 from .config import DiTConfig
 from .dit import Kandinsky5DiT
 from .sampler import DEFAULT_SHIFT, Conditioning, initial_noise, sample, uses_cfg
@@ -82,10 +83,10 @@ def check_request(req: Request, cfg: DiTConfig, nabla: bool) -> None:
         )
     if req.steps < 1:
         raise ValueError(f"steps must be at least 1, got {req.steps}")
-    if req.guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {req.guidance_scale}")
-    if req.shift is not None and req.shift <= 0:
-        raise ValueError(f"shift must be > 0, got {req.shift}")
+    if not math.isfinite(req.guidance_scale) or req.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {req.guidance_scale}")
+    if req.shift is not None and (not math.isfinite(req.shift) or req.shift <= 0):
+        raise ValueError(f"shift must be a finite number > 0, got {req.shift}")
     height, width = req.height, req.width
     if req.image is not None:
         if not cfg.visual_cond:
@@ -179,8 +180,10 @@ class Kandinsky5Pipeline:
 
     @staticmethod
     def read_config(root: str | Path) -> DiTConfig:
-        """The DiT config alone (no weights), to validate requests before loading."""
+        """The DiT config alone (no weights), to validate requests before loading; checks that every component is
+        there and its weight files are safetensors whose headers read."""
         check_components(Path(root))
+        check_weights(root)
         return locate(root).config
 
     @classmethod

@@ -9,8 +9,9 @@ The output directory of a job::
     .<name>.<random>.partial    temporary files; those of a killed run are deleted when the job starts again
 
 An item is finished when, and only when, the manifest has its record and its files match the record's sizes and
-sha256. The order of writing makes that exact: the files are written under temporary names, fsync'ed, hashed and
-linked to their final names, and only then is the record appended. Whatever a kill leaves (a temporary file, a
+sha256. The order of writing makes that exact: the files are written under temporary names, checked (a video must
+decode to the frames written), fsync'ed, hashed and linked to their final names, and only then is the record
+appended. Whatever a kill leaves (a temporary file, a
 published file without a record, a record cut short) is therefore not finished, and the next start deletes it and
 redoes the item; finished files are never touched.
 
@@ -37,15 +38,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from safetensors.torch import save_file
-
-from k5.launch.failures import LOGGER, Stopped, Supervisor
-from k5.launch.outputs import append_line, clean_partials, publish, replace_atomically, sha256_file, temp_path
+from k5.launch.logs import LOGGER
+from k5.launch.outputs import append_line, check_output, clean_partials, replace_atomically, sha256_file, write_outputs
 from k5.launch.prompts import Item
 
 MANIFEST = "manifest.jsonl"
+METRICS = "metrics.json"  # the latest run's summary (k5.launch.metrics)
 LOCK = ".k5-job.lock"
 log = logging.getLogger(LOGGER)
 
@@ -195,6 +194,14 @@ def _verify(out_dir: Path, record: dict, mode: str) -> str | None:
             return f"{f['name']} has {size} bytes, the record says {f['bytes']} (truncated?)"
         if mode == "checksum" and sha256_file(path) != f["sha256"]:
             return f"{f['name']} does not match its recorded sha256"
+        if mode == "checksum" and "checked" not in f and kind == "video":
+            # Recorded by a k5 that published without checking (a full disk could end such a video early): the
+            # checksum only says it is the file that was written, so check that it plays.
+            req = record.get("settings", {}).get("request", {})
+            problem = check_output(kind, path, {"frames": req.get("num_frames"), "width": req.get("width"),
+                                                "height": req.get("height")})
+            if problem:
+                return f"{f['name']} was recorded but is not valid ({problem})"
     return None
 
 
@@ -248,100 +255,56 @@ def deal(pending: list[int], dp: int, group: int) -> list[int]:
 
 # ---- one item's files -----------------------------------------------------------------------------------------------
 
+def targets_of(out_dir: Path, item: Item, job: dict) -> dict[str, Path]:
+    """The item's files in the job folder, by kind (k5.launch.outputs.OUTPUTS)."""
+    targets = {"video": out_dir / item.output}
+    if job.get("save_latents"):
+        targets["latents"] = out_dir / item.latents_name
+    return targets
+
+
 def write_item(out_dir: Path, item: Item, frames, latents, record: dict) -> dict:
     """Write the item's files and then its manifest record; on any error leave nothing of the item behind."""
-    from k5.engine.video import write_mp4
+    targets = targets_of(out_dir, item, {"save_latents": latents is not None})
+    sealed = {}
 
-    targets = {"video": out_dir / item.output}
-    if latents is not None:
-        targets["latents"] = out_dir / item.latents_name
-    tmps, published = {}, []
-    try:
-        for kind, path in targets.items():
-            tmps[kind] = temp_path(path)
-        write_mp4(frames, tmps["video"], fps=24, overwrite=True)
-        if latents is not None:
-            save_file({"latents": latents.detach().contiguous().cpu()}, tmps["latents"])
-        files = {}
-        for kind, tmp in tmps.items():
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            files[kind] = {"name": targets[kind].name, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
-        for kind, tmp in tmps.items():
-            publish(tmp, targets[kind])
-            published.append(targets[kind])
-        record = {**record, "files": files, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        append_line(out_dir / MANIFEST, seal(record))
-    except BaseException:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        for path in published:
-            path.unlink(missing_ok=True)
-        raise
-    return record
+    def commit(files: dict) -> None:
+        sealed.update(record, files=files, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        append_line(out_dir / MANIFEST, seal(sealed))
+
+    write_outputs(targets, {"video": frames, "latents": latents}, commit)
+    return sealed
 
 
-# ---- the loop over one group's items ---------------------------------------------------------------------------------
+class JobFolder:
+    """A job's folder as the destination of the job loop: lock, resume plan, files and manifest records, logs."""
 
-@dataclass
-class Worker:
-    """What the launcher provides for one dp group: every rank of the group calls these together."""
+    shared_plan = True  # rank 0 makes the plan, the other ranks receive it
 
-    generate: Callable  # (Request, on_step) -> engine.pipeline.Result
-    decode: Callable  # latents -> uint8 frames on the group's leader, None elsewhere
-    leader: bool  # this rank writes the group's files and records
+    def __init__(self, out_dir: Path, job: dict, verify: str):
+        self.out_dir, self.job, self.verify = Path(out_dir), job, verify
+        self.log_dir = self.out_dir / "logs"
+        self.metrics_path = self.out_dir / METRICS
+        self.lock: JobLock | None = None
 
+    def start(self, items: list[Item]) -> Plan:
+        """Rank 0, before any rank writes: take the lock, clean up, verify, plan (ValueError if locked)."""
+        self.lock = JobLock(self.out_dir).acquire()
+        return prepare(items, self.out_dir, self.job, self.verify)
 
-def run_items(items: list[Item], worker: Worker, sup: Supervisor, out_dir: Path, record_base: dict, job: dict,
-              on_step: Callable[[Item, int], None] | None = None, on_item: Callable[[Item, dict], None] | None = None
-              ) -> tuple[int, bool]:
-    """Run this group's items in order; return (items finished, whether the group stopped on a signal).
+    def targets(self, item: Item) -> dict[str, Path]:
+        return targets_of(self.out_dir, item, self.job)
 
-    Every rank of the group calls ``sup.agree_stop`` at the same points (before each item, after each step, before
-    the decode), so the group stops together; a stopped item's files are never published.
-    """
-    finished = 0
-    for k, item in enumerate(items):
-        if sup.agree_stop():
-            return finished, True
-        sup.begin_item(item.index, f"item {item.index} ({item.where})")
-        t0 = time.perf_counter()
-        log.info("item %d (%s): %r, seed %d", item.index, item.where, item.request.prompt[:80], item.request.seed)
+    def write(self, item: Item, data: dict, record: dict) -> dict:
+        """Publish the item's files, then append its record; return the record."""
+        latents = data["latents"] if self.job.get("save_latents") else None
+        return write_item(self.out_dir, item, data["video"], latents, record)
 
-        def step(i: int) -> None:
-            if on_step is not None:
-                on_step(item, i)
-            sup.step(i)
+    def describe(self, done: int, before: int) -> str:
+        return (f"{done} item(s) -> {self.out_dir} ({before} finished before; videos, {MANIFEST}, {METRICS}, "
+                f"logs/)")
 
-        try:
-            result = worker.generate(item.request, step)
-            if sup.agree_stop():
-                raise Stopped()
-            t1 = time.perf_counter()
-            frames = worker.decode(result.latents)
-            t2 = time.perf_counter()
-            if worker.leader:
-                timings = {**result.timings, "decode_s": t2 - t1, "total_s": t2 - t0}  # the write excluded
-                record = {**record_base, "item": item.index, "source": item.source, "line": item.line,
-                          "output": item.output, "settings": settings(item, job), "truncated": result.truncated,
-                          "timings": timings}
-                latents = result.latents if job.get("save_latents") else None
-                record = write_item(out_dir, item, frames, latents, record)
-                if result.truncated:
-                    log.warning("warning: %s: the prompt is longer than the 256-token text budget and was truncated",
-                                item.where)
-                if on_item is not None:
-                    on_item(item, record)
-        except Stopped:
-            log.info("item %d (%s) discarded: stopping", item.index, item.where)
-            return finished, True
-        except Exception as e:
-            if not sup.stop_requested:
-                raise
-            # e.g. ffmpeg killed by the same SIGTERM: the item's files are gone (write_item cleans up); the group
-            # learns about the stop at the next agreement, where every rank is.
-            log.info("item %d (%s) discarded while stopping (%s: %s)", item.index, item.where, type(e).__name__, e)
-            continue
-        finished += 1
-        log.info("item %d done in %.2f s -> %s", item.index, time.perf_counter() - t0, item.output)
-    return finished, sup.agree_stop() and finished < len(items)
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

@@ -2,23 +2,24 @@
 
     python launch/generate.py --model M --prompt "a cat" --output cat.mp4
     torchrun --nproc_per_node=8 launch/generate.py --model M --prompts prompts.jsonl --output-dir out/
+    python launch/generate.py --nproc-per-node 8 --model M ...    # checks the inputs once, then starts 8 workers
 
 With several processes the degrees dp x cfg x ring x ulysses x tp multiply to the world size (one device mesh):
 the visual tokens of every DiT forward are split over ring x ulysses, the weights over tp, the two guidance branches
 over cfg, and whole items over dp. The VAE decode is split by tiles over the ranks that share an item; the first
 of them writes the files.
 
-Everything is checked before any weight loads: flags, every line of the prompt file, and that resuming into
---output-dir would not mix settings. A bad input ends with one message and exit code 2, and nothing is written.
+Everything is checked before any weight loads: flags, every component of the checkpoint, every line of the prompt
+file, the output names and folders, and that resuming into --output-dir would not mix settings. A bad input ends
+with one message and exit code 2, and nothing is written. A single video and a batch job run through the same job
+loop (k5.launch.job): the same stopping, failure handling, progress, checked writing and summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import math
 import os
-import resource
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,51 +31,99 @@ import torch.distributed as dist
 if __package__ in (None, ""):  # run as a script (python/torchrun launch/generate.py): use the checkout it is in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from k5.launch.failures import (EXIT_FAILED, EXIT_USAGE, POLL_S, Logs, Stopped, StopSignals, Supervisor,
-                                exception_text, init_distributed)
+from k5.launch.channel import exception_text
+from k5.launch.logs import Logs
+from k5.launch.signals import EXIT_FAILED, EXIT_USAGE, StopSignals
+from k5.launch.supervisor import Supervisor, init_distributed
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'tiny' (built-in random model)")
-    p.add_argument("--prompt", default=None, help="one prompt (or give --prompts FILE)")
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf run without an error but produce NaN latents or no guidance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # Under torchrun every worker parses the same flags: only rank 0 shows the message, all exit 2.
+        if os.environ.get("RANK", "0") == "0":
+            self.print_usage(sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="checkpoint folder (diffusers layout) or 'tiny' (built-in random model); required")
+    p.add_argument("--prompt", default=None, help="one prompt (or give --prompts FILE); default: none")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="batch job: .jsonl (one object per line), .csv with a header, or plain text (one prompt a "
-                        "line); needs --output-dir")
+                        "line); needs --output-dir; default: none")
     p.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="batch job folder: videos, manifest.jsonl, logs/; running the same command again resumes")
+                   help="job folder: videos, manifest.jsonl, metrics.json, logs/; running the same command again "
+                        "resumes; default: none (a single video goes to --output)")
     p.add_argument("--negative-prompt", default=None, help="default: the reference negative prompt")
-    p.add_argument("--image", default=None, help="conditioning image for image-to-video")
-    p.add_argument("--height", type=int, default=None, help="pixels (default 512; 128 for --model tiny)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default 768; 128 for --model tiny)")
-    p.add_argument("--num-frames", type=int, default=None, help="4k+1 frames (default 121; 9 for --model tiny)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 4 for --model tiny)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="1 disables CFG (nocfg/distilled models)")
-    p.add_argument("--shift", type=float, default=None, help="schedule shift (default: scheduler config, else 5)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; in a batch job items default to seed + index")
+    p.add_argument("--image", default=None, help="conditioning image for image-to-video; default: none (text only)")
+    p.add_argument("--height", type=int, default=None, help="pixels; default 512 (128 for --model tiny)")
+    p.add_argument("--width", type=int, default=None, help="pixels; default 768 (128 for --model tiny)")
+    p.add_argument("--num-frames", type=int, default=None, help="4k+1 frames; default 121 (9 for --model tiny)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps; default 50 (4 for --model tiny)")
+    p.add_argument("--guidance-scale", type=finite_float, default=5.0,
+                   help="CFG weight; 1 disables CFG (nocfg/distilled models); default 5")
+    p.add_argument("--shift", type=finite_float, default=None,
+                   help="schedule shift; default: the checkpoint's scheduler config, else 5")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; in a batch job items default to seed + index; "
+                                                       "default 0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --model tiny)")
-    p.add_argument("--device", default=None, help="default cuda:LOCAL_RANK if CUDA is available, else cpu")
-    p.add_argument("--output", default=None, help="MP4 path (H.264, 24 fps); omitted: no video is written")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--output", default=None,
+                   help="video path, .mp4 (H.264, 24 fps); default: none (no video is written)")
     p.add_argument("--save-latents", nargs="?", const=True, default=None, metavar="PATH",
-                   help="final latents as safetensors; in a batch job (no PATH) NAME.safetensors next to each video")
-    p.add_argument("--save-frames", default=None, metavar="PATH", help="uint8 frames TxHxWx3 as safetensors")
+                   help="final latents as .safetensors; in a job folder (no PATH) NAME.safetensors next to each "
+                        "video; default: not saved")
+    p.add_argument("--save-frames", default=None, metavar="PATH",
+                   help="uint8 frames FxHxWx3 as .safetensors; default: not saved")
+    p.add_argument("--metrics-json", default=None, metavar="PATH",
+                   help="the run's summary as JSON (layout, stage and step times, DiT forwards, bytes sent, peak "
+                        "memory); default: none (a job folder always gets DIR/metrics.json)")
     p.add_argument("--attention", choices=["auto", "dense", "nabla"], default="auto",
-                   help="visual self-attention; auto follows the checkpoint config")
-    p.add_argument("--nabla-threshold", type=float, default=None, metavar="P", help="override the NABLA CDF threshold P")
-    p.add_argument("--ulysses-degree", type=int, default=None)
-    p.add_argument("--ring-degree", type=int, default=None)
-    p.add_argument("--tp-degree", type=int, default=1, help="tensor parallel: heads and FFN split over this many ranks")
+                   help="visual self-attention; auto follows the checkpoint config; default auto")
+    p.add_argument("--nabla-threshold", type=finite_float, default=None, metavar="P",
+                   help="override the NABLA CDF threshold P in (0, 1]; default: the checkpoint config's")
+    p.add_argument("--ulysses-degree", type=int, default=None,
+                   help="sequence parallel: attention heads split over this many ranks; default: as many as the "
+                        "head count allows of what the other degrees leave")
+    p.add_argument("--ring-degree", type=int, default=None,
+                   help="sequence parallel: keys/values passed around a ring of this many ranks; default: what "
+                        "the Ulysses degree leaves")
+    p.add_argument("--tp-degree", type=int, default=1,
+                   help="tensor parallel: heads and FFN split over this many ranks; default 1")
     p.add_argument("--cfg-parallel", action="store_true",
-                   help="the conditional and unconditional passes on two halves of the ranks")
+                   help="the conditional and unconditional passes on two halves of the ranks; default off")
     p.add_argument("--dp-degree", type=int, default=None,
-                   help="data parallel over items (batch jobs); default: what ulysses x ring x tp x cfg leave of "
+                   help="data parallel over items (job folders); default: what ulysses x ring x tp x cfg leave of "
                         "the world when --ulysses-degree and --ring-degree are both given, else 1")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="a collective waiting longer fails the job; a failed or dead rank ends all ranks within it")
+    p.add_argument("--timeout", type=finite_float, default=600.0, metavar="SECONDS",
+                   help="a collective waiting longer fails the job; a failed, dead or stuck rank ends all ranks "
+                        "within it; default 600")
     p.add_argument("--verify", choices=["checksum", "size"], default="checksum",
-                   help="how a resumed job checks finished files against the manifest")
+                   help="how a resumed job checks finished files against the manifest; default checksum")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="check the inputs once, then start N workers on this machine (torchrun --standalone); "
+                        "default: run in this process (or as the torchrun worker it is)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
     defaults = dict(height=128 if tiny else 512, width=128 if tiny else 768, num_frames=9 if tiny else 121,
@@ -86,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--nabla-threshold {args.nabla_threshold} must be in (0, 1]")
     if args.timeout <= 0:
         p.error(f"--timeout {args.timeout:g} must be a positive number of seconds")
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        p.error(f"--nproc-per-node {args.nproc_per_node} must be at least 1")
     if (args.prompt is None) == (args.prompts is None):
         p.error("give one prompt with --prompt TEXT or a prompt file with --prompts FILE" +
                 (", not both" if args.prompt is not None else ""))
@@ -112,12 +163,6 @@ def fail(message: str, code: int = EXIT_USAGE, show: bool = True) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)
-
-
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
 def comm_summary(stats) -> str:
@@ -173,7 +218,26 @@ class Runtime:
     group_rank: int
     dp_rank: int
     describe: str
+    device: torch.device = torch.device("cpu")
     decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
+    dit_forwards: int = 0  # DiT forwards this rank has run (counted by a forward hook)
+
+    @property
+    def group_size(self) -> int:
+        return 1 if self.group is None else dist.get_world_size(self.group)
+
+    def forwards(self) -> int:
+        return self.dit_forwards
+
+    def comm_steps(self) -> list:
+        """Bytes sent by collective, one record per denoising step so far (none on one process)."""
+        return [] if self.stats is None else self.stats.steps
+
+    def count_forwards(self) -> None:
+        def hook(module, args):
+            self.dit_forwards += 1
+
+        self.pipe.dit.register_forward_pre_hook(hook)
 
     def generate(self, req, on_step):
         def step(i):
@@ -202,10 +266,11 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
 
     s = build_parallel(job.root, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text)
     s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
-    return Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
-                   s.describe() if env.world > 1 else "")
+    rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
+                 s.describe() if env.world > 1 else "", env.device)
+    rt.count_forwards()
+    return rt
 
-# =====================================================================================================================
 
 
 @dataclass
@@ -214,17 +279,27 @@ class Job:
     cfg: object  # DiTConfig
     nabla: bool
     dims: object  # ParallelDims (no mesh yet)
-    request: object = None  # single video: the Request
-    items: list | None = None  # batch job: the prompt file's items
-    settings: dict | None = None  # batch job: what a resumed job must repeat
+    items: list  # the items (k5.launch.prompts.Item): one for a single video
+    settings: dict  # what decides the outputs besides each request; a resumed job must repeat it
+    dest: object  # k5.launch.job.OutputFiles or k5.launch.batch.JobFolder
+    needs_frames: bool  # decode the latents (a video or frames are written)
 
 
 def validate(args, env: Env) -> Job:
     """Everything that can be checked without loading a weight; raises ValueError (or OSError) with the message."""
     from k5.engine.pipeline import Kandinsky5Pipeline, Request, check_request
-    from k5.launch.outputs import refuse_existing
+    from k5.launch.outputs import check_suffix, check_writable, refuse_existing
+    from k5.launch.prompts import Item, check_image
     from k5.parallel.plan import check_request as check_layout_request
 
+    # Names first: a wrong extension or an unwritable folder is known without reading the checkpoint.
+    single = args.output_dir is None
+    paths = {kind: Path(p) for kind, p in (("video", args.output), ("latents", args.save_latents),
+                                            ("frames", args.save_frames)) if single and p is not None}
+    for kind, path in paths.items():
+        check_suffix(kind, path, {"video": "--output", "latents": "--save-latents", "frames": "--save-frames"}[kind])
+    if args.image is not None:
+        check_image(args.image, "--image")
     if args.model == "tiny":
         from k5.engine.tiny import tiny_checkpoint
 
@@ -232,7 +307,7 @@ def validate(args, env: Env) -> Job:
         root = tiny_checkpoint(attention=attention)  # cached; built aside and renamed, safe under torchrun
     else:
         root = Path(args.model)
-    cfg = Kandinsky5Pipeline.read_config(root)
+    cfg = Kandinsky5Pipeline.read_config(root)  # every component present, weights in readable safetensors
     nabla = args.attention == "nabla" or (args.attention == "auto" and cfg.uses_nabla)
     dims = plan_dims(args, cfg, env.world)
 
@@ -243,16 +318,31 @@ def validate(args, env: Env) -> Job:
     defaults = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, steps=args.steps, guidance_scale=args.guidance_scale,
                     shift=args.shift, seed=args.seed, image=args.image)
-    if args.output_dir is None:
+    model = "tiny" if args.model == "tiny" else str(Path(args.model).resolve())
+    # What decides a job folder's files besides each request (a resume must repeat it); for a single video, the
+    # summary's record of the run.
+    settings = {"model": model, "dtype": args.dtype, "attention": args.attention,
+                "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True}
+    extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
+    if single:
+        from k5.launch.job import OutputFiles
+
         if dims.dp > 1:
             raise ValueError(f"--dp-degree {dims.dp}: one video runs on one group of ranks; data parallelism over "
                              f"items needs a batch job (--prompts FILE --output-dir DIR), or use --dp-degree 1")
         req = Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None})
         check(req)
-        refuse_existing(args.output, args.save_latents, args.save_frames)
-        return Job(root, cfg, nabla, dims, request=req)
+        refuse_existing(*paths.values(), *(p for p, _ in extra))
+        flags = {"video": "--output", "latents": "--save-latents", "frames": "--save-frames"}
+        for kind, path in paths.items():
+            check_writable(path, flags[kind])
+        for path, flag in extra:
+            check_writable(path, flag)
+        name = str(paths.get("video") or paths.get("latents") or paths.get("frames"))
+        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name)], settings, OutputFiles(paths),
+                   needs_frames="video" in paths or "frames" in paths)
 
-    from k5.launch.batch import check_resume
+    from k5.launch.batch import JobFolder, check_resume
     from k5.launch.prompts import read_prompts, single_item
 
     try:
@@ -264,226 +354,116 @@ def validate(args, env: Env) -> Job:
     else:
         items = [single_item(Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None}))]
         check(items[0].request)
-    model = "tiny" if args.model == "tiny" else str(Path(args.model).resolve())
-    settings = {"model": model, "dtype": args.dtype, "attention": args.attention,
-                "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True}
-    check_resume(items, Path(args.output_dir), settings)
-    return Job(root, cfg, nabla, dims, items=items, settings=settings)
+    out_dir = Path(args.output_dir)
+    check_resume(items, out_dir, settings)
+    check_writable(out_dir, "--output-dir", folder=True)
+    refuse_existing(*(p for p, _ in extra))
+    for path, flag in extra:
+        check_writable(path, flag)
+    return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    launching = args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ
     env = detect_env(args)
-    if env.device.type == "cuda":
+    if launching:
+        env = Env(args.nproc_per_node, 0, 0, env.device)
+    if env.device.type == "cuda" and not launching:
         torch.cuda.set_device(env.device)
     try:
         job = validate(args, env)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Every rank checks the same inputs and ends; only rank 0 says why, so the terminal shows it once.
         fail(str(e), show=env.rank == 0)
+    if launching:
+        from k5.launch.workers import start_workers
+
+        return start_workers(args.nproc_per_node, sys.argv if argv is None else [sys.argv[0], *argv])
     return run(args, env, job)
 
 
 def run(args, env: Env, job: Job) -> int:
-    batch = job.items is not None
+    from k5.launch.job import run_job
+
     if env.world > 1:
         init_distributed(args.timeout, env.device)
-    logs = Logs(env.rank, Path(args.output_dir) / "logs" if batch else None)
+    logs = Logs(env.rank, job.dest.log_dir)
     signals = StopSignals()
     signals.install()
     sup = None
+    written: list[str] = []
+    t_start = time.perf_counter()
     try:
         sup = Supervisor(env.rank, env.world, args.timeout, logs, signals, env.device)
-        code = run_batch(args, env, job, sup) if batch else run_single(args, env, job, sup)
+        sup.written_note = lambda: written_note(job, written, sup.job_items_done())
+        result = run_job(job, sup, env.rank, lambda keep_text: build_runtime(args, job, env, keep_text), written)
+        if env.rank == 0:
+            report_end(args, job, result, time.perf_counter() - t_start, written)
+        code = result.code
     except Exception as e:
         if sup is not None and env.world > 1:
             sup.fail(e)  # tells the other ranks and ends this process
         logs.log.error("error: %s", exception_text(e), exc_info=e)
+        logs.log.error(written_note(job, written, 0 if sup is None else sup.job_items_done()))
         code = EXIT_FAILED
     finally:
         signals.restore()
         if sup is not None:
             sup.close()
+        job.dest.close()
         logs.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     return code
 
 
-def run_single(args, env: Env, job: Job, sup: Supervisor) -> int:
-    from tqdm import tqdm
-
-    log, lead, req = sup.log, env.rank == 0, job.request
-    t_start = time.perf_counter()
-    rt = build_runtime(args, job, env, keep_text=False)
-    if rt.describe:
-        log.info(rt.describe)
-    sup.begin_item(0, "the prompt")
-    bar = tqdm(total=req.steps, desc="denoising", disable=not lead, file=sys.stderr)
-
-    def on_step(i: int) -> None:
-        bar.update(1)
-        sup.step(i)
-
-    try:
-        result = rt.generate(req, on_step)
-        if sup.agree_stop():
-            raise Stopped()
-    except Stopped:
-        bar.close()
-        log.info("stopped by %s before the video was finished; nothing was written", sup.signals.name)
-        code = sup.stopped()
-        sup.finish()
-        return code
-    bar.close()
-    if result.truncated:
-        log.warning("warning: the prompt is longer than the 256-token text budget and was truncated")
-
-    t_decode = time.perf_counter()
-    frames = rt.decode(result.latents) if (args.output or args.save_frames) else None
-    decode_s = time.perf_counter() - t_decode
-
-    if lead:
-        from k5.engine.video import write_mp4
-        from k5.launch.outputs import save_tensors
-
-        if args.save_latents:
-            save_tensors(args.save_latents, {"latents": result.latents})
-        if args.save_frames:
-            save_tensors(args.save_frames, {"frames": frames})
-        if args.output:
-            write_mp4(frames, args.output, fps=24)
-        total = time.perf_counter() - t_start
-        line = (f"done: {req.steps} steps, {result.timings['step_s']:.3f} s/step, decode {decode_s:.2f} s, "
-                f"total {total:.1f} s, peak memory {peak_memory(env.device)}")
-        if rt.stats is not None:
-            line += f", sent per denoising step: {comm_summary(rt.stats)}"
-        log.info(line)
-        for decode_line in rt.decode_report:
-            log.info(decode_line)
-    sup.finish()
-    return 0
+def written_note(job: Job, written: list[str], items_done: int) -> str:
+    """The last line of a failed run: what it wrote before it failed (finished files are kept)."""
+    out_dir = getattr(job.dest, "out_dir", None)
+    if out_dir is not None:
+        return (f"{items_done} item(s) finished in this run; every finished item stays in {out_dir}; run the same "
+                f"command again to resume")
+    return f"written before the failure (kept): {', '.join(written)}" if written else "nothing was written"
 
 
-class Progress:
-    """Rank 0's terminal: a bar over the job's items (all dp groups) and one over the current item's steps.
+def report_end(args, job: Job, result, wall_s: float, written: list[str]) -> None:
+    """Rank 0: the summary line, the metrics JSON, and the last line, which names the files written."""
+    import logging
 
-    Only on a terminal: redirected to a file (a Slurm output file) the per-item log lines say the same without a
-    carriage-return redraw per step."""
+    from k5.launch.job import last_line
+    from k5.launch.logs import LOGGER
+    from k5.launch.metrics import format_bytes, summary, write_json
 
-    def __init__(self, items: int, enabled: bool):
-        from tqdm import tqdm
-
-        disable = None if enabled else True  # None: tqdm shows the bar only if stderr is a terminal
-        self.items = tqdm(total=items, desc="items", unit="item", position=0, disable=disable, file=sys.stderr)
-        self.steps = tqdm(total=1, desc="steps", unit="step", position=1, leave=False, disable=disable,
-                          file=sys.stderr)
-
-    def step(self, item, i: int) -> None:
-        if i == 0:
-            self.steps.reset(total=item.request.steps)
-        self.steps.update(1)
-
-    def set_items(self, n: int) -> None:
-        if n != self.items.n:
-            self.items.n = n
-            self.items.refresh()
-
-    def close(self) -> None:
-        self.steps.close()
-        self.items.close()
-
-
-def _wait_for_plan(sup: Supervisor) -> dict:
-    while (plan := sup.channel.poll("plan")) is None:
-        time.sleep(POLL_S / 2)  # rank 0 may be verifying many files; the watchdog ends this if rank 0 dies
-    return plan
-
-
-def run_batch(args, env: Env, job: Job, sup: Supervisor) -> int:
-    from k5.launch.batch import JobLock, Worker, deal, prepare, run_items
-
-    log, out_dir, items = sup.log, Path(args.output_dir), job.items
-    t_start = time.perf_counter()
-    # The plan: rank 0 cleans and verifies under the job lock; every rank gets the list of remaining items.
-    lock = None
-    if env.rank == 0:
-        try:
-            lock = JobLock(out_dir).acquire()
-            plan = prepare(items, out_dir, job.settings, args.verify)
-            for note in plan.notes:
-                log.info(note)
-            plan = {"pending": plan.pending, "finished": plan.finished}
-        except ValueError as e:
-            plan = {"error": str(e)}
-        if sup.channel is not None:
-            sup.channel.put("plan", plan)
-    else:
-        plan = _wait_for_plan(sup)
-    try:
-        if "error" in plan:
-            if env.rank == 0:
-                log.error("error: %s", plan["error"])
-            sup.finish()
-            return EXIT_USAGE
-        pending = plan["pending"]
-        source = args.prompts or "--prompt"
-        if not pending:
-            log.info("nothing to do: all %d item(s) of %s are finished in %s", len(items), source, out_dir)
-            sup.finish()
-            return 0
-        log.info("%d of %d item(s) to do (%d finished before) -> %s", len(pending), len(items), plan["finished"],
-                 out_dir)
-
-        rt = build_runtime(args, job, env, keep_text=True)
-        if rt.describe:
-            log.info(rt.describe)
-        sup.group = rt.group
-        sup.group_size = 1 if rt.group is None else dist.get_world_size(rt.group)
-        mine = [items[i] for i in deal(pending, rt.dims.dp, rt.dp_rank)]
-        log.info("dp group %d of %d: %d item(s)", rt.dp_rank, rt.dims.dp, len(mine))
-
-        progress = Progress(len(pending), enabled=env.rank == 0)
-        if sup.channel is not None and env.rank == 0:
-            sup.on_items_done = progress.set_items
-
-        def on_item(item, record) -> None:
-            if sup.channel is not None:
-                sup.channel.counter("items_done", 1)
-            else:
-                progress.set_items(progress.items.n + 1)
-
-        config = job.root / "transformer" / "config.json"
-        record_base = {
-            "checkpoint": {"model": job.settings["model"], "path": str(job.root),
-                           "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file()
-                           else None},
-            "layout": {"world": env.world, **rt.dims.degrees, "dp_group": rt.dp_rank},
-            "host": socket.gethostname(),
-        }
-        worker = Worker(generate=rt.generate, decode=rt.decode, leader=rt.group_rank == 0)
-        finished, stopped = run_items(mine, worker, sup, out_dir, record_base, job.settings,
-                                      on_step=progress.step, on_item=on_item)
-        if stopped:
-            sup.stopped()
-        sup.finish()
-        if sup.channel is not None and env.rank == 0:
-            progress.set_items(sup.channel.counter("items_done"))
-        progress.close()
-        done = sup.channel.counter("items_done") if sup.channel is not None else finished
-        if done == len(pending):
-            line = (f"done: {done} item(s) -> {out_dir} ({plan['finished']} finished before), "
-                    f"total {time.perf_counter() - t_start:.1f} s, peak memory {peak_memory(env.device)}")
+    log = logging.getLogger(LOGGER)
+    rt, outcome = result.runtime, result.outcome
+    metrics_files = []
+    if outcome is not None and outcome.reports is not None and result.status in ("done", "stopped"):
+        dims = rt.dims if rt is not None else job.dims  # stopped before loading: the planned layout
+        layout = {"world": dims.world_size, **dims.degrees}
+        files = written + [str(p) for p in (args.metrics_json, job.dest.metrics_path) if p]
+        doc = summary(args=args, job=job, layout=layout, plan=result.plan, outcome=outcome, status=result.status,
+                      exit_code=result.code, wall_s=wall_s, files=files)
+        items = doc["per_item"]
+        if result.status == "done" and items:
+            steps = [s for it in items for s in it["step_s"]]
+            peak = max((r["peak_memory"]["bytes"] for r in doc["ranks"] if r.get("peak_memory")), default=None)
+            line = (f"summary: {len(items)} item(s) in {wall_s:.1f} s, {sum(steps) / len(steps):.3f} s/step, "
+                    f"decode {doc['times']['stages']['decode_s']:.2f} s, peak memory {format_bytes(peak)} "
+                    f"(highest rank)")
             if rt.stats is not None:
                 line += f", sent per denoising step: {comm_summary(rt.stats)}"
             log.info(line)
-            return 0
-        log.info("stopped by %s: %d item(s) finished in this run, %d remain; run the same command again to resume",
-                 sup.signals.name, done, len(pending) - done)
-        return sup.signals.exit_code if sup.stop_requested else EXIT_FAILED
-    finally:
-        if lock is not None:
-            lock.release()
+            for decode_line in rt.decode_report:
+                log.info(decode_line)
+        for path in (job.dest.metrics_path, args.metrics_json):
+            if path:
+                write_json(path, doc)
+                metrics_files.append(str(path))
+    line = last_line(job, result)
+    if metrics_files and result.status == "done":
+        line += f"; metrics: {', '.join(metrics_files)}"
+    log.info(line)
 
 
 if __name__ == "__main__":

@@ -1,37 +1,113 @@
-"""Writing results so that a finished file is never half-written, overwritten or lost."""
+"""Writing results so that a finished file is never half-written, unplayable, overwritten or lost.
+
+``OUTPUTS`` is the one table of what k5 writes: for every kind of output its file extensions, its writer and its
+check. Every output goes the same way (``write_outputs``): written under a temporary name beside its final name
+(``.NAME.<random>.partial``), checked (a video is decoded again: frame count, size, no decode error), fsync'ed and
+hashed, and only then linked to its final name, which is never replaced. A write the filesystem refused (a full
+disk, a quota) is an error even where the encoder exits 0; nothing of the item is published then.
+
+A new kind of output (Image Lite's PNG images) is one more row: a writer that fills the temporary file and
+returns what the file must hold, and a check that raises unless it does.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from k5.engine.video import publish  # noqa: F401  (re-exported for batch.py)
+from k5.engine.video import check_mp4, encode_mp4, publish, shareable
+
+FPS = 24
 
 
-def refuse_existing(*paths: str | Path | None) -> None:
-    """Raise before any work is done if an output would replace a finished file."""
-    for p in paths:
-        if p is not None and Path(p).exists():
-            raise FileExistsError(f"output {p} already exists; finished outputs are never overwritten: choose "
-                                  f"another name or move the old file away")
+# ---- the kinds of output -------------------------------------------------------------------------------------------
+
+def _write_video(frames, path: Path) -> dict:
+    return encode_mp4(frames, path, fps=FPS)  # checked: decodes to these frames and size
 
 
-def save_tensors(path: str | Path, tensors: dict) -> Path:
-    """safetensors file written under a temporary name in the same folder, then published."""
-    tmp = temp_path(path)
+def _check_video(path: Path, expect: dict) -> None:
+    check_mp4(path, expect["frames"], expect["width"], expect["height"])
+
+
+def _tensor_writer(key: str) -> Callable[[Any, Path], dict]:
+    def write(tensor, path: Path) -> dict:
+        tensor = tensor.detach().contiguous().cpu()
+        save_file({key: tensor}, str(path))
+        expect = {"key": key, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        _check_tensors(path, expect)
+        return expect
+
+    return write
+
+
+def _check_tensors(path: Path, expect: dict) -> None:
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return publish(tmp, path)
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            shape = list(f.get_slice(expect["key"]).get_shape()) if expect["key"] in keys else None
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise OSError(f"{path} is not a readable safetensors file: {e}") from e
+    if keys != [expect["key"]] or shape != expect["shape"]:
+        raise OSError(f"{path} holds {keys} {shape}, not {expect['key']!r} of shape {expect['shape']}")
 
 
-# ---- batch jobs: checksums, temporary files left by a killed run, records appended in one write ----------------
+@dataclass(frozen=True)
+class OutputKind:
+    name: str
+    suffixes: tuple[str, ...]  # extensions a file of this kind may have; the first is the default
+    describe: str
+    write: Callable[[Any, Path], dict]  # (data, temporary path) -> what the file must hold; raises if it does not
+    check: Callable[[Path, dict], None]  # raises unless the file holds what ``write`` returned
+
+
+OUTPUTS = {
+    "video": OutputKind("video", (".mp4",), "H.264 MP4 video (24 fps, yuv420p)", _write_video, _check_video),
+    "latents": OutputKind("latents", (".safetensors",), "safetensors file of the final latents (key 'latents')",
+                          _tensor_writer("latents"), _check_tensors),
+    "frames": OutputKind("frames", (".safetensors",), "safetensors file of the uint8 frames (key 'frames')",
+                         _tensor_writer("frames"), _check_tensors),
+}
+
+# Extensions of media files k5 does not write: a name ending in one is refused, not given a second extension.
+OTHER_MEDIA = {".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".png",
+               ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".pt", ".pth", ".bin", ".npy", ".npz"}
+
+
+def check_suffix(kind: str, path: str | Path, what: str) -> None:
+    """Raise ValueError unless ``path`` has an extension that ``kind`` is written as (``what``: the flag)."""
+    spec = OUTPUTS[kind]
+    suffix = Path(path).suffix.lower()
+    if suffix not in spec.suffixes:
+        right = Path(path).with_suffix(spec.suffixes[0]) if suffix else Path(f"{path}{spec.suffixes[0]}")
+        raise ValueError(f"{what} {path}: k5 writes the {kind} as {' or '.join(spec.suffixes)} ({spec.describe}), "
+                         f"not {suffix or 'a file without extension'}; use {right}")
+
+
+def output_name(value: str, kind: str = "video") -> str:
+    """A prompt file's ``output`` field as a plain file name in the job folder: the kind's extension kept, added
+    when the name has none of it, refused when the name ends in another media format's."""
+    if not value or "/" in value or "\\" in value or value.startswith(".") or value != value.strip():
+        raise ValueError(f"'output' must be a plain file name like \"cat.mp4\" (no folder, not starting with '.', "
+                         f"no surrounding spaces), got {value!r}")
+    spec = OUTPUTS[kind]
+    suffix = Path(value).suffix.lower()
+    if suffix in spec.suffixes:
+        return value
+    if suffix in OTHER_MEDIA:
+        raise ValueError(f"'output' {value!r}: k5 writes the {kind} as {' or '.join(spec.suffixes)} "
+                         f"({spec.describe}); use {value[: -len(suffix)]}{spec.suffixes[0]}")
+    return value + spec.suffixes[0]
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------------
 
 PARTIAL_MARK = ".partial"  # every temporary output here and in engine.video is ".<name>.<random>.partial[...]"
 
@@ -52,6 +128,78 @@ def temp_path(path: str | Path) -> Path:
     os.close(fd)
     return Path(tmp)
 
+
+def write_outputs(targets: dict[str, Path], data: dict[str, Any],
+                  commit: Callable[[dict], None] | None = None) -> dict[str, dict]:
+    """Write ``data[kind]`` to ``targets[kind]`` for every kind; return {kind: {name, bytes, sha256, ...}}.
+
+    All files are written and checked under temporary names first, then published together, then ``commit``
+    (the manifest record) is called with the file entries. On any error nothing stays: the temporary files are
+    deleted and the files already published in this call are unlinked (they were never recorded)."""
+    tmps: dict[str, Path] = {}
+    published: list[Path] = []
+    try:
+        files = {}
+        for kind, target in targets.items():
+            tmps[kind] = temp_path(target)
+            expect = OUTPUTS[kind].write(data[kind], tmps[kind])
+            with open(tmps[kind], "rb") as f:
+                os.fsync(f.fileno())
+            files[kind] = {"name": Path(target).name, "bytes": tmps[kind].stat().st_size,
+                           "sha256": sha256_file(tmps[kind]), "checked": expect}
+        for kind, target in targets.items():
+            publish(tmps[kind], target)
+            published.append(Path(target))
+        if commit is not None:
+            commit(files)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        for path in published:
+            path.unlink(missing_ok=True)
+        raise
+    return files
+
+
+def check_output(kind: str, path: Path, expect: dict) -> str | None:
+    """None if ``path`` still holds what ``write_outputs`` checked it held, else what is wrong."""
+    try:
+        OUTPUTS[kind].check(path, expect)
+    except Exception as e:  # an unplayable video, an unreadable file
+        return str(e)
+    return None
+
+
+# ---- before anything runs -----------------------------------------------------------------------------------------
+
+def refuse_existing(*paths: str | Path | None) -> None:
+    """Raise before any work is done if an output would replace a finished file."""
+    for p in paths:
+        if p is not None and Path(p).exists():
+            raise FileExistsError(f"output {p} already exists; finished outputs are never overwritten: choose "
+                                  f"another name or move the old file away")
+
+
+def check_writable(path: str | Path, what: str, folder: bool = False) -> None:
+    """Raise ValueError unless a file can be created in ``path``'s folder (``path`` itself with ``folder``), or,
+    where that folder does not exist yet, in the nearest folder above it that does, where it will be made. Tried
+    with a real file, not guessed from permission bits (root, ACLs, read-only mounts and quotas all differ from what
+    the bits say)."""
+    folder = Path(path).absolute() if folder else Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what} {path}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".k5-write-test.", suffix=PARTIAL_MARK)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot create files in {folder} ({e.strerror}); choose a folder you "
+                         f"can write to") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+# ---- batch jobs: temporary files left by a killed run, records appended in one write --------------------------------
 
 def is_partial(name: str) -> bool:
     return name.startswith(".") and PARTIAL_MARK in name
@@ -97,6 +245,7 @@ def replace_atomically(path: str | Path, text: str) -> None:
         tmp.write_text(text)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        shareable(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -9,7 +9,8 @@ Three formats, chosen by the file name:
 Blank lines are skipped. Fields an item leaves out take the command-line value (``--height``, ``--steps``, ...);
 the seed defaults to ``--seed`` plus the item's index, so the items of a plain-text file get different noise. A
 relative ``image`` path is taken relative to the prompt file's folder. ``output`` names the video inside
-``--output-dir`` (``.mp4`` is appended when missing); by default it is the item's index, ``00007.mp4``.
+``--output-dir`` (``.mp4`` is appended when the name has no extension; another video or image format's extension
+is refused); by default it is the item's index, ``00007.mp4``.
 
 A bad line stops the job before anything runs, with the file, the line number, the field and what is expected.
 The value rules themselves (sizes, 4k+1 frames, ...) are ``check_request``'s, passed in as ``check``.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from k5.engine.pipeline import Request
+from k5.launch.outputs import output_name
 
 FIELDS: dict[str, type] = {
     "prompt": str, "negative_prompt": str, "seed": int, "image": str, "height": int, "width": int,
@@ -55,19 +57,11 @@ class Item:
 
     @property
     def latents_name(self) -> str:
-        return self.output[: -len(".mp4")] + ".safetensors"
+        return str(Path(self.output).with_suffix(".safetensors"))
 
 
 def default_output(index: int) -> str:
     return f"{index:05d}.mp4"
-
-
-def output_name(value: str) -> str:
-    """A plain file name inside the output directory, ``.mp4`` appended when missing."""
-    if not value or "/" in value or "\\" in value or value.startswith(".") or value != value.strip():
-        raise ValueError(f"'output' must be a plain file name like \"cat.mp4\" (no folder, not starting with '.', "
-                         f"no surrounding spaces), got {value!r}")
-    return value if value.endswith(".mp4") else value + ".mp4"
 
 
 def _coerce(field: str, value, from_text: bool):
@@ -97,7 +91,7 @@ def _coerce(field: str, value, from_text: bool):
                 raise bad
             return int(value)
     if not math.isfinite(number):
-        raise bad
+        raise ValueError(f"'{field}' must be a finite number, got {value!r}")
     return float(number)
 
 
@@ -239,11 +233,11 @@ def _item(row: dict, index: int, line: int, source: str, folder: Path, defaults:
     return Item(index, line, source, req, output)
 
 
-def check_image(path: str) -> None:
-    """Raise ValueError unless ``path`` is an image file this process can read."""
+def check_image(path: str, what: str = "'image'") -> None:
+    """Raise ValueError unless ``path`` is an image file this process can read (``what``: the field or flag)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"'image' {path} is not a readable file")
+        raise ValueError(f"{what} {path} is not a readable file")
     try:
         from PIL import Image, UnidentifiedImageError
 
@@ -251,7 +245,7 @@ def check_image(path: str) -> None:
             im.verify()
     except OSError as e:  # PermissionError, UnidentifiedImageError, truncated files
         kind = "is not an image file Pillow can read" if isinstance(e, UnidentifiedImageError) else "cannot be read"
-        raise ValueError(f"'image' {path} {kind} ({e})") from None
+        raise ValueError(f"{what} {path} {kind} ({e})") from None
 
 
 def single_item(request: Request, output: str | None = None) -> Item:

@@ -18,7 +18,11 @@ import torch.distributed as dist
 
 from distributed import hosted_store, store_env
 from k5.launch.batch import MANIFEST, read_manifest
-from k5.launch.failures import (Injection, Logs, Stopped, StopSignals, Supervisor, classify, dead_after, explain)
+from k5.launch.channel import classify, dead_after, explain, find_hung
+from k5.launch.logs import Logs
+from k5.launch.signals import Stopped, StopSignals
+from k5.launch.supervisor import Supervisor
+from k5.launch.testhook import Injection
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ROOT / "launch" / "generate.py"
@@ -72,7 +76,7 @@ def test_explain_puts_the_cause_first():
     assert lines[2].startswith("  then: rank 2: RuntimeError: Connection reset; rank 0:")
     dead = explain([record(0, "comm", "closed", 1.0), record(5, "dead", "no heartbeat for 9 s", 2.0)])
     assert dead.startswith("error: rank 5 died at item 0")
-    assert explain([record(1, "stop", "stopped by SIGTERM", 1.0)]).startswith("error: the job failed without")
+    assert explain([record(1, "alive", "", 1.0)]).startswith("error: the job failed without")
 
 
 def test_sigterm_sets_the_flag_and_the_exit_code():
@@ -191,6 +195,8 @@ def test_a_rank_that_raises_mid_generation_ends_every_rank(tmp_path):
     assert "injected failure" not in (tmp_path / "rank1.err").read_text()  # the terminal shows rank 0 only
     assert read_manifest(out / MANIFEST).records == []  # the failed item left nothing
     assert not [p.name for p in out.iterdir() if ".partial" in p.name]
+    assert err0.strip().splitlines()[-1] == (f"0 item(s) finished in this run; every finished item stays in {out}; "
+                                             f"run the same command again to resume")
 
 
 def test_a_rank_that_dies_silently_ends_every_rank(tmp_path):
@@ -208,3 +214,106 @@ def test_a_rank_that_dies_silently_ends_every_rank(tmp_path):
     assert "error: rank 1 died at item 1 (" in err0 and "no heartbeat for" in err0, err0[-3000:]
     records = read_manifest(out / MANIFEST).records
     assert all(r["item"] % 2 == 0 for r in records)  # rank 0's finished items stay recorded, rank 1 wrote nothing
+    # the last line counts the items recorded when rank 0 ended (a record is appended before it is counted)
+    done, rest = err0.strip().splitlines()[-1].split(" item(s) finished in this run; ")
+    assert int(done) <= len(records) and rest == f"every finished item stays in {out}; run the same command again " \
+                                                 f"to resume"
+
+
+def wait_for(path: Path, procs, limit_s: float = 240.0) -> float:
+    """Poll (20 ms) until ``path`` exists and return the time; fail if a rank ends first."""
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        ended = [p.returncode for p in procs if p.poll() is not None]
+        assert not ended, f"a rank ended (exit {ended}) before {path.name} appeared"
+        assert time.monotonic() < deadline, f"{path.name} did not appear within {limit_s} s"
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def last_line(path: Path) -> str:
+    return path.read_text().strip().splitlines()[-1]
+
+
+def test_sigterm_to_one_worker_of_a_ulysses_single_video_stops_both(tmp_path):
+    # Rank 1 holds after step 1 until the job is asked to stop (the test hook's gate), so the video cannot be
+    # finished before the signal, however loaded the machine is. The signal goes to rank 0, which waits for rank 1
+    # in the step's stop agreement: rank 1 learns of it through the side channel only.
+    out, mark = tmp_path / "out", tmp_path / "holding"
+    out.mkdir()
+    args = ["--model", "tiny", "--prompt", "a red fox", "--output", str(out / "fox.mp4"), "--save-latents",
+            str(out / "fox.safetensors"), *SIZES, "--steps", "3", "--ulysses-degree", "2", "--ring-degree", "1",
+            "--timeout", "120"]
+    with hosted_store() as store:
+        procs = launch_ranks(tmp_path, store, args, f"rank=1,step=1,mode=gate,mark={mark}")
+        wait_for(mark, procs)
+        signalled = time.monotonic()
+        procs[0].send_signal(signal.SIGTERM)
+        ended = wait_all(procs)
+    assert [code for code, _ in ended] == [143, 143], (tmp_path / "rank0.err").read_text()[-3000:]
+    assert max(t for _, t in ended) - signalled <= 10.0
+    assert list(out.iterdir()) == []  # no output, no temporary file
+    assert last_line(tmp_path / "rank0.err") == "stopped by SIGTERM before the video was finished; nothing was written"
+
+
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_sigterm_to_either_rank_of_a_batch_job_gives_143_on_both(tmp_path, signalled):
+    # Data parallel: the two ranks share no collective after loading; the stop reaches the other one through the
+    # side channel, and both end with the same code whichever got the signal.
+    out, mark = tmp_path / "job", tmp_path / "holding"
+    args = ["--model", "tiny", "--prompts", str(prompts(tmp_path)), "--output-dir", str(out), *SIZES,
+            "--steps", "2", "--dp-degree", "2", "--timeout", "120"]
+    with hosted_store() as store:
+        procs = launch_ranks(tmp_path, store, args, f"rank=1,step=1,mode=gate,mark={mark}")
+        wait_for(mark, procs)
+        procs[signalled].send_signal(signal.SIGTERM)
+        ended = wait_all(procs)
+    assert [code for code, _ in ended] == [143, 143], (tmp_path / "rank0.err").read_text()[-3000:]
+    records = read_manifest(out / MANIFEST).records
+    assert 1 not in {r["item"] for r in records}  # rank 1's item in progress was discarded
+    assert not [p.name for p in out.iterdir() if ".partial" in p.name]
+    for rank in (0, 1):
+        assert "stopped by SIGTERM" in (out / "logs" / f"rank{rank}.log").read_text()
+    assert last_line(tmp_path / "rank0.err").startswith("stopped by SIGTERM: ")
+
+
+def test_a_hung_rank_ends_every_rank_within_the_timeout_and_is_named(tmp_path):
+    timeout = 15
+    mark = tmp_path / "hanging"
+    # Sequence parallel: rank 0 waits for rank 1 in the stop agreement after step 2, where rank 1 never arrives.
+    args = ["--model", "tiny", "--prompt", "a red fox", "--output", str(tmp_path / "fox.mp4"), *SIZES,
+            "--steps", "3", "--ulysses-degree", "2", "--ring-degree", "1", "--timeout", str(timeout)]
+    with hosted_store() as store:
+        procs = launch_ranks(tmp_path, store, args, f"rank=1,step=2,mode=hang,mark={mark}")
+        hung = wait_for(mark, procs)
+        ended = wait_all(procs)
+    err0 = (tmp_path / "rank0.err").read_text()
+    assert [code for code, _ in ended] == [1, 1], err0[-3000:]
+    assert max(t for _, t in ended) - hung <= timeout + 5, f"{max(t for _, t in ended) - hung:.1f} s"
+    assert "error: rank 1 hung at item 0 (--prompt), after step 2: it never reached" in err0, err0[-3000:]
+    assert last_line(tmp_path / "rank0.err") == "nothing was written"
+    assert not (tmp_path / "fox.mp4").exists()
+
+
+def test_ctrl_c_stops_a_single_process_run_with_130(tmp_path):
+    out, mark = tmp_path / "out", tmp_path / "holding"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "K5_TEST_FAIL": f"rank=0,step=1,mode=gate,mark={mark}"}
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(GENERATE), "--model", "tiny", "--prompt", "a cat", *SIZES,
+                                 "--steps", "2", "--output", str(out / "cat.mp4")], env=env, stderr=err, cwd=ROOT,
+                                start_new_session=True)
+        wait_for(mark, [proc])
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 130
+    assert list(out.iterdir()) == []
+    assert last_line(tmp_path / "err") == "stopped by SIGINT before the video was finished; nothing was written"
+
+
+def test_find_hung_names_the_rank_its_group_waits_for():
+    hb = lambda sync, group=0, state="running": {"n": 1, "state": state, "where": "w", "sync": sync, "group": group}
+    assert find_hung({0: hb(5), 1: hb(4)}) == [1]
+    assert find_hung({0: hb(4), 1: hb(4)}) == []  # in step: nobody is behind
+    assert find_hung({0: hb(5), 1: hb(4, state="exited")}) == [1]  # left because of the failure: still behind
+    assert find_hung({0: hb(9, group=0), 1: hb(3, group=1), 2: hb(9, group=0), 3: hb(3, group=1)}) == []  # dp groups
+    assert find_hung({0: hb(5), 1: hb(3, state="finished"), 2: None}) == []

@@ -77,6 +77,10 @@ BAD_JSONL = [
     ('{"prompt": "a cat", "height": true}', 1, "'height' must be an integer, got True"),
     ('{"prompt": 7}', 1, "'prompt' must be a string, got 7"),
     ('{"prompt": "a cat", "guidance_scale": "high"}', 1, "'guidance_scale' must be a number, got 'high'"),
+    ('{"prompt": "a cat", "guidance_scale": NaN}', 1, "'guidance_scale' must be a finite number, got nan"),
+    ('{"prompt": "a cat", "shift": Infinity}', 1, "'shift' must be a finite number, got inf"),
+    ('{"prompt": "a cat", "output": "cat.avi"}', 1, "'output' 'cat.avi': k5 writes the video as .mp4 (H.264 MP4 "
+                                                    "video (24 fps, yuv420p)); use cat.mp4"),
     ('{"prompt": "a cat", "num_frames": 10}', 1, "num_frames 10 is not of the form 4k+1 (the VAE compresses time "
                                                  "4x); try 9"),
     ('{"prompt": "a cat", "width": 100}', 1, "width 100 is not a positive multiple of 16"),
@@ -108,6 +112,8 @@ def test_bad_jsonl_line(tmp_path, check, text, line, message):
     ("p.csv", "prompt,seed\na cat,3\na dog,x\n", "p.csv line 3: 'seed' must be an integer, got 'x'"),
     ("p.csv", "prompt,seed\na cat,3,4\n", "p.csv line 2: has 3 cells but the header has 2 columns"),
     ("p.csv", "prompt,steps\n,3\n", "p.csv line 2: the prompt is empty"),
+    ("p.csv", "prompt,guidance_scale\na cat,nan\n", "p.csv line 2: 'guidance_scale' must be a finite number"),
+    ("p.csv", "prompt,shift\na cat,-inf\n", "p.csv line 2: 'shift' must be a finite number, got '-inf'"),
     ("p.json", '[{"prompt": "a cat"}]', "p.json: a .json file is not a prompt file"),
     ("p.txt", "\n\n", "p.txt has no prompts"),
 ])

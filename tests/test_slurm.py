@@ -1,10 +1,11 @@
-"""launch/slurm/generate.sbatch: the syntax, the command it builds from a Slurm environment (K5_DRY_RUN=1, compared
-with the command written out by hand), its refusals, and one real run through it with srun replaced by a stand-in
-that runs the task on this machine."""
+"""launch/slurm/generate.sbatch: the syntax, the command it builds from a Slurm environment and outside one
+(K5_DRY_RUN=1, compared with the command written out by hand), its refusals, and one real run through it with srun
+replaced by a stand-in that runs the task on this machine."""
 
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,15 +69,51 @@ def test_dry_run_overrides_and_a_plain_node_list():
     assert "/opt/venv/bin/torchrun" in cmd and "--rdzv-id=4242-0" in cmd
 
 
+def test_dry_run_outside_an_allocation():
+    # No SLURM_* variable at all (NO_SLURM drops them): the defaults of the script's #SBATCH lines, this host.
+    r = sbatch({"K5_DRY_RUN": "1"}, "--model", "tiny")
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout)
+    host = socket.gethostname()
+    assert cmd[:13] == [
+        "srun", "--nodes=1", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpu-bind=none", "--export=ALL",
+        str(ROOT / ".venv" / "bin" / "torchrun"), "--nnodes=1", "--nproc-per-node=8", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={host}:29500", "--rdzv-id=dry-run-0", "--max-restarts=0"]
+    assert "dry run outside a Slurm allocation: 1 node(s) (K5_NNODES) x 8 GPU(s)" in r.stderr
+    # the shape and the rendezvous host from the environment; no scontrol anywhere on PATH
+    r = sbatch({"K5_DRY_RUN": "1", "K5_NNODES": "4", "K5_GPUS_PER_NODE": "2", "K5_MASTER_ADDR": "node07",
+                "K5_SCONTROL": "/nonexistent/scontrol"}, "--model", "tiny")
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout)
+    assert {"--nodes=4", "--nnodes=4", "--nproc-per-node=2", "--rdzv-endpoint=node07:29500"} <= set(cmd)
+
+
+def test_master_addr_is_taken_before_scontrol_is_needed():
+    # A bracketed node list needs scontrol to expand, unless K5_MASTER_ADDR says where the rendezvous is.
+    env = {**SLURM, "K5_DRY_RUN": "1", "K5_SCONTROL": "/nonexistent/scontrol", "K5_MASTER_ADDR": "gpu09"}
+    r = sbatch(env, "--model", "tiny")
+    assert r.returncode == 0, r.stderr
+    assert "--rdzv-endpoint=gpu09:29500" in shlex.split(r.stdout)
+
+
+def test_scontrol_output_longer_than_one_line_is_read_whole(tmp_path):
+    # `scontrol ... | head -n 1` under pipefail failed with SIGPIPE (141) when scontrol wrote after head had quit.
+    scontrol = fake_bin(tmp_path, "scontrol", 'echo gpu07\nfor i in $(seq 1 20000); do echo gpu$i; done\n')
+    r = sbatch({**SLURM, "K5_DRY_RUN": "1"}, "--model", "tiny", path_dirs=[scontrol])
+    assert r.returncode == 0, r.stderr
+    assert "--rdzv-endpoint=gpu07:29500" in shlex.split(r.stdout)
+
+
 @pytest.mark.parametrize("env, message", [
-    ({}, "SLURM_JOB_ID / SLURM_JOB_NODELIST are not set: submit with sbatch"),
+    ({"K5_DRY_RUN": "0"}, "SLURM_JOB_ID / SLURM_JOB_NODELIST are not set: submit with sbatch"),
+    ({"K5_NNODES": "two"}, "node count 'two' is not a positive integer"),
     ({**SLURM, "SLURM_GPUS_ON_NODE": ""}, "no GPU count: request GPUs (--gpus-per-node) or set K5_GPUS_PER_NODE"),
     ({**SLURM, "K5_SCONTROL": "/nonexistent/scontrol"},
      "cannot expand the node list 'gpu[07-10]' without scontrol; set K5_MASTER_ADDR"),
     ({**SLURM, "K5_ROOT": "/nonexistent"}, "/nonexistent/launch/generate.py not found"),
 ])
 def test_refusals(env, message):
-    r = sbatch({**env, "K5_DRY_RUN": "1"}, "--model", "tiny")
+    r = sbatch({"K5_DRY_RUN": "1", **env}, "--model", "tiny")
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stdout == ""
 

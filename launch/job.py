@@ -1,0 +1,299 @@
+"""The one job loop: a single video and a batch job run through the same code.
+
+A run is a list of items and a destination. ``--prompt ... --output x.mp4`` is a one-item job whose destination is
+the explicit paths (``OutputFiles``: no manifest, no resume, no log folder); ``--prompts FILE --output-dir DIR``
+(or ``--prompt ... --output-dir DIR``) is a job folder (``k5.launch.batch.JobFolder``: lock, manifest, resume).
+Everything else is shared: the plan (rank 0 makes it, every rank gets it), one stop agreement before loading and at
+every denoising step, the deal of items to dp groups, failure handling, progress, writing (checked, then
+published), the summary and the exit code, which every rank takes from the same account of the job:
+
+    0    every item of the plan is finished
+    143  stopped by SIGTERM (130: SIGINT) before that, whichever rank got the signal
+    1    a failure (a rank that raised ends every rank itself, see k5.launch.supervisor)
+    2    bad input found at the start (the job folder is locked by another job)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from k5.launch.batch import Plan, deal, settings
+from k5.launch.logs import LOGGER
+from k5.launch.outputs import write_outputs
+from k5.launch.prompts import Item
+from k5.launch.signals import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Stopped, signal_name, stop_exit_code
+from k5.launch.supervisor import Supervisor
+
+log = logging.getLogger(LOGGER)
+
+
+class OutputFiles:
+    """A single run's explicit paths (``--output``, ``--save-latents PATH``, ``--save-frames PATH``) as the
+    destination of the job loop: no manifest, no resume, no log folder."""
+
+    log_dir = None
+    metrics_path = None
+    shared_plan = False  # every rank knows the plan: the one item
+
+    def __init__(self, paths: dict[str, Path]):
+        self.paths = paths
+
+    def start(self, items: list[Item]) -> Plan:
+        return Plan([item.index for item in items], 0)
+
+    def targets(self, item: Item) -> dict[str, Path]:
+        return dict(self.paths)
+
+    def write(self, item: Item, data: dict, record: dict) -> dict:
+        return {**record, "files": write_outputs(self.paths, {k: data[k] for k in self.paths})}
+
+    def describe(self, done: int, before: int) -> str:
+        return ", ".join(str(p) for p in self.paths.values())
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Worker:
+    """What the launcher provides for one dp group: every rank of the group calls these together."""
+
+    generate: Callable  # (Request, on_step) -> engine.pipeline.Result
+    decode: Callable  # latents -> uint8 frames on the group's leader, None elsewhere
+    leader: bool  # this rank writes the group's files and records
+    forwards: Callable[[], int] = lambda: 0  # DiT forwards this rank has run so far
+    comm_steps: Callable[[], list] = lambda: []  # per denoising step: bytes sent by collective (CommStats.steps)
+
+
+class Progress:
+    """Rank 0's terminal: a bar over the job's items (all dp groups; not for a one-item job) and one over the
+    current item's steps.
+
+    Only on a terminal: redirected to a file (a Slurm output file) the per-item log lines say the same without a
+    carriage-return redraw per step."""
+
+    def __init__(self, items: int, enabled: bool):
+        from tqdm import tqdm
+
+        disable = None if enabled else True  # None: tqdm shows the bar only if stderr is a terminal
+        self.items = tqdm(total=items, desc="items", unit="item", position=0, file=sys.stderr,
+                          disable=disable if items > 1 else True)
+        self.steps = tqdm(total=1, desc="denoising", unit="step", position=1 if items > 1 else 0, leave=False,
+                          disable=disable, file=sys.stderr)
+
+    def step(self, item: Item, i: int) -> None:
+        if i == 0:
+            self.steps.reset(total=item.request.steps)
+        self.steps.update(1)
+
+    def set_items(self, n: int) -> None:
+        if n != self.items.n:
+            self.items.n = n
+            self.items.refresh()
+
+    def close(self) -> None:
+        self.steps.close()
+        self.items.close()
+
+
+def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_base: dict, job_settings: dict,
+              needs_frames: bool, on_step: Callable[[Item, int], None] | None = None,
+              on_item: Callable[[Item, dict], None] | None = None) -> tuple[list[dict], bool]:
+    """Run this group's items in order; return (the metrics of the items this rank wrote, whether the group stopped).
+
+    Every rank of the group calls ``sup.agree_stop`` at the same points (before each item, after each step, before
+    the decode), so the group stops together; a stopped item's files are never published.
+    """
+    finished = []
+    for item in items:
+        if sup.agree_stop():
+            return finished, True
+        sup.begin_item(item.index, f"item {item.index} ({item.where})")
+        t0 = time.perf_counter()
+        log.info("item %d (%s): %r, seed %d", item.index, item.where, item.request.prompt[:80], item.request.seed)
+        marks: list[float] = []
+        forwards0, comm0 = worker.forwards(), len(worker.comm_steps())
+
+        def step(i: int) -> None:
+            marks.append(time.perf_counter())
+            if on_step is not None:
+                on_step(item, i)
+            sup.step(i)
+
+        try:
+            result = worker.generate(item.request, step)
+            if sup.agree_stop():
+                raise Stopped()
+            t1 = time.perf_counter()
+            frames = worker.decode(result.latents) if needs_frames else None
+            t2 = time.perf_counter()
+            if worker.leader:
+                text_s = result.timings.get("text_s", 0.0)
+                metrics = {
+                    "item": item.index, "where": item.where, "output": item.output, "rank": sup.rank,
+                    "steps": item.request.steps, "text_s": text_s, "denoise_s": result.timings.get("denoise_s"),
+                    "step_s": [b - a for a, b in zip([t0 + text_s] + marks[:-1], marks)], "decode_s": t2 - t1,
+                    "dit_forwards": {"run": worker.forwards() - forwards0, "skipped": 0},
+                    "comm_per_step": worker.comm_steps()[comm0:],
+                }
+                timings = {**result.timings, "decode_s": t2 - t1, "total_s": t2 - t0}  # the write excluded
+                record = {**record_base, "item": item.index, "source": item.source, "line": item.line,
+                          "output": item.output, "settings": settings(item, job_settings), "truncated": result.truncated,
+                          "timings": timings}
+                data = {"video": frames, "frames": frames, "latents": result.latents}
+                record = dest.write(item, data, record)
+                metrics.update(write_s=time.perf_counter() - t2, total_s=time.perf_counter() - t0,
+                               files=[str(p) for p in dest.targets(item).values()])
+                finished.append(metrics)
+                if result.truncated:
+                    log.warning("warning: %s: the prompt is longer than the 256-token text budget and was truncated",
+                                item.where)
+                if on_item is not None:
+                    on_item(item, record)
+            if worker.leader:
+                sup.item_done()
+        except Stopped:
+            log.info("item %d (%s) discarded: stopping", item.index, item.where)
+            return finished, True
+        except Exception as e:
+            if not sup.stop_requested:
+                raise
+            # e.g. ffmpeg killed by the same SIGTERM: the item's files are gone (write_outputs cleans up); the group
+            # learns about the stop at the next agreement, where every rank is.
+            log.info("item %d (%s) discarded while stopping (%s: %s)", item.index, item.where, type(e).__name__, e)
+            continue
+        log.info("item %d done in %.2f s -> %s", item.index, time.perf_counter() - t0, item.output)
+    return finished, False
+
+
+# ---- the whole run --------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    code: int
+    status: str  # done, stopped, nothing to do, refused
+    plan: dict
+    outcome: object = None  # k5.launch.supervisor.Outcome
+    runtime: object = None
+
+
+def record_base(job, rt) -> dict:
+    """What every manifest record of this run shares: the checkpoint, the layout, the host."""
+    config = job.root / "transformer" / "config.json"
+    return {
+        "checkpoint": {"model": job.settings["model"], "path": str(job.root),
+                       "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None},
+        "layout": {"world": rt.dims.world_size, **rt.dims.degrees, "dp_group": rt.dp_rank},
+        "host": socket.gethostname(),
+    }
+
+
+def make_plan(dest, items: list[Item], sup: Supervisor, rank: int) -> dict:
+    """Rank 0 starts the destination (for a job folder: lock, clean, verify) and every rank gets the same plan:
+    {"pending", "finished"}, or {"error"} for a job that cannot start (another job holds the folder)."""
+    if not dest.shared_plan:
+        plan = dest.start(items)
+        return {"pending": plan.pending, "finished": plan.finished}
+    if rank == 0:
+        try:
+            plan = dest.start(items)
+            for note in plan.notes:
+                log.info(note)
+            shared = {"pending": plan.pending, "finished": plan.finished}
+        except ValueError as e:
+            shared = {"error": str(e)}
+        if sup.channel is not None:
+            sup.channel.put("plan", shared)
+        return shared
+    while (shared := sup.channel.poll("plan")) is None:
+        # Rank 0 may be verifying many files. A stop meanwhile reaches it too (the watchdog passes it on) and is
+        # agreed on right after the plan; the watchdog ends this wait if rank 0 dies.
+        time.sleep(0.1)
+    return shared
+
+
+def run_job(job, sup: Supervisor, rank: int, load: Callable[[bool], object], written: list[str]) -> RunResult:
+    """Plan, load, run this rank's items, wait for every rank; return the exit code and what rank 0 reports.
+
+    ``load(keep_text)`` builds the runtime (generate.Runtime); ``written`` collects the files this process wrote.
+    """
+    dest, items = job.dest, job.items
+    plan = make_plan(dest, items, sup, rank)
+    if "error" in plan:
+        if rank == 0:
+            log.error("error: %s", plan["error"])
+        sup.finish()
+        return RunResult(EXIT_USAGE, "refused", plan)
+    pending = plan["pending"]
+    if not pending:
+        sup.finish()
+        return RunResult(EXIT_OK, "nothing to do", plan)
+    if sup.agree_stop():  # every rank, before the expensive part: all load or none does
+        outcome = sup.finish()
+        log.info("stopped by %s before loading", signal_name(outcome.stop_signal))
+        return RunResult(stop_exit_code(outcome.stop_signal), "stopped", plan, outcome)
+
+    if len(items) > 1:
+        log.info("%d of %d item(s) to do (%d finished before)", len(pending), len(items), plan["finished"])
+    t_load = time.perf_counter()
+    rt = load(len(pending) > 1)
+    load_s = time.perf_counter() - t_load
+    if rt.describe:
+        log.info(rt.describe)
+    sup.set_group(rt.group, rt.group_size, rt.dp_rank)
+    mine = [items[i] for i in deal(pending, rt.dims.dp, rt.dp_rank)]
+    if rt.dims.dp > 1:
+        log.info("dp group %d of %d: %d item(s)", rt.dp_rank, rt.dims.dp, len(mine))
+
+    progress = Progress(len(pending), enabled=rank == 0)
+    if sup.watchdog is not None and rank == 0:
+        sup.watchdog.items_done = progress.set_items
+
+    def on_item(item: Item, record: dict) -> None:
+        written.extend(str(p) for p in dest.targets(item).values())
+        if sup.channel is None:
+            progress.set_items(progress.items.n + 1)
+
+    worker = Worker(generate=rt.generate, decode=rt.decode, leader=rt.group_rank == 0, forwards=rt.forwards,
+                    comm_steps=rt.comm_steps)
+    finished, _ = run_items(mine, worker, sup, dest, record_base(job, rt), job.settings, job.needs_frames,
+                            on_step=progress.step, on_item=on_item)
+    from k5.launch.metrics import rank_report
+
+    outcome = sup.finish(rank_report(rank, rt.device, rt, load_s, finished))
+    if sup.channel is not None and rank == 0:
+        progress.set_items(outcome.items_done)
+    progress.close()
+    if outcome.items_done >= len(pending):
+        return RunResult(EXIT_OK, "done", plan, outcome, rt)
+    if outcome.stop_signal is not None:
+        if rank != 0:  # rank 0 says it on the terminal (last_line); the others in their logs
+            log.info("stopped by %s", signal_name(outcome.stop_signal))
+        return RunResult(stop_exit_code(outcome.stop_signal), "stopped", plan, outcome, rt)
+    return RunResult(EXIT_FAILED, "failed", plan, outcome, rt)
+
+
+def last_line(job, result: RunResult) -> str:
+    """The run's last line on rank 0: what happened and which files were written."""
+    dest, plan = job.dest, result.plan
+    if result.status == "refused":
+        return "nothing was written"
+    if result.status == "nothing to do":
+        return f"nothing to do: all {len(job.items)} item(s) are finished in {dest.out_dir}; nothing was written"
+    done = result.outcome.items_done if result.outcome is not None else 0
+    if result.status == "done":
+        return f"done: wrote {dest.describe(done, plan['finished'])}"
+    signal = signal_name(result.outcome.stop_signal if result.outcome is not None else None)
+    if result.status == "stopped":
+        if isinstance(dest, OutputFiles):
+            return f"stopped by {signal} before the video was finished; nothing was written"
+        return (f"stopped by {signal}: {done} item(s) finished in this run, {len(plan['pending']) - done} remain in "
+                f"{dest.out_dir}; run the same command again to resume")
+    return f"failed: {done} item(s) finished in this run"

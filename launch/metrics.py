@@ -1,0 +1,98 @@
+"""The run's summary: what every rank measured, put together on rank 0 as one JSON document.
+
+``--metrics-json PATH`` writes it for any run; a job folder always gets ``DIR/metrics.json`` (the latest run's).
+``summary`` is the one place where the document is built: a new figure (compile counts, MagCache skips, the
+variant) is one more field here, filled from the rank reports.
+
+Fields (times in seconds, bytes as integers; null where not measured):
+
+- ``status`` (done / stopped), ``exit_code``, ``command``, ``model``, ``variant``, ``dtype``, ``attention``;
+- ``layout``: world size and the degrees dp x cfg x ring x ulysses x tp;
+- ``items``: in the job, to do in this run, finished before, finished in this run;
+- ``times``: wall time of the run and of loading (rank 0), and per stage (text, denoise, decode, write) summed
+  over the items;
+- ``per_item``: for each item finished in this run (reported by the rank that wrote it): its output, the stage
+  times, every denoising step's time, the DiT forwards its group's first rank ran and skipped, and the bytes that
+  rank sent per denoising step by collective;
+- ``dit_forwards``: totals over the items (run; skipped stays 0 until step caching exists);
+- ``comm_per_step``: the bytes rank 0 sent in its last denoising step, by collective (the steady state);
+- ``ranks``: per rank, the peak memory (CUDA: max allocated; CPU: max resident set) and compile counts;
+- ``files``: the files this run wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STAGES = ("text_s", "denoise_s", "decode_s", "write_s")
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory: {"bytes", "kind"}."""
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda max allocated"}
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "kind": "max resident set"}
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def compile_report(runtime) -> dict:
+    """Whether the DiT is compiled and how often it compiled and recompiled (None: not known here)."""
+    return {"enabled": None, "compiles": None, "recompiles": None}
+
+
+def rank_report(rank: int, device: torch.device, runtime, load_s: float | None, items: list[dict]) -> dict:
+    """What one rank contributes to the summary (sent to rank 0 through the store: plain JSON values)."""
+    return {"rank": rank, "peak_memory": peak_memory(device), "load_s": load_s, "items": items,
+            "compile": compile_report(runtime)}
+
+
+def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_code: int, wall_s: float,
+            files: list[str]) -> dict:
+    reports = sorted(outcome.reports or [], key=lambda r: r.get("rank", 0))
+    per_item = sorted((it for r in reports for it in r.get("items", [])), key=lambda it: it["item"])
+    stages = {s: round(sum(it.get(s) or 0.0 for it in per_item), 6) for s in STAGES}
+    rank0 = next((r for r in reports if r.get("rank") == 0), {})
+    last_comm = next((it["comm_per_step"][-1] for it in reversed(per_item)
+                      if it.get("rank") == 0 and it.get("comm_per_step")), None)
+    return {
+        "status": status,
+        "exit_code": exit_code,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "model": job.settings["model"],
+        "variant": None,
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "layout": layout,
+        "items": {"in_job": len(job.items), "to_do": len(plan["pending"]), "finished_before": plan["finished"],
+                  "finished": outcome.items_done},
+        "times": {"wall_s": round(wall_s, 6), "load_s": rank0.get("load_s"), "stages": stages},
+        "per_item": per_item,
+        "dit_forwards": {"run": sum(it["dit_forwards"]["run"] for it in per_item),
+                         "skipped": sum(it["dit_forwards"]["skipped"] for it in per_item)},
+        "comm_per_step": last_comm,
+        "ranks": [{"rank": r.get("rank"), "peak_memory": r.get("peak_memory"), "compile": r.get("compile")}
+                  for r in reports],
+        "files": files,
+    }
+
+
+def write_json(path: str | Path, document: dict) -> None:
+    from k5.launch.outputs import replace_atomically
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(path, json.dumps(document, indent=1, sort_keys=False) + "\n")
