@@ -163,6 +163,7 @@ class Result:
     latents: Tensor  # [1, T, H, W, 16] fp32
     timings: dict = field(default_factory=dict)
     truncated: bool = False
+    forwards: dict | None = None  # DiT forwards {"run": N, "skipped": [[step, branch], ...]}, where the caller knows
 
 
 class Kandinsky5Pipeline:
@@ -179,12 +180,14 @@ class Kandinsky5Pipeline:
         self.share_text = lambda expand: expand()
 
     @staticmethod
-    def read_config(root: str | Path) -> DiTConfig:
+    def read_config(root: str | Path, dit_path: str | Path | None = None) -> DiTConfig:
         """The DiT config alone (no weights), to validate requests before loading; checks that every component is
-        there and its weight files are safetensors whose headers read."""
-        check_components(Path(root))
-        check_weights(root)
-        return locate(root).config
+        there and its weight files are safetensors whose headers read. ``dit_path``: the DiT's own file when it is
+        not in ``root`` (a single-file checkpoint; ``root`` then supplies the other components)."""
+        separate = dit_path is not None and Path(dit_path) != Path(root)
+        check_components(Path(root), transformer=not separate)
+        check_weights(root, transformer=not separate)
+        return locate(dit_path if separate else root).config
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",

@@ -62,7 +62,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="checkpoint folder (diffusers layout) or 'tiny' (built-in random model); required")
+                   help="a Hugging Face repo id from the local cache (kandinskylab/Kandinsky-5.0-...), a checkpoint "
+                        "folder (diffusers layout), an original single-file .safetensors (with --variant), or 'tiny' "
+                        "(built-in random model); required")
     p.add_argument("--prompt", default=None, help="one prompt (or give --prompts FILE); default: none")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="batch job: .jsonl (one object per line), .csv with a header, or plain text (one prompt a "
@@ -72,14 +74,17 @@ def build_parser() -> Parser:
                         "resumes; default: none (a single video goes to --output)")
     p.add_argument("--negative-prompt", default=None, help="default: the reference negative prompt")
     p.add_argument("--image", default=None, help="conditioning image for image-to-video; default: none (text only)")
-    p.add_argument("--height", type=int, default=None, help="pixels; default 512 (128 for --model tiny)")
-    p.add_argument("--width", type=int, default=None, help="pixels; default 768 (128 for --model tiny)")
-    p.add_argument("--num-frames", type=int, default=None, help="4k+1 frames; default 121 (9 for --model tiny)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps; default 50 (4 for --model tiny)")
-    p.add_argument("--guidance-scale", type=finite_float, default=5.0,
-                   help="CFG weight; 1 disables CFG (nocfg/distilled models); default 5")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels; default: the variant's, else 512 (128 for --model tiny)")
+    p.add_argument("--width", type=int, default=None, help="pixels; default: the variant's, else 768 (128 for --model tiny)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="4k+1 frames; default: the variant's, else 121 (9 for --model tiny)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps; default: the variant's, else 50 (4 for --model tiny)")
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
+                   help="CFG weight; 1 disables CFG (nocfg/distilled models); default: the variant's, else 5")
     p.add_argument("--shift", type=finite_float, default=None,
-                   help="schedule shift; default: the checkpoint's scheduler config, else 5")
+                   help="schedule shift; default: the variant's, else the checkpoint's scheduler config, else 5")
     p.add_argument("--seed", type=int, default=0, help="noise seed; in a batch job items default to seed + index; "
                                                        "default 0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --model tiny)")
@@ -116,6 +121,9 @@ def build_parser() -> Parser:
                         "within it; default 600")
     p.add_argument("--verify", choices=["checksum", "size"], default="checksum",
                    help="how a resumed job checks finished files against the manifest; default checksum")
+    from k5.launch.model import add_flags
+
+    add_flags(p)  # --variant, --list-variants, --magcache, --components
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="check the inputs once, then start N workers on this machine (torchrun --standalone); "
                         "default: run in this process (or as the torchrun worker it is)")
@@ -125,12 +133,9 @@ def build_parser() -> Parser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    tiny = args.model == "tiny"
-    defaults = dict(height=128 if tiny else 512, width=128 if tiny else 768, num_frames=9 if tiny else 121,
-                    steps=4 if tiny else 50, dtype="fp32" if tiny else "bf16")
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    # Size, steps, guidance and shift: flag > variant > built-in, once the model is resolved (validate).
+    if args.dtype is None:
+        args.dtype = "fp32" if args.model == "tiny" else "bf16"
     if args.nabla_threshold is not None and not 0 < args.nabla_threshold <= 1:
         p.error(f"--nabla-threshold {args.nabla_threshold} must be in (0, 1]")
     if args.timeout <= 0:
@@ -220,7 +225,9 @@ class Runtime:
     describe: str
     device: torch.device = torch.device("cpu")
     decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
-    dit_forwards: int = 0  # DiT forwards this rank has run (counted by a forward hook)
+    dit_forwards: int = 0  # DiT forwards that ran the visual blocks on this rank (counted by a forward hook)
+    ratios: tuple | None = None  # --magcache: the variant's ratios (the step cache is a stage of the step chain)
+    chain: list = field(default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -237,7 +244,9 @@ class Runtime:
         def hook(module, args):
             self.dit_forwards += 1
 
-        self.pipe.dit.register_forward_pre_hook(hook)
+        # The first visual block: a forward that MagCache skips still calls the DiT (text blocks, output layer)
+        # but not its visual blocks.
+        self.pipe.dit.visual_transformer_blocks[0].register_forward_pre_hook(hook)
 
     def generate(self, req, on_step):
         def step(i):
@@ -245,7 +254,11 @@ class Runtime:
                 self.stats.end_step()  # one record of bytes sent per denoising step
             on_step(i)
 
-        return self.pipe.generate(req, on_step=step, guided=self.guided)
+        from k5.launch.model import forwards
+
+        result = self.pipe.generate(req, on_step=step, guided=self.guided, chain=self.chain)
+        result.forwards = forwards(self.ratios, req)  # the whole item's, both branches: the plan decides them
+        return result
 
     def decode(self, latents):
         """uint8 frames [F, H, W, 3] on the group's rank 0, None on the others."""
@@ -264,10 +277,17 @@ class Runtime:
 def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
     from k5.parallel.plan import build_parallel
 
-    s = build_parallel(job.root, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text)
+    # The resolved checkpoint: components from its root, the DiT from its folder or single file with the config
+    # the variant gives it (a NABLA-trained file runs NABLA with the variant's P).
+    s = build_parallel(job.resolved, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text)
     s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
     rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
-                 s.describe() if env.world > 1 else "", env.device)
+                 s.describe() if env.world > 1 else "", env.device, ratios=job.ratios)
+    if job.ratios is not None:
+        from k5.engine.magcache import MagCache
+
+        # After the guiding stage (Guidance, or CfgParallel: each cfg half follows its own branch's accumulator).
+        rt.chain = [MagCache(job.ratios)]
     rt.count_forwards()
     return rt
 
@@ -283,6 +303,9 @@ class Job:
     settings: dict  # what decides the outputs besides each request; a resumed job must repeat it
     dest: object  # k5.launch.job.OutputFiles or k5.launch.batch.JobFolder
     needs_frames: bool  # decode the latents (a video or frames are written)
+    resolved: object = None  # k5.engine.resolve.Resolved: what --model / --variant name
+    ratios: tuple | None = None  # --magcache: the variant's MagCache ratios
+    checkpoint: dict = field(default_factory=dict)  # the variant, its source, MagCache: for records and summary
 
 
 def validate(args, env: Env) -> Job:
@@ -300,14 +323,17 @@ def validate(args, env: Env) -> Job:
         check_suffix(kind, path, {"video": "--output", "latents": "--save-latents", "frames": "--save-frames"}[kind])
     if args.image is not None:
         check_image(args.image, "--image")
-    if args.model == "tiny":
-        from k5.engine.tiny import tiny_checkpoint
+    from k5.launch import model as model_flags
 
-        attention = "nabla" if args.attention == "nabla" else "regular"
-        root = tiny_checkpoint(attention=attention)  # cached; built aside and renamed, safe under torchrun
-    else:
-        root = Path(args.model)
-    cfg = Kandinsky5Pipeline.read_config(root)  # every component present, weights in readable safetensors
+    # A repo id from the cache, a folder, a single file or "tiny"; the variant given or recognised, checked against
+    # the weights' shapes (the tiny model is built once and cached, safe under torchrun).
+    resolved = model_flags.resolve(args)
+    root = resolved.root
+    # Every component present, weights in readable safetensors (the DiT's from its own file for a single file).
+    Kandinsky5Pipeline.read_config(root, dit_path=resolved.dit)
+    cfg = resolved.config  # the variant's attention applied
+    ratios = model_flags.magcache_ratios(args, resolved)
+    model_flags.request_defaults(args, resolved)  # flag > variant > built-in, for the request and the items
     nabla = args.attention == "nabla" or (args.attention == "auto" and cfg.uses_nabla)
     dims = plan_dims(args, cfg, env.world)
 
@@ -318,11 +344,20 @@ def validate(args, env: Env) -> Job:
     defaults = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, steps=args.steps, guidance_scale=args.guidance_scale,
                     shift=args.shift, seed=args.seed, image=args.image)
-    model = "tiny" if args.model == "tiny" else str(Path(args.model).resolve())
+    if resolved.kind == "tiny":
+        model = args.model
+    elif resolved.repo is not None:
+        model = f"{resolved.repo}@{resolved.revision}"  # another revision is other weights
+    else:
+        model = str(Path(args.model).resolve())
     # What decides a job folder's files besides each request (a resume must repeat it); for a single video, the
-    # summary's record of the run.
+    # summary's record of the run. The variant decides the attention of a single file; step_cache None (absent in
+    # older manifests) is no step skipping.
     settings = {"model": model, "dtype": args.dtype, "attention": args.attention,
-                "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True}
+                "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True,
+                "variant": resolved.variant.name if resolved.variant else None,
+                "step_cache": "magcache" if ratios is not None else None}
+    found = dict(resolved=resolved, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios))
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     if single:
         from k5.launch.job import OutputFiles
@@ -340,7 +375,7 @@ def validate(args, env: Env) -> Job:
             check_writable(path, flag)
         name = str(paths.get("video") or paths.get("latents") or paths.get("frames"))
         return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name)], settings, OutputFiles(paths),
-                   needs_frames="video" in paths or "frames" in paths)
+                   needs_frames="video" in paths or "frames" in paths, **found)
 
     from k5.launch.batch import JobFolder, check_resume
     from k5.launch.prompts import read_prompts, single_item
@@ -360,7 +395,8 @@ def validate(args, env: Env) -> Job:
     refuse_existing(*(p for p, _ in extra))
     for path, flag in extra:
         check_writable(path, flag)
-    return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True)
+    return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True,
+               **found)
 
 
 def main(argv=None) -> int:
@@ -448,9 +484,11 @@ def report_end(args, job: Job, result, wall_s: float, written: list[str]) -> Non
         if result.status == "done" and items:
             steps = [s for it in items for s in it["step_s"]]
             peak = max((r["peak_memory"]["bytes"] for r in doc["ranks"] if r.get("peak_memory")), default=None)
+            fw = doc["dit_forwards"]
             line = (f"summary: {len(items)} item(s) in {wall_s:.1f} s, {sum(steps) / len(steps):.3f} s/step, "
                     f"decode {doc['times']['stages']['decode_s']:.2f} s, peak memory {format_bytes(peak)} "
-                    f"(highest rank)")
+                    f"(highest rank), variant {doc['variant'] or 'none'}, DiT forwards {fw['run']} run, "
+                    f"{fw['skipped']} skipped" + (" (MagCache)" if doc["magcache"] else ""))
             if rt.stats is not None:
                 line += f", sent per denoising step: {comm_summary(rt.stats)}"
             log.info(line)

@@ -68,7 +68,7 @@ class Worker:
     generate: Callable  # (Request, on_step) -> engine.pipeline.Result
     decode: Callable  # latents -> uint8 frames on the group's leader, None elsewhere
     leader: bool  # this rank writes the group's files and records
-    forwards: Callable[[], int] = lambda: 0  # DiT forwards this rank has run so far
+    forwards: Callable[[], int] = lambda: 0  # DiT forwards that ran the visual blocks on this rank so far
     comm_steps: Callable[[], list] = lambda: []  # per denoising step: bytes sent by collective (CommStats.steps)
 
 
@@ -140,13 +140,17 @@ def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_b
                     "item": item.index, "where": item.where, "output": item.output, "rank": sup.rank,
                     "steps": item.request.steps, "text_s": text_s, "denoise_s": result.timings.get("denoise_s"),
                     "step_s": [b - a for a, b in zip([t0 + text_s] + marks[:-1], marks)], "decode_s": t2 - t1,
-                    "dit_forwards": {"run": worker.forwards() - forwards0, "skipped": 0},
+                    # The item's forwards (both guidance branches) as the runtime knows them, else this rank's count.
+                    "dit_forwards": result.forwards or {"run": worker.forwards() - forwards0, "skipped": []},
+                    # Measured: the forwards that ran the visual blocks on this (writing) rank (its own branch only
+                    # under CFG parallel); a skipped forward runs only the text blocks and the output layer.
+                    "visual_stack_runs_on_rank": worker.forwards() - forwards0,
                     "comm_per_step": worker.comm_steps()[comm0:],
                 }
                 timings = {**result.timings, "decode_s": t2 - t1, "total_s": t2 - t0}  # the write excluded
                 record = {**record_base, "item": item.index, "source": item.source, "line": item.line,
                           "output": item.output, "settings": settings(item, job_settings), "truncated": result.truncated,
-                          "timings": timings}
+                          "timings": timings, "dit_forwards": metrics["dit_forwards"]}
                 data = {"video": frames, "frames": frames, "latents": result.latents}
                 record = dest.write(item, data, record)
                 metrics.update(write_s=time.perf_counter() - t2, total_s=time.perf_counter() - t0,
@@ -189,7 +193,8 @@ def record_base(job, rt) -> dict:
     config = job.root / "transformer" / "config.json"
     return {
         "checkpoint": {"model": job.settings["model"], "path": str(job.root),
-                       "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None},
+                       "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+                       **getattr(job, "checkpoint", {})},  # variant, its source, task, repo, revision, magcache
         "layout": {"world": rt.dims.world_size, **rt.dims.degrees, "dp_group": rt.dp_rank},
         "host": socket.gethostname(),
     }

@@ -6,15 +6,18 @@ variant) is one more field here, filled from the rank reports.
 
 Fields (times in seconds, bytes as integers; null where not measured):
 
-- ``status`` (done / stopped), ``exit_code``, ``command``, ``model``, ``variant``, ``dtype``, ``attention``;
+- ``status`` (done / stopped), ``exit_code``, ``command``, ``model``, ``variant``, ``magcache``, ``dtype``,
+  ``attention``;
 - ``layout``: world size and the degrees dp x cfg x ring x ulysses x tp;
 - ``items``: in the job, to do in this run, finished before, finished in this run;
 - ``times``: wall time of the run and of loading (rank 0), and per stage (text, denoise, decode, write) summed
   over the items;
 - ``per_item``: for each item finished in this run (reported by the rank that wrote it): its output, the stage
-  times, every denoising step's time, the DiT forwards its group's first rank ran and skipped, and the bytes that
-  rank sent per denoising step by collective;
-- ``dit_forwards``: totals over the items (run; skipped stays 0 until step caching exists);
+  times, every denoising step's time, the item's DiT forwards (both guidance branches: how many ran, and the
+  skipped ones as [step, "cond"|"uncond"] pairs), the forwards that ran the visual blocks on its writing rank
+  (measured by a hook; that rank's own branch only under CFG parallel), and the bytes that rank sent per
+  denoising step by collective;
+- ``dit_forwards``: totals over the items (run, skipped);
 - ``comm_per_step``: the bytes rank 0 sent in its last denoising step, by collective (the steady state);
 - ``ranks``: per rank, the peak memory (CUDA: max allocated; CPU: max resident set) and compile counts;
 - ``files``: the files this run wrote.
@@ -74,7 +77,8 @@ def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_c
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "model": job.settings["model"],
-        "variant": None,
+        "variant": job.settings.get("variant"),
+        "magcache": job.settings.get("step_cache") == "magcache",
         "dtype": args.dtype,
         "attention": args.attention,
         "layout": layout,
@@ -83,7 +87,7 @@ def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_c
         "times": {"wall_s": round(wall_s, 6), "load_s": rank0.get("load_s"), "stages": stages},
         "per_item": per_item,
         "dit_forwards": {"run": sum(it["dit_forwards"]["run"] for it in per_item),
-                         "skipped": sum(it["dit_forwards"]["skipped"] for it in per_item)},
+                         "skipped": sum(len(it["dit_forwards"]["skipped"]) for it in per_item)},
         "comm_per_step": last_comm,
         "ranks": [{"rank": r.get("rank"), "peak_memory": r.get("peak_memory"), "compile": r.get("compile")}
                   for r in reports],

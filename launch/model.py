@@ -6,6 +6,7 @@ the DiT forwards. Everything here runs before any weight loads and raises ValueE
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 # Without a variant: the original pipeline's defaults (512x768, 5 s at 24 fps, 50 steps, guidance 5).
 BUILT_IN = {"height": 512, "width": 768, "num_frames": 121, "steps": 50, "guidance_scale": 5.0}
@@ -30,7 +31,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="catalogue variant (see --list-variants): its steps, guidance, shift, size and attention "
                         "become the defaults; default: recognised from the repo id or folder name. Needed for an "
                         "original single-file checkpoint; with --model tiny, only its sampling settings")
-    p.add_argument("--list-variants", action=ListVariants, help="print the catalogue of official checkpoints and exit")
+    p.add_argument("--list-variants", action=ListVariants,
+                   help="print the catalogue of official checkpoints (the defaults each --variant sets) and exit")
     p.add_argument("--magcache", action="store_true",
                    help="skip DiT forwards as the reference's MagCache does, with the variant's calibrated ratios; "
                         "default off")
@@ -41,8 +43,15 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 def resolve(args):
     """The checkpoint ``--model`` names (a k5.engine.resolve.Resolved); VariantError / ResolveError otherwise."""
-    from k5.engine.resolve import resolve_model
+    from k5.engine.resolve import TINY_MODELS, resolve_model
 
+    local = Path(args.model).expanduser()
+    if args.model not in TINY_MODELS and local.is_dir() and not (local / "model").is_dir():
+        # A folder that is no original-format release must be a diffusers-layout one: every component folder and
+        # weight file is checked first, so a missing or pickled component is named as such.
+        from k5.engine.pipeline import Kandinsky5Pipeline
+
+        Kandinsky5Pipeline.read_config(local)
     tiny_attention = "nabla" if getattr(args, "attention", None) == "nabla" else "regular"
     return resolve_model(args.model, args.variant, components=args.components, tiny_attention=tiny_attention)
 
