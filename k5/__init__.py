@@ -6,6 +6,9 @@ k5.engine, k5.parallel, k5.kernels and k5.launch.
 In a plain checkout (no install, or an install of another checkout) the folders beside this package are the
 subpackages: the checkout's root joins ``__path__``, so ``import k5.engine`` finds ``<checkout>/engine``. Installed as
 a wheel, ``k5/engine`` and the others sit inside this package and the root is not added.
+
+The public API (``from k5 import Kandinsky5Pipeline, resolve_model, MagCache, setup_parallel, ...``) is re-exported
+here lazily; ``python -m k5`` and the ``k5`` command are k5.launch.cli.
 """
 
 import os as _os

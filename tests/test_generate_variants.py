@@ -36,10 +36,13 @@ COMMIT = "c0ffee" + "0" * 34
 
 
 def run_cli(*args, nproc=1, env=None):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if nproc > 1 else [sys.executable]
-    return subprocess.run([*launcher, str(GENERATE), *map(str, args)], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT, env=env)
+    """launch/generate.py in one process; on several, torchrun -m k5 generate (the k5 command's module form)."""
+    if nproc == 1:
+        command = [sys.executable, str(GENERATE)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   "-m", "k5", "generate"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
 def records(out_dir: Path) -> list[dict]:
