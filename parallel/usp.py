@@ -19,7 +19,7 @@ from k5.kernels.nabla import NablaSpec, sta_block_mask
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.layout import SequenceLayout
 from k5.parallel.mesh import ParallelDims
-from k5.parallel.ring import RingCounters, ring_dense_attention, ring_nabla_attention
+from k5.parallel.ring import Padding, RingCounters, ring_dense_attention, ring_nabla_attention
 from k5.parallel.ulysses import out_to_sequence, qkv_to_heads
 
 
@@ -34,6 +34,7 @@ class SequenceParallelAttention:
         self.stats = stats if stats is not None else CommStats()
         self.counters = RingCounters()
         self._sta_cache: dict[tuple, torch.Tensor] = {}
+        self._pad_cache: dict[tuple, object] = {}
 
     def _padded_sta(self, grid, spec: NablaSpec, padded_blocks: int, device) -> torch.Tensor:
         """STA prior [padded_blocks, padded_blocks]; pad rows/columns False. Computed once per shape."""
@@ -43,6 +44,22 @@ class SequenceParallelAttention:
             pad = padded_blocks - sta.shape[0]
             self._sta_cache[key] = F.pad(sta, (0, pad, 0, pad), value=False)
         return self._sta_cache[key]
+
+    def _padding(self, layout: SequenceLayout, device) -> Padding | None:
+        """The dense ring's pad keys: built on the device once per layout, then reused by every layer and step."""
+        if not layout.pad:
+            return None
+        key = ("dense", layout, str(device))
+        if key not in self._pad_cache:
+            self._pad_cache[key] = Padding(layout.num_tokens, layout.token_valid(device=device))
+        return self._pad_cache[key]
+
+    def _query_blocks(self, layout: SequenceLayout, g: int, nbl: int, device) -> torch.Tensor:
+        """bool [nbl] on the device: which of span g's query blocks are real; built once per layout."""
+        key = ("nabla", layout, g, str(device))
+        if key not in self._pad_cache:
+            self._pad_cache[key] = layout.block_valid(g * nbl, nbl, device=device)
+        return self._pad_cache[key]
 
     def __call__(
         self,
@@ -72,8 +89,7 @@ class SequenceParallelAttention:
 
         mask_rows = None
         if nabla is None:
-            key_valid = layout.token_valid() if layout.pad else None
-            out, _ = ring_dense_attention(qs, ks, vs, ring, key_valid, self.stats, self.counters)
+            out, _ = ring_dense_attention(qs, ks, vs, ring, self._padding(layout, q.device), self.stats, self.counters)
         else:
             if grid is None:
                 raise ValueError("NABLA attention needs the block grid (T, Hb, Wb) of the unpadded sequence")
@@ -88,8 +104,8 @@ class SequenceParallelAttention:
             out, _, mask_rows = ring_nabla_attention(
                 qs, ks, vs, ring, nabla.P,
                 sta_rows=sta[g * nbl : (g + 1) * nbl],
-                k_valid=layout.block_valid(device=q.device),
-                q_valid=layout.block_valid(g * nbl, nbl, device=q.device),
+                k_valid=layout.num_blocks,
+                q_valid=self._query_blocks(layout, g, nbl, q.device),
                 stats=self.stats, counters=self.counters,
             )
         out = out_to_sequence(out.to(q.dtype), ulysses, self.stats)
