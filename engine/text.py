@@ -199,6 +199,13 @@ class TextEncoder:
         pooled = self.clip(**clip_tokens).pooler_output
         return TextEmbeds(embeds, mask, pooled, [n > max_length for n in full_lengths])
 
+    def to(self, device) -> "TextEncoder":
+        """Move both encoders, e.g. off the GPU once the prompts are encoded and back for the next item."""
+        self._check_loaded()
+        self.qwen.to(device)
+        self.clip.to(device)
+        return self
+
     def release(self):
         """Drop the models (a batch job keeps the encoder; a single generation frees it before the DiT runs)."""
         on_cuda = self.qwen is not None and self.device.type == "cuda"
