@@ -29,6 +29,7 @@ import torch
 GiB = 2**30
 OFFLOAD_MODES = ("none", "text", "model")
 _FRAGMENTATION = 1.15  # the caching allocator's blocks round up and fragment: activations need some headroom
+_RUNTIME = GiB // 2  # torch's own share: kernels and libraries in host memory, cuBLAS/cuDNN workspaces on a GPU
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
 
 
@@ -249,7 +250,7 @@ def estimate(weights: Weights, cfg, shapes: list[Shape], dtype: torch.dtype, dev
     else:
         every = w.dit + w.vae + w.text
         phases = {"text": every + text_act, "denoise": every + act, "decode": every + dec}
-    return Estimate(phases, w, offload)
+    return Estimate({k: v + _RUNTIME for k, v in phases.items()}, w, offload)
 
 
 def device_capacity(device) -> tuple[int, str]:
@@ -295,3 +296,39 @@ def refuse_if_too_big(est: Estimate, capacity: int, where: str, alternatives: di
     raise ValueError(
         f"this run needs an estimated {est.describe()}, more than the {capacity / GiB:.1f} GiB of {where}; {hint}"
     )
+
+
+def check_memory(root: Path, cfg, shapes: list[Shape], dtype: torch.dtype, device, offload: str, nabla: bool,
+                 **layout: int) -> Estimate:
+    """Estimate this rank's peak for the largest of ``shapes`` and refuse (ValueError) a run that cannot fit the
+    device, naming the --offload setting or the frame count that would. Reads only headers and configs."""
+    device = torch.device(device)
+    weights = Weights.of_checkpoint(root, cfg, dtype, device.type, tp=layout.get("tp", 1))
+
+    def at(mode: str, these: list[Shape]) -> Estimate:
+        return estimate(weights, cfg, these, dtype, device.type, mode, nabla, root, **layout)
+
+    est = at(offload, shapes)
+    capacity, where = device_capacity(device)
+    if est.peak <= capacity:
+        return est
+    alternatives = {}
+    if device.type == "cuda":
+        for mode in OFFLOAD_MODES:
+            if mode != offload:
+                alternatives[f"--offload {mode}"] = at(mode, shapes)
+    best = "model" if device.type == "cuda" else offload
+    big = max(shapes, key=lambda s: s.frames * s.height * s.width)
+    lo, hi = 0, (big.frames - 1) // 4 - 1  # frames 4k+1, fewer than now
+    fits = None
+    while lo <= hi:
+        k = (lo + hi) // 2
+        if at(best, [Shape(4 * k + 1, big.height, big.width)]).peak <= capacity:
+            fits, lo = k, k + 1
+        else:
+            hi = k - 1
+    if fits is not None:
+        flags = f"--num-frames {4 * fits + 1}" + (f" --offload {best}" if best != offload else "")
+        alternatives[flags] = at(best, [Shape(4 * fits + 1, big.height, big.width)])
+    refuse_if_too_big(est, capacity, where, alternatives)
+    return est

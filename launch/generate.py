@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import resource
 import socket
 import sys
 import time
@@ -55,7 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shift", type=float, default=None, help="schedule shift (default: scheduler config, else 5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; in a batch job items default to seed + index")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --model tiny)")
-    p.add_argument("--device", default=None, help="default cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda (= cuda:LOCAL_RANK) or cuda:N; default cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional torch.compile of the DiT blocks (default: on with CUDA, off on the CPU)")
+    p.add_argument("--attention-backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
+                   help="CUDA kernel of dense attention (all return the lse the ring needs); auto: the fastest exact "
+                        "one of the device (cuDNN on Hopper, else flash). Default auto")
+    p.add_argument("--offload", choices=["none", "text", "model"], default=None,
+                   help="where weights wait while unused: text = the text encoders leave the GPU once the prompts "
+                        "are encoded; model = every component sits in host memory and visits the GPU only while it "
+                        "runs (e.g. Pro on one 80 GB GPU); default text with CUDA, none on the CPU")
     p.add_argument("--output", default=None, help="MP4 path (H.264, 24 fps); omitted: no video is written")
     p.add_argument("--save-latents", nargs="?", const=True, default=None, metavar="PATH",
                    help="final latents as safetensors; in a batch job (no PATH) NAME.safetensors next to each video")
@@ -114,10 +123,12 @@ def fail(message: str, code: int = EXIT_USAGE, show: bool = True) -> None:
     sys.exit(code)
 
 
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+def peak_memory(device: torch.device, rt=None, env=None) -> str:
+    """The end-of-run facts of engine.fastpath.run_summary (compiled, recompiles, attention kernel, peak memory
+    over the whole run with the decode's own peak and what was resident at the peak, the pre-load estimate)."""
+    from k5.engine.fastpath import format_summary, run_summary
+
+    return format_summary(run_summary(rt.fast if rt else None, device, env.estimate if env else None))
 
 
 def comm_summary(stats) -> str:
@@ -134,18 +145,23 @@ class Env:
     rank: int
     local_rank: int
     device: torch.device
+    estimate: object = None  # engine.memory.Estimate of this rank's peak, made before loading
 
 
 def detect_env(args) -> Env:
+    from k5.engine.fastpath import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(args.device, local_rank)
+    # The fast path's defaults depend on the device: compiled and text encoders off the GPU with CUDA.
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.offload is None:
+        args.offload = "text" if device.type == "cuda" else "none"
+    if args.offload == "model" and world > 1:
+        raise ValueError("--offload model runs one process; with several GPUs split the DiT with --tp-degree instead")
     return Env(world, rank, local_rank, device)
 
 
@@ -182,11 +198,14 @@ class Runtime:
     dp_rank: int
     describe: str
     decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
+    fast: object = None  # engine.fastpath.FastPath: attention kernel and compile watch
 
     def generate(self, req, on_step):
         def step(i):
             if self.stats is not None:
                 self.stats.end_step()  # one record of bytes sent per denoising step
+            if self.fast is not None:
+                self.fast.watch.step_done()
             on_step(i)
 
         return self.pipe.generate(req, on_step=step, guided=self.guided)
@@ -210,7 +229,9 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
 
     dtype = DTYPES[args.dtype]
     if env.world == 1:
-        pipe = Kandinsky5Pipeline.from_pretrained(job.root, dtype=dtype, device=env.device)
+        pipe = Kandinsky5Pipeline.from_pretrained(job.root, dtype=dtype, device=env.device, offload=args.offload)
+        if not keep_text and args.offload != "none":
+            pipe.text_after_encode = "release"  # one video: the encoders are never needed again
         rt = Runtime(pipe, job.dims, None, None, None, 0, 0, "")
     else:
         from k5.parallel.cfg import setup_parallel
@@ -223,6 +244,11 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
         rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, group, s.dims.rank("item"), s.dims.rank("dp"),
                      s.describe())
     rt.pipe.dit.set_attention(args.attention, args.nabla_threshold)
+    from k5.engine.fastpath import setup_fast_path
+
+    requests = [job.request] if job.items is None else [item.request for item in job.items]
+    shapes = {(r.num_frames, r.height, r.width) for r in requests}
+    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes))
     return rt
 
 # =====================================================================================================================
@@ -292,15 +318,31 @@ def validate(args, env: Env) -> Job:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = detect_env(args)
+    try:
+        env = detect_env(args)
+    except ValueError as e:  # e.g. --device cuda on a machine without CUDA: before anything loads
+        fail(str(e), show=int(os.environ.get("RANK", "0")) == 0)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     try:
         job = validate(args, env)
+        env.estimate = check_memory(args, env, job)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Every rank checks the same inputs and ends; only rank 0 says why, so the terminal shows it once.
         fail(str(e), show=env.rank == 0)
     return run(args, env, job)
+
+
+def check_memory(args, env: Env, job: Job):
+    """The pre-load estimate of this rank's peak; raises ValueError for a run that cannot fit the device."""
+    from k5.engine.memory import Shape, check_memory as estimate_and_check
+
+    requests = [job.request] if job.items is None else [item.request for item in job.items]
+    shapes = sorted({Shape(r.num_frames, r.height, r.width) for r in requests}, key=lambda s: (s.frames, s.height,
+                                                                                                  s.width))
+    d = job.dims
+    return estimate_and_check(job.root, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
+                              sp=d.sp_size, ulysses=d.ulysses, ring=d.ring, tp=d.tp)
 
 
 def run(args, env: Env, job: Job) -> int:
@@ -374,7 +416,7 @@ def run_single(args, env: Env, job: Job, sup: Supervisor) -> int:
             write_mp4(frames, args.output, fps=24)
         total = time.perf_counter() - t_start
         line = (f"done: {req.steps} steps, {result.timings['step_s']:.3f} s/step, decode {decode_s:.2f} s, "
-                f"total {total:.1f} s, peak memory {peak_memory(env.device)}")
+                f"total {total:.1f} s, {peak_memory(env.device, rt, env)}")
         if rt.stats is not None:
             line += f", sent per denoising step: {comm_summary(rt.stats)}"
         log.info(line)
@@ -492,7 +534,7 @@ def run_batch(args, env: Env, job: Job, sup: Supervisor) -> int:
         done = sup.channel.counter("items_done") if sup.channel is not None else finished
         if done == len(pending):
             line = (f"done: {done} item(s) -> {out_dir} ({plan['finished']} finished before), "
-                    f"total {time.perf_counter() - t_start:.1f} s, peak memory {peak_memory(env.device)}")
+                    f"total {time.perf_counter() - t_start:.1f} s, {peak_memory(env.device, rt, env)}")
             if rt.stats is not None:
                 line += f", sent per denoising step: {comm_summary(rt.stats)}"
             log.info(line)
