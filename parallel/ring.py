@@ -49,6 +49,14 @@ class RingCounters:
     kernel_calls: int = 0
     skipped_steps: int = 0
 
+    # Eager even inside a compiled block, for the reason given at CommStats.add.
+    @torch.compiler.disable
+    def count(self, skipped: bool) -> None:
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.kernel_calls += 1
+
 
 class RingComm:
     """One P2P exchange per step: send a buffer to the next ring rank, receive one from the previous."""
@@ -95,10 +103,8 @@ def _ring_loop(q, k, v, group, attend: AttendFn, stats, counters):
         if t + 1 < R:
             comm.send_recv(kv, bufs[(t + 1) % 2])
         block = attend((g - t) % R, kv[0], kv[1])
-        if block is None:
-            counters.skipped_steps += 1
-        else:
-            counters.kernel_calls += 1
+        counters.count(skipped=block is None)
+        if block is not None:
             out, lse = (block[0].float(), block[1]) if out is None else merge_attention(out, lse, *block)
         if t + 1 < R:
             comm.wait()
