@@ -128,3 +128,53 @@ def test_compiled_equals_eager_under_ulysses_and_ring():
             assert r["new_graphs"] == 0, name
             assert r["dense_syncs"] == {}, (name, r["dense_syncs"])
             assert set(r["nabla_syncs"]) <= set(CPU_ONLY), (name, r["nabla_syncs"])
+
+
+# ---- devices and the end-of-run summary ------------------------------------------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from k5.engine.fastpath import format_summary, resolve_device, run_summary, setup_fast_path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_and_exit_2(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    out = tmp_path / "x.mp4"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), "--model", "tiny", "--prompt", "a cat",
+                        "--device", "cuda", "--output", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env={**__import__("os").environ, "K5_TINY_CACHE": str(cache)})
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda: CUDA is not available"), r.stderr
+    assert not out.exists() and not any(cache.iterdir())  # refused before even the tiny checkpoint was built
+
+
+def test_device_rule():
+    if torch.cuda.is_available():
+        assert resolve_device("cuda", 0) == torch.device("cuda", 0)
+    else:
+        assert resolve_device(None, 3) == torch.device("cpu")
+        with pytest.raises(ValueError, match="use --device cpu"):
+            resolve_device("cuda:1", 1)
+    assert resolve_device("cpu", 5) == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("gpu0", 0)
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        resolve_device("meta", 0)
+
+
+def test_summary_reports_compile_and_memory():
+    model = build_model()
+    fast = setup_fast_path(model, torch.device("cpu"), compile=False)
+    s = run_summary(fast, torch.device("cpu"))
+    assert s["compile"] == {"compiled": False, "graphs": 0, "recompiles": 0}
+    assert s["attention_backend"] == "cpu" and s["memory"]["peak_rss_gib"] > 0
+    assert format_summary(s).startswith("not compiled, attention cpu, peak memory ")
