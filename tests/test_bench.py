@@ -114,3 +114,21 @@ def test_projection_one_gpu_is_the_flop_count_over_the_rates(tmp_path):
     assert one["efficiency"] == 1.0 and 0 < sixteen["efficiency"] <= eight["efficiency"] <= 1.0
     # 16 GPUs are two nodes of 8: the chosen layout's groups that leave a node run at the InfiniBand rate.
     assert sixteen["gpus"] == 16 and eight["s_per_step"] > sixteen["s_per_step"]
+
+
+def test_results_carry_their_spread_and_go_to_a_scratch_folder(tmp_path):
+    from bench import fast, report
+    from bench.run import parser
+
+    steady, noisy = fast.spread([1.0, 1.1, 1.2]), fast.spread([1.0, 1.1, 1.5])
+    assert (steady["min"], steady["median"], steady["max"]) == (1.0, 1.1, 1.2) and not steady["unstable"]
+    assert noisy["unstable"] and noisy["max_over_min"] == pytest.approx(1.5)  # max/min > 1.3
+    # Nothing is written under the committed bench/results unless it is named.
+    assert parser().parse_args([]).out == str(report.SCRATCH)
+    assert report.RESULTS not in report.SCRATCH.resolve().parents and report.SCRATCH != report.RESULTS
+    r = main(["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--vae", "none",
+              "--out", str(tmp_path), "--name", "spread", "--json-only", *FAST[:2], "--repeat", "2", *FAST[4:]])
+    f = r["timing"]["forward_s"]
+    assert f["min"] <= f["median"] <= f["max"] and f["unstable"] == (f["max"] / f["min"] > 1.3)
+    assert isinstance(r["unstable"], list)
+    assert [p.name for p in tmp_path.iterdir()] == ["spread.json"]  # --json-only: no Markdown beside it
