@@ -64,4 +64,4 @@ if [[ $WHAT == all || $WHAT == seqlen ]]; then
     done
 fi
 
-$PY -m bench plot --out "$OUT"
+$PY -m bench plot --results "$OUT" --out "$OUT"

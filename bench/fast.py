@@ -78,7 +78,7 @@ def time_interleaved(fns: list, device: torch.device, warmup: int, repeat: int) 
 
 def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int | None = None, repeat: int = 10) -> float:
     """Measured dense matrix-product rate (TFLOP/s) of an n x n x n product on random data (never zeros)."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    n = n or (8192 if device.type == "cuda" else 1024)
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
