@@ -80,12 +80,13 @@ if [ $SMOKE = 1 ]; then
     SD10=(--height 512 --width 512 --frames 9)  # 3 x 4 x 4 tiles: the STA prior keeps 0.39, so NABLA is sparse
     HEADS=(--heads 2 --head-dim 16); VAE=tiny; ATTN_SHAPE="2, 1024, 16"; DTYPE=fp32
     COMPILE=(--compile); REPEAT=(--warmup 0 --repeat 2 --threads 2)
-    [ "$REDUCED" = 1 ] && COMPILE=() && REPEAT=(--warmup 0 --repeat 1 --threads 2)
+    NABLA_KERNEL=(--nabla-kernel flex)  # the CUDA route (FlexAttention traced into the compiled blocks) on the CPU
+    [ "$REDUCED" = 1 ] && COMPILE=() && REPEAT=(--warmup 0 --repeat 1 --threads 2) && NABLA_KERNEL=()
 else
     DEV=cuda; DEVARG=(); LITE=(--model lite); LITE10=(--model lite-10s); PRO=(--model pro)
     SD5=(--height 512 --width 768 --frames 121); SD10=(--height 512 --width 768 --frames 241)
     HEADS=(--heads 28 --head-dim 64); VAE=real; ATTN_SHAPE="28, 47616, 64"; DTYPE=bf16
-    COMPILE=(--compile); REPEAT=(--warmup 1 --repeat 3)
+    COMPILE=(--compile); REPEAT=(--warmup 1 --repeat 3); NABLA_KERNEL=()
 fi
 [ "$PEER" = none ] && VAE=none  # the VAE is diffusers' model
 
@@ -136,7 +137,7 @@ bench 140 lite-5s-dense "${LITE[@]}" "${SD5[@]}" --dtype $DTYPE "${COMPILE[@]}" 
 
 echo "== 3. Lite 10 s NABLA"
 bench 130 lite-10s-nabla "${LITE10[@]}" "${SD10[@]}" --dtype $DTYPE --attention nabla --P 0.1 "${COMPILE[@]}" \
-    --vae none "${REPEAT[@]}"
+    "${NABLA_KERNEL[@]}" --vae none "${REPEAT[@]}"
 
 echo "== 4. Pro 5 s 512x768 dense"
 PRO_REPEAT=("${REPEAT[@]}"); [ $SMOKE = 0 ] && PRO_REPEAT=(--warmup 1 --repeat 2)

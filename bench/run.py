@@ -33,7 +33,8 @@ from k5.engine.checkpoint import keeps_fp32
 from k5.engine.config import PRESETS, DiTConfig
 from k5.engine.dit import Kandinsky5DiT, TokenGrid
 from k5.engine.sampler import Conditioning, guided_velocity, model_input
-from k5.kernels.nabla import NablaSpec, block_sparse_attention, nabla_block_mask, pool_blocks, sta_block_mask
+from k5.kernels.nabla import (NablaSpec, block_sparse_attention, nabla_backend, nabla_block_mask, pool_blocks,
+                              sta_block_mask)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The DiT of engine/tiny.py's checkpoint (text widths of its tiny Qwen / CLIP encoders).
@@ -99,7 +100,7 @@ class DensityProbe:
         self.selected += int(mask.sum())
         self.total += mask.numel()
         self.sta += int(sta.sum()) * mask.shape[0] * mask.shape[1]
-        return block_sparse_attention(q, k, v, mask)[0]
+        return block_sparse_attention(q, k, v, mask, return_lse=False)[0]
 
     @property
     def density(self) -> float:
@@ -298,7 +299,7 @@ def run_dit(args) -> dict:
         "model": args.model, "visual_blocks": cfg.num_visual_blocks, "text_blocks": cfg.num_text_blocks,
         "model_dim": cfg.model_dim, "heads": cfg.num_heads, "height": args.height, "width": args.width,
         "frames": args.frames, "latent_grid": list(grid), "visual_tokens": tokens, "text_tokens": args.text_tokens,
-        "attention": args.attention, "P": P, "dtype": args.dtype,
+        "attention": args.attention, "P": P, "nabla_kernel": args.nabla_kernel, "dtype": args.dtype,
         "world_size": world_size, "layout": layout or {"single": 1}, "compile": args.compile,
         "attention_backend": args.attention_backend, "warmup": args.warmup, "repeat": args.repeat,
     }}
@@ -501,7 +502,7 @@ def run_attention(args) -> dict:
         mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, P)
         density = mask.float().mean().item()
         full_runs = fast.time_calls(lambda: nabla_attention(q, k, v, spec, T, H // 8, W // 8), device, 1, args.repeat)
-        kernel_runs = fast.time_calls(lambda: block_sparse_attention(q, k, v, mask), device, 1, args.repeat)
+        kernel_runs = fast.time_calls(lambda: block_sparse_attention(q, k, v, mask, return_lse=False), device, 1, args.repeat)
         full, kernel = median(full_runs), median(kernel_runs)
         # The first query tiles against dense SDPA in fp32 with the tile mask expanded to tokens: the same function.
         rows_checked = min(args.check_tiles, mask.shape[2]) * 64
@@ -510,7 +511,7 @@ def run_attention(args) -> dict:
             q[:, :rows_checked].transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
             attn_mask=token_mask,
         ).transpose(1, 2)
-        err = rel_err(block_sparse_attention(q, k, v, mask)[0][:, :rows_checked].float(), want)
+        err = rel_err(block_sparse_attention(q, k, v, mask, return_lse=False)[0][:, :rows_checked].float(), want)
         rows.append({"P": P, "density": density, "s_nabla": full, "s_block_sparse_kernel": kernel,
                      "speedup_vs_dense": dense / full, "kernel_speedup_vs_dense": dense / kernel,
                      # target: the block-sparse kernel within 1.3x of (density x dense time)
@@ -544,6 +545,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=256, help="text tokens (the original pads to 256)")
     p.add_argument("--attention", default="dense", choices=["dense", "nabla"])
     p.add_argument("--P", type=float, default=None, help="NABLA kept mass (default: the config's or 0.9)")
+    p.add_argument("--nabla-kernel", default="auto", choices=["auto", "flex", "gather"],
+                   help="NABLA's block-sparse kernel: auto (flex on CUDA, gather on the CPU); flex on the CPU runs "
+                        "the CUDA route through compiled CPU FlexAttention (single process)")
     p.add_argument("--P-list", type=float, nargs="+", default=[0.02, 0.1, 0.5], help="attention: NABLA P values")
     p.add_argument("--heads", type=int, default=2, help="attention: heads")
     p.add_argument("--head-dim", type=int, default=64, help="attention: head dim")
@@ -623,7 +627,8 @@ def main(argv=None) -> dict:
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # env's load is read at the end, this run included
     created = setup(args)
     try:
-        result = run_attention(args) if args.what == "attention" else run_dit(args)
+        with nabla_backend(args.nabla_kernel):
+            result = run_attention(args) if args.what == "attention" else run_dit(args)
         result["env"]["load_avg_at_start"] = load_at_start
     except ValueError as e:
         print(f"bench: {e}", file=sys.stderr)

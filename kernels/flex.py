@@ -89,6 +89,10 @@ def flex_block_sparse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, return_lse:
     if return_lse and on_cpu:
         raise ValueError("compiled FlexAttention on the CPU returns no log-sum-exp; use the CPU gather kernel "
                          "(k5.kernels.nabla, backend 'gather') where the lse is needed")
+    if on_cpu:
+        # Inductor's CPU flex template reads its inputs as plain buffers: a transposed view inside a compiled block
+        # fails its lowering. (The CUDA kernel takes strided inputs.)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bm = block_mask_from_tiles(mask, q.shape[2], k.shape[2], partial=on_cpu)
     kwargs = {"block_mask": bm, "kernel_options": dict(KERNEL_OPTIONS)}
     if return_lse:

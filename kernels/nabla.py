@@ -154,6 +154,9 @@ def nabla_block_mask(q_pooled, k_pooled, sta_rows, P, k_valid: int | None = None
 # ---- block-sparse attention --------------------------------------------------------------------------------------
 
 
+# Never traced: the kernel plans its steps from the mask on the host, so a compiled block would specialise on every
+# mask's tile counts and recompile each call. Inside a compiled block it runs eagerly (a graph break).
+@torch.compiler.disable
 def _block_sparse_cpu(q, k, v, block_mask):
     """Gather-based kernel: each query tile attends to its selected key tiles, gathered into one padded [L*64, D]
     operand, with the fused CPU attention kernel (fp32 softmax, returns the lse) run on a batch of query tiles.
