@@ -9,8 +9,11 @@ recompile limit (8 by default) after which a block would silently run eagerly: `
 to what a job needs (two variants per distinct video shape). The model file needs no change for this: blocks take
 tensors and two small immutable Python objects (the attention op and the token grid), which dynamo guards on.
 
-Everything here works with and without parallelism: sequence-parallel collectives inside a block are traced or
-become graph breaks, both keep the result exact.
+Everything here works with and without parallelism: sequence-parallel and tensor-parallel collectives inside a
+block are traced or become graph breaks, both keep the result exact. The byte counters of the collectives
+(parallel/comm_stats.py) and the ring's step counters run eagerly, a graph break each: traced, dynamo would guard on
+their values and recompile at every call. What a block closes over must not change between calls either: caches
+filled inside a block are lru caches (parallel/usp.py), not dicts dynamo would guard on.
 """
 
 from __future__ import annotations

@@ -156,7 +156,8 @@ class Weights:
         # Only Qwen2.5-VL's text decoder is loaded (engine/text.py): not its vision tower, not its lm_head.
         text = _header_bytes(_safetensors(root / "text_encoder"), lambda k: "visual" not in k and "lm_head" not in k,
                              b)
-        text += _header_bytes(_safetensors(root / "text_encoder_2"), dtype_bytes=b)
+        # CLIP counted in fp32, as the reference runs it whatever the compute dtype.
+        text += _header_bytes(_safetensors(root / "text_encoder_2"), dtype_bytes=4)
         vae_b = 2 if device_type == "cuda" else 4  # fp16 on a GPU as the original, fp32 on the CPU
         vae = _header_bytes(_safetensors(root / "vae"), dtype_bytes=vae_b)
         return cls(dit_bytes, text, vae)

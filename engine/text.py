@@ -202,8 +202,11 @@ class TextEncoder:
     def to(self, device) -> "TextEncoder":
         """Move both encoders, e.g. off the GPU once the prompts are encoded and back for the next item."""
         self._check_loaded()
-        self.qwen.to(device)
-        self.clip.to(device)
+        # Every model this encoder holds (the vision tower and lm_head of prompt expansion too, where loaded).
+        for name in ("qwen", "clip", "vision", "lm_head"):
+            module = getattr(self, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
         return self
 
     def release(self):

@@ -27,9 +27,10 @@ def test_weights_are_what_loading_allocates():
     assert w.dit == _param_bytes(pipe.dit)
     assert w.text == _param_bytes(pipe.text.qwen) + _param_bytes(pipe.text.clip)  # no vision tower, no lm_head
     assert w.vae == _param_bytes(pipe.vae.vae)
-    # bf16 weights are half, except the modules kept in fp32 (time embedding, modulation, q/k norms).
+    # bf16 weights are half, except those kept in fp32 (time embedding, modulation, q/k norms; CLIP).
     half = Weights.of_checkpoint(root, cfg, torch.bfloat16, "cpu")
-    assert w.dit / 2 < half.dit < w.dit and half.text == w.text // 2
+    clip = _param_bytes(pipe.text.clip)
+    assert w.dit / 2 < half.dit < w.dit and half.text == (w.text - clip) // 2 + clip
 
 
 def test_estimate_phases_follow_offload():
