@@ -363,6 +363,16 @@ class TextEncoder:
                                  max_new_tokens=max_new_tokens, **image_inputs)
         return out[:, input_ids.shape[1]:]
 
+    def to(self, device) -> "TextEncoder":
+        """Move both encoders, e.g. off the GPU once the prompts are encoded and back for the next item."""
+        self._check_loaded()
+        # Every model this encoder holds (the vision tower and lm_head of prompt expansion too, where loaded).
+        for name in ("qwen", "clip", "vision", "lm_head"):
+            module = getattr(self, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        return self
+
     def release(self):
         """Drop the models (a batch job keeps the encoder; a single generation frees it before the DiT runs)."""
         on_cuda = self.qwen is not None and self.device.type == "cuda"

@@ -83,7 +83,18 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="noise seed; in a batch job items default to seed + index; "
                                                        "default 0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --model tiny)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda (= cuda:LOCAL_RANK) or cuda:N; default: cuda:LOCAL_RANK if CUDA is available, else "
+                        "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional torch.compile of the DiT blocks; default: on with CUDA, off on the CPU")
+    p.add_argument("--attention-backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
+                   help="CUDA kernel of dense attention (all return the lse the ring needs); auto: the fastest exact "
+                        "one of the device (cuDNN on Hopper, else flash); default auto")
+    p.add_argument("--offload", choices=["none", "text", "model"], default=None,
+                   help="where weights wait while unused: text = the text encoders leave the GPU once the prompts "
+                        "are encoded; model = every component sits in host memory and visits the GPU only while it "
+                        "runs (e.g. Pro on one 80 GB GPU); default: text with CUDA, none on the CPU")
     p.add_argument("--output", default=None,
                    help="video path, .mp4 (H.264, 24 fps); default: none (no video is written)")
     p.add_argument("--save-latents", nargs="?", const=True, default=None, metavar="PATH",
@@ -179,18 +190,24 @@ class Env:
     rank: int
     local_rank: int
     device: torch.device
+    estimate: object = None  # engine.memory.Estimate of this rank's peak, made before loading
 
 
 def detect_env(args) -> Env:
+    """World, rank and device; raises ValueError for a device this machine does not have (before anything loads)."""
+    from k5.engine.fastpath import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(args.device, local_rank)
+    # The fast path's defaults depend on the device: compiled and text encoders off the GPU with CUDA.
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.offload is None:
+        args.offload = "text" if device.type == "cuda" else "none"
+    if args.offload == "model" and max(world, args.nproc_per_node or 1) > 1:
+        raise ValueError("--offload model runs one process; with several GPUs split the DiT with --tp-degree instead")
     return Env(world, rank, local_rank, device)
 
 
@@ -221,6 +238,8 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
     dit_forwards: int = 0  # DiT forwards this rank has run (counted by a forward hook)
+    fast: object = None  # engine.fastpath.FastPath: attention kernel and compile watch
+    estimate: object = None  # engine.memory.Estimate made before loading
 
     @property
     def group_size(self) -> int:
@@ -264,10 +283,17 @@ class Runtime:
 def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
     from k5.parallel.plan import build_parallel
 
-    s = build_parallel(job.root, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text)
+    from k5.engine.fastpath import setup_fast_path
+
+    s = build_parallel(job.root, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text,
+                       offload=args.offload)
+    if env.world == 1 and not keep_text and args.offload != "none":
+        s.pipeline.text_after_encode = "release"  # one video: the encoders are never needed again
     s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
     rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
-                 s.describe() if env.world > 1 else "", env.device)
+                 s.describe() if env.world > 1 else "", env.device, estimate=env.estimate)
+    shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
+    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes))
     rt.count_forwards()
     return rt
 
@@ -366,13 +392,17 @@ def validate(args, env: Env) -> Job:
 def main(argv=None) -> int:
     args = parse_args(argv)
     launching = args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ
-    env = detect_env(args)
+    try:
+        env = detect_env(args)
+    except ValueError as e:  # e.g. --device cuda on a machine without CUDA: before anything loads
+        fail(str(e), show=int(os.environ.get("RANK", "0")) == 0)
     if launching:
         env = Env(args.nproc_per_node, 0, 0, env.device)
     if env.device.type == "cuda" and not launching:
         torch.cuda.set_device(env.device)
     try:
         job = validate(args, env)
+        env.estimate = check_memory(args, env, job)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Every rank checks the same inputs and ends; only rank 0 says why, so the terminal shows it once.
         fail(str(e), show=env.rank == 0)
@@ -381,6 +411,17 @@ def main(argv=None) -> int:
 
         return start_workers(args.nproc_per_node, sys.argv if argv is None else [sys.argv[0], *argv])
     return run(args, env, job)
+
+
+def check_memory(args, env: Env, job: Job):
+    """The pre-load estimate of this rank's peak; raises ValueError for a run that cannot fit the device."""
+    from k5.engine.memory import Shape, check_memory as estimate_and_check
+
+    shapes = sorted({Shape(it.request.num_frames, it.request.height, it.request.width) for it in job.items},
+                    key=lambda s: (s.frames, s.height, s.width))
+    d = job.dims
+    return estimate_and_check(job.root, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
+                              sp=d.sp_size, ulysses=d.ulysses, ring=d.ring, tp=d.tp)
 
 
 def run(args, env: Env, job: Job) -> int:
@@ -451,6 +492,11 @@ def report_end(args, job: Job, result, wall_s: float, written: list[str]) -> Non
             line = (f"summary: {len(items)} item(s) in {wall_s:.1f} s, {sum(steps) / len(steps):.3f} s/step, "
                     f"decode {doc['times']['stages']['decode_s']:.2f} s, peak memory {format_bytes(peak)} "
                     f"(highest rank)")
+            rank0 = next((r for r in doc["ranks"] if r["rank"] == 0 and r.get("compile")), None)
+            if rank0 is not None:
+                from k5.engine.fastpath import format_summary
+
+                line += "; rank 0: " + format_summary(rank0)
             if rt.stats is not None:
                 line += f", sent per denoising step: {comm_summary(rt.stats)}"
             log.info(line)

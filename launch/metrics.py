@@ -16,7 +16,9 @@ Fields (times in seconds, bytes as integers; null where not measured):
   rank sent per denoising step by collective;
 - ``dit_forwards``: totals over the items (run; skipped stays 0 until step caching exists);
 - ``comm_per_step``: the bytes rank 0 sent in its last denoising step, by collective (the steady state);
-- ``ranks``: per rank, the peak memory (CUDA: max allocated; CPU: max resident set) and compile counts;
+- ``ranks``: per rank, the peak memory (CUDA: max allocated; CPU: max resident set), ``memory`` (CUDA: peak
+  allocated and reserved over the whole run, the phase of the peak and what was resident then, the VAE decode's own
+  peak; the pre-load estimate), compile counts and the dense attention kernel (engine.fastpath.run_summary);
 - ``files``: the files this run wrote.
 """
 
@@ -49,15 +51,12 @@ def format_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def compile_report(runtime) -> dict:
-    """Whether the DiT is compiled and how often it compiled and recompiled (None: not known here)."""
-    return {"enabled": None, "compiles": None, "recompiles": None}
-
-
 def rank_report(rank: int, device: torch.device, runtime, load_s: float | None, items: list[dict]) -> dict:
     """What one rank contributes to the summary (sent to rank 0 through the store: plain JSON values)."""
-    return {"rank": rank, "peak_memory": peak_memory(device), "load_s": load_s, "items": items,
-            "compile": compile_report(runtime)}
+    from k5.engine.fastpath import run_summary
+
+    fast = run_summary(getattr(runtime, "fast", None), device, getattr(runtime, "estimate", None))
+    return {"rank": rank, "peak_memory": peak_memory(device), "load_s": load_s, "items": items, **fast}
 
 
 def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_code: int, wall_s: float,
@@ -85,8 +84,8 @@ def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_c
         "dit_forwards": {"run": sum(it["dit_forwards"]["run"] for it in per_item),
                          "skipped": sum(it["dit_forwards"]["skipped"] for it in per_item)},
         "comm_per_step": last_comm,
-        "ranks": [{"rank": r.get("rank"), "peak_memory": r.get("peak_memory"), "compile": r.get("compile")}
-                  for r in reports],
+        "ranks": [{"rank": r.get("rank"), "peak_memory": r.get("peak_memory"), "memory": r.get("memory"),
+                   "compile": r.get("compile"), "attention_backend": r.get("attention_backend")} for r in reports],
         "files": files,
     }
 

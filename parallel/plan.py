@@ -125,12 +125,14 @@ def image_sharing(dims: ParallelDims, device):
 
 
 def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                   keep_text: bool = False, expand: bool = False, adapters=()) -> ParallelSetup:
+                   keep_text: bool = False, expand: bool = False, adapters=(), offload: str = "none"
+                   ) -> ParallelSetup:
     """Everything a rank needs to generate on the planned ``dims`` (from ``plan_parallel``).
 
     ``keep_text``: keep the text encoders after the first encode (batch jobs encode again). ``expand``: load Qwen's
     lm_head for prompt expansion, run once per item on the item group's rank 0 and shared. ``adapters``: LoRA
-    adapters (k5.engine.lora.open_lora) merged while each rank reads its slices. With more than one process
+    adapters (k5.engine.lora.open_lora) merged while each rank reads its slices. ``offload``: where weights wait
+    while unused (Kandinsky5Pipeline; "model" runs one process only). With more than one process
     torch.distributed must be initialized and its world size equal ``dims.world_size``.
     """
     from k5.engine.pipeline import Kandinsky5Pipeline, make_expander
@@ -139,7 +141,8 @@ def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype =
 
     root, device = Path(root), torch.device(device)
     if dims.world_size == 1:
-        pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, expand=expand, adapters=adapters)
+        pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, expand=expand, adapters=adapters,
+                                                      offload=offload)
         return ParallelSetup(dims, pipeline, None, None, parameter_bytes(pipeline.dit))
     if not dist.is_initialized():
         raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized "
@@ -157,7 +160,7 @@ def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype =
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if dims.cfg == 2:
         text = BranchText(text, dims)
-    pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text)
+    pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text, offload=offload)
     pipeline.share_image = image_sharing(dims, device)
     if expand:
         pipeline.expander = make_expander(encoder)
