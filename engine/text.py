@@ -195,7 +195,8 @@ def check_lm_head(folder: str | Path) -> None:
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - re-raised with the component named
-        raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {path / 'config.json'}: {e}") from e
+        raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {path / 'config.json'}: "
+                         f"{e}") from e
     # The rule of _load_lm_head, on the same config
     if not (getattr(config, "tie_word_embeddings", False)
             or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False)):

@@ -381,8 +381,9 @@ def validate(args, env: Env) -> Job:
         for path, flag in extra:
             check_writable(path, flag)
         name = str(paths.get("video") or paths.get("latents") or paths.get("frames"))
-        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name, adapters)], settings, OutputFiles(paths),
-                   needs_frames="video" in paths or "frames" in paths, adapters=adapters, expand=args.expand_prompt)
+        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name, adapters)], settings,
+                   OutputFiles(paths), needs_frames="video" in paths or "frames" in paths, adapters=adapters,
+                   expand=args.expand_prompt)
 
     from k5.launch.batch import JobFolder, check_resume
     from k5.launch.prompts import read_prompts, single_item
@@ -395,8 +396,8 @@ def validate(args, env: Env) -> Job:
         items = read_prompts(args.prompts, defaults, check, adapters,
                              lambda spec, folder: open_adapter(spec, folder, "'lora'"))
     else:
-        items = [replace(single_item(Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None})),
-                         adapters=adapters)]
+        request = Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None})
+        items = [replace(single_item(request), adapters=adapters)]
         check(items[0].request)
     out_dir = Path(args.output_dir)
     check_resume(items, out_dir, settings)

@@ -180,8 +180,9 @@ def test_bad_lora_inputs_are_refused_before_loading(capsys, tmp_path, no_loading
                                                            "unpickled")
     assert not marker.exists()
 
-    other = _lora_file(tmp_path / "other.safetensors", {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 64),
-                                                        "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.ones(64, 2)})
+    other = _lora_file(tmp_path / "other.safetensors",
+                       {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 64),
+                        "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.ones(64, 2)})
     expect_refusal(capsys, tmp_path, "--lora", other,
                    match="keys that match no Linear layer of the Kandinsky 5 DiT (is this a LoRA for another model?): "
                          "transformer.blocks.0.attn1.to_q.lora_A.weight")
