@@ -157,6 +157,12 @@ def make_expander(encoder: TextEncoder | None):
     return expander
 
 
+def expand_or_reuse(expand, reuse=None) -> str:
+    """``reuse()``'s text when it has one (a recorded expansion), else ``expand()``."""
+    text = reuse() if reuse is not None else None
+    return expand() if text is None else text
+
+
 @dataclass
 class Result:
     latents: Tensor  # [1, T, H, W, 16] fp32
@@ -241,10 +247,12 @@ class Kandinsky5Pipeline:
             pipe.expander = make_expander(text)
         return pipe
 
-    def expand_prompt(self, req: Request, task: str | None = None) -> str:
+    def expand_prompt(self, req: Request, task: str | None = None, reuse=None) -> str:
         """The reference's expansion of ``req.prompt`` (seeded with ``req.seed``), computed once per item (on the item
         group's rank 0 in parallel runs) and returned on every rank. ``task``: t2v / i2v / t2i (default: i2v with an
-        image, else t2v). The caller encodes the result: ``generate(req, prompt=expanded)``."""
+        image, else t2v). ``reuse() -> str | None`` is asked first, where the expansion runs: a text it returns (the
+        expansion a resumed job recorded) is shared instead of generating one. The caller encodes the result:
+        ``generate(req, prompt=expanded)``."""
         if self.expander is None:
             raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
         task = task or ("i2v" if req.image else "t2v")
@@ -254,7 +262,7 @@ class Kandinsky5Pipeline:
                 self._place("text", self.device)  # encode() moves it off again right after the embedding
             return self.expander(req.prompt, task, req.seed, req.image)
 
-        return self.share_text(expand)
+        return self.share_text(lambda: expand_or_reuse(expand, reuse))
 
     def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
         moves = self.offload == "model" and isinstance(self.text, TextEncoder)

@@ -179,6 +179,33 @@ def _load_lm_head(path: Path, qwen, dtype: torch.dtype, device: torch.device) ->
     return head
 
 
+def check_lm_head(folder: str | Path) -> None:
+    """Raise ValueError unless the checkpoint's text encoder can generate (prompt expansion): an ``lm_head.weight``
+    in its safetensors, or a config that ties the head to the input embeddings. Reads headers only."""
+    path = _component_dir(Path(folder), "text_encoder")
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                if "lm_head.weight" in f.keys():
+                    return
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {file}: {e}") from e
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the component named
+        raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {path / 'config.json'}: "
+                         f"{e}") from e
+    # The rule of _load_lm_head, on the same config
+    if not (getattr(config, "tie_word_embeddings", False)
+            or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False)):
+        raise ValueError(
+            f"component 'text_encoder' in {path.parent}: no lm_head.weight in {path} and the config does not tie it "
+            "to the input embeddings; prompt expansion needs the language-model head (or use --no-expand-prompt)"
+        )
+
+
 def _load_tokenizer(path: Path, name: str):
     from transformers import AutoTokenizer
 

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -105,6 +105,13 @@ def build_parser() -> Parser:
     p.add_argument("--metrics-json", default=None, metavar="PATH",
                    help="the run's summary as JSON (layout, stage and step times, DiT forwards, bytes sent, peak "
                         "memory); default: none (a job folder always gets DIR/metrics.json)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA adapter merged into the DiT weights (diffusers/peft safetensors file or folder; "
+                        "repeatable; SCALE multiplies it, default 1); a prompt file's 'lora' field overrides it per "
+                        "item; default: none")
+    p.add_argument("--expand-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="rewrite each prompt with the text encoder's Qwen2.5-VL before encoding it, as the reference "
+                        "does (the adapters' trigger phrases go first); default: on (off for --model tiny)")
     p.add_argument("--attention", choices=["auto", "dense", "nabla"], default="auto",
                    help="visual self-attention; auto follows the checkpoint config; default auto")
     p.add_argument("--nabla-threshold", type=finite_float, default=None, metavar="P",
@@ -138,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
     defaults = dict(height=128 if tiny else 512, width=128 if tiny else 768, num_frames=9 if tiny else 121,
-                    steps=4 if tiny else 50, dtype="fp32" if tiny else "bf16")
+                    steps=4 if tiny else 50, dtype="fp32" if tiny else "bf16", expand_prompt=not tiny)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -258,13 +265,37 @@ class Runtime:
 
         self.pipe.dit.register_forward_pre_hook(hook)
 
-    def generate(self, req, on_step):
+    def generate(self, req, on_step, prompt=None):
         def step(i):
             if self.stats is not None:
                 self.stats.end_step()  # one record of bytes sent per denoising step
             on_step(i)
 
-        return self.pipe.generate(req, on_step=step, guided=self.guided)
+        return self.pipe.generate(req, on_step=step, guided=self.guided, prompt=prompt)
+
+    def switch_adapters(self, adapters) -> list[str]:
+        """The DiT with ``adapters`` merged (every rank of the item group calls it; each re-reads its own slices of
+        the base weights the old or new adapters touch, no communication). Returns the weights re-read."""
+        if self.dims.world_size > 1:
+            from k5.parallel.tensor import switch_dit_adapters
+
+            return switch_dit_adapters(self.pipe.dit, self.pipe.root, self.dims, adapters)
+        from k5.engine.lora import switch_adapters
+
+        return switch_adapters(self.pipe.dit, self.pipe.root, adapters)
+
+    def expand(self, req, reuse):
+        """(the expansion of the request's prompt, the same on every rank of the item group; whether it was generated
+        (True) or reused (False) on the rank that expands, None on the others)."""
+        reused = []
+
+        def ask():
+            text = reuse()
+            reused.append(text is not None)
+            return text
+
+        text = self.pipe.expand_prompt(req, reuse=ask)
+        return text, (not reused[0]) if reused else None
 
     def decode(self, latents):
         """uint8 frames [F, H, W, 3] on the group's rank 0, None on the others."""
@@ -286,7 +317,7 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
     from k5.engine.fastpath import setup_fast_path
 
     s = build_parallel(job.root, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text,
-                       offload=args.offload)
+                       expand=job.expand, adapters=job.adapters, offload=args.offload)
     if env.world == 1 and not keep_text and args.offload != "none":
         s.pipeline.text_after_encode = "release"  # one video: the encoders are never needed again
     s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
@@ -309,6 +340,8 @@ class Job:
     settings: dict  # what decides the outputs besides each request; a resumed job must repeat it
     dest: object  # k5.launch.job.OutputFiles or k5.launch.batch.JobFolder
     needs_frames: bool  # decode the latents (a video or frames are written)
+    adapters: tuple = ()  # --lora: merged at load (items with other adapters switch, k5.launch.job.prepare_item)
+    expand: bool = False  # prompt expansion (loads Qwen's lm_head on the text-source ranks)
 
 
 def validate(args, env: Env) -> Job:
@@ -336,6 +369,12 @@ def validate(args, env: Env) -> Job:
     cfg = Kandinsky5Pipeline.read_config(root)  # every component present, weights in readable safetensors
     nabla = args.attention == "nabla" or (args.attention == "auto" and cfg.uses_nabla)
     dims = plan_dims(args, cfg, env.world)
+    open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
+    adapters = tuple(open_adapter(spec) for spec in args.lora)
+    if args.expand_prompt:
+        from k5.engine.text import check_lm_head
+
+        check_lm_head(root)
 
     def check(req):
         check_request(req, cfg, nabla)
@@ -349,6 +388,8 @@ def validate(args, env: Env) -> Job:
     # summary's record of the run.
     settings = {"model": model, "dtype": args.dtype, "attention": args.attention,
                 "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True}
+    if args.expand_prompt:  # absent when off, so job folders made before expansion existed still resume
+        settings["expand_prompt"] = True
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     if single:
         from k5.launch.job import OutputFiles
@@ -365,8 +406,9 @@ def validate(args, env: Env) -> Job:
         for path, flag in extra:
             check_writable(path, flag)
         name = str(paths.get("video") or paths.get("latents") or paths.get("frames"))
-        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name)], settings, OutputFiles(paths),
-                   needs_frames="video" in paths or "frames" in paths)
+        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name, adapters)], settings,
+                   OutputFiles(paths), needs_frames="video" in paths or "frames" in paths, adapters=adapters,
+                   expand=args.expand_prompt)
 
     from k5.launch.batch import JobFolder, check_resume
     from k5.launch.prompts import read_prompts, single_item
@@ -376,9 +418,11 @@ def validate(args, env: Env) -> Job:
     except ValueError as e:
         raise ValueError(f"the command-line defaults for the items: {e}") from None
     if args.prompts is not None:
-        items = read_prompts(args.prompts, defaults, check)
+        items = read_prompts(args.prompts, defaults, check, adapters,
+                             lambda spec, folder: open_adapter(spec, folder, "'lora'"))
     else:
-        items = [single_item(Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None}))]
+        request = Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None})
+        items = [replace(single_item(request), adapters=adapters)]
         check(items[0].request)
     out_dir = Path(args.output_dir)
     check_resume(items, out_dir, settings)
@@ -386,7 +430,35 @@ def validate(args, env: Env) -> Job:
     refuse_existing(*(p for p, _ in extra))
     for path, flag in extra:
         check_writable(path, flag)
-    return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True)
+    return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True,
+               adapters=adapters, expand=args.expand_prompt)
+
+
+class AdapterOpener:
+    """``opener(spec, folder=None, what="--lora") -> LoraAdapter`` for a ``PATH[:SCALE]``: each file's header is read
+    and hashed once, and checked against the DiT's Linear shapes (k5.engine.lora.check_fits) before any weight
+    loads; LoraError (a ValueError) otherwise. A relative PATH is taken in ``folder`` when one is given (a prompt
+    file's folder)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.shapes, self.by_file = cfg, None, {}
+
+    def __call__(self, spec: str, folder: Path | None = None, what: str = "--lora"):
+        from k5.engine import lora
+
+        path, scale = lora.parse_lora_spec(spec, what)
+        path = path.expanduser()
+        if folder is not None and not path.is_absolute():
+            path = folder / path
+        key = path.resolve()
+        if key not in self.by_file:
+            adapter = lora.open_lora(path)
+            if self.shapes is None:
+                self.shapes = lora.dit_linear_shapes(self.cfg)
+            lora.check_fits([adapter], self.shapes)
+            self.by_file[key] = adapter
+        adapter = self.by_file[key]
+        return adapter if adapter.scale == scale else replace(adapter, scale=scale)
 
 
 def main(argv=None) -> int:

@@ -7,13 +7,16 @@ variant) is one more field here, filled from the rank reports.
 Fields (times in seconds, bytes as integers; null where not measured):
 
 - ``status`` (done / stopped), ``exit_code``, ``command``, ``model``, ``variant``, ``dtype``, ``attention``;
+- ``expand_prompt``: whether prompts were expanded; ``lora``: every LoRA adapter the job's items use (path, sha256,
+  scale, layers, ranks, config source, trigger);
 - ``layout``: world size and the degrees dp x cfg x ring x ulysses x tp;
 - ``items``: in the job, to do in this run, finished before, finished in this run;
 - ``times``: wall time of the run and of loading (rank 0), and per stage (text, denoise, decode, write) summed
   over the items;
 - ``per_item``: for each item finished in this run (reported by the rank that wrote it): its output, the stage
   times, every denoising step's time, the DiT forwards its group's first rank ran and skipped, and the bytes that
-  rank sent per denoising step by collective;
+  rank sent per denoising step by collective; with adapters its ``lora``, with expansion its ``prompt_expansion``
+  (``expanded``, ``encoded``: the text handed to the encoder, ``generated``) and ``expand_s``;
 - ``dit_forwards``: totals over the items (run; skipped stays 0 until step caching exists);
 - ``comm_per_step``: the bytes rank 0 sent in its last denoising step, by collective (the steady state);
 - ``ranks``: per rank, the peak memory (CUDA: max allocated; CPU: max resident set), ``memory`` (CUDA: peak
@@ -76,6 +79,8 @@ def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_c
         "variant": None,
         "dtype": args.dtype,
         "attention": args.attention,
+        "expand_prompt": bool(getattr(job, "expand", False)),
+        "lora": list({a.key: a.record() for item in job.items for a in item.adapters}.values()),
         "layout": layout,
         "items": {"in_job": len(job.items), "to_do": len(plan["pending"]), "finished_before": plan["finished"],
                   "finished": outcome.items_done},
