@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -88,7 +88,18 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="noise seed; in a batch job items default to seed + index; "
                                                        "default 0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --model tiny)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda (= cuda:LOCAL_RANK) or cuda:N; default: cuda:LOCAL_RANK if CUDA is available, else "
+                        "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional torch.compile of the DiT blocks; default: on with CUDA, off on the CPU")
+    p.add_argument("--attention-backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
+                   help="CUDA kernel of dense attention (all return the lse the ring needs); auto: the fastest exact "
+                        "one of the device (cuDNN on Hopper, else flash); default auto")
+    p.add_argument("--offload", choices=["none", "text", "model"], default=None,
+                   help="where weights wait while unused: text = the text encoders leave the GPU once the prompts "
+                        "are encoded; model = every component sits in host memory and visits the GPU only while it "
+                        "runs (e.g. Pro on one 80 GB GPU); default: text with CUDA, none on the CPU")
     p.add_argument("--output", default=None,
                    help="video path, .mp4 (H.264, 24 fps); default: none (no video is written)")
     p.add_argument("--save-latents", nargs="?", const=True, default=None, metavar="PATH",
@@ -99,6 +110,13 @@ def build_parser() -> Parser:
     p.add_argument("--metrics-json", default=None, metavar="PATH",
                    help="the run's summary as JSON (layout, stage and step times, DiT forwards, bytes sent, peak "
                         "memory); default: none (a job folder always gets DIR/metrics.json)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA adapter merged into the DiT weights (diffusers/peft safetensors file or folder; "
+                        "repeatable; SCALE multiplies it, default 1); a prompt file's 'lora' field overrides it per "
+                        "item; default: none")
+    p.add_argument("--expand-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="rewrite each prompt with the text encoder's Qwen2.5-VL before encoding it, as the reference "
+                        "does (the adapters' trigger phrases go first); default: on (off for --model tiny)")
     p.add_argument("--attention", choices=["auto", "dense", "nabla"], default="auto",
                    help="visual self-attention; auto follows the checkpoint config; default auto")
     p.add_argument("--nabla-threshold", type=finite_float, default=None, metavar="P",
@@ -134,8 +152,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     # Size, steps, guidance and shift: flag > variant > built-in, once the model is resolved (validate).
-    if args.dtype is None:
-        args.dtype = "fp32" if args.model == "tiny" else "bf16"
+    tiny = args.model == "tiny"
+    for k, v in dict(dtype="fp32" if tiny else "bf16", expand_prompt=not tiny).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.nabla_threshold is not None and not 0 < args.nabla_threshold <= 1:
         p.error(f"--nabla-threshold {args.nabla_threshold} must be in (0, 1]")
     if args.timeout <= 0:
@@ -184,18 +204,24 @@ class Env:
     rank: int
     local_rank: int
     device: torch.device
+    estimate: object = None  # engine.memory.Estimate of this rank's peak, made before loading
 
 
 def detect_env(args) -> Env:
+    """World, rank and device; raises ValueError for a device this machine does not have (before anything loads)."""
+    from k5.engine.fastpath import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(args.device, local_rank)
+    # The fast path's defaults depend on the device: compiled and text encoders off the GPU with CUDA.
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.offload is None:
+        args.offload = "text" if device.type == "cuda" else "none"
+    if args.offload == "model" and max(world, args.nproc_per_node or 1) > 1:
+        raise ValueError("--offload model runs one process; with several GPUs split the DiT with --tp-degree instead")
     return Env(world, rank, local_rank, device)
 
 
@@ -226,6 +252,8 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
     dit_forwards: int = 0  # DiT forwards that ran the visual blocks on this rank (counted by a forward hook)
+    fast: object = None  # engine.fastpath.FastPath: attention kernel and compile watch
+    estimate: object = None  # engine.memory.Estimate made before loading
     ratios: tuple | None = None  # --magcache: the variant's ratios (the step cache is a stage of the step chain)
     chain: list = field(default_factory=list)
 
@@ -248,7 +276,7 @@ class Runtime:
         # but not its visual blocks.
         self.pipe.dit.visual_transformer_blocks[0].register_forward_pre_hook(hook)
 
-    def generate(self, req, on_step):
+    def generate(self, req, on_step, prompt=None):
         def step(i):
             if self.stats is not None:
                 self.stats.end_step()  # one record of bytes sent per denoising step
@@ -256,9 +284,33 @@ class Runtime:
 
         from k5.launch.model import forwards
 
-        result = self.pipe.generate(req, on_step=step, guided=self.guided, chain=self.chain)
+        result = self.pipe.generate(req, on_step=step, guided=self.guided, prompt=prompt, chain=self.chain)
         result.forwards = forwards(self.ratios, req)  # the whole item's, both branches: the plan decides them
         return result
+
+    def switch_adapters(self, adapters) -> list[str]:
+        """The DiT with ``adapters`` merged (every rank of the item group calls it; each re-reads its own slices of
+        the base weights the old or new adapters touch, no communication). Returns the weights re-read."""
+        if self.dims.world_size > 1:
+            from k5.parallel.tensor import switch_dit_adapters
+
+            return switch_dit_adapters(self.pipe.dit, self.pipe.root, self.dims, adapters)
+        from k5.engine.lora import switch_adapters
+
+        return switch_adapters(self.pipe.dit, self.pipe.root, adapters)
+
+    def expand(self, req, reuse):
+        """(the expansion of the request's prompt, the same on every rank of the item group; whether it was generated
+        (True) or reused (False) on the rank that expands, None on the others)."""
+        reused = []
+
+        def ask():
+            text = reuse()
+            reused.append(text is not None)
+            return text
+
+        text = self.pipe.expand_prompt(req, reuse=ask)
+        return text, (not reused[0]) if reused else None
 
     def decode(self, latents):
         """uint8 frames [F, H, W, 3] on the group's rank 0, None on the others."""
@@ -277,17 +329,24 @@ class Runtime:
 def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
     from k5.parallel.plan import build_parallel
 
+    from k5.engine.fastpath import setup_fast_path
+
     # The resolved checkpoint: components from its root, the DiT from its folder or single file with the config
     # the variant gives it (a NABLA-trained file runs NABLA with the variant's P).
-    s = build_parallel(job.resolved, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text)
+    s = build_parallel(job.resolved, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text,
+                       expand=job.expand, adapters=job.adapters, offload=args.offload)
+    if env.world == 1 and not keep_text and args.offload != "none":
+        s.pipeline.text_after_encode = "release"  # one video: the encoders are never needed again
     s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
     rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
-                 s.describe() if env.world > 1 else "", env.device, ratios=job.ratios)
+                 s.describe() if env.world > 1 else "", env.device, estimate=env.estimate, ratios=job.ratios)
     if job.ratios is not None:
         from k5.engine.magcache import MagCache
 
         # After the guiding stage (Guidance, or CfgParallel: each cfg half follows its own branch's accumulator).
         rt.chain = [MagCache(job.ratios)]
+    shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
+    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes))
     rt.count_forwards()
     return rt
 
@@ -303,6 +362,8 @@ class Job:
     settings: dict  # what decides the outputs besides each request; a resumed job must repeat it
     dest: object  # k5.launch.job.OutputFiles or k5.launch.batch.JobFolder
     needs_frames: bool  # decode the latents (a video or frames are written)
+    adapters: tuple = ()  # --lora: merged at load (items with other adapters switch, k5.launch.job.prepare_item)
+    expand: bool = False  # prompt expansion (loads Qwen's lm_head on the text-source ranks)
     resolved: object = None  # k5.engine.resolve.Resolved: what --model / --variant name
     ratios: tuple | None = None  # --magcache: the variant's MagCache ratios
     checkpoint: dict = field(default_factory=dict)  # the variant, its source, MagCache: for records and summary
@@ -336,6 +397,12 @@ def validate(args, env: Env) -> Job:
     model_flags.request_defaults(args, resolved)  # flag > variant > built-in, for the request and the items
     nabla = args.attention == "nabla" or (args.attention == "auto" and cfg.uses_nabla)
     dims = plan_dims(args, cfg, env.world)
+    open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
+    adapters = tuple(open_adapter(spec) for spec in args.lora)
+    if args.expand_prompt:
+        from k5.engine.text import check_lm_head
+
+        check_lm_head(root)
 
     def check(req):
         check_request(req, cfg, nabla)
@@ -357,6 +424,8 @@ def validate(args, env: Env) -> Job:
                 "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True,
                 "variant": resolved.variant.name if resolved.variant else None,
                 "step_cache": "magcache" if ratios is not None else None}
+    if args.expand_prompt:  # absent when off, so job folders made before expansion existed still resume
+        settings["expand_prompt"] = True
     found = dict(resolved=resolved, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios))
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     if single:
@@ -374,8 +443,9 @@ def validate(args, env: Env) -> Job:
         for path, flag in extra:
             check_writable(path, flag)
         name = str(paths.get("video") or paths.get("latents") or paths.get("frames"))
-        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name)], settings, OutputFiles(paths),
-                   needs_frames="video" in paths or "frames" in paths, **found)
+        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name, adapters)], settings,
+                   OutputFiles(paths), needs_frames="video" in paths or "frames" in paths, adapters=adapters,
+                   expand=args.expand_prompt, **found)
 
     from k5.launch.batch import JobFolder, check_resume
     from k5.launch.prompts import read_prompts, single_item
@@ -385,9 +455,11 @@ def validate(args, env: Env) -> Job:
     except ValueError as e:
         raise ValueError(f"the command-line defaults for the items: {e}") from None
     if args.prompts is not None:
-        items = read_prompts(args.prompts, defaults, check)
+        items = read_prompts(args.prompts, defaults, check, adapters,
+                             lambda spec, folder: open_adapter(spec, folder, "'lora'"))
     else:
-        items = [single_item(Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None}))]
+        request = Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None})
+        items = [replace(single_item(request), adapters=adapters)]
         check(items[0].request)
     out_dir = Path(args.output_dir)
     check_resume(items, out_dir, settings)
@@ -396,19 +468,50 @@ def validate(args, env: Env) -> Job:
     for path, flag in extra:
         check_writable(path, flag)
     return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True,
-               **found)
+               adapters=adapters, expand=args.expand_prompt, **found)
+
+
+class AdapterOpener:
+    """``opener(spec, folder=None, what="--lora") -> LoraAdapter`` for a ``PATH[:SCALE]``: each file's header is read
+    and hashed once, and checked against the DiT's Linear shapes (k5.engine.lora.check_fits) before any weight
+    loads; LoraError (a ValueError) otherwise. A relative PATH is taken in ``folder`` when one is given (a prompt
+    file's folder)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.shapes, self.by_file = cfg, None, {}
+
+    def __call__(self, spec: str, folder: Path | None = None, what: str = "--lora"):
+        from k5.engine import lora
+
+        path, scale = lora.parse_lora_spec(spec, what)
+        path = path.expanduser()
+        if folder is not None and not path.is_absolute():
+            path = folder / path
+        key = path.resolve()
+        if key not in self.by_file:
+            adapter = lora.open_lora(path)
+            if self.shapes is None:
+                self.shapes = lora.dit_linear_shapes(self.cfg)
+            lora.check_fits([adapter], self.shapes)
+            self.by_file[key] = adapter
+        adapter = self.by_file[key]
+        return adapter if adapter.scale == scale else replace(adapter, scale=scale)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     launching = args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ
-    env = detect_env(args)
+    try:
+        env = detect_env(args)
+    except ValueError as e:  # e.g. --device cuda on a machine without CUDA: before anything loads
+        fail(str(e), show=int(os.environ.get("RANK", "0")) == 0)
     if launching:
         env = Env(args.nproc_per_node, 0, 0, env.device)
     if env.device.type == "cuda" and not launching:
         torch.cuda.set_device(env.device)
     try:
         job = validate(args, env)
+        env.estimate = check_memory(args, env, job)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Every rank checks the same inputs and ends; only rank 0 says why, so the terminal shows it once.
         fail(str(e), show=env.rank == 0)
@@ -417,6 +520,17 @@ def main(argv=None) -> int:
 
         return start_workers(args.nproc_per_node, sys.argv if argv is None else [sys.argv[0], *argv])
     return run(args, env, job)
+
+
+def check_memory(args, env: Env, job: Job):
+    """The pre-load estimate of this rank's peak; raises ValueError for a run that cannot fit the device."""
+    from k5.engine.memory import Shape, check_memory as estimate_and_check
+
+    shapes = sorted({Shape(it.request.num_frames, it.request.height, it.request.width) for it in job.items},
+                    key=lambda s: (s.frames, s.height, s.width))
+    d = job.dims
+    return estimate_and_check(job.root, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
+                              sp=d.sp_size, ulysses=d.ulysses, ring=d.ring, tp=d.tp)
 
 
 def run(args, env: Env, job: Job) -> int:
@@ -489,6 +603,11 @@ def report_end(args, job: Job, result, wall_s: float, written: list[str]) -> Non
                     f"decode {doc['times']['stages']['decode_s']:.2f} s, peak memory {format_bytes(peak)} "
                     f"(highest rank), variant {doc['variant'] or 'none'}, DiT forwards {fw['run']} run, "
                     f"{fw['skipped']} skipped" + (" (MagCache)" if doc["magcache"] else ""))
+            rank0 = next((r for r in doc["ranks"] if r["rank"] == 0 and r.get("compile")), None)
+            if rank0 is not None:
+                from k5.engine.fastpath import format_summary
+
+                line += "; rank 0: " + format_summary(rank0)
             if rt.stats is not None:
                 line += f", sent per denoising step: {comm_summary(rt.stats)}"
             log.info(line)

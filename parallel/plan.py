@@ -139,16 +139,17 @@ def _checkpoint(root, dit_path, config) -> tuple[Path, Path, DiTConfig]:
 
 
 def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                   keep_text: bool = False, expand: bool = False, adapters=(), dit_path: str | Path | None = None,
-                   config: DiTConfig | None = None) -> ParallelSetup:
+                   keep_text: bool = False, expand: bool = False, adapters=(), offload: str = "none",
+                   dit_path: str | Path | None = None, config: DiTConfig | None = None) -> ParallelSetup:
     """Everything a rank needs to generate on the planned ``dims`` (from ``plan_parallel``).
 
     ``root``: a diffusers-layout folder, or what ``k5.engine.resolve.resolve_model`` returned. ``dit_path`` and
     ``config``: the DiT's weights and config when they are not the folder's own (a single-file checkpoint, a
     variant's attention). ``keep_text``: keep the text encoders after the first encode (batch jobs encode again).
     ``expand``: load Qwen's lm_head for prompt expansion, run once per item on the item group's rank 0 and shared.
-    ``adapters``: LoRA adapters (k5.engine.lora.open_lora) merged while each rank reads its slices. With more than
-    one process torch.distributed must be initialized and its world size equal ``dims.world_size``.
+    ``adapters``: LoRA adapters (k5.engine.lora.open_lora) merged while each rank reads its slices. ``offload``:
+    where weights wait while unused (Kandinsky5Pipeline; "model" runs one process only). With more than one
+    process torch.distributed must be initialized and its world size equal ``dims.world_size``.
     """
     from k5.engine.pipeline import Kandinsky5Pipeline, make_expander
     from k5.engine.text import TextEncoder
@@ -158,7 +159,7 @@ def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloa
     device = torch.device(device)
     if dims.world_size == 1:
         pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, expand=expand, adapters=adapters,
-                                                      dit_path=dit_path, config=config)
+                                                      offload=offload, dit_path=dit_path, config=config)
         return ParallelSetup(dims, pipeline, None, None, parameter_bytes(pipeline.dit))
     if not dist.is_initialized():
         raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized "
@@ -175,7 +176,8 @@ def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloa
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if dims.cfg == 2:
         text = BranchText(text, dims)
-    pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text, dit_path=dit_path)
+    pipeline = Kandinsky5Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text, offload=offload,
+                                                  dit_path=dit_path)
     pipeline.share_image = image_sharing(dims, device)
     if expand:
         pipeline.expander = make_expander(encoder)
