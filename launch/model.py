@@ -98,5 +98,5 @@ def forwards(ratios, request) -> dict:
 def describe(resolved, ratios) -> dict:
     """The variant part of a manifest record and of the summary."""
     d = resolved.describe()
-    return {"variant": d["variant"], "variant_from": d["variant_from"], "task": d["task"], "repo": d["repo"],
-            "revision": d["revision"], "magcache": ratios is not None}
+    return {"kind": d["kind"], "dit": d["dit"], "variant": d["variant"], "variant_from": d["variant_from"],
+            "task": d["task"], "repo": d["repo"], "revision": d["revision"], "magcache": ratios is not None}
