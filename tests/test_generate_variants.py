@@ -82,11 +82,12 @@ def old_path_latents(height, width, frames, steps, guidance, seed) -> torch.Tens
 def test_without_magcache_latents_are_bit_identical_to_before(tmp_path):
     import os
 
-    repo = "someone/k5-tiny-finetune"  # no catalogue variant: the built-in defaults and the flags
+    repo = "someone/k5-tiny-finetune"  # no catalogue variant: the built-in defaults and the flags (prompt expansion,
+    # on by default for a real model, off: the prompt is encoded as given)
     env = {**os.environ, "HF_HUB_CACHE": str(fake_hub(tmp_path, repo)), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "job"
     r = run_cli("--model", repo, "--prompt", PROMPT, "--height", 64, "--width", 96, "--num-frames", 5, "--steps", 3,
-                "--seed", 2, "--dtype", "fp32", "--output-dir", out, "--save-latents", env=env)
+                "--seed", 2, "--dtype", "fp32", "--no-expand-prompt", "--output-dir", out, "--save-latents", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     got = load_file(out / "00000.safetensors")["latents"]
     want = old_path_latents(64, 96, 5, 3, 5.0, 2)  # guidance 5 and shift 5: the defaults
