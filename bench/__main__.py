@@ -1,4 +1,5 @@
-"""`python -m bench [dit|attention] ...` times the engine; `python -m bench project|plot ...` post-processes."""
+"""`python -m bench [dit|attention] ...` times the engine; `python -m bench magcache ...` counts and times the DiT
+forwards of a preset with and without MagCache (magcache.py); `python -m bench project|plot ...` post-processes."""
 
 import sys
 
@@ -8,8 +9,10 @@ if __name__ == "__main__":
         from bench.projection import main
     elif what == "plot":
         from bench.plot import main
+    elif what == "magcache":
+        from bench.magcache import main
     else:
         from bench.run import main
-    if what in ("project", "plot"):
+    if what in ("project", "plot", "magcache"):
         sys.argv.pop(1)
     main()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU benchmark suite behind bench/results/ (2 cores; the targets of issue 7 that a CPU can answer).
 #
-#   bash bench/cpu.sh [all|peer|nabla|scaling|seqlen]
+#   bash bench/cpu.sh [all|peer|nabla|scaling|seqlen]                 results in a scratch folder
+#   BENCH_OUT=bench/results bash bench/cpu.sh ...                       replace the committed results
 #
 # The machine is shared: before each run this waits (up to 10 min) for the 1-minute load average to drop under
 # $MAX_LOAD (default 1.0) and every result records the load it saw (env.load_avg_1_5_15).
@@ -10,6 +11,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 MAX_LOAD=${MAX_LOAD:-1.0}
 WHAT=${1:-all}
+OUT=${BENCH_OUT:-${TMPDIR:-/tmp}/k5-bench}
+echo "results -> $OUT"
 
 quiet() {
     for _ in $(seq 120); do
@@ -19,7 +22,7 @@ quiet() {
     echo "load still $(cut -d' ' -f1 /proc/loadavg) after 10 min; running anyway"
 }
 
-bench() { quiet; echo "== $(cut -d' ' -f1-3 /proc/loadavg) | python -m bench $*"; $PY -m bench "$@" 2>&1 | grep -v "^There are\|^Attention backends\|UserWarning\|rms_norm("; }
+bench() { quiet; echo "== $(cut -d' ' -f1-3 /proc/loadavg) | python -m bench $*"; $PY -m bench "$@" --out "$OUT" 2>&1 | grep -v "^There are\|^Attention backends\|UserWarning\|rms_norm("; }
 
 LITE2=(--model lite --blocks 2 --height 512 --width 512 --frames 9)  # 3072 visual + 256 text tokens
 
@@ -47,7 +50,7 @@ if [[ $WHAT == all || $WHAT == scaling ]]; then
         quiet
         echo "== torchrun --nproc_per_node=2 -m bench ${LITE2[*]} $lay"
         $PY -m torch.distributed.run --nproc_per_node=2 -m bench "${LITE2[@]}" $lay --dtype fp32 --threads 1 \
-            --vae none --warmup 1 --repeat 3 2>&1 | grep -v "^W1\|^\*\*\*\|OMP_NUM_THREADS\|^There are"
+            --vae none --warmup 1 --repeat 3 --out "$OUT" 2>&1 | grep -v "^W1\|^\*\*\*\|OMP_NUM_THREADS\|^There are"
     done
 fi
 
@@ -61,4 +64,4 @@ if [[ $WHAT == all || $WHAT == seqlen ]]; then
     done
 fi
 
-$PY -m bench plot
+$PY -m bench plot --results "$OUT" --out "$OUT"

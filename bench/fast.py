@@ -1,66 +1,39 @@
-"""The fast path the bench measures: regional torch.compile of the DiT blocks, the dense SDPA backend, the peak.
-
-Regional compile: each text and visual block's forward is compiled (``nn.Module.compile``), not the whole model.
-All visual blocks share one compiled graph (parameters are graph inputs, torch's default
-``inline_inbuilt_nn_modules``), so compile time does not grow with depth, and with fixed shapes
-(``dynamic=False``) nothing recompiles between steps: the bench turns recompilation into an error after warm-up.
-The model file needs no change for this: the blocks take only tensors and two small immutable Python objects
-(the attention op and the token grid), which dynamo guards on by value.
+"""Timing helpers of the bench, and the fast path it measures: the same regional compile and attention-kernel choice
+as the CLI (k5.engine.compile, k5.kernels.attention), imported from the package so the bench times what users run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
 import torch
 
-# Dense attention backends worth trying, fastest first on Hopper for bf16 (cuDNN's fused kernel, then flash 2).
-SDPA_BACKENDS = {
-    "auto": None,
-    "cudnn": "CUDNN_ATTENTION",
-    "flash": "FLASH_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "math": "MATH",
-}
+from k5.engine.compile import compile_blocks, no_recompile  # noqa: F401 - the bench's fast path is the package's
+from k5.kernels.attention import DENSE_BACKENDS, resolve_dense_backend, set_dense_backend
 
 
-def sdpa_backend(name: str):
-    """Context manager restricting F.scaled_dot_product_attention to one backend ('auto': no restriction)."""
-    if name not in SDPA_BACKENDS:
-        raise ValueError(f"SDPA backend {name!r} is not one of {', '.join(SDPA_BACKENDS)}")
-    if SDPA_BACKENDS[name] is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
-
-
-def compile_blocks(dit: torch.nn.Module, mode: str | None = None) -> int:
-    """Compile every transformer block of ``dit`` in place; returns the number of blocks compiled."""
-    blocks = [*dit.text_transformer_blocks, *dit.visual_transformer_blocks]
-    for block in blocks:
-        block.compile(dynamic=False, mode=mode)
-    return len(blocks)
-
-
-@contextlib.contextmanager
-def no_recompile():
-    """Raise instead of silently recompiling (a shape or guard that changes between steps)."""
-    import torch._dynamo.config as dynamo_config
-
-    old = dynamo_config.error_on_recompile
-    dynamo_config.error_on_recompile = True
-    try:
-        yield
-    finally:
-        dynamo_config.error_on_recompile = old
+def use_attention_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Set the dense attention kernel as the CLI does (--attention-backend); returns the one resolved."""
+    resolved = resolve_dense_backend(name, device, dtype, head_dim)
+    set_dense_backend(resolved if resolved != "cpu" else "auto")
+    return resolved
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def spread(times: list[float]) -> dict:
+    """min / median / max of repeated timings, and whether they are too spread to trust (max/min > 1.3)."""
+    lo, hi = min(times), max(times)
+    ratio = hi / lo if lo > 0 else float("inf")
+    return {"min": lo, "median": statistics.median(times), "max": hi, "max_over_min": ratio,
+            "unstable": ratio > UNSTABLE}
+
+
+UNSTABLE = 1.3  # max/min of a series above which its median is flagged
 
 
 def time_calls(fn, device: torch.device, warmup: int, repeat: int, before=None) -> list[float]:
@@ -105,7 +78,7 @@ def time_interleaved(fns: list, device: torch.device, warmup: int, repeat: int) 
 
 def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int | None = None, repeat: int = 10) -> float:
     """Measured dense matrix-product rate (TFLOP/s) of an n x n x n product on random data (never zeros)."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    n = n or (8192 if device.type == "cuda" else 1024)
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
@@ -113,24 +86,35 @@ def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int | None =
     return 2.0 * n**3 / min(times) / 1e12  # the best run: a peak, and on a shared CPU the least disturbed one
 
 
-def best_sdpa_backend(heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Time each dense SDPA backend on one [1, tokens, heads, head_dim] self-attention; {name: seconds or error}."""
-    from k5.kernels.attention import attention
+def best_attention_backend(heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Time each dense attention kernel on one [1, tokens, heads, head_dim] self-attention, each checked against
+    the fp32 math kernel first; {name: {"s": median seconds, ...spread} or an error string}."""
+    from k5.kernels.attention import attention, dense_backend
 
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
-    ref = attention(q.double(), k.double(), v.double()) if device.type == "cpu" else None
-    out = {}
-    for name in SDPA_BACKENDS:
+    old, out = dense_backend(), {}
+    rows = min(tokens, 1024)  # the reference on the first query rows: an exact fp32 softmax is O(rows x tokens)
+    set_dense_backend("math")
+    try:
+        ref = attention(q[:, :rows].float(), k.float(), v.float()) if device.type == "cuda" else None
+    finally:
+        set_dense_backend(old)
+    for name in DENSE_BACKENDS[:-1]:  # not "math": it is the reference, seconds per call at real lengths
         try:
-            with sdpa_backend(name):
-                t = statistics.median(time_calls(lambda: attention(q, k, v), device, warmup=2, repeat=5))
-                y = attention(q, k, v)
-            if not torch.isfinite(y).all():
+            resolved = use_attention_backend(name, device, dtype, head_dim)
+            runs = time_calls(lambda: attention(q, k, v), device, warmup=2, repeat=5)
+            y = attention(q, k, v)
+            if not bool(torch.isfinite(y).all()):
                 raise RuntimeError("non-finite output")
+            err = None
             if ref is not None:
-                torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=2e-2)
-            out[name] = t
-        except Exception as e:  # a backend unavailable for this dtype/device/shape
-            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                err = float((y[:, :rows].float() - ref).norm() / ref.norm())
+                if err > 2e-2:
+                    raise RuntimeError(f"relative error {err:.1e} against the fp32 math kernel")
+            out[name] = {"resolved": resolved, "s": statistics.median(runs), "rel_err": err, **spread(runs)}
+        except Exception as e:  # noqa: BLE001 - a backend unavailable for this dtype/device/shape is a recorded fact
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        finally:
+            set_dense_backend(old)
     return out

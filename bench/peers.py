@@ -116,17 +116,11 @@ def xfuser_usp_attention(ulysses: int, ring: int):
     """
     if not torch.cuda.is_available():
         raise RuntimeError("xfuser runs on GPUs only")
-    import os
-    import socket
-
     import torch.distributed as dist
 
     if not dist.is_initialized():  # one process: xfuser still wants a process group (of one)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        dist.init_process_group("nccl", rank=0, world_size=1)
+        # An in-process store: no port to find free and hand out later, where another process could take it.
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
     from xfuser.core.long_ctx_attention import xFuserLongContextAttention
 

@@ -1,6 +1,6 @@
 """Plots of the bench results: seconds per step against world size, and against sequence length (dense vs NABLA).
 
-    python -m bench plot [--results bench/results]
+    python -m bench plot [--results bench/results] [--out DIR]
 
 Reads every DiT run's JSON in the folder; runs that differ only in world size (or only in resolution) form one
 line. Writes step_vs_world.png and step_vs_tokens.png beside them.
@@ -63,7 +63,7 @@ def by_tokens(runs):
     return _series(runs, key, lambda r: r["config"]["visual_tokens"])
 
 
-def plot(folder: Path) -> list[Path]:
+def plot(folder: Path, out: Path | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,15 +92,22 @@ def plot(folder: Path) -> list[Path]:
         ax.legend(fontsize=7)
         ax.set_title(name.removesuffix(".png").replace("_", " "))
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
+        target = out or folder
+        target.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target / name, dpi=110)
         plt.close(fig)
-        written.append(folder / name)
+        written.append(target / name)
     return written
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench plot")
-    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"),
+                   help="folder of result JSONs to plot (default: the committed bench/results)")
+    p.add_argument("--out", default=None,
+                   help="where the PNGs go (default: a scratch folder; bench/results only when named)")
     args = p.parse_args(argv)
-    for path in plot(Path(args.results)):
+    from bench.report import SCRATCH
+
+    for path in plot(Path(args.results), Path(args.out) if args.out else SCRATCH):
         print(f"wrote {path}")

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import flops
+from bench import flops, report
 from k5.engine.config import PRESETS, DiTConfig
 from k5.kernels.nabla import sta_block_mask
 
@@ -242,7 +242,8 @@ def main(argv=None) -> dict:
                    help="fraction of ring K/V traffic hidden behind attention")
     p.add_argument("--from", dest="from_result", default=None, help="single-GPU dense bench JSON (measured rate)")
     p.add_argument("--from-nabla", default=None, help="single-GPU NABLA bench JSON (measured NABLA rate)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", default=str(report.SCRATCH),
+                   help="folder of the result (default: a scratch folder; bench/results only when named)")
     args = p.parse_args(argv)
 
     cfg = PRESETS[args.model].replace(attention_type="regular", attention_P=None)

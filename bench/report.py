@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import platform
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed results: written only when named
+SCRATCH = Path(tempfile.gettempdir()) / "k5-bench"  # where a run writes unless told otherwise
 
 
 def _git(*args: str) -> str:
@@ -73,7 +75,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def markdown(result: dict) -> str:
+def _markdown(result: dict) -> str:
     """A two-column table of everything in the run, sections as bold rows."""
     lines = [f"# bench run `{result['name']}`", "", "| | |", "| --- | --- |"]
     for section, values in result.items():
@@ -88,10 +90,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(result: dict, out_dir: Path) -> tuple[Path, Path]:
+def write(result: dict, out_dir: Path, markdown: bool = True) -> tuple[Path, ...]:
+    """Write ``<name>.json`` (and ``<name>.md``) into ``out_dir``, each whole or not at all (temporary name, then
+    renamed), so a run killed mid-write leaves the previous file, never half of one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # Names may hold dots (nabla0.05): append the suffix instead of Path.with_suffix.
-    json_path, md_path = out_dir / f"{result['name']}.json", out_dir / f"{result['name']}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
-    return json_path, md_path
+    texts = {out_dir / f"{result['name']}.json": json.dumps(result, indent=2) + "\n"}
+    if markdown:
+        texts[out_dir / f"{result['name']}.md"] = _markdown(result)
+    for path, text in texts.items():
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return tuple(texts)

@@ -33,7 +33,8 @@ from k5.engine.checkpoint import keeps_fp32
 from k5.engine.config import PRESETS, DiTConfig
 from k5.engine.dit import Kandinsky5DiT, TokenGrid
 from k5.engine.sampler import Conditioning, guided_velocity, model_input
-from k5.kernels.nabla import NablaSpec, block_sparse_attention, nabla_block_mask, pool_blocks, sta_block_mask
+from k5.kernels.nabla import (NablaSpec, block_sparse_attention, nabla_backend, nabla_block_mask, pool_blocks,
+                              sta_block_mask)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The DiT of engine/tiny.py's checkpoint (text widths of its tiny Qwen / CLIP encoders).
@@ -99,7 +100,7 @@ class DensityProbe:
         self.selected += int(mask.sum())
         self.total += mask.numel()
         self.sta += int(sta.sum()) * mask.shape[0] * mask.shape[1]
-        return block_sparse_attention(q, k, v, mask)[0]
+        return block_sparse_attention(q, k, v, mask, return_lse=False)[0]
 
     @property
     def density(self) -> float:
@@ -179,6 +180,41 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def median(times: list[float]) -> float:
     return statistics.median(times)
+
+
+def unstable_series(result: dict) -> list[str]:
+    """Names of the timing series whose max/min exceeds fast.UNSTABLE (their medians are not to be trusted)."""
+    found = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("unstable") is True and "max_over_min" in node:
+                found.append(f"{path} (max/min {node['max_over_min']:.2f})")
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk({k: v for k, v in result.items() if k != "unstable"}, "")
+    return found
+
+
+def save(args, result: dict) -> None:
+    """Write the result (rank 0; JSON, and Markdown unless --json-only) unless --no-save."""
+    if args.no_save or world()[0] != 0:
+        return
+    paths = report.write(result, Path(args.out), markdown=not args.json_only)
+    print("wrote " + " and ".join(str(p) for p in paths), flush=True)
+
+
+def extra(fn, *args) -> dict:
+    """An optional measurement after the main one: its failure (a missing package, a shape the device refuses) is
+    recorded in the result instead of ending the run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -263,9 +299,9 @@ def run_dit(args) -> dict:
         "model": args.model, "visual_blocks": cfg.num_visual_blocks, "text_blocks": cfg.num_text_blocks,
         "model_dim": cfg.model_dim, "heads": cfg.num_heads, "height": args.height, "width": args.width,
         "frames": args.frames, "latent_grid": list(grid), "visual_tokens": tokens, "text_tokens": args.text_tokens,
-        "attention": args.attention, "P": P, "dtype": args.dtype,
+        "attention": args.attention, "P": P, "nabla_kernel": args.nabla_kernel, "dtype": args.dtype,
         "world_size": world_size, "layout": layout or {"single": 1}, "compile": args.compile,
-        "sdpa_backend": args.sdpa_backend, "warmup": args.warmup, "repeat": args.repeat,
+        "attention_backend": args.attention_backend, "warmup": args.warmup, "repeat": args.repeat,
     }}
     checks, timing = {}, {}
     reference, nabla_info = reference_forward(dit, forward)
@@ -278,9 +314,11 @@ def run_dit(args) -> dict:
         timing["diffusers_compiled"] = args.peer_compile
 
     stats, guided = apply_layout(dit, dims, device) if dims else (None, guided_velocity)
+    result["config"]["attention_backend"] = fast.use_attention_backend(args.attention_backend, device, dtype,
+                                                                       cfg.head_dim)
     if args.compile:
         fast.compile_blocks(dit)
-    with torch.no_grad(), fast.sdpa_backend(args.sdpa_backend):
+    with torch.no_grad():
         if stats is not None or args.compile:
             key = "layout_rel_err" if stats is not None else "compiled_rel_err"
             checks[key] = rel_err(forward().float(), reference.float())  # also the compile's first (untimed) call
@@ -297,6 +335,7 @@ def run_dit(args) -> dict:
                                                 args.repeat)
                 timing["diffusers_s_per_forward"] = median(pf)
                 timing["diffusers_runs_s"] = pf
+                timing["diffusers_forward_s"] = fast.spread(pf)
                 timing["diffusers_backend"] = peer.backend
             else:
                 fwd = slowest(fast.time_calls(forward, device, args.warmup, args.repeat, barrier), device)
@@ -322,7 +361,7 @@ def run_dit(args) -> dict:
     achieved = count.total / s_fwd / 1e12 / (world_size // (dims.cfg if dims else 1))
     timing.update({
         "s_per_forward": s_fwd, "s_per_step": s_step, "s_per_forward_min": min(fwd), "s_per_step_min": min(stp),
-        "forward_runs_s": fwd, "step_runs_s": stp,
+        "forward_runs_s": fwd, "step_runs_s": stp, "forward_s": fast.spread(fwd), "step_s": fast.spread(stp),
         "visual_tokens_per_s": tokens / s_fwd, "tflop_per_forward": count.total / 1e12,
         "tflops_per_device": achieved, "step_tflops_per_device": 2 * count.total / s_step / 1e12 / world_size,
         "peak_tflops_per_device": peak_tflops, "mfu": achieved / peak_tflops,
@@ -341,11 +380,15 @@ def run_dit(args) -> dict:
                         "kind": peak_kind}
     if stats is not None:
         result["comm_bytes_per_rank"] = {"forward": sent_forward, "step": sent_step}
+    result["env"] = report.environment(device, args.argv)
+    result["unstable"] = unstable_series(result)
+    # The DiT measurement is done: written now, so a later extra that fails or runs out of time loses nothing.
+    save(args, result)
     if args.vae != "none":
-        result["vae"] = time_vae(args, grid, device)
+        result["vae"] = extra(time_vae, args, grid, device)
     if args.xfuser:
         result["xfuser"] = xfuser_peer(args, cfg, grid, dtype, device, dims)
-    result["env"] = report.environment(device, args.argv)
+    result["unstable"] = unstable_series(result)
     if folder is not None and rank == 0:
         import shutil
 
@@ -413,7 +456,7 @@ def time_vae(args, grid, device) -> dict:
     decode = (lambda: parallel_decode(vae, latents, dst=0)) if world_size > 1 else (lambda: vae.decode(latents))
     runs = slowest(fast.time_calls(decode, device, args.vae_warmup, args.vae_repeat, barrier), device)
     return {"widths": args.vae, "latent": [1, T, H * 2, W * 2, 16], "dtype": str(vae.dtype),
-            "s_per_decode": median(runs), "runs_s": runs, "tiled": True,
+            "s_per_decode": median(runs), "runs_s": runs, "decode_s": fast.spread(runs), "tiled": True,
             "parallel_tiles": world_size > 1}
 
 
@@ -449,17 +492,18 @@ def run_attention(args) -> dict:
     g = torch.Generator(device=device).manual_seed(args.seed)
     q, k, v = (torch.randn(1, S, args.heads, args.head_dim, device=device, dtype=dtype, generator=g)
                for _ in range(3))
-    with fast.sdpa_backend(args.sdpa_backend):
-        dense = median(fast.time_calls(lambda: attention(q, k, v), device, 1, args.repeat))
+    backend = fast.use_attention_backend(args.attention_backend, device, dtype, args.head_dim)
+    dense_runs = fast.time_calls(lambda: attention(q, k, v), device, 1, args.repeat)
+    dense = median(dense_runs)
     rows = []
     for P in args.P_list:
         spec = NablaSpec(P=P)
         sta = sta_block_mask(T, H // 8, W // 8, spec.wT, spec.wH, spec.wW, device=device)
         mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, P)
         density = mask.float().mean().item()
-        full = median(fast.time_calls(lambda: nabla_attention(q, k, v, spec, T, H // 8, W // 8), device, 1,
-                                      args.repeat))
-        kernel = median(fast.time_calls(lambda: block_sparse_attention(q, k, v, mask), device, 1, args.repeat))
+        full_runs = fast.time_calls(lambda: nabla_attention(q, k, v, spec, T, H // 8, W // 8), device, 1, args.repeat)
+        kernel_runs = fast.time_calls(lambda: block_sparse_attention(q, k, v, mask, return_lse=False), device, 1, args.repeat)
+        full, kernel = median(full_runs), median(kernel_runs)
         # The first query tiles against dense SDPA in fp32 with the tile mask expanded to tokens: the same function.
         rows_checked = min(args.check_tiles, mask.shape[2]) * 64
         token_mask = mask[:, :, : rows_checked // 64].repeat_interleave(64, -1).repeat_interleave(64, -2)
@@ -467,17 +511,23 @@ def run_attention(args) -> dict:
             q[:, :rows_checked].transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
             attn_mask=token_mask,
         ).transpose(1, 2)
-        err = rel_err(block_sparse_attention(q, k, v, mask)[0][:, :rows_checked].float(), want)
+        err = rel_err(block_sparse_attention(q, k, v, mask, return_lse=False)[0][:, :rows_checked].float(), want)
         rows.append({"P": P, "density": density, "s_nabla": full, "s_block_sparse_kernel": kernel,
                      "speedup_vs_dense": dense / full, "kernel_speedup_vs_dense": dense / kernel,
+                     # target: the block-sparse kernel within 1.3x of (density x dense time)
+                     "kernel_over_density_x_dense": kernel / (density * dense),
+                     "nabla_s": fast.spread(full_runs), "kernel_s": fast.spread(kernel_runs),
                      "rel_err_vs_masked_dense": err, "query_tiles_checked": rows_checked // 64})
     kind = "cuda" if device.type == "cuda" else "cpu"
     name = args.name or f"{kind}-attention-{args.height}x{args.width}x{args.frames}-h{args.heads}-{args.dtype}"
     fl = flops.attention_flops(1, args.heads, S, S, args.head_dim)
-    return {"name": name, "config": {"tokens": S, "grid_blocks": [T, H // 8, W // 8], "heads": args.heads,
-                                     "head_dim": args.head_dim, "dtype": args.dtype, "repeat": args.repeat},
-            "dense": {"s": dense, "tflops": fl / dense / 1e12},
-            "nabla": rows, "env": report.environment(device, args.argv)}
+    result = {"name": name, "config": {"tokens": S, "grid_blocks": [T, H // 8, W // 8], "heads": args.heads,
+                                       "head_dim": args.head_dim, "dtype": args.dtype, "repeat": args.repeat,
+                                       "attention_backend": backend},
+              "dense": {"s": dense, "tflops": fl / dense / 1e12, "dense_s": fast.spread(dense_runs)},
+              "nabla": rows, "env": report.environment(device, args.argv)}
+    result["unstable"] = unstable_series(result)
+    return result
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -495,6 +545,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=256, help="text tokens (the original pads to 256)")
     p.add_argument("--attention", default="dense", choices=["dense", "nabla"])
     p.add_argument("--P", type=float, default=None, help="NABLA kept mass (default: the config's or 0.9)")
+    p.add_argument("--nabla-kernel", default="auto", choices=["auto", "flex", "gather"],
+                   help="NABLA's block-sparse kernel: auto (flex on CUDA, gather on the CPU); flex on the CPU runs "
+                        "the CUDA route through compiled CPU FlexAttention (single process)")
     p.add_argument("--P-list", type=float, nargs="+", default=[0.02, 0.1, 0.5], help="attention: NABLA P values")
     p.add_argument("--heads", type=int, default=2, help="attention: heads")
     p.add_argument("--head-dim", type=int, default=64, help="attention: head dim")
@@ -509,7 +562,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-compile", action="store_true", help="compile diffusers' repeated blocks too")
     p.add_argument("--xfuser", action="store_true", help="GPU: time xfuser's USP attention on the same shapes")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (fast path)")
-    p.add_argument("--sdpa-backend", default="auto", choices=list(fast.SDPA_BACKENDS))
+    p.add_argument("--attention-backend", "--sdpa-backend", dest="attention_backend", default="auto",
+                   choices=list(fast.DENSE_BACKENDS), help="dense attention kernel, as the CLI's --attention-backend")
     p.add_argument("--vae", default="tiny",
                    help="none, tiny, real (HunyuanVideo widths) or a VAE config.json/folder; random weights")
     p.add_argument("--vae-repeat", type=int, default=2)
@@ -522,7 +576,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="result file name (default: from the settings)")
-    p.add_argument("--out", default=str(report.RESULTS), help="results folder")
+    p.add_argument("--out", default=str(report.SCRATCH),
+                   help=f"results folder (default {report.SCRATCH}: bench/results/ holds the committed results and "
+                        f"is written only when named here)")
+    p.add_argument("--json-only", action="store_true", help="write the JSON result without its Markdown table")
     p.add_argument("--no-save", action="store_true", help="print only")
     return p
 
@@ -545,17 +602,22 @@ def setup(args) -> bool:
 
 
 def summary_line(r: dict) -> str:
+    flag = f" UNSTABLE: {'; '.join(r['unstable'])}" if r.get("unstable") else ""
     if "nabla" in r and isinstance(r["nabla"], list):
         parts = [f"P {x['P']}: density {x['density']:.3f}, {x['speedup_vs_dense']:.2f}x" for x in r["nabla"]]
-        return f"{r['name']}: dense {r['dense']['s']:.3f} s; " + "; ".join(parts)
+        d = r["dense"]["dense_s"]
+        return (f"{r['name']}: dense {d['median']:.3f} s (min {d['min']:.3f}, max {d['max']:.3f}); "
+                + "; ".join(parts) + flag)
     t = r["timing"]
-    line = (f"{r['name']}: {t['s_per_forward']:.4f} s/forward, {t['s_per_step']:.4f} s/step, "
+    f = t["forward_s"]
+    line = (f"{r['name']}: {t['s_per_forward']:.4f} s/forward (min {f['min']:.4f}, max {f['max']:.4f}), "
+            f"{t['s_per_step']:.4f} s/step, "
             f"{t['tflops_per_device']:.3g} TFLOP/s/device (MFU {t['mfu']:.1%})")
     if "ours_over_diffusers" in t:
         line += (f", ours/diffusers {t['ours_over_diffusers']:.3f} (fastest runs {t['ours_over_diffusers_min']:.3f}, "
                  f"paired {t['ours_over_diffusers_paired']:.3f})")
     checks = [f"{k} {v:.2e}" for k, v in r["checks"].items() if isinstance(v, float)]
-    return line + (f"; {', '.join(checks)}" if checks else "")
+    return line + (f"; {', '.join(checks)}" if checks else "") + flag
 
 
 def main(argv=None) -> dict:
@@ -565,16 +627,14 @@ def main(argv=None) -> dict:
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # env's load is read at the end, this run included
     created = setup(args)
     try:
-        result = run_attention(args) if args.what == "attention" else run_dit(args)
+        with nabla_backend(args.nabla_kernel):
+            result = run_attention(args) if args.what == "attention" else run_dit(args)
         result["env"]["load_avg_at_start"] = load_at_start
     except ValueError as e:
         print(f"bench: {e}", file=sys.stderr)
         raise SystemExit(2)
-    rank, _ = world()
-    if rank == 0:
-        if not args.no_save:
-            json_path, md_path = report.write(result, Path(args.out))
-            print(f"wrote {json_path} and {md_path}")
+    save(args, result)
+    if world()[0] == 0:
         print(summary_line(result))
     if created:
         dist.destroy_process_group()

@@ -131,13 +131,15 @@ def component_weights(folder: Path, single: str, index: str) -> list[Path]:
     raise ValueError(f"{folder} has no weights: expected {single} (or {index} with its shards)")
 
 
-def check_weights(root: str | Path) -> None:
+def check_weights(root: str | Path, transformer: bool = True) -> None:
     """Every component's weights are safetensors files whose headers read, before any weight loads.
 
     Catches a missing, truncated or foreign file (a pickle .bin in place of the safetensors) in a second instead of
-    after minutes of loading the components before it."""
+    after minutes of loading the components before it. ``transformer=False``: the DiT comes from another file."""
     root = Path(root)
     for component, (single, index) in WEIGHT_FILES.items():
+        if component == "transformer" and not transformer:
+            continue
         for path in component_weights(root / component, single, index):
             with _open(path) as f:
                 if not list(f.keys()):

@@ -330,8 +330,8 @@ class Kandinsky5DiT(nn.Module):
         # does; the sum with the fp32 time embedding is fp32 there too.
         time_embed = self.time_embeddings(timestep) + self.pooled_text_embeddings(pooled_embeds.to(dtype)).float()
         text = self.text_embeddings(text_embeds.to(dtype))
-        if text_mask is not None and bool(text_mask.all()):
-            text_mask = None  # no padding: let attention take its unmasked fast path
+        # A mask without padding is the caller's to drop (the pipeline does, once per item): checking it here would
+        # be a device sync in every forward.
         angles = torch.arange(text.shape[1], device=x.device, dtype=torch.float32)[:, None] * \
             get_freqs(cfg.head_dim // 2).to(x.device)[None]
         cos, sin = angles.cos(), angles.sin()

@@ -31,7 +31,7 @@ from .dit import Kandinsky5DiT
 from .image import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, is_image_checkpoint, load_source,
                     qwen_image, resolve, vae_input)
 from .image_vae import ImageVAE
-from .pipeline import Result, check_components, make_expander, scheduler_shift
+from .pipeline import Result, check_components, expand_or_reuse, make_expander, scheduler_shift
 from .sampler import Conditioning, sample, uses_cfg
 from .text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
 
@@ -102,13 +102,15 @@ class ImagePipeline:
             pipe.expander = make_expander(text)
         return pipe
 
-    def expand_prompt(self, req: ImageRequest) -> str:
+    def expand_prompt(self, req: ImageRequest, reuse=None) -> str:
         """The reference's expansion of ``req.prompt`` (t2i, or i2i with the source image), seeded with ``req.seed``,
-        once per item and shared; encode it with ``generate(req, prompt=expanded)``."""
+        once per item and shared; encode it with ``generate(req, prompt=expanded)``. ``reuse``: as in
+        ``Kandinsky5Pipeline.expand_prompt``."""
         if self.expander is None:
             raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
         task = "i2i" if req.image is not None else "t2i"
-        return self.share_text(lambda: self.expander(req.prompt, task, req.seed, req.image))
+        return self.share_text(lambda: expand_or_reuse(lambda: self.expander(req.prompt, task, req.seed, req.image),
+                                                       reuse))
 
     def resolve(self, req: ImageRequest) -> ImageRequest:
         return resolve(req, self.dit.config)

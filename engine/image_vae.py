@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
 
 from .image import IMAGE_VAE_CLASS
+
+if TYPE_CHECKING:  # diffusers is imported where a VAE is built: the rest of the engine runs without it
+    from diffusers import AutoencoderKL
 
 LATENT_CHANNELS = 16
 
@@ -38,7 +41,9 @@ def _vae_folder(folder: str | Path) -> Path:
 
 
 class ImageVAE:
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: "AutoencoderKL"):
+        from diffusers import AutoencoderKL
+
         if not isinstance(vae, AutoencoderKL):
             raise TypeError(f"ImageVAE wraps an {IMAGE_VAE_CLASS}, got {type(vae).__name__}")
         if vae.config.latent_channels != LATENT_CHANNELS:
@@ -49,6 +54,8 @@ class ImageVAE:
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype = torch.bfloat16,
                         device: str | torch.device = "cpu") -> "ImageVAE":
+        from diffusers import AutoencoderKL
+
         vae = AutoencoderKL.from_pretrained(_vae_folder(folder), torch_dtype=torch_dtype)
         return cls(vae.to(device))
 

@@ -90,8 +90,9 @@ class LoraAdapter:
                 "ranks": ranks, "config": self.config_source, "trigger": self.trigger}
 
 
-def parse_lora_spec(text: str) -> tuple[Path, float]:
-    """``--lora PATH[:SCALE]`` -> (path, scale). A path that exists as written keeps any ':' it contains."""
+def parse_lora_spec(text: str, what: str = "--lora") -> tuple[Path, float]:
+    """``--lora PATH[:SCALE]`` -> (path, scale). A path that exists as written keeps any ':' it contains.
+    ``what`` names the argument in messages (a flag, or a prompt file's field)."""
     if Path(text).exists() or ":" not in text:
         path, scale_text = text, "1"
     else:
@@ -99,9 +100,9 @@ def parse_lora_spec(text: str) -> tuple[Path, float]:
     try:
         scale = float(scale_text)
     except ValueError:
-        raise LoraError(f"--lora {text}: scale {scale_text!r} is not a number; use PATH or PATH:SCALE, e.g. "
+        raise LoraError(f"{what} {text}: scale {scale_text!r} is not a number; use PATH or PATH:SCALE, e.g. "
                         f"{path}:0.8") from None
-    check_scale(scale, text)
+    check_scale(scale, f"{what} {text}")
     return Path(path), scale
 
 

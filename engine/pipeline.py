@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from .checkpoint import check_weights, locate
+from .compile import sync
 from .config import DiTConfig
 from .dit import Kandinsky5DiT
+from .memory import OFFLOAD_MODES, PEAKS
 from .sampler import DEFAULT_SHIFT, Conditioning, initial_noise, sample, uses_cfg
 from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
 from .vae import VideoVAE
@@ -107,15 +109,18 @@ def check_request(req: Request, cfg: DiTConfig, nabla: bool) -> None:
         warnings.warn(f"latent grid {T}x{H}x{W} exceeds the 128 positions per axis the model was trained with")
 
 
-def check_components(root: Path) -> None:
+def check_components(root: Path, transformer: bool = True) -> None:
+    """Raise ValueError unless ``root`` holds every component folder; ``transformer=False`` when the DiT comes from
+    elsewhere (an original single-file checkpoint: the folder then supplies only the VAE and text encoders)."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"checkpoint {root} is not a folder; pass a Kandinsky 5 diffusers-format folder or 'tiny'")
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    needed = COMPONENTS if transformer else COMPONENTS[1:]
+    missing = [c for c in needed if not (root / c).is_dir()]
     if missing:
         raise ValueError(
             f"{root} is not a complete Kandinsky 5 checkpoint: missing component folder(s) {', '.join(missing)} "
-            f"(expected {', '.join(COMPONENTS)} as in the diffusers layout)"
+            f"(expected {', '.join(needed)} as in the diffusers layout)"
         )
 
 
@@ -155,17 +160,38 @@ def make_expander(encoder: TextEncoder | None):
     return expander
 
 
+def expand_or_reuse(expand, reuse=None) -> str:
+    """``reuse()``'s text when it has one (a recorded expansion), else ``expand()``."""
+    text = reuse() if reuse is not None else None
+    return expand() if text is None else text
+
+
 @dataclass
 class Result:
     latents: Tensor  # [1, T, H, W, 16] fp32
     timings: dict = field(default_factory=dict)
     truncated: bool = False
+    forwards: dict | None = None  # DiT forwards {"run": N, "skipped": [[step, branch], ...]}, where the caller knows
 
 
 class Kandinsky5Pipeline:
-    def __init__(self, root: Path, dit: Kandinsky5DiT, text: TextEncoder | None, vae: VideoVAE, device):
+    """Text encoders -> DiT sampling -> VAE decode on ``device``.
+
+    Where the weights live between uses (``offload``): "none" keeps every component on the device; "text" moves
+    the text encoders off it once the prompts are encoded (``text_after_encode``: "cpu" keeps them in host memory
+    for the next item, "release" frees them: a single video never needs them again); "model" keeps every
+    component in host memory and moves each to the device only while it runs (text encoders, then the DiT, then
+    the VAE), so a model whose parts fit the device one at a time runs on it.
+    """
+
+    def __init__(self, root: Path, dit: Kandinsky5DiT, text: TextEncoder | None, vae: VideoVAE, device,
+                 offload: str = "none"):
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
         self.root, self.dit, self.text, self.vae = Path(root), dit, text, vae
         self.device = torch.device(device)
+        self.offload = offload
+        self.text_after_encode = "keep" if offload == "none" else "cpu"
         self.default_shift = scheduler_shift(root)
         # share_image(encode) -> latent: how ranks that work on one item get the I2V image latent. Here: encode.
         # Parallel runs encode on one rank and broadcast (k5.parallel.plan sets it).
@@ -174,47 +200,103 @@ class Kandinsky5Pipeline:
         # runs it once per item and shares the text, like share_image (k5.parallel.text_share.share_expansion).
         self.expander = None
         self.share_text = lambda expand: expand()
+        PEAKS.resident = self.resident
+
+    def resident(self) -> list[str]:
+        """The components whose weights are on the compute device now (for the memory summary)."""
+        def on_device(module) -> bool:
+            p = next(module.parameters(), None) if module is not None else None
+            return p is not None and p.device == self.device
+
+        text = self.text if isinstance(self.text, TextEncoder) else None
+        parts = {"DiT": self.dit, "text encoders": text.qwen if text else None, "VAE": self.vae.vae}
+        return [name for name, m in parts.items() if on_device(m)]
+
+    def _place(self, component: str, device) -> None:
+        """Move one component (dit, text, vae) to ``device`` when offloading says it lives elsewhere."""
+        if component == "dit":
+            self.dit.to(device)
+        elif component == "vae":
+            self.vae.vae.to(device)
+        elif isinstance(self.text, TextEncoder) and self.text.qwen is not None:
+            self.text.to(device)
 
     @staticmethod
-    def read_config(root: str | Path) -> DiTConfig:
+    def read_config(root: str | Path, dit_path: str | Path | None = None) -> DiTConfig:
         """The DiT config alone (no weights), to validate requests before loading; checks that every component is
-        there and its weight files are safetensors whose headers read."""
-        check_components(Path(root))
-        check_weights(root)
-        return locate(root).config
+        there and its weight files are safetensors whose headers read. ``dit_path``: the DiT's own file when it is
+        not in ``root`` (a single-file checkpoint; ``root`` then supplies the other components)."""
+        separate = dit_path is not None and Path(dit_path) != Path(root)
+        check_components(Path(root), transformer=not separate)
+        check_weights(root, transformer=not separate)
+        return locate(dit_path if separate else root).config
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False,
-                        adapters=()) -> "Kandinsky5Pipeline":
+                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False, adapters=(),
+                        offload: str = "none", *, dit_path: str | Path | None = None,
+                        config: DiTConfig | None = None) -> "Kandinsky5Pipeline":
         """Load every component; a ``dit`` or ``text`` encoder given by the caller (a tensor-parallel DiT, text
         embeddings shared between ranks) is used instead of loading that component. ``expand``: also load the
-        Qwen2.5-VL lm_head for prompt expansion (``expand_prompt``); ``adapters``: LoRAs merged into the DiT."""
+        Qwen2.5-VL lm_head for prompt expansion (``expand_prompt``); ``adapters``: LoRAs merged into the DiT.
+
+        ``dit_path``: where the DiT weights are when not in ``root`` (an original single-file checkpoint), and
+        ``config`` the DiT config to build (a catalogue variant's attention on a file that carries none); both come
+        from ``k5.engine.resolve.resolve_model`` (see ``from_resolved``)."""
         root = Path(root)
-        check_components(root)
+        check_components(root, transformer=dit_path is None or Path(dit_path) == root)
         device = torch.device(device)
-        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device, adapters=adapters)
-        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
+        # --offload model: everything is loaded into host memory and visits the device only while it runs.
+        home = torch.device("cpu") if offload == "model" else device
+        dit = dit or Kandinsky5DiT.from_pretrained(dit_path or root, torch_dtype=dtype, device=home, config=config,
+                                                   adapters=adapters)
+        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=home, lm_head=expand)
         # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=device)
-        pipe = cls(root, dit, text, vae, device)
+        vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=home)
+        pipe = cls(root, dit, text, vae, device, offload=offload)
         if expand and isinstance(text, TextEncoder):
             pipe.expander = make_expander(text)
         return pipe
 
-    def expand_prompt(self, req: Request, task: str | None = None) -> str:
+    def expand_prompt(self, req: Request, task: str | None = None, reuse=None) -> str:
         """The reference's expansion of ``req.prompt`` (seeded with ``req.seed``), computed once per item (on the item
         group's rank 0 in parallel runs) and returned on every rank. ``task``: t2v / i2v / t2i (default: i2v with an
-        image, else t2v). The caller encodes the result: ``generate(req, prompt=expanded)``."""
+        image, else t2v). ``reuse() -> str | None`` is asked first, where the expansion runs: a text it returns (the
+        expansion a resumed job recorded) is shared instead of generating one. The caller encodes the result:
+        ``generate(req, prompt=expanded)``."""
         if self.expander is None:
             raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
         task = task or ("i2v" if req.image else "t2v")
-        return self.share_text(lambda: self.expander(req.prompt, task, req.seed, req.image))
+
+        def expand():
+            if isinstance(self.text, TextEncoder) and self.text.qwen is not None and self.offload != "none":
+                self._place("text", self.device)  # encode() moves it off again right after the embedding
+            return self.expander(req.prompt, task, req.seed, req.image)
+
+        return self.share_text(lambda: expand_or_reuse(expand, reuse))
+
+    @classmethod
+    def from_resolved(cls, resolved, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs) -> "Kandinsky5Pipeline":
+        """Load what ``k5.engine.resolve.resolve_model`` found: components from its root, the DiT from its file or
+        folder with its config (the variant's attention applied). ``kwargs``: expand, adapters."""
+        return cls.from_pretrained(resolved.root, dtype, device, dit_path=resolved.dit, config=resolved.config,
+                                   **kwargs)
 
     def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
+        moves = self.offload == "model" and isinstance(self.text, TextEncoder)
+        if moves or (isinstance(self.text, TextEncoder) and self.text_after_encode == "cpu"):
+            self._place("text", self.device)
         e = self.text.encode(prompts)
-        conds = [Conditioning(e.embeds[i : i + 1], e.mask[i : i + 1], e.pooled[i : i + 1]) for i in range(len(prompts))]
+        if isinstance(self.text, TextEncoder) and self.text_after_encode != "keep":
+            # The embeddings are all the rest of the item needs: the encoders leave the device now.
+            self.text.release() if self.text_after_encode == "release" else self._place("text", "cpu")
+        conds = []
+        for i in range(len(prompts)):
+            # Decided here, once per item (one host read), so that no DiT forward has to sync to find out that a
+            # prompt filling the whole text budget needs no key mask (the unmasked kernels are faster).
+            mask = None if bool(e.mask[i].all()) else e.mask[i : i + 1]
+            conds.append(Conditioning(e.embeds[i : i + 1], mask, e.pooled[i : i + 1]))
         return conds, e.truncated
 
     def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, scale_factor, **dit_kwargs) -> Tensor:
@@ -228,7 +310,13 @@ class Kandinsky5Pipeline:
         def encode():
             img = prepare_image(load_image(req.image), *size)
             g = torch.Generator("cpu").manual_seed(req.seed)
-            return encode_image(self.vae, img, generator=g).float().to(self.device)
+            if self.offload == "model":
+                self._place("vae", self.device)
+            try:
+                return encode_image(self.vae, img, generator=g).float().to(self.device)
+            finally:
+                if self.offload == "model":
+                    self._place("vae", "cpu")
 
         return self.share_image(encode)
 
@@ -237,31 +325,48 @@ class Kandinsky5Pipeline:
         """Sample one request. ``chain``: stages of the step chain (k5.engine.chain: CfgParallel, MagCache, ...);
         ``guided``: the former single hook, taken as the guiding stage. ``prompt``: the text to encode instead of
         ``req.prompt`` (its expansion, see ``expand_prompt``)."""
+        # Clocks are read after a device sync: CUDA queues work, so an unsynchronised clock measures the queueing.
+        sync(self.device)
         t0 = time.perf_counter()
-        prompts = [req.prompt if prompt is None else prompt]
-        prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
-        conds, truncated = self.encode(prompts)
-        cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
-        size = frame_size(req, self.dit.nabla is not None)
-        first = self.first_frame(req, size)
+        with PEAKS.phase("text", self.device):
+            prompts = [req.prompt if prompt is None else prompt]
+            prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
+            conds, truncated = self.encode(prompts)
+            cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
+            size = frame_size(req, self.dit.nabla is not None)
+            first = self.first_frame(req, size)
+            sync(self.device)
         t1 = time.perf_counter()
-        noise = initial_noise(req.latent_shape(size), req.seed, self.device)
-        sf = rope_scale(req.height, req.width)
-        latents = sample(
-            lambda inp, t, c, **kw: self.velocity(inp, t, c, sf, **kw), noise, cond, uncond, steps=req.steps,
-            guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
-            visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step, guided=guided,
-            chain=chain,
-        )
-        if first is not None:
-            from .i2v import normalize_first_frame
+        with PEAKS.phase("denoise", self.device):
+            if self.offload == "model":
+                self._place("dit", self.device)
+            noise = initial_noise(req.latent_shape(size), req.seed, self.device)
+            sf = rope_scale(req.height, req.width)
+            latents = sample(
+                lambda inp, t, c, **kw: self.velocity(inp, t, c, sf, **kw), noise, cond, uncond, steps=req.steps,
+                guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
+                visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step, guided=guided,
+                chain=chain,
+            )
+            if first is not None:
+                from .i2v import normalize_first_frame
 
-            latents = normalize_first_frame(latents, per_frame=True)  # the original repo: per frame
+                latents = normalize_first_frame(latents, per_frame=True)  # the original repo: per frame
+            sync(self.device)
         t2 = time.perf_counter()
+        if self.offload == "model":
+            self._place("dit", "cpu")
         return Result(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
                       truncated=truncated[0])
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         """uint8 frames [F, H, W, 3]."""
-        return self.vae.decode(latents)[0]
+        with PEAKS.phase("decode", self.device):
+            if self.offload == "model":
+                self._place("vae", self.device)
+            frames = self.vae.decode(latents)[0]
+            sync(self.device)
+        if self.offload == "model":
+            self._place("vae", "cpu")
+        return frames

@@ -5,6 +5,8 @@
 - a Hugging Face repo id (``kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers``, optionally ``@revision``),
   found in the local Hugging Face cache, never downloaded: a repo that is not there is an error naming the command
   that downloads it;
+- ``tiny`` (the built-in tiny model, engine/tiny.py): random weights in the real layout for a CPU; a variant of its
+  task gives it the variant's sampling settings (steps, guidance, shift, MagCache ratios) and nothing else;
 - an original single-file checkpoint (``kandinsky5lite_t2v_sft_10s.safetensors``, or an original-format repo or
   folder holding ``model/<name>.safetensors``). It carries no settings, so its variant (given, or recognised from
   the file or repo name) sets the attention: config inference alone would run a NABLA-trained 10 s or HD model
@@ -18,6 +20,7 @@ headers and JSON.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +33,12 @@ from .variants import Variant, VariantError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 DIFFUSERS_MARKERS = ("model_index.json", "transformer")
+# The built-in tiny models: ``--model`` name -> (engine.tiny.tiny_checkpoint kind, the tasks it runs, its own
+# request defaults: a size a CPU runs in seconds). The Image Lite tasks add their own names here.
+TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "num_frames": 9, "steps": 4})}
+# model_index.json ``_class_name`` of the diffusers pipelines -> the task of a -Diffusers checkpoint.
+PIPELINE_TASKS = {"Kandinsky5T2VPipeline": "t2v", "Kandinsky5I2VPipeline": "i2v", "Kandinsky5T2IPipeline": "t2i",
+                  "Kandinsky5I2IPipeline": "i2i"}
 # What a single-file DiT needs from a diffusers-layout folder (engine.pipeline.COMPONENTS less the transformer).
 OTHER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -116,10 +125,19 @@ def _components(variant: Variant | None, config: DiTConfig, given: str | Path | 
     )
 
 
+def checkpoint_task(root: Path) -> str | None:
+    """The task a diffusers-layout folder declares (its model_index.json pipeline class), None when it does not."""
+    try:
+        name = json.loads((Path(root) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return PIPELINE_TASKS.get(name)
+
+
 @dataclass(frozen=True)
 class Resolved:
     model: str  # what was asked for
-    kind: str  # "folder" (diffusers layout) or "file" (original single file)
+    kind: str  # "folder" (diffusers layout), "file" (original single file) or "tiny" (a built-in tiny model)
     root: Path  # diffusers-layout folder: the VAE, text encoders (and the DiT unless ``kind == "file"``)
     dit: Path  # what Kandinsky5DiT.from_pretrained reads: ``root`` or the single file
     config: DiTConfig  # the DiT config to build with (the variant's attention applied)
@@ -127,11 +145,24 @@ class Resolved:
     variant_from: str | None  # "given" or "recognised"
     repo: str | None = None  # the hub repo id, when --model was one
     revision: str | None = None  # its cached commit
+    task: str | None = None  # t2v | i2v | t2i | i2i: the variant's, else the folder's model_index.json, else None
+
+    def defaults(self) -> dict:
+        """Request settings the variant sets (flags override them): steps, guidance, shift, and for a real
+        checkpoint the size and frames; a tiny model has its own size (and 4 steps without a variant). A ``shift``
+        of None leaves the folder's scheduler config in charge. Empty for a checkpoint without a variant."""
+        if self.kind == "tiny":
+            return {**TINY_MODELS[self.model][2], **(self.variant.sampling() if self.variant else {})}
+        return self.variant.defaults() if self.variant else {}
+
+    @property
+    def mag_ratios(self) -> tuple[float, ...] | None:
+        return self.variant.mag_ratios if self.variant else None
 
     def describe(self) -> dict:
         """For the manifest record and the summary."""
         return {"model": self.model, "kind": self.kind, "root": str(self.root), "dit": str(self.dit),
-                "repo": self.repo, "revision": self.revision,
+                "repo": self.repo, "revision": self.revision, "task": self.task,
                 "variant": self.variant.name if self.variant else None, "variant_from": self.variant_from}
 
 
@@ -146,9 +177,13 @@ def _choose_variant(given: str | None, recognised: Variant | None, what: str) ->
 
 
 def resolve_model(model: str, variant: str | None = None, *, components: str | Path | None = None,
-                  cache_dir: str | Path | None = None) -> Resolved:
+                  cache_dir: str | Path | None = None, tiny_attention: str = "regular") -> Resolved:
     """Turn ``--model`` (and ``--variant``) into files, a config and a variant; raise ResolveError / VariantError
-    (both ValueError) with one message naming what is wrong and what would be right."""
+    (both ValueError) with one message naming what is wrong and what would be right.
+
+    ``tiny_attention`` ("regular" or "nabla"): which tiny checkpoint ``--model tiny`` means (built on first use)."""
+    if model in TINY_MODELS:
+        return _resolve_tiny(model, variant, tiny_attention)
     path, repo, revision, recognised = Path(model).expanduser(), None, None, None
     if not path.exists():
         if not REPO_ID.match(model):
@@ -201,14 +236,26 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
     if chosen is not None:
         variants.check_fits(chosen, config, f"--model {model}")
         config = chosen.configure(config)
-    return Resolved(model, kind, root, dit, config, chosen, chosen_from, repo, revision)
+    task = chosen.task if chosen is not None else checkpoint_task(root) if kind == "folder" else None
+    return Resolved(model, kind, root, dit, config, chosen, chosen_from, repo, revision, task)
 
 
-def tiny_variant(name: str | None, tasks=("t2v", "i2v")) -> Variant | None:
+def _resolve_tiny(model: str, variant: str | None, attention: str) -> Resolved:
+    from .checkpoint import locate as _locate
+    from .tiny import tiny_checkpoint
+
+    kind, tasks, _ = TINY_MODELS[model]
+    chosen = tiny_variant(variant, tasks, f"the tiny model --model {model}")
+    root = tiny_checkpoint(attention=attention, kind=kind)  # cached; built aside and renamed, safe under torchrun
+    return Resolved(model, "tiny", root, root, _locate(root).config, chosen, "given" if chosen else None,
+                    task=chosen.task if chosen else tasks[0])
+
+
+def tiny_variant(name: str | None, tasks=("t2v", "i2v"), what: str = "the tiny model") -> Variant | None:
     """The variant a tiny model takes its sampling settings from (steps, guidance, shift, MagCache ratios): any
     variant of the tiny model's tasks; its attention, size and frames stay the tiny model's own."""
     if name is None:
         return None
     variant = variants.get(name)
-    variants.check_task(variant, tasks, "the tiny model")
+    variants.check_task(variant, tasks, what)
     return variant

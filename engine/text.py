@@ -179,6 +179,33 @@ def _load_lm_head(path: Path, qwen, dtype: torch.dtype, device: torch.device) ->
     return head
 
 
+def check_lm_head(folder: str | Path) -> None:
+    """Raise ValueError unless the checkpoint's text encoder can generate (prompt expansion): an ``lm_head.weight``
+    in its safetensors, or a config that ties the head to the input embeddings. Reads headers only."""
+    path = _component_dir(Path(folder), "text_encoder")
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                if "lm_head.weight" in f.keys():
+                    return
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {file}: {e}") from e
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the component named
+        raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {path / 'config.json'}: "
+                         f"{e}") from e
+    # The rule of _load_lm_head, on the same config
+    if not (getattr(config, "tie_word_embeddings", False)
+            or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False)):
+        raise ValueError(
+            f"component 'text_encoder' in {path.parent}: no lm_head.weight in {path} and the config does not tie it "
+            "to the input embeddings; prompt expansion needs the language-model head (or use --no-expand-prompt)"
+        )
+
+
 def _load_tokenizer(path: Path, name: str):
     from transformers import AutoTokenizer
 
@@ -362,6 +389,16 @@ class TextEncoder:
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask.to(device),
                                  max_new_tokens=max_new_tokens, **image_inputs)
         return out[:, input_ids.shape[1]:]
+
+    def to(self, device) -> "TextEncoder":
+        """Move both encoders, e.g. off the GPU once the prompts are encoded and back for the next item."""
+        self._check_loaded()
+        # Every model this encoder holds (the vision tower and lm_head of prompt expansion too, where loaded).
+        for name in ("qwen", "clip", "vision", "lm_head"):
+            module = getattr(self, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        return self
 
     def release(self):
         """Drop the models (a batch job keeps the encoder; a single generation frees it before the DiT runs)."""

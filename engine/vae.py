@@ -13,7 +13,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLHunyuanVideo
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # diffusers is imported where a VAE is built: the rest of the engine runs without it
+    from diffusers import AutoencoderKLHunyuanVideo
 
 CLASS_NAME = "AutoencoderKLHunyuanVideo"
 
@@ -74,6 +77,8 @@ class VideoVAE:
     """Decodes DiT latents to uint8 frames and encodes images to latents with a tiled HunyuanVideo VAE."""
 
     def __init__(self, vae: AutoencoderKLHunyuanVideo, tiling: bool = True, **tiling_overrides: int | None):
+        from diffusers import AutoencoderKLHunyuanVideo
+
         if not isinstance(vae, AutoencoderKLHunyuanVideo):
             raise TypeError(f"VideoVAE wraps an {CLASS_NAME}, got {type(vae).__name__}")
         unknown = set(tiling_overrides) - set(TILING_KEYS)
@@ -90,6 +95,8 @@ class VideoVAE:
         cls, folder_or_vae_subfolder: str | Path, torch_dtype: torch.dtype = torch.float16,
         device: str | torch.device = "cpu", tiling: bool = True, **tiling_overrides: int | None,
     ) -> "VideoVAE":
+        from diffusers import AutoencoderKLHunyuanVideo
+
         folder = _vae_folder(folder_or_vae_subfolder)
         vae = AutoencoderKLHunyuanVideo.from_pretrained(folder, torch_dtype=torch_dtype)
         return cls(vae.to(device), tiling=tiling, **tiling_overrides)

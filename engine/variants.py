@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -385,9 +384,11 @@ def check_magcache(variant: Variant) -> tuple[float, ...]:
 
 # ---- recommended layout and memory on 8 GPUs --------------------------------------------------------------------
 
-# Parameter counts of the other resident components (their configs: Qwen2.5-VL-7B-Instruct with its vision tower,
-# CLIP ViT-L/14 text tower, HunyuanVideo VAE, FLUX.1 VAE).
-QWEN_PARAMS, CLIP_PARAMS = 8_292_166_656, 123_060_480
+# Parameter counts of the other resident components, as engine/text.py and engine/vae.py load them (their configs):
+# Qwen2.5-VL-7B-Instruct's text decoder with its embeddings (8,292,166,656 in all, less the 544,997,376 of lm_head
+# and the 676,550,144 of the vision tower, which a video prompt does not load), CLIP ViT-L/14's text tower (fp32, as
+# the reference runs it), the HunyuanVideo VAE and the FLUX.1 VAE.
+QWEN_TEXT_PARAMS, CLIP_PARAMS = 7_070_619_136, 123_060_480
 VAE_PARAMS = {"video": 246_000_000, "image": 83_800_000}
 GIB = 1024 ** 3
 
@@ -429,48 +430,29 @@ def dit_parameter_bytes(config: DiTConfig, dtype_bytes: int = 2) -> int:
     return sum(p.numel() * (4 if keeps_fp32(n) else dtype_bytes) for n, p in model.named_parameters())
 
 
-def activation_bytes(config: DiTConfig, tokens: int, layout: dict[str, int], nabla: bool,
-                     magcache: bool = False) -> int:
-    """Peak denoising activations of one rank, bf16, inference (no autograd state).
-
-    Per local token, the largest live set inside a visual block (D = model_dim, F = ff_dim, bytes):
-    - FFN: residual x 2D + modulated input 2D + hidden 2F + GELU output 2F;
-    - self-attention: x 2D + modulated input 2D + q, k, v 6D + RoPE's fp32 copy and result of one of them 8D +
-      output 2D = 20D; ring attention adds the K/V block in flight (4D) and the fp32 output and merge (8D);
-    - modulation: x 2D + fp32 layer norm 4D + fp32 scaled copy 4D.
-    The NABLA block mask adds, per local head, the pooled scores and their sort over nb = tokens/64 tiles:
-    fp32 scores, fp32 sorted values, int64 order, fp32 cumsum = 20 bytes per tile pair (transient, one layer at a
-    time). MagCache keeps one visual residual per branch (2 x 2D per local token).
-    """
-    D, F = config.model_dim, config.ff_dim
-    sp = layout["ulysses"] * layout["ring"]
-    local = math.ceil(tokens / sp)
-    attention = 20 * D + (12 * D if layout["ring"] > 1 else 0)
-    per_token = max(4 * D + 4 * F, attention, 10 * D)
-    total = local * per_token
-    if nabla:
-        nb = math.ceil(tokens / 64)
-        total += (config.num_heads // layout["ulysses"]) * nb * nb * 20
-    if magcache:
-        total += 2 * local * 2 * D
-    return total
-
-
-def memory_per_gpu(variant: Variant, world_size: int = 8, magcache: bool = False) -> dict[str, float]:
+def memory_per_gpu(variant: Variant, world_size: int = 8, offload: str = "text") -> dict:
     """Estimated peak GiB per GPU for the variant's default size on ``world_size`` GPUs with the recommended layout.
 
-    Resident on every rank: the DiT (tp 1: whole) and the VAE (fp16; the tiled decode runs on every rank). On the
-    one text-source rank of each replica the Qwen2.5-VL and CLIP encoders (bf16) are resident from load until the
-    prompts are encoded, before denoising starts; the peak is the larger of that phase and denoising. The VAE
-    decode's own activations are tiled and not counted.
-    """
+    The estimate is engine.memory's, the one the CLI refuses a run with before loading (weights resident in each
+    phase, the DiT block's live activations per rank, the tiled decode), here from parameter counts instead of a
+    checkpoint's headers: bf16 DiT and Qwen, fp32 CLIP, fp16 VAE, ``offload`` as the CLI's default on CUDA (the
+    text encoders leave the GPU once the prompts are encoded). The peak is the worst rank's: the text-source rank
+    of each replica also holds the text encoders while it encodes."""
+    import torch
+
+    from .memory import Shape, Weights, estimate
+
     layout = recommended_layout(variant, world_size)
-    config = PRESETS[variant.family]
-    weights = dit_parameter_bytes(config) + VAE_PARAMS["image" if variant.family == "image-lite" else "video"] * 2
-    text = (QWEN_PARAMS + CLIP_PARAMS) * 2
-    act = activation_bytes(config, num_tokens(variant), layout, variant.nabla_P is not None, magcache)
-    return {"weights": weights / GIB, "text_encoders": text / GIB, "activations": act / GIB,
-            "denoise": (weights + act) / GIB, "peak": (weights + max(text, act)) / GIB}
+    config = variant.configure(PRESETS[variant.family])
+    weights = Weights(dit=dit_parameter_bytes(config), text=QWEN_TEXT_PARAMS * 2 + CLIP_PARAMS * 4,
+                      vae=VAE_PARAMS["image" if variant.family == "image-lite" else "video"] * 2)
+    shape = Shape(variant.num_frames, variant.height, variant.width)
+    est = estimate(weights, config, [shape], torch.bfloat16, "cuda", offload, variant.nabla_P is not None,
+                   sp=layout["ulysses"] * layout["ring"], ulysses=layout["ulysses"], ring=layout["ring"],
+                   tp=layout["tp"])
+    return {"weights": (weights.dit + weights.vae) / GIB, "text_encoders": weights.text / GIB,
+            "phases": {k: v / GIB for k, v in est.phases.items()}, "peak": est.peak / GIB,
+            "peak_phase": est.peak_phase}
 
 
 def table(world_size: int = 8) -> list[dict]:
@@ -478,13 +460,13 @@ def table(world_size: int = 8) -> list[dict]:
     rows = []
     for v in VARIANTS.values():
         layout = recommended_layout(v, world_size)
+        memory = memory_per_gpu(v, world_size)
         attn = "dense" if v.nabla_P is None else f"NABLA P={v.nabla_P:g} (wT,wH,wW={','.join(map(str, NABLA_WINDOWS))})"
         rows.append({
             "variant": v.name, "task": v.task, "repo": v.diffusers_repo or v.repo, "steps": v.steps,
             "guidance": v.guidance_scale, "shift": v.shift, "attention": attn,
             "size": f"{v.height}x{v.width}" + (f"x{v.num_frames}" if v.num_frames > 1 else ""),
             "magcache": v.mag_ratios is not None, "layout": layout_flags(layout),
-            "memory_gib": round(memory_per_gpu(v, world_size)["peak"], 1),
-            "denoise_gib": round(memory_per_gpu(v, world_size)["denoise"], 1),
+            "memory_gib": round(memory["peak"], 1), "denoise_gib": round(memory["phases"]["denoise"], 1),
         })
     return rows

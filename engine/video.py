@@ -17,7 +17,6 @@ import tempfile
 from fractions import Fraction
 from pathlib import Path
 
-import ffmpeg
 import numpy as np
 import torch
 
@@ -100,6 +99,8 @@ def encode_mp4(frames, path: str | Path, fps: int = 24, crf: int = 18) -> dict:
     frames = _check_frames(frames)
     path = Path(path)
     num_frames, height, width, _ = frames.shape
+    import ffmpeg  # ffmpeg-python: only where videos are written (publish and the PNG path run without it)
+
     stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
     stream = ffmpeg.output(stream, str(path), format="mp4", vcodec="libx264", pix_fmt="yuv420p", r=fps, crf=crf,
                            movflags="+faststart")
@@ -169,6 +170,8 @@ def probe(path: str | Path, count_frames: bool = False) -> dict:
 
     The frame count comes from the container unless `count_frames`, which decodes the stream to count them.
     """
+    import ffmpeg
+
     info = ffmpeg.probe(str(path), **({"count_frames": None} if count_frames else {}))
     video = next((s for s in info["streams"] if s.get("codec_type") == "video"), None)
     if video is None:

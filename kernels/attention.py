@@ -6,10 +6,80 @@ ring / chunked paths need to merge partial results (see merge.py).
 Conventions: q [B, Sq, H, D], k/v [B, Sk, H, D], key_mask bool [B, Sk] (True = attend), lse fp32 [B, H, Sq]
 (natural log of the sum over keys of exp(q.k / sqrt(D))). A query that sees no key gets out = 0, lse = -inf, so a
 later merge treats it as an empty chunk.
+
+The CUDA kernel of the unmasked calls (the visual self-attention, dense or one ring chunk) is a process-wide choice,
+``set_dense_backend`` (the CLI's --attention-backend): cuDNN's fused attention, flash, memory-efficient, or a
+reference-quality fp32 softmax ("math"); "auto" left unresolved is F.scaled_dot_product_attention's own pick (and
+flash where the lse is needed). Every one of them returns the log-sum-exp, so the ring can merge its chunks
+whichever is chosen. ``resolve_dense_backend`` turns "auto" into the fastest exact
+kernel of the device: cuDNN on Hopper and newer when it runs and agrees with the math kernel, else flash. Masked
+calls (text cross-attention, padded ring chunks) always take the memory-efficient kernel, which takes a bias.
 """
 
 import torch
 import torch.nn.functional as F
+
+DENSE_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+_dense_backend = "auto"
+
+
+def set_dense_backend(name: str) -> None:
+    """Choose the CUDA kernel of unmasked dense attention for this process (see the module docstring)."""
+    global _dense_backend
+    if name not in DENSE_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {', '.join(DENSE_BACKENDS)}")
+    _dense_backend = name
+
+
+def dense_backend() -> str:
+    return _dense_backend
+
+
+def resolve_dense_backend(name: str, device, dtype: torch.dtype, head_dim: int) -> str:
+    """The concrete backend ``name`` stands for on ``device``: "auto" becomes cuDNN on sm90+ in half precision
+    when a probe runs it and it agrees with the math kernel (bf16 tolerance), else flash; on the CPU every choice
+    is the fused CPU kernel ("cpu"). A named backend is probed too, so an unusable choice fails here, at setup."""
+    device = torch.device(device)
+    if name not in DENSE_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {', '.join(DENSE_BACKENDS)}")
+    if device.type != "cuda":
+        return "cpu"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        candidates = (["cudnn"] if torch.cuda.get_device_capability(device) >= (9, 0) else []) + ["flash"]
+        candidates = candidates if half else ["efficient"]
+    else:
+        candidates = [name]
+    errors = []
+    for cand in candidates:
+        err = _probe(cand, device, dtype if half or cand in ("efficient", "math") else torch.bfloat16, head_dim)
+        if err is None:
+            return cand
+        errors.append(f"{cand}: {err}")
+    if name == "auto":
+        return "math"
+    raise ValueError(f"attention backend {name} does not run on {device} for {dtype} head dim {head_dim}: "
+                     f"{'; '.join(errors)}; use --attention-backend auto")
+
+
+def _probe(name: str, device, dtype, head_dim: int) -> str | None:
+    """None if ``name`` runs a small attention with lse that matches the math kernel, else why not."""
+    old = _dense_backend
+    try:
+        set_dense_backend(name)
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 200, 2, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
+        out, lse = dense_attention(q, k, v)
+        ref_out, ref_lse = _dense_explicit(*(t.transpose(1, 2) for t in (q, k, v)), None)
+        err = (out.double().transpose(1, 2) - ref_out.double()).norm() / ref_out.double().norm()
+        lse_err = (lse.double() - ref_lse.double()).abs().max()
+        if not bool(torch.isfinite(out).all()) or err > 2e-2 or lse_err > 1e-2:
+            return f"disagrees with the math kernel (relative error {float(err):.1e}, lse {float(lse_err):.1e})"
+        return None
+    except Exception as e:  # noqa: BLE001 - a backend this build or device lacks: try the next
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    finally:
+        set_dense_backend(old)
 
 # Query rows per step of the explicit fallback: bounds the [B, H, chunk, Sk] fp32 score buffer.
 _FALLBACK_Q_CHUNK = 1024
@@ -35,6 +105,8 @@ def attention(q, k, v, key_mask=None):
     Without a mask no attn_mask is passed, so SDPA is free to pick its fastest (flash) kernel.
     """
     _check_shapes(q, k, v, key_mask)
+    if key_mask is None and q.is_cuda and _dense_backend != "auto":
+        return dense_attention(q, k, v)[0]
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
@@ -76,8 +148,14 @@ def _dense_explicit(q, k, v, key_mask):
 def _dense_cuda(q, k, v, key_mask):
     """CUDA kernels that return the lse (BHSD in). Not exercised by the CPU test-suite."""
     scale = q.shape[-1] ** -0.5
-    if key_mask is None and q.dtype in (torch.float16, torch.bfloat16):
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if key_mask is None and half and _dense_backend == "cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, scale=scale)[:2]
+        lse = lse.reshape(q.shape[:3])  # [B, H, Sq, 1] in some torch versions
+    elif key_mask is None and half and _dense_backend in ("auto", "flash"):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+    elif key_mask is None and _dense_backend == "math":
+        out, lse = _dense_explicit(q, k, v, None)
     else:
         # Memory-efficient kernel: takes fp32 and an additive bias. Its bias rows must be 16-element aligned
         # (hence the padded storage) and its lse is padded along Sq to a multiple of 32 (hence the slice).

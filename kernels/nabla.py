@@ -8,11 +8,14 @@ The mask functions take pooled rows of *some* query tiles and all key tiles, so 
 just its own rows; a row's result never depends on which other rows are computed with it (see nabla_block_mask).
 """
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
+
+from .flex import flex_block_sparse
 
 BLOCK = 64  # tokens per NABLA tile (8x8)
 _TILE = 8
@@ -112,13 +115,14 @@ def _top_cdf(qp, kp, P):
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
-def nabla_block_mask(q_pooled, k_pooled, sta_rows, P, k_valid=None):
+def nabla_block_mask(q_pooled, k_pooled, sta_rows, P, k_valid: int | None = None):
     """NABLA tile mask, bool [B, H, nq, nk].
 
     q_pooled [B,H,nq,D]: pooled queries of some (e.g. one rank's contiguous) query tiles; k_pooled [B,H,nk,D]:
-    pooled keys of all key tiles; sta_rows bool [nq, nk]: the matching rows of the STA mask. k_valid bool [nk]
-    marks real key tiles: padding tiles (False) take no softmax mass and are never selected, so a padded sequence
-    gets exactly the mask of the unpadded one on its real tiles.
+    pooled keys of all key tiles; sta_rows bool [nq, nk]: the matching rows of the STA mask. k_valid: the number of
+    real key tiles, which come first (sequence padding is always at the end, parallel/layout.py); the padding tiles
+    after them take no softmax mass and are never selected, so a padded sequence gets exactly the mask of the
+    unpadded one on its real tiles. A host int, so no device sync is needed to find them.
     """
     B, H, nq, D = q_pooled.shape
     nk = k_pooled.shape[2]
@@ -130,17 +134,14 @@ def nabla_block_mask(q_pooled, k_pooled, sta_rows, P, k_valid=None):
     if not 0.0 <= P <= 1.0:
         raise ValueError(f"NABLA P is the kept probability mass, in [0, 1]; got {P}")
     sta_rows = sta_rows.to(device=q_pooled.device, dtype=torch.bool)
-    if k_valid is not None:
-        if tuple(k_valid.shape) != (nk,):
-            raise ValueError(f"k_valid must be bool [nk] = [{nk}]; got {tuple(k_valid.shape)}")
-        k_valid = k_valid.to(q_pooled.device)
-        if not bool(k_valid.all()):
-            # Run the rule on the real tiles only: the same softmax length and summation order as without padding.
-            cols = k_valid.nonzero().squeeze(1)
-            mask = torch.zeros(B, H, nq, nk, dtype=torch.bool, device=q_pooled.device)
-            if cols.numel():
-                mask[..., cols] = nabla_block_mask(q_pooled, k_pooled[:, :, cols], sta_rows[:, cols], P)
-            return mask
+    if k_valid is not None and k_valid != nk:
+        if not 0 <= k_valid <= nk:
+            raise ValueError(f"k_valid counts the real key tiles, 0..{nk}; got {k_valid}")
+        # Run the rule on the real tiles only: the same softmax length and summation order as without padding.
+        mask = torch.zeros(B, H, nq, nk, dtype=torch.bool, device=q_pooled.device)
+        if k_valid:
+            mask[..., :k_valid] = nabla_block_mask(q_pooled, k_pooled[:, :, :k_valid], sta_rows[:, :k_valid], P)
+        return mask
 
     mask = torch.empty(B, H, nq, nk, dtype=torch.bool, device=q_pooled.device)
     heads = max(1, _MASK_CHUNK_ELEMS // max(1, nq * nk))
@@ -153,6 +154,9 @@ def nabla_block_mask(q_pooled, k_pooled, sta_rows, P, k_valid=None):
 # ---- block-sparse attention --------------------------------------------------------------------------------------
 
 
+# Never traced: the kernel plans its steps from the mask on the host, so a compiled block would specialise on every
+# mask's tile counts and recompile each call. Inside a compiled block it runs eagerly (a graph break).
+@torch.compiler.disable
 def _block_sparse_cpu(q, k, v, block_mask):
     """Gather-based kernel: each query tile attends to its selected key tiles, gathered into one padded [L*64, D]
     operand, with the fused CPU attention kernel (fp32 softmax, returns the lse) run on a batch of query tiles.
@@ -200,35 +204,38 @@ def _block_sparse_cpu(q, k, v, block_mask):
     return out.reshape(B, H, Sq, D).transpose(1, 2), lse.reshape(B, H, Sq)
 
 
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    # Eager flex ignores the sparsity of a kv-blocks BlockMask (computes dense), so it must be compiled.
-    return torch.compile(flex_attention, dynamic=False)
+# Which kernel runs the selected tiles: "flex" (compiled FlexAttention, the CUDA kernel; on the CPU the route the
+# tests exercise it by) or "gather" (the CPU kernel above). "auto": flex on CUDA, gather elsewhere.
+_BACKENDS = ("auto", "flex", "gather")
+_backend = "auto"
 
 
-def _block_sparse_cuda(q, k, v, block_mask):
-    from torch.nn.attention.flex_attention import AuxRequest, BlockMask
-
-    Sq, Sk = q.shape[1], k.shape[1]
-    num = block_mask.sum(-1, dtype=torch.int32)
-    idx = torch.argsort(block_mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    # Every selected tile is a *full* block (as in nablaT_v2): no mask_mod is evaluated inside selected tiles.
-    bm = BlockMask.from_kv_blocks(
-        torch.zeros_like(num), idx, num, idx, BLOCK_SIZE=BLOCK, mask_mod=None, seq_lengths=(Sq, Sk)
-    )
-    out, aux = _compiled_flex()(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, return_aux=AuxRequest(lse=True)
-    )
-    return out.transpose(1, 2), aux.lse
+@contextlib.contextmanager
+def nabla_backend(name: str):
+    """Run NABLA's block-sparse attention on one kernel within this block (like torch's sdpa_kernel)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"NABLA backend {name!r} is not one of {', '.join(_BACKENDS)}")
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
 
 
-def block_sparse_attention(q, k, v, block_mask):
+def _use_flex(q) -> bool:
+    if _backend == "auto":
+        return q.is_cuda
+    if _backend == "gather" and q.is_cuda:
+        raise ValueError("the NABLA 'gather' kernel runs on the CPU only; use 'flex' or 'auto' on CUDA")
+    return _backend == "flex"
+
+
+def block_sparse_attention(q, k, v, block_mask, return_lse: bool = True):
     """Exact attention restricted to selected 64x64 tile pairs. Returns (out [B,Sq,H,D] in q.dtype, lse fp32 [B,H,Sq]).
 
     q [B, nq*64, H, D], k/v [B, nk*64, H, D], block_mask bool [B, H, nq, nk]. Query rows of a tile with no selected
-    key tile get out = 0, lse = -inf.
+    key tile get out = 0, lse = -inf. ``return_lse=False`` returns lse None where the kernel can skip it.
     """
     B, Sq, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != q.shape[2:] or Sq % BLOCK or k.shape[1] % BLOCK:
@@ -241,11 +248,15 @@ def block_sparse_attention(q, k, v, block_mask):
         raise ValueError(
             f"block_mask must be bool [B,H,nq,nk] = {shape}; got {block_mask.dtype} {tuple(block_mask.shape)}"
         )
-    if q.is_cuda:
-        out, lse = _block_sparse_cuda(q, k, v, block_mask)
+    if _use_flex(q):
+        out, lse = flex_block_sparse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask,
+                                     return_lse=return_lse)
+        out = out.transpose(1, 2)
+        # The kernel leaves rows with no selected tile unspecified: pin them to (0, -inf) on the device.
         empty = (~block_mask.any(-1)).repeat_interleave(BLOCK, -1)  # [B,H,Sq]
-        lse = lse.float().masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.transpose(1, 2)[..., None], 0.0)
+        if lse is not None:
+            lse = lse.float().masked_fill(empty, float("-inf"))
     else:
         out, lse = _block_sparse_cpu(q, k, v, block_mask)
     return out.to(q.dtype), lse
@@ -257,4 +268,4 @@ def nabla_attention(q, k, v, spec, T, Hb, Wb):
         raise ValueError(f"nabla_attention: sequence {q.shape[1]} != T*Hb*Wb*64 = {T}*{Hb}*{Wb}*64")
     sta = _sta_cached(T, Hb, Wb, spec.wT, spec.wH, spec.wW, q.device)
     mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, spec.P)
-    return block_sparse_attention(q, k, v, mask)[0]
+    return block_sparse_attention(q, k, v, mask, return_lse=False)[0]

@@ -4,6 +4,7 @@ The output directory of a job::
 
     00000.mp4, cat.mp4, ...     finished videos (NAME.safetensors: their latents, with --save-latents)
     manifest.jsonl              one record per finished item
+    expansions.jsonl            with prompt expansion: every expansion generated, kept so a resumed job reuses it
     logs/rank<r>.log            per-rank logs
     .k5-job.lock                held by rank 0 while the job runs: a second job on the same directory is refused
     .<name>.<random>.partial    temporary files; those of a killed run are deleted when the job starts again
@@ -45,6 +46,7 @@ from k5.launch.outputs import (append_line, check_output, clean_partials, media_
 from k5.launch.prompts import Item
 
 MANIFEST = "manifest.jsonl"
+EXPANSIONS = "expansions.jsonl"  # sealed lines {"key", "expanded", "output"}: expansions a resumed job reuses
 METRICS = "metrics.json"  # the latest run's summary (k5.launch.metrics)
 LOCK = ".k5-job.lock"
 log = logging.getLogger(LOGGER)
@@ -95,8 +97,21 @@ def read_manifest(path: Path) -> ManifestState:
 
 
 def settings(item: Item, job: dict) -> dict:
-    """Everything that decides an item's output files; a resumed job must ask for the same."""
-    return {"request": dataclasses.asdict(item.request), **job}
+    """Everything that decides an item's output files; a resumed job must ask for the same. LoRA adapters count by
+    content and scale (a moved or renamed file is the same adapter); an item without any has no 'lora' key, so
+    records written before adapters existed still match."""
+    out = {"request": dataclasses.asdict(item.request), **job}
+    if item.adapters:
+        out["lora"] = [{"sha256": a.sha256, "scale": a.scale} for a in item.adapters]
+    return out
+
+
+def expansion_key(item: Item, job: dict) -> dict:
+    """What an item's prompt expansion depends on: the prompt, the seed it is sampled with, the image (I2V), the
+    model and its dtype. A recorded expansion is reused only for the same key."""
+    req = item.request
+    return {"prompt": req.prompt, "seed": req.seed, "image": req.image, "model": job.get("model"),
+            "dtype": job.get("dtype")}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -289,11 +304,17 @@ class JobFolder:
         self.log_dir = self.out_dir / "logs"
         self.metrics_path = self.out_dir / METRICS
         self.lock: JobLock | None = None
+        self._expansions: dict[str, str] | None = None  # EXPANSIONS, read on first use
 
     def start(self, items: list[Item]) -> Plan:
         """Rank 0, before any rank writes: take the lock, clean up, verify, plan (ValueError if locked)."""
         self.lock = JobLock(self.out_dir).acquire()
-        return prepare(items, self.out_dir, self.job, self.verify)
+        plan = prepare(items, self.out_dir, self.job, self.verify)
+        # A line a kill cut short would swallow the next one appended after it: drop it now, before any rank appends.
+        expansions = read_manifest(self.out_dir / EXPANSIONS)
+        if expansions.damaged or not expansions.ends_with_newline:
+            replace_atomically(self.out_dir / EXPANSIONS, "".join(seal(r) + "\n" for r in expansions.records))
+        return plan
 
     def targets(self, item: Item) -> dict[str, Path]:
         return targets_of(self.out_dir, item, self.job)
@@ -302,6 +323,25 @@ class JobFolder:
         """Publish the item's files, then append its record; return the record."""
         latents = data["latents"] if self.job.get("save_latents") else None
         return write_item(self.out_dir, item, data[media_kind(item.output)], latents, record)
+
+    def recorded_expansion(self, item: Item) -> str | None:
+        """The expansion recorded for the item's key by an earlier run (or this one), None if there is none.
+
+        Called by the rank that expands (the item group's rank 0). Lines come whole or not at all (sealed, one
+        write each), so a line cut by a kill is skipped and that expansion generated again."""
+        if self._expansions is None:
+            self._expansions = {}
+            for record in read_manifest(self.out_dir / EXPANSIONS).records:
+                if isinstance(record.get("key"), dict) and isinstance(record.get("expanded"), str):
+                    self._expansions[json.dumps(record["key"], sort_keys=True)] = record["expanded"]
+        return self._expansions.get(json.dumps(expansion_key(item, self.job), sort_keys=True))
+
+    def record_expansion(self, item: Item, text: str) -> None:
+        """Keep a generated expansion before the item is denoised, so a resumed job does not generate it again."""
+        key = expansion_key(item, self.job)
+        append_line(self.out_dir / EXPANSIONS, seal({"key": key, "expanded": text, "output": item.output}))
+        if self._expansions is not None:
+            self._expansions[json.dumps(key, sort_keys=True)] = text
 
     def describe(self, done: int, before: int) -> str:
         return (f"{done} item(s) -> {self.out_dir} ({before} finished before; videos, {MANIFEST}, {METRICS}, "

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,7 +62,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="checkpoint folder (diffusers layout) or 'tiny' (built-in random model); required")
+                   help="a Hugging Face repo id from the local cache (kandinskylab/Kandinsky-5.0-...), a checkpoint "
+                        "folder (diffusers layout), an original single-file .safetensors (with --variant), or 'tiny' "
+                        "(built-in random model); required")
     p.add_argument("--prompt", default=None, help="one prompt (or give --prompts FILE); default: none")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="batch job: .jsonl (one object per line), .csv with a header, or plain text (one prompt a "
@@ -72,18 +74,32 @@ def build_parser() -> Parser:
                         "resumes; default: none (a single video goes to --output)")
     p.add_argument("--negative-prompt", default=None, help="default: the reference negative prompt")
     p.add_argument("--image", default=None, help="conditioning image for image-to-video; default: none (text only)")
-    p.add_argument("--height", type=int, default=None, help="pixels; default 512 (128 for --model tiny)")
-    p.add_argument("--width", type=int, default=None, help="pixels; default 768 (128 for --model tiny)")
-    p.add_argument("--num-frames", type=int, default=None, help="4k+1 frames; default 121 (9 for --model tiny)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps; default 50 (4 for --model tiny)")
-    p.add_argument("--guidance-scale", type=finite_float, default=5.0,
-                   help="CFG weight; 1 disables CFG (nocfg/distilled models); default 5")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels; default: the variant's, else 512 (128 for --model tiny)")
+    p.add_argument("--width", type=int, default=None, help="pixels; default: the variant's, else 768 (128 for --model tiny)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="4k+1 frames; default: the variant's, else 121 (9 for --model tiny)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps; default: the variant's, else 50 (4 for --model tiny)")
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
+                   help="CFG weight; 1 disables CFG (nocfg/distilled models); default: the variant's, else 5")
     p.add_argument("--shift", type=finite_float, default=None,
-                   help="schedule shift; default: the checkpoint's scheduler config, else 5")
+                   help="schedule shift; default: the variant's, else the checkpoint's scheduler config, else 5")
     p.add_argument("--seed", type=int, default=0, help="noise seed; in a batch job items default to seed + index; "
                                                        "default 0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --model tiny)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda (= cuda:LOCAL_RANK) or cuda:N; default: cuda:LOCAL_RANK if CUDA is available, else "
+                        "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional torch.compile of the DiT blocks; default: on with CUDA, off on the CPU")
+    p.add_argument("--attention-backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
+                   help="CUDA kernel of dense attention (all return the lse the ring needs); auto: the fastest exact "
+                        "one of the device (cuDNN on Hopper, else flash); default auto")
+    p.add_argument("--offload", choices=["none", "text", "model"], default=None,
+                   help="where weights wait while unused: text = the text encoders leave the GPU once the prompts "
+                        "are encoded; model = every component sits in host memory and visits the GPU only while it "
+                        "runs (e.g. Pro on one 80 GB GPU); default: text with CUDA, none on the CPU")
     p.add_argument("--output", default=None,
                    help="video path, .mp4 (H.264, 24 fps); default: none (no video is written)")
     p.add_argument("--save-latents", nargs="?", const=True, default=None, metavar="PATH",
@@ -94,6 +110,13 @@ def build_parser() -> Parser:
     p.add_argument("--metrics-json", default=None, metavar="PATH",
                    help="the run's summary as JSON (layout, stage and step times, DiT forwards, bytes sent, peak "
                         "memory); default: none (a job folder always gets DIR/metrics.json)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA adapter merged into the DiT weights (diffusers/peft safetensors file or folder; "
+                        "repeatable; SCALE multiplies it, default 1); a prompt file's 'lora' field overrides it per "
+                        "item; default: none")
+    p.add_argument("--expand-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="rewrite each prompt with the text encoder's Qwen2.5-VL before encoding it, as the reference "
+                        "does (the adapters' trigger phrases go first); default: on (off for --model tiny)")
     p.add_argument("--attention", choices=["auto", "dense", "nabla"], default="auto",
                    help="visual self-attention; auto follows the checkpoint config; default auto")
     p.add_argument("--nabla-threshold", type=finite_float, default=None, metavar="P",
@@ -116,6 +139,9 @@ def build_parser() -> Parser:
                         "within it; default 600")
     p.add_argument("--verify", choices=["checksum", "size"], default="checksum",
                    help="how a resumed job checks finished files against the manifest; default checksum")
+    from k5.launch.model import add_flags
+
+    add_flags(p)  # --variant, --list-variants, --magcache, --components
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="check the inputs once, then start N workers on this machine (torchrun --standalone); "
                         "default: run in this process (or as the torchrun worker it is)")
@@ -125,10 +151,9 @@ def build_parser() -> Parser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    # Size, steps, guidance and shift: flag > variant > built-in, once the model is resolved (validate).
     tiny = args.model == "tiny"
-    defaults = dict(height=128 if tiny else 512, width=128 if tiny else 768, num_frames=9 if tiny else 121,
-                    steps=4 if tiny else 50, dtype="fp32" if tiny else "bf16")
-    for k, v in defaults.items():
+    for k, v in dict(dtype="fp32" if tiny else "bf16", expand_prompt=not tiny).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.nabla_threshold is not None and not 0 < args.nabla_threshold <= 1:
@@ -179,18 +204,24 @@ class Env:
     rank: int
     local_rank: int
     device: torch.device
+    estimate: object = None  # engine.memory.Estimate of this rank's peak, made before loading
 
 
 def detect_env(args) -> Env:
+    """World, rank and device; raises ValueError for a device this machine does not have (before anything loads)."""
+    from k5.engine.fastpath import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(args.device, local_rank)
+    # The fast path's defaults depend on the device: compiled and text encoders off the GPU with CUDA.
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.offload is None:
+        args.offload = "text" if device.type == "cuda" else "none"
+    if args.offload == "model" and max(world, args.nproc_per_node or 1) > 1:
+        raise ValueError("--offload model runs one process; with several GPUs split the DiT with --tp-degree instead")
     return Env(world, rank, local_rank, device)
 
 
@@ -220,7 +251,11 @@ class Runtime:
     describe: str
     device: torch.device = torch.device("cpu")
     decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
-    dit_forwards: int = 0  # DiT forwards this rank has run (counted by a forward hook)
+    dit_forwards: int = 0  # DiT forwards that ran the visual blocks on this rank (counted by a forward hook)
+    fast: object = None  # engine.fastpath.FastPath: attention kernel and compile watch
+    estimate: object = None  # engine.memory.Estimate made before loading
+    ratios: tuple | None = None  # --magcache: the variant's ratios (the step cache is a stage of the step chain)
+    chain: list = field(default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -237,15 +272,45 @@ class Runtime:
         def hook(module, args):
             self.dit_forwards += 1
 
-        self.pipe.dit.register_forward_pre_hook(hook)
+        # The first visual block: a forward that MagCache skips still calls the DiT (text blocks, output layer)
+        # but not its visual blocks.
+        self.pipe.dit.visual_transformer_blocks[0].register_forward_pre_hook(hook)
 
-    def generate(self, req, on_step):
+    def generate(self, req, on_step, prompt=None):
         def step(i):
             if self.stats is not None:
                 self.stats.end_step()  # one record of bytes sent per denoising step
             on_step(i)
 
-        return self.pipe.generate(req, on_step=step, guided=self.guided)
+        from k5.launch.model import forwards
+
+        result = self.pipe.generate(req, on_step=step, guided=self.guided, prompt=prompt, chain=self.chain)
+        result.forwards = forwards(self.ratios, req)  # the whole item's, both branches: the plan decides them
+        return result
+
+    def switch_adapters(self, adapters) -> list[str]:
+        """The DiT with ``adapters`` merged (every rank of the item group calls it; each re-reads its own slices of
+        the base weights the old or new adapters touch, no communication). Returns the weights re-read."""
+        if self.dims.world_size > 1:
+            from k5.parallel.tensor import switch_dit_adapters
+
+            return switch_dit_adapters(self.pipe.dit, self.pipe.root, self.dims, adapters)
+        from k5.engine.lora import switch_adapters
+
+        return switch_adapters(self.pipe.dit, self.pipe.root, adapters)
+
+    def expand(self, req, reuse):
+        """(the expansion of the request's prompt, the same on every rank of the item group; whether it was generated
+        (True) or reused (False) on the rank that expands, None on the others)."""
+        reused = []
+
+        def ask():
+            text = reuse()
+            reused.append(text is not None)
+            return text
+
+        text = self.pipe.expand_prompt(req, reuse=ask)
+        return text, (not reused[0]) if reused else None
 
     def decode(self, latents):
         """uint8 frames [F, H, W, 3] on the group's rank 0, None on the others."""
@@ -264,10 +329,24 @@ class Runtime:
 def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
     from k5.parallel.plan import build_parallel
 
-    s = build_parallel(job.root, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text)
+    from k5.engine.fastpath import setup_fast_path
+
+    # The resolved checkpoint: components from its root, the DiT from its folder or single file with the config
+    # the variant gives it (a NABLA-trained file runs NABLA with the variant's P).
+    s = build_parallel(job.resolved, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text,
+                       expand=job.expand, adapters=job.adapters, offload=args.offload)
+    if env.world == 1 and not keep_text and args.offload != "none":
+        s.pipeline.text_after_encode = "release"  # one video: the encoders are never needed again
     s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
     rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
-                 s.describe() if env.world > 1 else "", env.device)
+                 s.describe() if env.world > 1 else "", env.device, estimate=env.estimate, ratios=job.ratios)
+    if job.ratios is not None:
+        from k5.engine.magcache import MagCache
+
+        # After the guiding stage (Guidance, or CfgParallel: each cfg half follows its own branch's accumulator).
+        rt.chain = [MagCache(job.ratios)]
+    shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
+    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes))
     rt.count_forwards()
     return rt
 
@@ -283,6 +362,11 @@ class Job:
     settings: dict  # what decides the outputs besides each request; a resumed job must repeat it
     dest: object  # k5.launch.job.OutputFiles or k5.launch.batch.JobFolder
     needs_frames: bool  # decode the latents (a video or frames are written)
+    adapters: tuple = ()  # --lora: merged at load (items with other adapters switch, k5.launch.job.prepare_item)
+    expand: bool = False  # prompt expansion (loads Qwen's lm_head on the text-source ranks)
+    resolved: object = None  # k5.engine.resolve.Resolved: what --model / --variant name
+    ratios: tuple | None = None  # --magcache: the variant's MagCache ratios
+    checkpoint: dict = field(default_factory=dict)  # the variant, its source, MagCache: for records and summary
 
 
 def validate(args, env: Env) -> Job:
@@ -300,16 +384,25 @@ def validate(args, env: Env) -> Job:
         check_suffix(kind, path, {"video": "--output", "latents": "--save-latents", "frames": "--save-frames"}[kind])
     if args.image is not None:
         check_image(args.image, "--image")
-    if args.model == "tiny":
-        from k5.engine.tiny import tiny_checkpoint
+    from k5.launch import model as model_flags
 
-        attention = "nabla" if args.attention == "nabla" else "regular"
-        root = tiny_checkpoint(attention=attention)  # cached; built aside and renamed, safe under torchrun
-    else:
-        root = Path(args.model)
-    cfg = Kandinsky5Pipeline.read_config(root)  # every component present, weights in readable safetensors
+    # A repo id from the cache, a folder, a single file or "tiny"; the variant given or recognised, checked against
+    # the weights' shapes (the tiny model is built once and cached, safe under torchrun).
+    resolved = model_flags.resolve(args)
+    root = resolved.root
+    # Every component present, weights in readable safetensors (the DiT's from its own file for a single file).
+    Kandinsky5Pipeline.read_config(root, dit_path=resolved.dit)
+    cfg = resolved.config  # the variant's attention applied
+    ratios = model_flags.magcache_ratios(args, resolved)
+    model_flags.request_defaults(args, resolved)  # flag > variant > built-in, for the request and the items
     nabla = args.attention == "nabla" or (args.attention == "auto" and cfg.uses_nabla)
     dims = plan_dims(args, cfg, env.world)
+    open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
+    adapters = tuple(open_adapter(spec) for spec in args.lora)
+    if args.expand_prompt:
+        from k5.engine.text import check_lm_head
+
+        check_lm_head(root)
 
     def check(req):
         check_request(req, cfg, nabla)
@@ -318,11 +411,22 @@ def validate(args, env: Env) -> Job:
     defaults = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, steps=args.steps, guidance_scale=args.guidance_scale,
                     shift=args.shift, seed=args.seed, image=args.image)
-    model = "tiny" if args.model == "tiny" else str(Path(args.model).resolve())
+    if resolved.kind == "tiny":
+        model = args.model
+    elif resolved.repo is not None:
+        model = f"{resolved.repo}@{resolved.revision}"  # another revision is other weights
+    else:
+        model = str(Path(args.model).resolve())
     # What decides a job folder's files besides each request (a resume must repeat it); for a single video, the
-    # summary's record of the run.
+    # summary's record of the run. The variant decides the attention of a single file; step_cache None (absent in
+    # older manifests) is no step skipping.
     settings = {"model": model, "dtype": args.dtype, "attention": args.attention,
-                "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True}
+                "nabla_threshold": args.nabla_threshold, "save_latents": args.save_latents is True,
+                "variant": resolved.variant.name if resolved.variant else None,
+                "step_cache": "magcache" if ratios is not None else None}
+    if args.expand_prompt:  # absent when off, so job folders made before expansion existed still resume
+        settings["expand_prompt"] = True
+    found = dict(resolved=resolved, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios))
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     if single:
         from k5.launch.job import OutputFiles
@@ -339,8 +443,9 @@ def validate(args, env: Env) -> Job:
         for path, flag in extra:
             check_writable(path, flag)
         name = str(paths.get("video") or paths.get("latents") or paths.get("frames"))
-        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name)], settings, OutputFiles(paths),
-                   needs_frames="video" in paths or "frames" in paths)
+        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name, adapters)], settings,
+                   OutputFiles(paths), needs_frames="video" in paths or "frames" in paths, adapters=adapters,
+                   expand=args.expand_prompt, **found)
 
     from k5.launch.batch import JobFolder, check_resume
     from k5.launch.prompts import read_prompts, single_item
@@ -350,9 +455,11 @@ def validate(args, env: Env) -> Job:
     except ValueError as e:
         raise ValueError(f"the command-line defaults for the items: {e}") from None
     if args.prompts is not None:
-        items = read_prompts(args.prompts, defaults, check)
+        items = read_prompts(args.prompts, defaults, check, adapters,
+                             lambda spec, folder: open_adapter(spec, folder, "'lora'"))
     else:
-        items = [single_item(Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None}))]
+        request = Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None})
+        items = [replace(single_item(request), adapters=adapters)]
         check(items[0].request)
     out_dir = Path(args.output_dir)
     check_resume(items, out_dir, settings)
@@ -360,19 +467,51 @@ def validate(args, env: Env) -> Job:
     refuse_existing(*(p for p, _ in extra))
     for path, flag in extra:
         check_writable(path, flag)
-    return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True)
+    return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True,
+               adapters=adapters, expand=args.expand_prompt, **found)
+
+
+class AdapterOpener:
+    """``opener(spec, folder=None, what="--lora") -> LoraAdapter`` for a ``PATH[:SCALE]``: each file's header is read
+    and hashed once, and checked against the DiT's Linear shapes (k5.engine.lora.check_fits) before any weight
+    loads; LoraError (a ValueError) otherwise. A relative PATH is taken in ``folder`` when one is given (a prompt
+    file's folder)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.shapes, self.by_file = cfg, None, {}
+
+    def __call__(self, spec: str, folder: Path | None = None, what: str = "--lora"):
+        from k5.engine import lora
+
+        path, scale = lora.parse_lora_spec(spec, what)
+        path = path.expanduser()
+        if folder is not None and not path.is_absolute():
+            path = folder / path
+        key = path.resolve()
+        if key not in self.by_file:
+            adapter = lora.open_lora(path)
+            if self.shapes is None:
+                self.shapes = lora.dit_linear_shapes(self.cfg)
+            lora.check_fits([adapter], self.shapes)
+            self.by_file[key] = adapter
+        adapter = self.by_file[key]
+        return adapter if adapter.scale == scale else replace(adapter, scale=scale)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     launching = args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ
-    env = detect_env(args)
+    try:
+        env = detect_env(args)
+    except ValueError as e:  # e.g. --device cuda on a machine without CUDA: before anything loads
+        fail(str(e), show=int(os.environ.get("RANK", "0")) == 0)
     if launching:
         env = Env(args.nproc_per_node, 0, 0, env.device)
     if env.device.type == "cuda" and not launching:
         torch.cuda.set_device(env.device)
     try:
         job = validate(args, env)
+        env.estimate = check_memory(args, env, job)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Every rank checks the same inputs and ends; only rank 0 says why, so the terminal shows it once.
         fail(str(e), show=env.rank == 0)
@@ -381,6 +520,17 @@ def main(argv=None) -> int:
 
         return start_workers(args.nproc_per_node, sys.argv if argv is None else [sys.argv[0], *argv])
     return run(args, env, job)
+
+
+def check_memory(args, env: Env, job: Job):
+    """The pre-load estimate of this rank's peak; raises ValueError for a run that cannot fit the device."""
+    from k5.engine.memory import Shape, check_memory as estimate_and_check
+
+    shapes = sorted({Shape(it.request.num_frames, it.request.height, it.request.width) for it in job.items},
+                    key=lambda s: (s.frames, s.height, s.width))
+    d = job.dims
+    return estimate_and_check(job.root, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
+                              sp=d.sp_size, ulysses=d.ulysses, ring=d.ring, tp=d.tp)
 
 
 def run(args, env: Env, job: Job) -> int:
@@ -448,9 +598,16 @@ def report_end(args, job: Job, result, wall_s: float, written: list[str]) -> Non
         if result.status == "done" and items:
             steps = [s for it in items for s in it["step_s"]]
             peak = max((r["peak_memory"]["bytes"] for r in doc["ranks"] if r.get("peak_memory")), default=None)
+            fw = doc["dit_forwards"]
             line = (f"summary: {len(items)} item(s) in {wall_s:.1f} s, {sum(steps) / len(steps):.3f} s/step, "
                     f"decode {doc['times']['stages']['decode_s']:.2f} s, peak memory {format_bytes(peak)} "
-                    f"(highest rank)")
+                    f"(highest rank), variant {doc['variant'] or 'none'}, DiT forwards {fw['run']} run, "
+                    f"{fw['skipped']} skipped" + (" (MagCache)" if doc["magcache"] else ""))
+            rank0 = next((r for r in doc["ranks"] if r["rank"] == 0 and r.get("compile")), None)
+            if rank0 is not None:
+                from k5.engine.fastpath import format_summary
+
+                line += "; rank 0: " + format_summary(rank0)
             if rt.stats is not None:
                 line += f", sent per denoising step: {comm_summary(rt.stats)}"
             log.info(line)

@@ -57,6 +57,12 @@ class OutputFiles:
     def describe(self, done: int, before: int) -> str:
         return ", ".join(str(p) for p in self.paths.values())
 
+    def recorded_expansion(self, item: Item) -> str | None:
+        return None  # nothing to resume: the expansion goes to the summary (metrics) only
+
+    def record_expansion(self, item: Item, text: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -65,11 +71,16 @@ class OutputFiles:
 class Worker:
     """What the launcher provides for one dp group: every rank of the group calls these together."""
 
-    generate: Callable  # (Request, on_step) -> engine.pipeline.Result
+    generate: Callable  # (Request, on_step, prompt=None) -> engine.pipeline.Result; prompt: the text to encode
     decode: Callable  # latents -> uint8 frames on the group's leader, None elsewhere
     leader: bool  # this rank writes the group's files and records
-    forwards: Callable[[], int] = lambda: 0  # DiT forwards this rank has run so far
+    forwards: Callable[[], int] = lambda: 0  # DiT forwards that ran the visual blocks on this rank so far
     comm_steps: Callable[[], list] = lambda: []  # per denoising step: bytes sent by collective (CommStats.steps)
+    # (adapters) -> names of the DiT weights re-read: the item's LoRA adapters into the DiT ([] if unchanged)
+    switch_adapters: Callable[[tuple], list] = lambda adapters: []
+    # (Request, reuse) -> (expanded text, generated: True/False on the rank that expands, None elsewhere); None: no
+    # prompt expansion. reuse() -> a recorded expansion or None, asked on the rank that expands.
+    expand: Callable | None = None
 
 
 class Progress:
@@ -103,6 +114,46 @@ class Progress:
         self.items.close()
 
 
+def prepare_item(item: Item, worker: Worker, dest) -> tuple[str | None, dict, dict]:
+    """Every rank of the item's group, before its denoising: the item's LoRA adapters into the DiT (the base weights
+    re-read where the adapters change, nothing when they stay) and, with prompt expansion, the text to encode.
+
+    That text is, as in the reference, the adapters' trigger phrases followed by the expansion; the expansion is
+    generated on the group's rank 0 and shared, or taken from the destination's record (a resumed job), and the
+    leader records a generated one at once. Returns (the text, or None for the item's own prompt; what the item's
+    manifest record and metrics note; the seconds spent, by part)."""
+    t0 = time.perf_counter()
+    touched = worker.switch_adapters(item.adapters)
+    t1 = time.perf_counter()
+    notes = {"lora": [a.record() for a in item.adapters]} if item.adapters else {}
+    if touched:
+        names = ", ".join(f"{a.path.name}:{a.scale:g}" for a in item.adapters) or "none (base weights)"
+        log.info("item %d: LoRA %s (%d weights re-read from the checkpoint)", item.index, names, len(touched))
+    times = {"lora_switch_s": t1 - t0}
+    if worker.expand is None:
+        return None, notes, times
+    expanded, generated = worker.expand(item.request, lambda: dest.recorded_expansion(item))
+    times["expand_s"] = time.perf_counter() - t1
+    prompt = "".join(a.trigger or "" for a in item.adapters) + expanded
+    if worker.leader:
+        if generated:
+            dest.record_expansion(item, expanded)
+        log.info("item %d: expanded prompt (%s): %s", item.index, "generated" if generated else "recorded, reused",
+                 prompt)
+    notes["prompt_expansion"] = {"expanded": expanded, "encoded": prompt, "generated": bool(generated)}
+    return prompt, notes, times
+
+
+def trigger_notes(items: list[Item], expand: bool) -> list[str]:
+    """Without prompt expansion the reference adds no trigger phrase: say so once for each adapter that has one."""
+    if expand:
+        return []
+    adapters = {a.key: a for item in items for a in item.adapters if a.trigger}
+    return [f"note: LoRA {a.path} has the trigger phrase {a.trigger!r}; without prompt expansion it is not added to "
+            f"the prompt (as in the reference): write it into the prompt, or use --expand-prompt"
+            for a in adapters.values()]
+
+
 def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_base: dict, job_settings: dict,
               needs_frames: bool, on_step: Callable[[Item, int], None] | None = None,
               on_item: Callable[[Item, dict], None] | None = None) -> tuple[list[dict], bool]:
@@ -128,7 +179,9 @@ def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_b
             sup.step(i)
 
         try:
-            result = worker.generate(item.request, step)
+            prompt, notes, prep_times = prepare_item(item, worker, dest)
+            t_gen = time.perf_counter()
+            result = worker.generate(item.request, step, prompt=prompt)
             if sup.agree_stop():
                 raise Stopped()
             t1 = time.perf_counter()
@@ -139,14 +192,18 @@ def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_b
                 metrics = {
                     "item": item.index, "where": item.where, "output": item.output, "rank": sup.rank,
                     "steps": item.request.steps, "text_s": text_s, "denoise_s": result.timings.get("denoise_s"),
-                    "step_s": [b - a for a, b in zip([t0 + text_s] + marks[:-1], marks)], "decode_s": t2 - t1,
-                    "dit_forwards": {"run": worker.forwards() - forwards0, "skipped": 0},
-                    "comm_per_step": worker.comm_steps()[comm0:],
+                    "step_s": [b - a for a, b in zip([t_gen + text_s] + marks[:-1], marks)], "decode_s": t2 - t1,
+                    # The item's forwards (both guidance branches) as the runtime knows them, else this rank's count.
+                    "dit_forwards": result.forwards or {"run": worker.forwards() - forwards0, "skipped": []},
+                    # Measured: the forwards that ran the visual blocks on this (writing) rank (its own branch only
+                    # under CFG parallel); a skipped forward runs only the text blocks and the output layer.
+                    "visual_stack_runs_on_rank": worker.forwards() - forwards0,
+                    "comm_per_step": worker.comm_steps()[comm0:], **prep_times, **notes,
                 }
-                timings = {**result.timings, "decode_s": t2 - t1, "total_s": t2 - t0}  # the write excluded
+                timings = {**prep_times, **result.timings, "decode_s": t2 - t1, "total_s": t2 - t0}  # write excluded
                 record = {**record_base, "item": item.index, "source": item.source, "line": item.line,
                           "output": item.output, "settings": settings(item, job_settings), "truncated": result.truncated,
-                          "timings": timings}
+                          "timings": timings, "dit_forwards": metrics["dit_forwards"], **notes}
                 # An image is one frame: the "image" output (PNG) takes the same uint8 [1, H, W, 3].
                 data = {"video": frames, "image": frames, "frames": frames, "latents": result.latents}
                 record = dest.write(item, data, record)
@@ -190,7 +247,8 @@ def record_base(job, rt) -> dict:
     config = job.root / "transformer" / "config.json"
     return {
         "checkpoint": {"model": job.settings["model"], "path": str(job.root),
-                       "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None},
+                       "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+                       **getattr(job, "checkpoint", {})},  # variant, its source, task, repo, revision, magcache
         "layout": {"world": rt.dims.world_size, **rt.dims.degrees, "dp_group": rt.dp_rank},
         "host": socket.gethostname(),
     }
@@ -262,8 +320,12 @@ def run_job(job, sup: Supervisor, rank: int, load: Callable[[bool], object], wri
         if sup.channel is None:
             progress.set_items(progress.items.n + 1)
 
+    if rank == 0:
+        for note in trigger_notes(items, getattr(job, "expand", False)):
+            log.info(note)
     worker = Worker(generate=rt.generate, decode=rt.decode, leader=rt.group_rank == 0, forwards=rt.forwards,
-                    comm_steps=rt.comm_steps)
+                    comm_steps=rt.comm_steps, switch_adapters=rt.switch_adapters,
+                    expand=rt.expand if getattr(job, "expand", False) else None)
     finished, _ = run_items(mine, worker, sup, dest, record_base(job, rt), job.settings, job.needs_frames,
                             on_step=progress.step, on_item=on_item)
     from k5.launch.metrics import rank_report

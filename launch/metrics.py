@@ -6,17 +6,25 @@ variant) is one more field here, filled from the rank reports.
 
 Fields (times in seconds, bytes as integers; null where not measured):
 
-- ``status`` (done / stopped), ``exit_code``, ``command``, ``model``, ``variant``, ``dtype``, ``attention``;
+- ``status`` (done / stopped), ``exit_code``, ``command``, ``model``, ``variant``, ``magcache``, ``dtype``,
+  ``attention``;
+- ``expand_prompt``: whether prompts were expanded; ``lora``: every LoRA adapter the job's items use (path, sha256,
+  scale, layers, ranks, config source, trigger);
 - ``layout``: world size and the degrees dp x cfg x ring x ulysses x tp;
 - ``items``: in the job, to do in this run, finished before, finished in this run;
 - ``times``: wall time of the run and of loading (rank 0), and per stage (text, denoise, decode, write) summed
   over the items;
 - ``per_item``: for each item finished in this run (reported by the rank that wrote it): its output, the stage
-  times, every denoising step's time, the DiT forwards its group's first rank ran and skipped, and the bytes that
-  rank sent per denoising step by collective;
-- ``dit_forwards``: totals over the items (run; skipped stays 0 until step caching exists);
+  times, every denoising step's time, the item's DiT forwards (both guidance branches: how many ran, and the
+  skipped ones as [step, "cond"|"uncond"] pairs), the forwards that ran the visual blocks on its writing rank
+  (measured by a hook; that rank's own branch only under CFG parallel), and the bytes that rank sent per
+  denoising step by collective; with adapters its ``lora``, with expansion its ``prompt_expansion``
+  (``expanded``, ``encoded``: the text handed to the encoder, ``generated``) and ``expand_s``;
+- ``dit_forwards``: totals over the items (run, skipped);
 - ``comm_per_step``: the bytes rank 0 sent in its last denoising step, by collective (the steady state);
-- ``ranks``: per rank, the peak memory (CUDA: max allocated; CPU: max resident set) and compile counts;
+- ``ranks``: per rank, the peak memory (CUDA: max allocated; CPU: max resident set), ``memory`` (CUDA: peak
+  allocated and reserved over the whole run, the phase of the peak and what was resident then, the VAE decode's own
+  peak; the pre-load estimate), compile counts and the dense attention kernel (engine.fastpath.run_summary);
 - ``files``: the files this run wrote.
 """
 
@@ -49,15 +57,12 @@ def format_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def compile_report(runtime) -> dict:
-    """Whether the DiT is compiled and how often it compiled and recompiled (None: not known here)."""
-    return {"enabled": None, "compiles": None, "recompiles": None}
-
-
 def rank_report(rank: int, device: torch.device, runtime, load_s: float | None, items: list[dict]) -> dict:
     """What one rank contributes to the summary (sent to rank 0 through the store: plain JSON values)."""
-    return {"rank": rank, "peak_memory": peak_memory(device), "load_s": load_s, "items": items,
-            "compile": compile_report(runtime)}
+    from k5.engine.fastpath import run_summary
+
+    fast = run_summary(getattr(runtime, "fast", None), device, getattr(runtime, "estimate", None))
+    return {"rank": rank, "peak_memory": peak_memory(device), "load_s": load_s, "items": items, **fast}
 
 
 def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_code: int, wall_s: float,
@@ -74,19 +79,22 @@ def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_c
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "model": job.settings["model"],
-        "variant": None,
+        "variant": job.settings.get("variant"),
+        "magcache": job.settings.get("step_cache") == "magcache",
         "dtype": args.dtype,
         "attention": args.attention,
+        "expand_prompt": bool(getattr(job, "expand", False)),
+        "lora": list({a.key: a.record() for item in job.items for a in item.adapters}.values()),
         "layout": layout,
         "items": {"in_job": len(job.items), "to_do": len(plan["pending"]), "finished_before": plan["finished"],
                   "finished": outcome.items_done},
         "times": {"wall_s": round(wall_s, 6), "load_s": rank0.get("load_s"), "stages": stages},
         "per_item": per_item,
         "dit_forwards": {"run": sum(it["dit_forwards"]["run"] for it in per_item),
-                         "skipped": sum(it["dit_forwards"]["skipped"] for it in per_item)},
+                         "skipped": sum(len(it["dit_forwards"]["skipped"]) for it in per_item)},
         "comm_per_step": last_comm,
-        "ranks": [{"rank": r.get("rank"), "peak_memory": r.get("peak_memory"), "compile": r.get("compile")}
-                  for r in reports],
+        "ranks": [{"rank": r.get("rank"), "peak_memory": r.get("peak_memory"), "memory": r.get("memory"),
+                   "compile": r.get("compile"), "attention_backend": r.get("attention_backend")} for r in reports],
         "files": files,
     }
 

@@ -11,7 +11,9 @@ the seed defaults to ``--seed`` plus the item's index, so the items of a plain-t
 relative ``image`` path is taken relative to the prompt file's folder (for a video model the I2V image, for an
 Image Lite model the source image of an edit). ``output`` names the video (Image Lite: the PNG image) inside
 ``--output-dir`` (``.mp4``, resp. ``.png``, is appended when the name has no extension; another video or image
-format's extension is refused); by default it is the item's index, ``00007.mp4`` (``00007.png``).
+format's extension is refused); by default it is the item's index, ``00007.mp4`` (``00007.png``). ``lora`` names
+the item's LoRA adapters instead of ``--lora``'s: ``"PATH[:SCALE]"``, a list of such strings (JSON Lines), or
+``"none"`` (also ``[]``) for the base model; a relative PATH is taken relative to the prompt file's folder.
 
 A bad line stops the job before anything runs, with the file, the line number, the field and what is expected.
 The value rules themselves (sizes, 4k+1 frames, ...) are ``check_request``'s, passed in as ``check``; the request
@@ -35,8 +37,9 @@ from k5.launch.outputs import OUTPUTS, output_name
 
 FIELDS: dict[str, type] = {
     "prompt": str, "negative_prompt": str, "seed": int, "image": str, "height": int, "width": int,
-    "num_frames": int, "steps": int, "guidance_scale": float, "shift": float, "output": str,
+    "num_frames": int, "steps": int, "guidance_scale": float, "shift": float, "output": str, "lora": list,
 }
+NO_LORA = "none"  # the 'lora' value for "no adapter" (a file named none: ./none)
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
 MAX_LISTED = 20  # bad lines listed in one error; the rest are counted
 
@@ -52,6 +55,7 @@ class Item:
     source: str  # the file's name as given, for messages
     request: Request  # or engine.image.ImageRequest (Image Lite)
     output: str  # video (or image) file name inside the output directory
+    adapters: tuple = ()  # the item's LoRA adapters (k5.engine.lora.LoraAdapter), merged while it runs
 
     @property
     def where(self) -> str:
@@ -166,15 +170,18 @@ def _text_rows(text: str):
             yield n, {"prompt": line}
 
 
-def read_prompts(path: str | Path, defaults: dict, check: Callable, make: Callable = Request,
+def read_prompts(path: str | Path, defaults: dict, check: Callable, adapters: tuple = (),
+                 open_adapter: Callable[[str, Path], object] | None = None, make: Callable = Request,
                  kind: str = "video") -> list[Item]:
     """All items of a prompt file, or one PromptFileError naming every bad line (the first MAX_LISTED).
 
     ``defaults`` holds the command-line values of the Request fields (``seed`` is the base seed); ``check`` raises
     ValueError for a request that cannot run (``check_request`` with the checkpoint's config) and may return the
-    request as it will run (an image request resolved to its bucket), which the item then holds. ``make`` builds
-    the request from the fields (ValueError for a field the request type does not take); ``kind`` is the MEDIA
-    kind of the item's file ("video" or "image").
+    request as it will run (an image request resolved to its bucket), which the item then holds. ``adapters``: the
+    LoRA adapters of an item without a ``lora`` field (``--lora``); ``open_adapter(spec, folder)`` opens and checks
+    one ``PATH[:SCALE]`` of a ``lora`` field (ValueError if it cannot be used), a relative PATH being in ``folder``.
+    ``make`` builds the request from the fields (ValueError for a field the request type does not take); ``kind``
+    is the MEDIA kind of the item's file ("video" or "image").
     """
     path = Path(path)
     name = str(path)
@@ -195,7 +202,8 @@ def read_prompts(path: str | Path, defaults: dict, check: Callable, make: Callab
         try:
             if isinstance(row, Exception):
                 raise row
-            item = _item(row, len(items), n, name, path.parent, defaults, check, from_text, make, kind)
+            item = _item(row, len(items), n, name, path.parent, defaults, check, from_text, adapters, open_adapter,
+                         make, kind)
             if item.output in owner:
                 raise ValueError(f"output {item.output} is also the output of line {owner[item.output]}; "
                                  f"every item needs its own file")
@@ -216,12 +224,33 @@ def read_prompts(path: str | Path, defaults: dict, check: Callable, make: Callab
     return items
 
 
+def _lora_specs(value, from_text: bool) -> list[str]:
+    """The 'lora' field as a list of PATH[:SCALE] strings ([] for no adapter)."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.lower() == NO_LORA:
+            return []
+        if value:
+            return [value]
+    elif isinstance(value, list) and not from_text and all(isinstance(v, str) and v.strip() for v in value):
+        return [v.strip() for v in value]
+    raise ValueError(f"'lora' must be \"PATH[:SCALE]\"{', a list of them' if not from_text else ''} or "
+                     f"\"{NO_LORA}\" (no adapter), got {value!r}")
+
+
 def _item(row: dict, index: int, line: int, source: str, folder: Path, defaults: dict, check: Callable,
-          from_text: bool, make: Callable = Request, kind: str = "video") -> Item:
+          from_text: bool, adapters: tuple = (), open_adapter: Callable[[str, Path], object] | None = None,
+          make: Callable = Request, kind: str = "video") -> Item:
     values = {}
     for field, value in row.items():
         if field not in FIELDS:
             raise _unknown(field)
+        if field == "lora":
+            specs = _lora_specs(value, from_text)
+            if specs and open_adapter is None:
+                raise ValueError("'lora' is not taken by this run")
+            adapters = tuple(open_adapter(spec, folder) for spec in specs)
+            continue
         values[field] = _coerce(field, value, from_text)
     if "prompt" not in values:
         raise ValueError("missing 'prompt'; every item needs a text describing the video")
@@ -236,7 +265,7 @@ def _item(row: dict, index: int, line: int, source: str, folder: Path, defaults:
         check_image(fields["image"])
     req = make(**fields)
     req = check(req) or req
-    return Item(index, line, source, req, output)
+    return Item(index, line, source, req, output, adapters)
 
 
 def check_image(path: str, what: str = "'image'") -> None:

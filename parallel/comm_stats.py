@@ -25,6 +25,9 @@ class CommStats:
         self.calls: dict[str, int] = defaultdict(int)
         self.steps: list[dict[str, dict[str, int]]] = []
 
+    # Inside a compiled block this runs eagerly: traced, dynamo would guard on the counters' values and recompile
+    # the block at every call (and past its recompile limit fall back to eager for good).
+    @torch.compiler.disable
     def add(self, kind: str, num_bytes: int) -> None:
         self.bytes[kind] += int(num_bytes)
         self.calls[kind] += 1

@@ -74,8 +74,11 @@ class SequenceLayout:
         return F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, self.pad])
 
     def shard(self, x: torch.Tensor, dim: int, sp_rank: int) -> torch.Tensor:
-        """This SP rank's shard of the full sequence ``x`` (zero-padded at the end first)."""
-        return self.pad_to_length(x, dim).narrow(dim, sp_rank * self.shard_len, self.shard_len)
+        """This SP rank's shard of the full sequence ``x`` (zero-padded at the end first), a copy with the standard
+        strides: the blocks then see one memory layout at every layer, so a compiled block needs one variant, not
+        two (``contiguous()`` would keep the view's stride on a size-1 batch dim, which dynamo guards on)."""
+        shard = self.pad_to_length(x, dim).narrow(dim, sp_rank * self.shard_len, self.shard_len)
+        return shard.clone(memory_format=torch.contiguous_format)
 
     def unshard(self, x_local: torch.Tensor, dim: int, group, stats: CommStats | None = None) -> torch.Tensor:
         """All-gather the shards over the SP ``group`` (rank order = SP order) and drop the padding."""

@@ -129,34 +129,53 @@ def image_sharing(dims: ParallelDims, device):
     return share
 
 
-def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                   keep_text: bool = False, expand: bool = False, adapters=()) -> ParallelSetup:
+def _checkpoint(root, dit_path, config) -> tuple[Path, Path, DiTConfig]:
+    """(components root, DiT weights, DiT config) from a folder, or from a ``k5.engine.resolve.Resolved`` (a
+    repo id, a single-file checkpoint with its variant's config)."""
+    from k5.engine.checkpoint import locate
+    from k5.engine.pipeline import check_components
+
+    if hasattr(root, "dit") and hasattr(root, "root"):  # a Resolved
+        root, dit_path, config = root.root, dit_path or root.dit, config or root.config
+    root = Path(root)
+    dit_path = Path(dit_path) if dit_path is not None else root
+    check_components(root, transformer=dit_path == root)
+    return root, dit_path, config or locate(dit_path).config
+
+
+def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                   keep_text: bool = False, expand: bool = False, adapters=(), offload: str = "none",
+                   dit_path: str | Path | None = None, config: DiTConfig | None = None) -> ParallelSetup:
     """Everything a rank needs to generate on the planned ``dims`` (from ``plan_parallel``).
 
-    ``keep_text``: keep the text encoders after the first encode (batch jobs encode again). ``expand``: load Qwen's
-    lm_head for prompt expansion, run once per item on the item group's rank 0 and shared. ``adapters``: LoRA
-    adapters (k5.engine.lora.open_lora) merged while each rank reads its slices. With more than one process
-    torch.distributed must be initialized and its world size equal ``dims.world_size``.
+    ``root``: a diffusers-layout folder, or what ``k5.engine.resolve.resolve_model`` returned. ``dit_path`` and
+    ``config``: the DiT's weights and config when they are not the folder's own (a single-file checkpoint, a
+    variant's attention). ``keep_text``: keep the text encoders after the first encode (batch jobs encode again).
+    ``expand``: load Qwen's lm_head for prompt expansion, run once per item on the item group's rank 0 and shared.
+    ``adapters``: LoRA adapters (k5.engine.lora.open_lora) merged while each rank reads its slices. ``offload``:
+    where weights wait while unused (Kandinsky5Pipeline; "model" runs one process only). With more than one
+    process torch.distributed must be initialized and its world size equal ``dims.world_size``.
     """
     from k5.engine.image_pipeline import pipeline_class
     from k5.engine.pipeline import make_expander
     from k5.engine.text import TextEncoder
     from k5.parallel.text_share import share_expansion
 
-    root, device = Path(root), torch.device(device)
-    Pipeline = pipeline_class(root)
+    root, dit_path, config = _checkpoint(root, dit_path, config)
+    device = torch.device(device)
+    Pipeline = pipeline_class(root)  # Image Lite (FLUX VAE) or video
     if dims.world_size == 1:
-        pipeline = Pipeline.from_pretrained(root, dtype, device, expand=expand, adapters=adapters)
+        pipeline = Pipeline.from_pretrained(root, dtype, device, expand=expand, adapters=adapters, offload=offload,
+                                            dit_path=dit_path, config=config)
         return ParallelSetup(dims, pipeline, None, None, parameter_bytes(pipeline.dit))
     if not dist.is_initialized():
         raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized "
                            f"(torchrun / init_process_group)")
-    config = Pipeline.read_config(root)
     check_layout(config, dims)
     dims.build_mesh(device.type)
 
     stats = CommStats()
-    dit, _ = load_dit(root, dims, dtype, device, stats, config, adapters=adapters)
+    dit, _ = load_dit(dit_path, dims, dtype, device, stats, config, adapters=adapters)
     if dims.sp_size > 1:
         apply_sequence_parallel(dit, dims, stats)
     encoder = (TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
@@ -164,7 +183,7 @@ def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype =
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if dims.cfg == 2:
         text = BranchText(text, dims)
-    pipeline = Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text)
+    pipeline = Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text, offload=offload, dit_path=dit_path)
     pipeline.share_image = image_sharing(dims, device)
     if expand:
         pipeline.expander = make_expander(encoder)
@@ -173,16 +192,15 @@ def build_parallel(root: str | Path, dims: ParallelDims, *, dtype: torch.dtype =
     return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))
 
 
-def setup_parallel(root: str | Path, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
+def setup_parallel(root, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
                    ulysses: int | None = None, ring: int | None = None, dtype: torch.dtype = torch.bfloat16,
-                   device="cpu", keep_text: bool = False, expand: bool = False, adapters=()) -> ParallelSetup:
+                   device="cpu", keep_text: bool = False, expand: bool = False, adapters=(),
+                   dit_path: str | Path | None = None, config: DiTConfig | None = None) -> ParallelSetup:
     """``plan_parallel`` for this process group's world size, then ``build_parallel`` (torch.distributed
-    initialized)."""
-    from k5.engine.image_pipeline import pipeline_class
-
+    initialized). ``root``: a diffusers-layout folder or a ``resolve_model`` result (see ``build_parallel``)."""
     if not dist.is_initialized():
         raise RuntimeError("setup_parallel needs torch.distributed initialized (torchrun / init_process_group)")
-    config = pipeline_class(root).read_config(root)
+    root, dit_path, config = _checkpoint(root, dit_path, config)
     dims = plan_parallel(dist.get_world_size(), config, tp, cfg_parallel, dp, ulysses, ring)
     return build_parallel(root, dims, dtype=dtype, device=device, keep_text=keep_text, expand=expand,
-                          adapters=adapters)
+                          adapters=adapters, dit_path=dit_path, config=config)

@@ -9,7 +9,12 @@ At step t rank g holds span (g - t) mod R. Partial results merge in fp32 through
 NABLA needs, for its local query blocks, the block-attention estimate over ALL key blocks (softmax and
 top-CDF run over the whole row), so the pooled keys (S/64 x D per head: small) are all-gathered once;
 the mask rows of the local query blocks are computed locally, and step t uses the column range of span
-(g - t) mod R. A step whose sub-mask is empty for every (batch, head) does not call the kernel at all.
+(g - t) mod R. On the CPU a step whose sub-mask is empty for every (batch, head) does not call the kernel at all;
+on a GPU finding that out would stall the launch queue every layer, so every step runs (an empty tile row costs the
+FlexAttention kernel next to nothing).
+
+No host sync on the hot path: padding is described by host ints (from the layout) plus a device mask built once by
+the caller, never read back from the device.
 """
 
 from __future__ import annotations
@@ -26,12 +31,31 @@ from k5.kernels.nabla import block_sparse_attention, nabla_block_mask, pool_bloc
 from k5.parallel.comm_stats import CommStats
 
 
+@dataclass(frozen=True)
+class Padding:
+    """Real positions of a padded ring sequence (R spans of L): the first ``valid`` ones, since padding is always
+    at the end (layout.py). ``valid`` is a host int, so which spans are full, partial or all padding is known
+    without reading the device; ``mask`` (bool [R*L] on the compute device) is built once per layout by the
+    caller, not copied from the host every layer."""
+
+    valid: int
+    mask: torch.Tensor
+
+
 @dataclass
 class RingCounters:
     """Attention kernel calls and ring steps skipped because their key chunk had nothing to attend."""
 
     kernel_calls: int = 0
     skipped_steps: int = 0
+
+    # Eager even inside a compiled block, for the reason given at CommStats.add.
+    @torch.compiler.disable
+    def count(self, skipped: bool) -> None:
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.kernel_calls += 1
 
 
 class RingComm:
@@ -79,10 +103,8 @@ def _ring_loop(q, k, v, group, attend: AttendFn, stats, counters):
         if t + 1 < R:
             comm.send_recv(kv, bufs[(t + 1) % 2])
         block = attend((g - t) % R, kv[0], kv[1])
-        if block is None:
-            counters.skipped_steps += 1
-        else:
-            counters.kernel_calls += 1
+        counters.count(skipped=block is None)
+        if block is not None:
             out, lse = (block[0].float(), block[1]) if out is None else merge_attention(out, lse, *block)
         if t + 1 < R:
             comm.wait()
@@ -93,31 +115,36 @@ def _ring_loop(q, k, v, group, attend: AttendFn, stats, counters):
     return out, lse
 
 
-def ring_dense_attention(q, k, v, group, key_valid=None, stats=None, counters=None):
+def ring_dense_attention(q, k, v, group, padding: Padding | None = None, stats=None, counters=None):
     """Dense attention of this span's queries over all spans' keys; returns fp32 (out [B,L,h,D], lse [B,h,L]).
 
-    q, k, v: [B, L, h, D], span g = this rank's ring rank. ``key_valid``: bool [R*L] over the padded
-    sequence (None: no padding); pad keys are masked and an all-pad span is skipped.
+    q, k, v: [B, L, h, D], span g = this rank's ring rank. ``padding``: the real keys of the padded sequence
+    (None: no padding); pad keys are masked and an all-pad span is skipped.
     """
     counters = counters if counters is not None else RingCounters()
     B, L = k.shape[:2]
     R = dist.get_world_size(group)
-    if key_valid is not None:
-        if tuple(key_valid.shape) != (R * L,):
-            raise ValueError(f"key_valid must be bool [ring * span] = [{R * L}]; got {tuple(key_valid.shape)}")
-        spans = key_valid.view(R, L)
-        # Decided from a host copy so the loop never syncs with the device.
-        any_valid, all_valid = spans.cpu().any(-1).tolist(), spans.cpu().all(-1).tolist()
-        spans = spans.to(q.device)
+    if padding is not None:
+        if tuple(padding.mask.shape) != (R * L,) or not 0 <= padding.valid <= R * L:
+            raise ValueError(f"padding must describe the padded sequence of ring * span = {R * L} positions; got "
+                             f"{padding.valid} real of a mask {tuple(padding.mask.shape)}")
+        spans = padding.mask.view(R, L)
 
     def attend(src, k_, v_):
-        if key_valid is None or all_valid[src]:
+        if padding is None or (src + 1) * L <= padding.valid:
             return dense_attention(q, k_, v_)
-        if not any_valid[src]:
+        if src * L >= padding.valid:  # all padding: nothing to attend
             return None
         return dense_attention(q, k_, v_, key_mask=spans[src].expand(B, L))
 
     return _ring_loop(q, k, v, group, attend, stats, counters)
+
+
+def _spans_with_work(rows, R: int) -> list[bool]:
+    """Which key spans hold a selected block for any (batch, head, query block) of ``rows``. A host read: called
+    on the CPU only, where it costs no device sync and saves the kernel calls of empty steps."""
+    B, h, nbl = rows.shape[:3]
+    return rows.reshape(B, h, nbl, R, -1).any(-1).any(2).any(1).any(0).tolist()
 
 
 def gather_pooled_keys(k_pooled, group, stats=None):
@@ -132,13 +159,15 @@ def gather_pooled_keys(k_pooled, group, stats=None):
     return torch.cat(parts, dim=2)
 
 
-def ring_nabla_attention(q, k, v, group, P, sta_rows, k_valid=None, q_valid=None, stats=None, counters=None):
+def ring_nabla_attention(q, k, v, group, P, sta_rows, k_valid: int | None = None, q_valid=None, stats=None,
+                         counters=None):
     """NABLA attention of this span's queries over the ring; returns (out fp32, lse, mask_rows).
 
     q, k, v: [B, L, h, D] (fractal token order, L a multiple of 64). ``sta_rows``: bool [L/64, R*L/64],
-    the STA prior rows of this span's query blocks over all (padded) key blocks. ``k_valid``: bool
-    [R*L/64] (False = pad block, never selected); ``q_valid``: bool [L/64] (False = pad query block, its
-    row is emptied). ``mask_rows``: bool [B, h, L/64, R*L/64], this span's rows of the NABLA block mask.
+    the STA prior rows of this span's query blocks over all (padded) key blocks. ``k_valid``: the number of
+    real key blocks, which come first (the pad blocks after them are never selected); ``q_valid``: bool [L/64]
+    on the device (False = pad query block, its row is emptied). ``mask_rows``: bool [B, h, L/64, R*L/64], this
+    span's rows of the NABLA block mask.
     """
     counters = counters if counters is not None else RingCounters()
     R = dist.get_world_size(group)
@@ -148,11 +177,10 @@ def ring_nabla_attention(q, k, v, group, P, sta_rows, k_valid=None, q_valid=None
     rows = nabla_block_mask(pool_blocks(q), k_all, sta_rows, P, k_valid=k_valid)
     if q_valid is not None:
         rows = rows & q_valid.to(rows.device)[:, None]
-    # One host sync for all steps: which spans have any selected block for any (batch, head, query block).
-    nonempty = rows.reshape(B, h, nbl, R, nbl).any(-1).any(2).any(1).any(0).tolist()
+    nonempty = _spans_with_work(rows, R) if rows.device.type == "cpu" else None
 
     def attend(src, k_, v_):
-        if not nonempty[src]:
+        if nonempty is not None and not nonempty[src]:
             return None
         return block_sparse_attention(q, k_, v_, rows[..., src * nbl : (src + 1) * nbl].contiguous())
 

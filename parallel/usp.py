@@ -12,6 +12,8 @@ block grid (T, Hb, Wb) of the UNPADDED sequence, computed identically on every r
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -19,8 +21,29 @@ from k5.kernels.nabla import NablaSpec, sta_block_mask
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.layout import SequenceLayout
 from k5.parallel.mesh import ParallelDims
-from k5.parallel.ring import RingCounters, ring_dense_attention, ring_nabla_attention
+from k5.parallel.ring import Padding, RingCounters, ring_dense_attention, ring_nabla_attention
 from k5.parallel.ulysses import out_to_sequence, qkv_to_heads
+
+
+# Pad information and the STA prior, built on the device once per shape and reused by every layer and step. An
+# lru_cache, not a dict on the attention object: dynamo traces through the cache wrapper (the few fused ops are free
+# inside a compiled block), where filling a dict would be a side effect it guards on and recompiles for.
+@functools.lru_cache(maxsize=32)
+def _key_padding(num_tokens: int, padded_len: int, device: torch.device) -> Padding:
+    return Padding(num_tokens, torch.arange(padded_len, device=device) < num_tokens)
+
+
+@functools.lru_cache(maxsize=32)
+def _real_blocks(num_blocks: int, start: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + length, device=device) < num_blocks
+
+
+@functools.lru_cache(maxsize=16)
+def _padded_sta(grid: tuple, wT: int, wH: int, wW: int, padded_blocks: int, device: torch.device) -> torch.Tensor:
+    """STA prior [padded_blocks, padded_blocks] of the unpadded grid; pad rows/columns False."""
+    sta = sta_block_mask(*grid, wT, wH, wW, device=device)
+    pad = padded_blocks - sta.shape[0]
+    return F.pad(sta, (0, pad, 0, pad), value=False)
 
 
 class SequenceParallelAttention:
@@ -33,16 +56,6 @@ class SequenceParallelAttention:
         self.dims = dims
         self.stats = stats if stats is not None else CommStats()
         self.counters = RingCounters()
-        self._sta_cache: dict[tuple, torch.Tensor] = {}
-
-    def _padded_sta(self, grid, spec: NablaSpec, padded_blocks: int, device) -> torch.Tensor:
-        """STA prior [padded_blocks, padded_blocks]; pad rows/columns False. Computed once per shape."""
-        key = (tuple(grid), spec.wT, spec.wH, spec.wW, padded_blocks, str(device))
-        if key not in self._sta_cache:
-            sta = sta_block_mask(*grid, spec.wT, spec.wH, spec.wW).to(device)
-            pad = padded_blocks - sta.shape[0]
-            self._sta_cache[key] = F.pad(sta, (0, pad, 0, pad), value=False)
-        return self._sta_cache[key]
 
     def __call__(
         self,
@@ -72,8 +85,8 @@ class SequenceParallelAttention:
 
         mask_rows = None
         if nabla is None:
-            key_valid = layout.token_valid() if layout.pad else None
-            out, _ = ring_dense_attention(qs, ks, vs, ring, key_valid, self.stats, self.counters)
+            padding = _key_padding(layout.num_tokens, layout.padded_len, q.device) if layout.pad else None
+            out, _ = ring_dense_attention(qs, ks, vs, ring, padding, self.stats, self.counters)
         else:
             if grid is None:
                 raise ValueError("NABLA attention needs the block grid (T, Hb, Wb) of the unpadded sequence")
@@ -84,12 +97,12 @@ class SequenceParallelAttention:
                     f"{T * Hb * Wb * 64} tokens, the layout {layout.num_tokens} in blocks of {layout.block}"
                 )
             nbl = L // 64
-            sta = self._padded_sta(grid, nabla, layout.padded_blocks, q.device)
+            sta = _padded_sta(tuple(grid), nabla.wT, nabla.wH, nabla.wW, layout.padded_blocks, q.device)
             out, _, mask_rows = ring_nabla_attention(
                 qs, ks, vs, ring, nabla.P,
                 sta_rows=sta[g * nbl : (g + 1) * nbl],
-                k_valid=layout.block_valid(device=q.device),
-                q_valid=layout.block_valid(g * nbl, nbl, device=q.device),
+                k_valid=layout.num_blocks,
+                q_valid=_real_blocks(layout.num_blocks, g * nbl, nbl, q.device),
                 stats=self.stats, counters=self.counters,
             )
         out = out_to_sequence(out.to(q.dtype), ulysses, self.stats)

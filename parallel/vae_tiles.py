@@ -23,9 +23,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKLHunyuanVideo
+from typing import TYPE_CHECKING
 
+from k5.engine.memory import PEAKS
 from k5.engine.vae import VideoVAE, frames_to_uint8, vae_input
+
+if TYPE_CHECKING:  # only annotations: importing this module needs no diffusers
+    from diffusers import AutoencoderKLHunyuanVideo
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,8 @@ def _blend(ae: AutoencoderKLHunyuanVideo, lay: _Layout, decoded: dict[int, torch
 class DecodeStats:
     """What one rank did in `parallel_decode`.
 
-    `peak_bytes` is `torch.cuda.max_memory_allocated` over the decode (peak_kind "cuda_max_allocated", the peak
-    counter is reset at the start), or on CPU the bytes of decoded pixels this rank held at once: its packed
+    `peak_bytes` is the CUDA peak allocated over the decode (peak_kind "cuda_max_allocated", measured as the
+    "decode" phase of engine.memory.PEAKS, which keeps the run's peak from before it), or on CPU the bytes of decoded pixels this rank held at once: its packed
     tiles, plus on a blending rank the receive buffers and the assembled video (peak_kind "cpu_tile_buffers";
     decoder activations not included).
     `rss_peak_bytes` is the process's peak resident set size since it started (Linux ru_maxrss), not the decode's.
@@ -253,8 +257,18 @@ def parallel_decode(
     rank_numel = [sum(numel[i] for i in ids) for ids in owned]
     capacity = max(rank_numel)
     on_cuda = z.is_cuda
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(z.device)
+    with PEAKS.phase("decode", z.device) as phase:
+        frames, stats = _decode_and_gather(ae, z, latents, tiles, owned, numel, capacity, rank, world, group, dst,
+                                           to_uint8)
+    if phase is not None:
+        stats.peak_bytes = phase.allocated
+    stats.peak_kind = "cuda_max_allocated" if on_cuda else "cpu_tile_buffers"
+    stats.rss_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return frames, stats
+
+
+def _decode_and_gather(ae, z, latents, tiles, owned, numel, capacity, rank, world, group, dst, to_uint8):
+    batch, on_cuda = z.shape[0], z.is_cuda
     stats = DecodeStats(
         rank=rank, world_size=world, tiles=owned[rank], num_tiles=len(tiles),
         work=sum(tiles[i].cost for i in owned[rank]), total_work=sum(t.cost for t in tiles),
@@ -311,11 +325,7 @@ def parallel_decode(
         frames = frames_to_uint8(video) if to_uint8 else video
         stats.blend_s = time.perf_counter() - start
         stats.blended = True
-    stats.peak_bytes = (
-        torch.cuda.max_memory_allocated(z.device) if on_cuda else held
-    )
-    stats.peak_kind = "cuda_max_allocated" if on_cuda else "cpu_tile_buffers"
-    stats.rss_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats.peak_bytes = held  # replaced by the measured peak on CUDA
     return frames, stats
 
 

@@ -114,3 +114,55 @@ def test_projection_one_gpu_is_the_flop_count_over_the_rates(tmp_path):
     assert one["efficiency"] == 1.0 and 0 < sixteen["efficiency"] <= eight["efficiency"] <= 1.0
     # 16 GPUs are two nodes of 8: the chosen layout's groups that leave a node run at the InfiniBand rate.
     assert sixteen["gpus"] == 16 and eight["s_per_step"] > sixteen["s_per_step"]
+
+
+def test_results_carry_their_spread_and_go_to_a_scratch_folder(tmp_path):
+    from bench import fast, report
+    from bench.run import parser
+
+    steady, noisy = fast.spread([1.0, 1.1, 1.2]), fast.spread([1.0, 1.1, 1.5])
+    assert (steady["min"], steady["median"], steady["max"]) == (1.0, 1.1, 1.2) and not steady["unstable"]
+    assert noisy["unstable"] and noisy["max_over_min"] == pytest.approx(1.5)  # max/min > 1.3
+    # Nothing is written under the committed bench/results unless it is named.
+    assert parser().parse_args([]).out == str(report.SCRATCH)
+    assert report.RESULTS not in report.SCRATCH.resolve().parents and report.SCRATCH != report.RESULTS
+    r = main(["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--vae", "none",
+              "--out", str(tmp_path), "--name", "spread", "--json-only", *FAST[:2], "--repeat", "2", *FAST[4:]])
+    f = r["timing"]["forward_s"]
+    assert f["min"] <= f["median"] <= f["max"] and f["unstable"] == (f["max"] / f["min"] > 1.3)
+    assert isinstance(r["unstable"], list)
+    assert [p.name for p in tmp_path.iterdir()] == ["spread.json"]  # --json-only: no Markdown beside it
+
+
+@pytest.mark.timeout(1800)  # seven Python processes; minutes on a loaded 2-core machine
+def test_gpu_script_smoke_runs_from_a_plain_copy(tmp_path):
+    """bench/gpu.sh smoke, reduced (nothing compiled, diffusers treated as absent as on the bare GPU image), run
+    from a copy of the checkout that nothing installed: every step writes its JSON, at most 8 files come back,
+    NABLA is really sparse, and a CPU run claims no GPU target."""
+    import os
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "checkout"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "results", ".whl"))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "K5_GPU_SMOKE_REDUCED": "1",
+           "TMPDIR": str(tmp_path)}
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run(["bash", str(copy / "bench" / "gpu.sh"), "smoke"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=1700)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert f"k5 from {copy.resolve()}" in log  # the copy's code, not an installed checkout's
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and "FAILED" not in log and "SKIPPED" not in log.replace("cli-tiny SKIPPED", ""), log
+    assert {"env.json", "lite-5s-dense.json", "lite-10s-nabla.json", "pro-5s-dense.json", "attention-lite-10s.json",
+            "summary.md", "gpu-log.txt"} <= set(files), files
+    nabla = json.loads((out / "lite-10s-nabla.json").read_text())["nabla"]
+    assert nabla["density"] < 0.6
+    for row in json.loads((out / "attention-lite-10s.json").read_text())["nabla"]:
+        assert row["density"] < 0.6 and row["rel_err_vs_masked_dense"] <= 1e-5
+    summary = (out / "summary.md").read_text()
+    assert "No GPU target is evaluated" in summary and "MET" not in summary

@@ -139,8 +139,7 @@ def test_padded_key_blocks_are_ignored():
     qp, kp = pool_blocks(q), pool_blocks(k)
     sta = torch.eye(nb + pad, dtype=torch.bool)
     sta[:, nb:] = True  # even an STA hit on a padding tile must not select it
-    k_valid = torch.arange(nb + pad) < nb
-    padded = nabla_block_mask(qp, kp, sta, 0.7, k_valid=k_valid)
+    padded = nabla_block_mask(qp, kp, sta, 0.7, k_valid=nb)
     unpadded = nabla_block_mask(qp[:, :, :nb], kp[:, :, :nb], sta[:nb, :nb], 0.7)
     assert torch.equal(padded[:, :, :nb, :nb], unpadded)
     assert not padded[..., nb:].any()

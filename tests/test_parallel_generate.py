@@ -5,6 +5,7 @@ import torch
 
 from distributed import run_distributed
 from k5.engine.pipeline import Kandinsky5Pipeline, Request
+from k5.engine.resolve import resolve_model
 from k5.engine.tiny import tiny_checkpoint
 from k5.parallel.plan import setup_parallel
 from numerics import rel_err
@@ -63,3 +64,42 @@ def test_i2v_image_encoded_once_and_shared(tmp_path):
     assert [r["encodes"] for r in results] == [1, 0]  # rank 0 of the item encodes, the other receives
     for r in results:
         assert rel_err(r["latents"], want) <= 1e-4
+
+
+def single_file_checkpoint(tmp_path):
+    """The tiny checkpoint split as a single-file release is used: the DiT as one .safetensors file (its config
+    beside it: the tiny shapes are no released model), the other components in a folder without transformer/."""
+    import shutil
+
+    root = tiny_checkpoint()
+    components = tmp_path / "components"
+    components.mkdir()
+    for entry in root.iterdir():
+        if entry.name != "transformer":
+            (components / entry.name).symlink_to(entry)
+    dit = tmp_path / "original" / "tiny_t2v.safetensors"
+    dit.parent.mkdir()
+    shutil.copy(root / "transformer" / "diffusion_pytorch_model.safetensors", dit)
+    shutil.copy(root / "transformer" / "config.json", dit.with_name("config.json"))
+    return root, resolve_model(str(dit), components=components)
+
+
+def _resolved_worker(rank, world_size, resolved, degrees):
+    par = setup_parallel(resolved, dtype=torch.float32, device="cpu", **degrees)
+    return dict(latents=par.pipeline.generate(Request(**REQUEST), guided=par.guided).latents,
+                describe=par.describe())
+
+
+def test_single_file_dit_with_a_components_folder(tmp_path):
+    """The DiT from a file and the rest from another folder: one process gives the folder's latents exactly, and
+    setup_parallel(resolved) under Ulysses 2 gives them within 1e-4."""
+    root, r = single_file_checkpoint(tmp_path)
+    assert (r.kind, r.variant, r.dit.name) == ("file", None, "tiny_t2v.safetensors")
+    want = Kandinsky5Pipeline.from_pretrained(root, dtype=torch.float32).generate(Request(**REQUEST)).latents
+    pipe = Kandinsky5Pipeline.from_resolved(r, dtype=torch.float32)
+    assert pipe.root == r.root and not (pipe.root / "transformer").exists()
+    assert torch.equal(pipe.generate(Request(**REQUEST)).latents, want)
+    results = run_distributed(_resolved_worker, 2, r, dict(ulysses=2))
+    for res in results:
+        assert "ulysses 2" in res["describe"]
+        assert rel_err(res["latents"], want) <= 1e-4

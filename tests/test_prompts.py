@@ -205,3 +205,29 @@ def test_unreadable_image_is_refused(tmp_path, check):
     with pytest.raises(PromptFileError, match=r"line 1: 'image' .*photo.png (is not a readable file|cannot be read)"):
         read_prompts(p, DEFAULTS, check)
     assert Path(image).exists()
+
+
+def test_lora_field_shapes(tmp_path, check):
+    """'lora': one PATH[:SCALE], a list (JSON Lines), "none" / [] for none; absent: the command line's adapters.
+    The opener (in the CLI: open_lora + check_fits, once per file) is given each spec and the prompt file's folder."""
+    opened = []
+
+    def open_adapter(spec, folder):
+        opened.append((spec, folder))
+        return f"adapter({spec})"
+
+    p = write(tmp_path, "p.jsonl", jsonl({"prompt": "a"}, {"prompt": "b", "lora": "x.safetensors:0.5"},
+                                         {"prompt": "c", "lora": ["x", "y:2"]}, {"prompt": "d", "lora": "none"},
+                                         {"prompt": "e", "lora": []}, {"prompt": "f", "lora": None}))
+    items = read_prompts(p, DEFAULTS, check, ("cli",), open_adapter)
+    assert [i.adapters for i in items] == [("cli",), ("adapter(x.safetensors:0.5)",), ("adapter(x)", "adapter(y:2)"),
+                                           (), (), ("cli",)]
+    assert opened == [("x.safetensors:0.5", tmp_path), ("x", tmp_path), ("y:2", tmp_path)]
+    c = write(tmp_path, "p.csv", "prompt,lora\na,x:3\nb,\nc,NONE\n")
+    assert [i.adapters for i in read_prompts(c, DEFAULTS, check, ("cli",), open_adapter)] == [
+        ("adapter(x:3)",), ("cli",), ()]
+    bad = write(tmp_path, "bad.jsonl", jsonl({"prompt": "a", "lora": ["x", 2]}, {"prompt": "b", "lora": "x"}))
+    with pytest.raises(PromptFileError, match=r"2 bad lines.*\n  line 1: 'lora' must be \"PATH\[:SCALE\]\", a list "
+                                              r"of them or \"none\" \(no adapter\), got \['x', 2\]\n  line 2: 'lora' "
+                                              r"is not taken by this run"):
+        read_prompts(bad, DEFAULTS, check)

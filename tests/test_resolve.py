@@ -6,6 +6,7 @@ exactly what it reads from a real one (headers and JSON, never a weight).
 """
 
 import json
+import shutil
 import struct
 
 import pytest
@@ -222,3 +223,31 @@ def test_tiny_takes_any_variant_of_its_task():
         tiny_variant("t2i-lite-sft")
     with pytest.raises(V.VariantError, match="unknown variant"):
         tiny_variant("t2v-lite-sft")
+
+
+def test_tiny_model_takes_a_variants_sampling_settings():
+    r = resolve_model("tiny", "t2v-lite-sft-5s")
+    assert (r.kind, r.task, r.variant.name, r.variant_from) == ("tiny", "t2v", "t2v-lite-sft-5s", "given")
+    # The tiny model's own size; the variant's steps, guidance, shift and MagCache ratios (Lite sft 5 s: 98 ratios).
+    assert r.defaults() == {"height": 128, "width": 128, "num_frames": 9, "steps": 50, "guidance_scale": 5.0,
+                            "shift": 5.0}
+    assert len(r.mag_ratios) == 98 and r.config.model_dim == 64  # the tiny DiT, not Lite's
+    assert resolve_model("tiny").defaults() == {"height": 128, "width": 128, "num_frames": 9, "steps": 4}
+    assert resolve_model("tiny", "i2v-pro-sft-5s-sd").task == "i2v"
+    with pytest.raises(V.VariantError, match=r"t2i-lite-sft is a t2i model; the tiny model --model tiny runs t2v/i2v"):
+        resolve_model("tiny", "t2i-lite-sft")
+
+
+def test_a_folders_task_and_defaults(hub, tmp_path):
+    snap = cache_repo(hub, LITE_DIFFUSERS, diffusers_files(PRESETS["lite"]))
+    r = resolve_model(LITE_DIFFUSERS)
+    assert r.task == "t2v" and r.defaults() == {"steps": 50, "guidance_scale": 5.0, "shift": 5.0, "height": 512,
+                                                "width": 768, "num_frames": 241}
+    # An unrecognised folder: no variant, no defaults; its task from model_index.json's pipeline class.
+    folder = tmp_path / "my-finetune"
+    shutil.copytree(snap, folder, symlinks=True)  # links to the blobs: the sparse weights are not copied
+    (folder / "model_index.json").unlink()
+    for cls, task in (("Kandinsky5I2VPipeline", "i2v"), ("Kandinsky5T2IPipeline", "t2i"), ("Other", None)):
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+        r = resolve_model(str(folder))
+        assert (r.variant, r.task, r.defaults()) == (None, task, {})

@@ -9,7 +9,7 @@ from k5.kernels.nabla import NablaSpec, block_sparse_attention, nabla_block_mask
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.layout import SequenceLayout
 from k5.parallel.mesh import ParallelDims
-from k5.parallel.ring import RingCounters, ring_dense_attention, ring_nabla_attention
+from k5.parallel.ring import Padding, RingCounters, ring_dense_attention, ring_nabla_attention
 from numerics import reference_attention, rel_err
 
 B, H, D = 2, 4, 8
@@ -40,15 +40,15 @@ def _run_cases(rank, world_size, cases):
         stats, counters = CommStats(), RingCounters()
         rows = None
         if case["spec"] is None:
-            key_valid = layout.token_valid() if layout.pad else None
-            out, lse = ring_dense_attention(ql, kl, vl, group, key_valid, stats, counters)
+            padding = Padding(layout.num_tokens, layout.token_valid()) if layout.pad else None
+            out, lse = ring_dense_attention(ql, kl, vl, group, padding, stats, counters)
         else:
             spec, nbl = case["spec"], layout.shard_blocks
             pad = layout.padded_blocks - layout.num_blocks
             sta = F.pad(sta_block_mask(*case["grid"], spec.wT, spec.wH, spec.wW), (0, pad, 0, pad))
             out, lse, rows = ring_nabla_attention(
                 ql, kl, vl, group, spec.P, sta[rank * nbl : (rank + 1) * nbl],
-                k_valid=layout.block_valid(), q_valid=layout.block_valid(rank * nbl, nbl),
+                k_valid=layout.num_blocks, q_valid=layout.block_valid(rank * nbl, nbl),
                 stats=stats, counters=counters,
             )
         results.append(dict(

@@ -11,10 +11,13 @@ frames = time_length * 24 // 4 latent steps -> 121 / 241; size: test.py's 512x76
 import re
 
 import pytest
+import torch
 import yaml
 
+from k5.engine import memory
 from k5.engine import variants as V
 from k5.engine.config import PRESETS
+from k5.engine.memory import Shape, dit_activation_bytes
 
 REFERENCE = {
     "k5_lite_t2v_10s_sft_sd.yaml": """
@@ -412,8 +415,18 @@ def test_memory_from_parameter_counts_and_activations():
     embed = ((Tm * D + Tm) + (Tm * Tm + Tm)) * 4 + (D * 3584 + D + 2 * D) * 2 + (Tm * 768 + Tm + 2 * Tm) * 2 \
         + (D * 4 * 33 + D) * 2 + (2 * D * Tm + 2 * D) * 4 + (64 * D + 64) * 2
     assert V.dit_parameter_bytes(PRESETS["lite"]) == 32 * visual + 2 * text + embed
+    # Qwen2.5-VL-7B's text decoder as engine/text.py loads it (config: hidden 3584, 28 layers, MLP 18944, 4 KV heads
+    # of 128, vocabulary 152064; no lm_head, no vision tower): q/k/v with biases, o, gate/up/down, two norms a layer.
+    H, kv = 3584, 512
+    layer = (H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * 18944 + 2 * H
+    assert V.QWEN_TEXT_PARAMS == 28 * layer + 152064 * H + H
+    # The catalogue's memory is the CLI's estimator (engine.memory) fed with parameter counts: on 8 GPUs the Lite
+    # sft 5 s preset runs cfg 2 x Ulysses 4, the DiT's live activations are engine.memory's for that layout.
     m = V.memory_per_gpu(V.get("t2v-lite-sft-5s"))
-    # 512x768x121 -> 31 x 32 x 48 = 47,616 tokens; cfg 2 x ulysses 4 -> 11,904 per rank; FFN live set 4D+4F bytes.
-    assert m["activations"] * V.GIB == 11904 * (4 * D + 4 * F)
-    assert m["peak"] == pytest.approx(m["weights"] + max(m["text_encoders"], m["activations"]))
+    act = dit_activation_bytes(PRESETS["lite"], Shape(121, 512, 768), torch.bfloat16, False, sp=4, ulysses=4, ring=1,
+                               tp=1)
+    dit, vae = V.dit_parameter_bytes(PRESETS["lite"]), 246_000_000 * 2
+    assert m["phases"]["denoise"] * V.GIB == pytest.approx(dit + vae + act + memory._RUNTIME)  # --offload text
+    assert m["text_encoders"] * V.GIB == V.QWEN_TEXT_PARAMS * 2 + V.CLIP_PARAMS * 4
+    assert m["peak"] == max(m["phases"].values()) and m["peak_phase"] == "text"  # the encoders beside the DiT
     assert all(r["memory_gib"] < 80 for r in V.table())  # every variant fits an 80 GB GPU on 8 GPUs

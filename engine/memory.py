@@ -1,0 +1,335 @@
+"""Memory: what a run will need (estimated before any weight loads), and what it used (measured, per phase).
+
+Estimate. Per rank and per phase of an item (text encoding, denoising, VAE decode): the weights resident on the
+device in that phase (which depends on ``--offload``) plus the phase's activations, from the checkpoint's
+safetensors headers and config (no tensor is read) and the item's shape. A run whose largest phase exceeds the
+device's free memory is refused before loading, with the estimate and the settings that would fit. The activation
+model counts the tensors alive at the peak of a DiT block (residual, modulated input and its fp32 temporaries,
+q/k/v, the FFN's hidden pair), the sequence-parallel buffers, the NABLA mask temporaries, and for the decode the
+decoded video, its uint8 conversion and one tile's decoder activations.
+
+Measurement. torch's CUDA peak counters are process-wide, so one tracker (``PEAKS``) owns them: every phase starts
+by folding the previous peak into the run's maximum and resetting the counters, and ends by recording its own peak
+and which components were resident. The run's peak (allocated and reserved) is the maximum over phases, and the
+decode's own peak sits beside it. On the CPU only the process's peak RSS is known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+GiB = 2**30
+OFFLOAD_MODES = ("none", "text", "model")
+_FRAGMENTATION = 1.15  # the caching allocator's blocks round up and fragment: activations need some headroom
+_RUNTIME = GiB // 2  # torch's own share: kernels and libraries in host memory, cuBLAS/cuDNN workspaces on a GPU
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+# ---- measured ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhasePeak:
+    name: str
+    allocated: int
+    reserved: int
+    resident: list[str]
+
+
+@dataclass
+class RunPeaks:
+    """Peak device memory over the whole run and per phase (see the module docstring)."""
+
+    allocated: int = 0
+    reserved: int = 0
+    phases: list[PhasePeak] = field(default_factory=list)
+    resident: object = None  # () -> list[str]: the components on the device now (set by the pipeline)
+
+    def _fold(self, device) -> None:
+        self.allocated = max(self.allocated, torch.cuda.max_memory_allocated(device))
+        self.reserved = max(self.reserved, torch.cuda.max_memory_reserved(device))
+
+    @contextlib.contextmanager
+    def phase(self, name: str, device):
+        device = torch.device(device)
+        if device.type != "cuda":
+            yield None
+            return
+        self._fold(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        record = PhasePeak(name, 0, 0, [])
+        try:
+            yield record
+        finally:
+            record.allocated = torch.cuda.max_memory_allocated(device)
+            record.reserved = torch.cuda.max_memory_reserved(device)
+            record.resident = list(self.resident()) if self.resident else []
+            self._fold(device)
+            self.phases.append(record)
+
+    def report(self, device) -> dict:
+        """The run's peaks in GiB: allocated and reserved over every phase, the phase that held the peak and what
+        was resident then, and the VAE decode's own peak."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return {"device": str(device), "peak_rss_gib": round(rss_peak_bytes() / GiB, 3)}
+        self._fold(device)
+        top = max(self.phases, key=lambda p: p.allocated, default=None)
+        decode = [p.allocated for p in self.phases if p.name == "decode"]
+        return {
+            "device": str(device),
+            "peak_allocated_gib": round(self.allocated / GiB, 3),
+            "peak_reserved_gib": round(self.reserved / GiB, 3),
+            "peak_phase": top.name if top else None,
+            "resident_at_peak": top.resident if top else [],
+            "decode_peak_allocated_gib": round(max(decode) / GiB, 3) if decode else None,
+        }
+
+
+PEAKS = RunPeaks()  # the process's CUDA peak counters are global, so is their one reader
+
+
+def rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def format_peaks(report: dict) -> str:
+    if "peak_rss_gib" in report:
+        return f"peak memory {report['peak_rss_gib']:.2f} GiB RSS"
+    line = (f"peak memory {report['peak_allocated_gib']:.2f} GiB allocated / {report['peak_reserved_gib']:.2f} GiB "
+            f"reserved on {report['device']}")
+    if report["peak_phase"]:
+        line += f" (during {report['peak_phase']}, resident: {', '.join(report['resident_at_peak']) or 'nothing'})"
+    if report["decode_peak_allocated_gib"] is not None:
+        line += f", VAE decode peak {report['decode_peak_allocated_gib']:.2f} GiB"
+    return line
+
+
+# ---- estimated -------------------------------------------------------------------------------------------------
+
+
+def _header_bytes(files, keep=lambda name: True, dtype_bytes: int | None = None) -> int:
+    """Bytes of the tensors named in safetensors headers (no data read), at ``dtype_bytes`` per element if given."""
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name == "__metadata__" or not keep(name):
+                continue
+            numel = math.prod(info["shape"])
+            total += numel * (dtype_bytes or _DTYPE_BYTES.get(info["dtype"], 4))
+    return total
+
+
+def _safetensors(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Bytes of each component as it sits on the device."""
+
+    dit: int
+    text: int
+    vae: int
+
+    @classmethod
+    def of_checkpoint(cls, root: Path, cfg, dtype: torch.dtype, device_type: str, tp: int = 1) -> "Weights":
+        from .checkpoint import keeps_fp32
+        from .dit import Kandinsky5DiT
+
+        b = torch.tensor([], dtype=dtype).element_size()
+        with torch.device("meta"):
+            dit = Kandinsky5DiT(cfg)
+        dit_bytes = sum(p.numel() * (4 if keeps_fp32(n) else b) for n, p in dit.named_parameters()) // tp
+        root = Path(root)
+        # Only Qwen2.5-VL's text decoder is loaded (engine/text.py): not its vision tower, not its lm_head.
+        text = _header_bytes(_safetensors(root / "text_encoder"), lambda k: "visual" not in k and "lm_head" not in k,
+                             b)
+        # CLIP counted in fp32, as the reference runs it whatever the compute dtype.
+        text += _header_bytes(_safetensors(root / "text_encoder_2"), dtype_bytes=4)
+        vae_b = 2 if device_type == "cuda" else 4  # fp16 on a GPU as the original, fp32 on the CPU
+        vae = _header_bytes(_safetensors(root / "vae"), dtype_bytes=vae_b)
+        return cls(dit_bytes, text, vae)
+
+
+@dataclass(frozen=True)
+class Shape:
+    frames: int
+    height: int
+    width: int
+
+
+def dit_activation_bytes(cfg, shape: Shape, dtype: torch.dtype, nabla: bool, sp: int = 1, ulysses: int = 1,
+                         ring: int = 1, tp: int = 1) -> int:
+    """Peak activation bytes of one DiT forward on one rank (see the module docstring for what is counted)."""
+    b = torch.tensor([], dtype=dtype).element_size()
+    T = (shape.frames - 1) // 4 + 1
+    tokens = T * (shape.height // 16) * (shape.width // 16)
+    blocks = -(-tokens // 64)
+    local = -(-blocks // sp) * 64  # padded whole blocks per rank (parallel/layout.py)
+    D, F, H = cfg.model_dim // tp, cfg.ff_dim // tp, max(1, cfg.num_heads // tp)
+    per_token = 3 * D * b + 2 * F * b + 4 * D * 4  # residual, q/k/v or FFN pair, fp32 norm/RoPE temporaries
+    if ulysses > 1:
+        per_token += 2 * 3 * D * b  # packed q/k/v all-to-all: send and receive buffers
+    if ring > 1:
+        per_token += 2 * 2 * D * b + D * 4  # two K/V buffers in flight, the fp32 merge accumulator
+    act = local * per_token
+    act += tokens * cfg.head_dim // 2 * 4 * 3  # RoPE angles, cos, sin (fp32)
+    act += tokens * 2 * cfg.in_visual_dim * 4 * 4  # latent state, model input, velocities (fp32)
+    if nabla:
+        nq = local // 64
+        nk = blocks if ring == 1 else nq * ring
+        # tile mask + BlockMask indices (int32) + argsort scratch (int64), and the chunked fp32 top-CDF temporaries
+        act += (H // ulysses) * nq * nk * (1 + 4 + 8 + 1) + (1 << 24) * 26
+    return int(act * _FRAGMENTATION)
+
+
+def decode_bytes(root: Path | None, shape: Shape, device_type: str) -> int:
+    """Peak bytes of a tiled VAE decode on the device: the decoded video, its uint8 conversion (two fp32
+    temporaries and the result) and one tile's decoder activations at full resolution."""
+    vae_b = 2 if device_type == "cuda" else 4
+    video = 3 * shape.frames * shape.height * shape.width
+    channels, tile, tile_frames = 128, 256, 16
+    if root is not None:
+        try:
+            c = json.loads((Path(root) / "vae" / "config.json").read_text())
+            channels = c.get("block_out_channels", [channels])[0]
+            tile, tile_frames = c.get("tile_sample_min_height", tile), c.get("tile_sample_min_num_frames", tile_frames)
+        except (OSError, ValueError):
+            pass
+    tile_act = 8 * channels * (min(tile_frames, shape.frames) + 1) * min(tile, shape.height) * min(tile, shape.width)
+    return int((video * (vae_b + 2 * 4 + 2) + tile_act * vae_b) * _FRAGMENTATION)
+
+
+@dataclass
+class Estimate:
+    """Estimated peak bytes per rank of each phase of the largest item."""
+
+    phases: dict[str, int]
+    weights: Weights
+    offload: str
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in self.phases.items())
+        w = self.weights
+        return (f"{self.peak / GiB:.1f} GiB at its peak ({parts} GiB by phase; weights: DiT {w.dit / GiB:.1f}, text "
+                f"encoders {w.text / GiB:.1f}, VAE {w.vae / GiB:.2f} GiB; --offload {self.offload})")
+
+
+def estimate(weights: Weights, cfg, shapes: list[Shape], dtype: torch.dtype, device_type: str, offload: str,
+             nabla: bool, root: Path | None = None, **layout: int) -> Estimate:
+    """Peak bytes per rank of each phase for the largest of ``shapes`` (``layout``: sp, ulysses, ring, tp)."""
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    act = max(dit_activation_bytes(cfg, s, dtype, nabla, **layout) for s in shapes)
+    dec = max(decode_bytes(root, s, device_type) for s in shapes)
+    w = weights
+    text_act = 2 * 400 * 4 * 3584 * 4  # two prompts of the template + 256 tokens, a few fp32 hidden states
+    if offload == "model":
+        phases = {"text": w.text + text_act, "denoise": w.dit + act, "decode": w.vae + dec}
+    elif offload == "text":
+        phases = {"text": w.dit + w.vae + w.text + text_act, "denoise": w.dit + w.vae + act, "decode": w.dit + w.vae + dec}
+    else:
+        every = w.dit + w.vae + w.text
+        phases = {"text": every + text_act, "denoise": every + act, "decode": every + dec}
+    return Estimate({k: v + _RUNTIME for k, v in phases.items()}, w, offload)
+
+
+def device_capacity(device) -> tuple[int, str]:
+    """Bytes this process can still use on ``device`` and where that number comes from."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free, f"{device} ({free / GiB:.1f} of {total / GiB:.1f} GiB free)"
+    available = _meminfo("MemAvailable")
+    cgroup = _cgroup_room()
+    if cgroup is not None and cgroup < available:
+        return cgroup, f"this process's cgroup ({cgroup / GiB:.1f} GiB left under its limit)"
+    return available, f"the CPU's memory ({available / GiB:.1f} GiB available)"
+
+
+def _meminfo(key: str) -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _cgroup_room() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def refuse_if_too_big(est: Estimate, capacity: int, where: str, alternatives: dict[str, Estimate]) -> None:
+    """Raise ValueError when the estimate exceeds ``capacity``, naming what would fit among ``alternatives``
+    ({flags: estimate}), else the largest frame count that would."""
+    if est.peak <= capacity:
+        return
+    fits = [flags for flags, alt in alternatives.items() if alt.peak <= capacity]
+    hint = f"these settings would fit: {'; '.join(fits)}" if fits else "no --offload setting fits it either"
+    raise ValueError(
+        f"this run needs an estimated {est.describe()}, more than the {capacity / GiB:.1f} GiB of {where}; {hint}"
+    )
+
+
+def check_memory(root: Path, cfg, shapes: list[Shape], dtype: torch.dtype, device, offload: str, nabla: bool,
+                 **layout: int) -> Estimate:
+    """Estimate this rank's peak for the largest of ``shapes`` and refuse (ValueError) a run that cannot fit the
+    device, naming the --offload setting or the frame count that would. Reads only headers and configs."""
+    device = torch.device(device)
+    weights = Weights.of_checkpoint(root, cfg, dtype, device.type, tp=layout.get("tp", 1))
+
+    def at(mode: str, these: list[Shape]) -> Estimate:
+        return estimate(weights, cfg, these, dtype, device.type, mode, nabla, root, **layout)
+
+    est = at(offload, shapes)
+    capacity, where = device_capacity(device)
+    if est.peak <= capacity:
+        return est
+    alternatives = {}
+    if device.type == "cuda":
+        for mode in OFFLOAD_MODES:
+            if mode != offload:
+                alternatives[f"--offload {mode}"] = at(mode, shapes)
+    best = "model" if device.type == "cuda" else offload
+    big = max(shapes, key=lambda s: s.frames * s.height * s.width)
+    lo, hi = 0, (big.frames - 1) // 4 - 1  # frames 4k+1, fewer than now
+    fits = None
+    while lo <= hi:
+        k = (lo + hi) // 2
+        if at(best, [Shape(4 * k + 1, big.height, big.width)]).peak <= capacity:
+            fits, lo = k, k + 1
+        else:
+            hi = k - 1
+    if fits is not None:
+        flags = f"--num-frames {4 * fits + 1}" + (f" --offload {best}" if best != offload else "")
+        alternatives[flags] = at(best, [Shape(4 * fits + 1, big.height, big.width)])
+    refuse_if_too_big(est, capacity, where, alternatives)
+    return est

@@ -1,0 +1,105 @@
+"""The pre-load memory estimate: its weights against what loading really allocates, its refusal of a run that cannot
+fit (exit 2 before any weight loads), and the pipeline's offload modes."""
+
+import pytest
+import torch
+
+from k5.engine import memory
+from k5.engine.config import PRESETS
+from k5.engine.memory import Shape, Weights, check_memory, device_capacity, dit_activation_bytes, estimate
+from k5.engine.pipeline import Kandinsky5Pipeline, Request
+from k5.engine.tiny import tiny_checkpoint
+from k5.launch.generate import main
+
+GiB = 2**30
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_weights_are_what_loading_allocates():
+    """From headers and the config alone, the same bytes the loaded components hold (fp32 on the CPU)."""
+    root = tiny_checkpoint()
+    cfg = Kandinsky5Pipeline.read_config(root)
+    w = Weights.of_checkpoint(root, cfg, torch.float32, "cpu")
+    pipe = Kandinsky5Pipeline.from_pretrained(root, dtype=torch.float32, device="cpu")
+    assert w.dit == _param_bytes(pipe.dit)
+    assert w.text == _param_bytes(pipe.text.qwen) + _param_bytes(pipe.text.clip)  # no vision tower, no lm_head
+    assert w.vae == _param_bytes(pipe.vae.vae)
+    # bf16 weights are half, except those kept in fp32 (time embedding, modulation, q/k norms; CLIP).
+    half = Weights.of_checkpoint(root, cfg, torch.bfloat16, "cpu")
+    clip = _param_bytes(pipe.text.clip)
+    assert w.dit / 2 < half.dit < w.dit and half.text == (w.text - clip) // 2 + clip
+
+
+def test_estimate_phases_follow_offload():
+    root = tiny_checkpoint()
+    cfg = Kandinsky5Pipeline.read_config(root)
+    w = Weights(dit=10 * GiB, text=16 * GiB, vae=1 * GiB)
+    shape = [Shape(121, 512, 768)]
+    by_mode = {m: estimate(w, cfg, shape, torch.bfloat16, "cuda", m, False, root) for m in memory.OFFLOAD_MODES}
+    none, text, model = (by_mode[m].phases for m in ("none", "text", "model"))
+    # Denoising holds the DiT in every mode, the text encoders only without offload.
+    assert none["denoise"] - text["denoise"] == w.text and text["denoise"] - model["denoise"] == w.vae
+    # --offload model: the text phase holds the encoders alone, the decode the VAE alone.
+    assert model["text"] < w.text + GiB and model["decode"] < text["decode"] - w.dit + 1
+    assert by_mode["none"].peak > by_mode["text"].peak > by_mode["model"].peak
+    # Lite's activations grow with the video (twice the frames: 1.5x and more), shrink with sequence parallelism.
+    lite = PRESETS["lite"]
+    act = lambda frames, **lay: dit_activation_bytes(lite, Shape(frames, 512, 768), torch.bfloat16, False, **lay)  # noqa
+    assert act(241) > 1.5 * act(121) and act(121, sp=4, ulysses=4) < act(121) / 2
+
+
+def _impossible_frames(root, cfg) -> int:
+    """100001 frames (the issue's example), or more where this machine could hold that (the test must refuse)."""
+    capacity, _ = device_capacity("cpu")
+    frames = 100001
+    while check_estimate(root, cfg, frames) <= capacity:
+        frames = 4 * (2 * frames // 4) + 1
+    return frames
+
+
+def check_estimate(root, cfg, frames):
+    w = Weights.of_checkpoint(root, cfg, torch.float32, "cpu")
+    return estimate(w, cfg, [Shape(frames, 128, 128)], torch.float32, "cpu", "none", False, root).peak
+
+
+def test_impossible_run_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    root = tiny_checkpoint()
+    frames = _impossible_frames(root, Kandinsky5Pipeline.read_config(root))
+
+    def no_loading(*a, **k):
+        raise AssertionError("a weight was loaded before the memory check")
+
+    monkeypatch.setattr(Kandinsky5Pipeline, "from_pretrained", no_loading)
+    out = tmp_path / "long.mp4"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tiny", "--prompt", "a cat", "--num-frames", str(frames), "--device", "cpu",
+              "--output", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "this run needs an estimated" in err and "GiB" in err, err
+    assert "these settings would fit: --num-frames" in err  # what would fit
+    assert not out.exists()
+
+
+def test_check_memory_passes_an_ordinary_run():
+    root = tiny_checkpoint()
+    cfg = Kandinsky5Pipeline.read_config(root)
+    est = check_memory(root, cfg, [Shape(9, 128, 128)], torch.float32, "cpu", "none", False)
+    assert 0 < est.peak < GiB and est.peak_phase in est.phases
+
+
+def test_offload_model_and_released_text_encoders_give_the_same_latents():
+    root = tiny_checkpoint()
+    req = Request(prompt="a red fox", height=128, width=128, num_frames=5, steps=1, seed=3)
+    want = Kandinsky5Pipeline.from_pretrained(root, dtype=torch.float32, device="cpu").generate(req).latents
+    pipe = Kandinsky5Pipeline.from_pretrained(root, dtype=torch.float32, device="cpu", offload="model")
+    assert pipe.resident() == ["DiT", "text encoders", "VAE"]  # the device is the CPU here: all of it is home
+    pipe.text_after_encode = "release"
+    got = pipe.generate(req).latents
+    assert torch.equal(got, want)
+    assert pipe.text.qwen is None and "text encoders" not in pipe.resident()
+    with pytest.raises(RuntimeError, match="release"):
+        pipe.generate(req)
