@@ -25,13 +25,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import locate
+from .checkpoint import check_weights, locate
+from .compile import sync
 from .config import DiTConfig
 from .dit import Kandinsky5DiT
 from .image import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, is_image_checkpoint, load_source,
                     qwen_image, resolve, vae_input)
 from .image_vae import ImageVAE
-from .pipeline import Result, check_components, expand_or_reuse, make_expander, scheduler_shift
+from .memory import PEAKS
+from .pipeline import Kandinsky5Pipeline, Result, check_components, make_expander, scheduler_shift
 from .sampler import Conditioning, sample, uses_cfg
 from .text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
 
@@ -41,14 +43,17 @@ class ImageResult(Result):
     request: ImageRequest | None = None  # the resolved request (task, bucket size, notes)
 
 
-def check_image_checkpoint(root: str | Path) -> DiTConfig:
-    """The DiT config of an Image Lite checkpoint (no weights read); ValueError for anything else."""
+def check_image_checkpoint(root: str | Path, dit_path: str | Path | None = None) -> DiTConfig:
+    """The DiT config of an Image Lite checkpoint (no weights read; every component there, its safetensors headers
+    readable); ValueError for anything else. ``dit_path``: the DiT's own file when not in ``root``."""
     root = Path(root)
-    check_components(root)
+    separate = dit_path is not None and Path(dit_path) != root
+    check_components(root, transformer=not separate)
     if not is_image_checkpoint(root):
         raise ValueError(f"{root} is not a Kandinsky 5 Image Lite checkpoint: its vae/ is not the FLUX AutoencoderKL "
                          f"(a video checkpoint runs t2v/i2v)")
-    cfg = locate(root).config
+    check_weights(root, transformer=not separate)
+    cfg = locate(dit_path if separate else root).config
     if cfg.uses_nabla:
         raise ValueError(f"{root}: the DiT config asks for NABLA attention, which Image Lite does not use; fix "
                          f"attention_type in transformer/config.json")
@@ -68,58 +73,55 @@ def refuse_magcache(chain) -> None:
 def pipeline_class(root: str | Path):
     """The pipeline that runs a checkpoint folder: ImagePipeline for Image Lite (FLUX VAE), else Kandinsky5Pipeline.
     Reads config files only."""
-    from .pipeline import Kandinsky5Pipeline
-
     return ImagePipeline if is_image_checkpoint(root) else Kandinsky5Pipeline
 
 
-class ImagePipeline:
-    def __init__(self, root: Path, dit: Kandinsky5DiT, text, vae: ImageVAE, device):
-        self.root, self.dit, self.text, self.vae = Path(root), dit, text, vae
-        self.device = torch.device(device)
-        self.default_shift = scheduler_shift(root, DEFAULT_SHIFT)
-        # share_image(encode) -> latent: how the ranks of one item get the source latent (see Kandinsky5Pipeline).
-        self.share_image = lambda encode: encode()
-        self.expander, self.share_text = None, lambda expand: expand()  # prompt expansion, as in Kandinsky5Pipeline
+class ImagePipeline(Kandinsky5Pipeline):
+    """Kandinsky5Pipeline's loading, offloading, placement and prompt expansion, with the image conditioning,
+    sampling and decode. ``vae`` is the FLUX ImageVAE."""
+
+    def __init__(self, root: Path, dit: Kandinsky5DiT, text, vae: ImageVAE, device, offload: str = "none"):
+        super().__init__(root, dit, text, vae, device, offload=offload)
+        self.default_shift = scheduler_shift(root, DEFAULT_SHIFT)  # the image pipelines' 3.0, not video's 5.0
 
     @staticmethod
-    def read_config(root: str | Path) -> DiTConfig:
-        return check_image_checkpoint(root)
+    def read_config(root: str | Path, dit_path: str | Path | None = None) -> DiTConfig:
+        return check_image_checkpoint(root, dit_path)
 
     @classmethod
     def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False,
-                        adapters=()) -> "ImagePipeline":
-        """``expand``: also load the lm_head for prompt expansion; ``adapters``: LoRAs merged into the DiT."""
+                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False, adapters=(),
+                        offload: str = "none", *, dit_path: str | Path | None = None,
+                        config: DiTConfig | None = None) -> "ImagePipeline":
+        """As Kandinsky5Pipeline.from_pretrained, with the FLUX VAE (bf16 on GPU as the original runs it; fp32 on
+        CPU, where half precision is slow and inexact)."""
         root, device = Path(root), torch.device(device)
-        check_image_checkpoint(root)
-        dit = dit or Kandinsky5DiT.from_pretrained(root, torch_dtype=dtype, device=device, adapters=adapters)
-        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
-        # bf16 on GPU as the original runs the FLUX VAE; fp32 on CPU, where half precision is slow and inexact.
-        vae = ImageVAE.from_pretrained(root, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
-        pipe = cls(root, dit, text, vae, device)
+        check_image_checkpoint(root, dit_path)
+        home = torch.device("cpu") if offload == "model" else device
+        dit = dit or Kandinsky5DiT.from_pretrained(dit_path or root, torch_dtype=dtype, device=home, config=config,
+                                                   adapters=adapters)
+        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=home, lm_head=expand)
+        vae = ImageVAE.from_pretrained(root, torch.bfloat16 if device.type == "cuda" else torch.float32, home)
+        pipe = cls(root, dit, text, vae, device, offload=offload)
         if expand and isinstance(text, TextEncoder):
             pipe.expander = make_expander(text)
         return pipe
 
-    def expand_prompt(self, req: ImageRequest, reuse=None) -> str:
+    def expand_prompt(self, req: ImageRequest, task: str | None = None, reuse=None) -> str:
         """The reference's expansion of ``req.prompt`` (t2i, or i2i with the source image), seeded with ``req.seed``,
         once per item and shared; encode it with ``generate(req, prompt=expanded)``. ``reuse``: as in
         ``Kandinsky5Pipeline.expand_prompt``."""
-        if self.expander is None:
-            raise RuntimeError("prompt expansion is not loaded: build the pipeline with expand=True")
-        task = "i2i" if req.image is not None else "t2i"
-        return self.share_text(lambda: expand_or_reuse(lambda: self.expander(req.prompt, task, req.seed, req.image),
-                                                       reuse))
+        return super().expand_prompt(req, task or ("i2i" if req.image is not None else "t2i"), reuse)
 
     def resolve(self, req: ImageRequest) -> ImageRequest:
         return resolve(req, self.dit.config)
 
-    def encode(self, prompts: list[str], fmt: PromptFormat, image=None) -> tuple[list[Conditioning], list[bool]]:
+    def encode(self, prompts: list[str], fmt: PromptFormat = IMAGE, image=None
+               ) -> tuple[list[Conditioning], list[bool]]:
+        """Kandinsky5Pipeline.encode (the encoders placed and offloaded as it does) in an image prompt format; an
+        edit's source image (as Qwen takes it, engine.image.qwen_image) goes with every prompt."""
         images = None if image is None else [image] * len(prompts)
-        e = self.text.encode(prompts, fmt=fmt, images=images)
-        conds = [Conditioning(e.embeds[i : i + 1], e.mask[i : i + 1], e.pooled[i : i + 1]) for i in range(len(prompts))]
-        return conds, e.truncated
+        return super().encode(prompts, fmt=fmt, images=images)
 
     def velocity(self, inp: Tensor, t: Tensor, c: Conditioning, extra: Tensor | None, **dit_kwargs) -> Tensor:
         x = inp if extra is None else torch.cat([inp, extra.to(inp.dtype)], -1)
@@ -134,6 +136,20 @@ class ImagePipeline:
             return torch.zeros(*shape[:-1], shape[-1] + 1, device=self.device)
         return torch.cat([edit, torch.ones_like(edit[..., :1])], -1)
 
+    def source_latent(self, source: Tensor, generator: torch.Generator) -> Tensor:
+        """The fitted source image's VAE latent (a posterior sample from ``generator``), on one rank of the item's
+        group in parallel runs (``share_image``)."""
+        def encode():
+            if self.offload == "model":
+                self._place("vae", self.device)
+            try:
+                return self.vae.encode(vae_input(source), generator=generator).to(self.device)
+            finally:
+                if self.offload == "model":
+                    self._place("vae", "cpu")
+
+        return self.share_image(encode)
+
     @torch.inference_mode()
     def generate(self, req: ImageRequest, on_step=None, guided=None, chain=(), prompt: str | None = None
                  ) -> ImageResult:
@@ -143,32 +159,48 @@ class ImagePipeline:
         if self.dit.nabla is not None:
             raise ValueError("NABLA attention is for video; Image Lite runs dense attention (--attention dense)")
         refuse_magcache(chain)
+        sync(self.device)
         t0 = time.perf_counter()
         req = self.resolve(req)
         shape = req.latent_shape()
-        generator = torch.Generator("cpu").manual_seed(req.seed)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-        edit, fmt, qwen_input = None, IMAGE, None
-        if req.image is not None:
-            source = fit_to_bucket(load_source(req.image), req.height, req.width)
-            edit = self.share_image(lambda: self.vae.encode(vae_input(source), generator=generator).to(self.device))
-            fmt, qwen_input = IMAGE_EDIT, qwen_image(source)
-        prompts = [req.prompt if prompt is None else prompt]
-        prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
-        conds, truncated = self.encode(prompts, fmt, qwen_input)
-        cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
-        extra = self.extra_channels(edit, shape)
+        with PEAKS.phase("text", self.device):
+            generator = torch.Generator("cpu").manual_seed(req.seed)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+            edit, fmt, qwen_input = None, IMAGE, None
+            if req.image is not None:
+                source = fit_to_bucket(load_source(req.image), req.height, req.width)
+                edit = self.source_latent(source, generator)  # after the noise: diffusers' order of draws
+                fmt, qwen_input = IMAGE_EDIT, qwen_image(source)
+            prompts = [req.prompt if prompt is None else prompt]
+            prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
+            conds, truncated = self.encode(prompts, fmt, qwen_input)
+            cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
+            extra = self.extra_channels(edit, shape)
+            sync(self.device)
         t1 = time.perf_counter()
-        latents = sample(
-            lambda inp, t, c, **kw: self.velocity(inp, t, c, extra, **kw), noise, cond, uncond, steps=req.steps,
-            guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift, visual_cond=False,
-            on_step=on_step, guided=guided, chain=chain,
-        )
+        with PEAKS.phase("denoise", self.device):
+            if self.offload == "model":
+                self._place("dit", self.device)
+            latents = sample(
+                lambda inp, t, c, **kw: self.velocity(inp, t, c, extra, **kw), noise, cond, uncond, steps=req.steps,
+                guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift, visual_cond=False,
+                on_step=on_step, guided=guided, chain=chain,
+            )
+            sync(self.device)
         t2 = time.perf_counter()
+        if self.offload == "model":
+            self._place("dit", "cpu")
         return ImageResult(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
                            truncated=truncated[0], request=req)
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         """uint8 image as one frame [1, H, W, 3]."""
-        return self.vae.decode(latents)
+        with PEAKS.phase("decode", self.device):
+            if self.offload == "model":
+                self._place("vae", self.device)
+            image = self.vae.decode(latents)
+            sync(self.device)
+        if self.offload == "model":
+            self._place("vae", "cpu")
+        return image

@@ -283,11 +283,12 @@ class Kandinsky5Pipeline:
         return cls.from_pretrained(resolved.root, dtype, device, dit_path=resolved.dit, config=resolved.config,
                                    **kwargs)
 
-    def encode(self, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
+    def encode(self, prompts: list[str], **text_kwargs) -> tuple[list[Conditioning], list[bool]]:
+        """``text_kwargs``: the encoder's (an image prompt format and its images: ImagePipeline)."""
         moves = self.offload == "model" and isinstance(self.text, TextEncoder)
         if moves or (isinstance(self.text, TextEncoder) and self.text_after_encode == "cpu"):
             self._place("text", self.device)
-        e = self.text.encode(prompts)
+        e = self.text.encode(prompts, **text_kwargs)
         if isinstance(self.text, TextEncoder) and self.text_after_encode != "keep":
             # The embeddings are all the rest of the item needs: the encoders leave the device now.
             self.text.release() if self.text_after_encode == "release" else self._place("text", "cpu")
