@@ -34,8 +34,10 @@ from .variants import Variant, VariantError
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 DIFFUSERS_MARKERS = ("model_index.json", "transformer")
 # The built-in tiny models: ``--model`` name -> (engine.tiny.tiny_checkpoint kind, the tasks it runs, its own
-# request defaults: a size a CPU runs in seconds). The Image Lite tasks add their own names here.
-TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "num_frames": 9, "steps": 4})}
+# request defaults: a size a CPU runs in seconds). "tiny-image" is two checkpoints, one per task (kind "t2i" or
+# "i2i", chosen by the task); its images take the buckets' sizes (1024-class: a few thousand tokens, seconds on a CPU).
+TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "num_frames": 9, "steps": 4}),
+               "tiny-image": ("by task", ("t2i", "i2i"), {"steps": 4})}
 # model_index.json ``_class_name`` of the diffusers pipelines -> the task of a -Diffusers checkpoint.
 PIPELINE_TASKS = {"Kandinsky5T2VPipeline": "t2v", "Kandinsky5I2VPipeline": "i2v", "Kandinsky5T2IPipeline": "t2i",
                   "Kandinsky5I2IPipeline": "i2i"}
@@ -177,13 +179,16 @@ def _choose_variant(given: str | None, recognised: Variant | None, what: str) ->
 
 
 def resolve_model(model: str, variant: str | None = None, *, components: str | Path | None = None,
-                  cache_dir: str | Path | None = None, tiny_attention: str = "regular") -> Resolved:
+                  cache_dir: str | Path | None = None, tiny_attention: str = "regular",
+                  tiny_task: str | None = None) -> Resolved:
     """Turn ``--model`` (and ``--variant``) into files, a config and a variant; raise ResolveError / VariantError
     (both ValueError) with one message naming what is wrong and what would be right.
 
-    ``tiny_attention`` ("regular" or "nabla"): which tiny checkpoint ``--model tiny`` means (built on first use)."""
+    ``tiny_attention`` ("regular" or "nabla"): which tiny checkpoint ``--model tiny`` means (built on first use);
+    ``tiny_task``: which of a tiny model's tasks is asked for (``tiny-image``: its t2i or its i2i checkpoint;
+    default: the variant's task, else the model's first)."""
     if model in TINY_MODELS:
-        return _resolve_tiny(model, variant, tiny_attention)
+        return _resolve_tiny(model, variant, tiny_attention, tiny_task)
     path, repo, revision, recognised = Path(model).expanduser(), None, None, None
     if not path.exists():
         if not REPO_ID.match(model):
@@ -240,15 +245,21 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
     return Resolved(model, kind, root, dit, config, chosen, chosen_from, repo, revision, task)
 
 
-def _resolve_tiny(model: str, variant: str | None, attention: str) -> Resolved:
+def _resolve_tiny(model: str, variant: str | None, attention: str, task: str | None = None) -> Resolved:
     from .checkpoint import locate as _locate
     from .tiny import tiny_checkpoint
 
     kind, tasks, _ = TINY_MODELS[model]
     chosen = tiny_variant(variant, tasks, f"the tiny model --model {model}")
+    task = task or (chosen.task if chosen else tasks[0])
+    if task not in tasks:
+        raise ResolveError(f"--task {task}: the tiny model --model {model} runs {' or '.join(tasks)}"
+                           + ("; --model tiny-image runs t2i and i2i" if model == "tiny" else
+                              "; --model tiny runs t2v and i2v" if model == "tiny-image" else ""))
+    if kind == "by task":  # one checkpoint per task (tiny-image: the I2I DiT has the edit-latent input)
+        kind, attention = task, "regular"  # Image Lite is dense; a NABLA request is refused by the caller
     root = tiny_checkpoint(attention=attention, kind=kind)  # cached; built aside and renamed, safe under torchrun
-    return Resolved(model, "tiny", root, root, _locate(root).config, chosen, "given" if chosen else None,
-                    task=chosen.task if chosen else tasks[0])
+    return Resolved(model, "tiny", root, root, _locate(root).config, chosen, "given" if chosen else None, task=task)
 
 
 def tiny_variant(name: str | None, tasks=("t2v", "i2v"), what: str = "the tiny model") -> Variant | None:

@@ -1,6 +1,9 @@
-"""Generate videos with Kandinsky 5: one prompt, or a batch job over a prompt file that resumes where it stopped.
+"""Generate videos and images with Kandinsky 5: one prompt, or a batch job over a prompt file that resumes where it
+stopped. Video checkpoints make MP4 videos (t2v, i2v); Image Lite checkpoints make PNG images (t2i, i2i: an edit of
+--image / the prompt file's 'image'), the task following the checkpoint (k5.launch.images).
 
     python launch/generate.py --model M --prompt "a cat" --output cat.mp4
+    python launch/generate.py --model tiny-image --prompt "a cat" --output cat.png
     torchrun --nproc_per_node=8 launch/generate.py --model M --prompts prompts.jsonl --output-dir out/
     python launch/generate.py --nproc-per-node 8 --model M ...    # checks the inputs once, then starts 8 workers
 
@@ -72,19 +75,29 @@ def build_parser() -> Parser:
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="job folder: videos, manifest.jsonl, metrics.json, logs/; running the same command again "
                         "resumes; default: none (a single video goes to --output)")
-    p.add_argument("--negative-prompt", default=None, help="default: the reference negative prompt")
-    p.add_argument("--image", default=None, help="conditioning image for image-to-video; default: none (text only)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="default: the reference negative prompt (video), empty (images, as the reference)")
+    p.add_argument("--image", default=None,
+                   help="video: the image to animate (i2v); Image Lite: the source image to edit (i2i); default: none "
+                        "(text only)")
+    p.add_argument("--task", choices=["t2v", "i2v", "t2i", "i2i"], default=None,
+                   help="what to make where the checkpoint can do more than one (an I2I checkpoint also runs t2i); "
+                        "default: the checkpoint's own (model_index.json or the variant), i2i/i2v with an image")
     p.add_argument("--height", type=int, default=None,
-                   help="pixels; default: the variant's, else 512 (128 for --model tiny)")
-    p.add_argument("--width", type=int, default=None, help="pixels; default: the variant's, else 768 (128 for --model tiny)")
+                   help="pixels; default: the variant's, else 512 (128 for --model tiny); images: the bucket (the "
+                        "source image's for an edit, else 1024), other sizes snapped to the nearest bucket")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels; default: the variant's, else 768 (128 for --model tiny); images: as --height")
     p.add_argument("--num-frames", type=int, default=None,
-                   help="4k+1 frames; default: the variant's, else 121 (9 for --model tiny)")
+                   help="4k+1 frames (video only); default: the variant's, else 121 (9 for --model tiny)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps; default: the variant's, else 50 (4 for --model tiny)")
     p.add_argument("--guidance-scale", type=finite_float, default=None,
-                   help="CFG weight; 1 disables CFG (nocfg/distilled models); default: the variant's, else 5")
+                   help="CFG weight; 1 disables CFG (nocfg/distilled models); default: the variant's, else 5 "
+                        "(images 3.5)")
     p.add_argument("--shift", type=finite_float, default=None,
-                   help="schedule shift; default: the variant's, else the checkpoint's scheduler config, else 5")
+                   help="schedule shift; default: the variant's, else the checkpoint's scheduler config, else 5 "
+                        "(images 3)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; in a batch job items default to seed + index; "
                                                        "default 0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --model tiny)")
@@ -101,7 +114,8 @@ def build_parser() -> Parser:
                         "are encoded; model = every component sits in host memory and visits the GPU only while it "
                         "runs (e.g. Pro on one 80 GB GPU); default: text with CUDA, none on the CPU")
     p.add_argument("--output", default=None,
-                   help="video path, .mp4 (H.264, 24 fps); default: none (no video is written)")
+                   help="video path, .mp4 (H.264, 24 fps); for an Image Lite model an image path, .png; default: none "
+                        "(no video or image is written)")
     p.add_argument("--save-latents", nargs="?", const=True, default=None, metavar="PATH",
                    help="final latents as .safetensors; in a job folder (no PATH) NAME.safetensors next to each "
                         "video; default: not saved")
@@ -152,7 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     # Size, steps, guidance and shift: flag > variant > built-in, once the model is resolved (validate).
-    tiny = args.model == "tiny"
+    from k5.engine.resolve import TINY_MODELS
+
+    tiny = args.model in TINY_MODELS
     for k, v in dict(dtype="fp32" if tiny else "bf16", expand_prompt=not tiny).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -256,6 +272,7 @@ class Runtime:
     estimate: object = None  # engine.memory.Estimate made before loading
     ratios: tuple | None = None  # --magcache: the variant's ratios (the step cache is a stage of the step chain)
     chain: list = field(default_factory=list)
+    image: bool = False  # an Image Lite pipeline: images are decoded on the group's rank 0
 
     @property
     def group_size(self) -> int:
@@ -316,6 +333,10 @@ class Runtime:
         """uint8 frames [F, H, W, 3] on the group's rank 0, None on the others."""
         if self.group is None:
             return self.pipe.decode(latents)
+        if self.image:
+            # One 2D image: the group's rank 0 decodes it whole (the FLUX VAE decodes a 1024-class image in well under
+            # a second on a GPU; tiles and their exchange would cost more than they save). The others go on.
+            return self.pipe.decode(latents) if self.group_rank == 0 else None
         from k5.parallel.vae_tiles import parallel_decode
 
         frames, stats = parallel_decode(self.pipe.vae.vae, latents, group=self.group, dst=0)
@@ -339,7 +360,8 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
         s.pipeline.text_after_encode = "release"  # one video: the encoders are never needed again
     s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
     rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
-                 s.describe() if env.world > 1 else "", env.device, estimate=env.estimate, ratios=job.ratios)
+                 s.describe() if env.world > 1 else "", env.device, estimate=env.estimate, ratios=job.ratios,
+                 image=job.image)
     if job.ratios is not None:
         from k5.engine.magcache import MagCache
 
@@ -361,40 +383,53 @@ class Job:
     items: list  # the items (k5.launch.prompts.Item): one for a single video
     settings: dict  # what decides the outputs besides each request; a resumed job must repeat it
     dest: object  # k5.launch.job.OutputFiles or k5.launch.batch.JobFolder
-    needs_frames: bool  # decode the latents (a video or frames are written)
+    needs_frames: bool  # decode the latents (a video, an image or frames are written)
     adapters: tuple = ()  # --lora: merged at load (items with other adapters switch, k5.launch.job.prepare_item)
     expand: bool = False  # prompt expansion (loads Qwen's lm_head on the text-source ranks)
     resolved: object = None  # k5.engine.resolve.Resolved: what --model / --variant name
     ratios: tuple | None = None  # --magcache: the variant's MagCache ratios
     checkpoint: dict = field(default_factory=dict)  # the variant, its source, MagCache: for records and summary
+    image: bool = False  # an Image Lite checkpoint (ImageRequest items, PNG images)
 
 
 def validate(args, env: Env) -> Job:
     """Everything that can be checked without loading a weight; raises ValueError (or OSError) with the message."""
-    from k5.engine.pipeline import Kandinsky5Pipeline, Request, check_request
-    from k5.launch.outputs import check_suffix, check_writable, refuse_existing
+    from k5.engine.image import is_image_checkpoint, resolve as resolve_image
+    from k5.engine.image_pipeline import pipeline_class
+    from k5.engine.pipeline import Request, check_request
+    from k5.launch import images
+    from k5.launch.outputs import check_suffix, check_writable, media_kind, refuse_existing
     from k5.launch.prompts import Item, check_image
     from k5.parallel.plan import check_request as check_layout_request
 
-    # Names first: a wrong extension or an unwritable folder is known without reading the checkpoint.
+    # Names first: a wrong extension or an unwritable folder is known without reading the checkpoint (the main file
+    # is a video or an image by its extension; whether the checkpoint makes that is checked once it is known).
     single = args.output_dir is None
-    paths = {kind: Path(p) for kind, p in (("video", args.output), ("latents", args.save_latents),
+    media = media_kind(args.output) if args.output is not None else "video"
+    paths = {kind: Path(p) for kind, p in ((media, args.output), ("latents", args.save_latents),
                                             ("frames", args.save_frames)) if single and p is not None}
+    flags = {media: "--output", "latents": "--save-latents", "frames": "--save-frames"}
     for kind, path in paths.items():
-        check_suffix(kind, path, {"video": "--output", "latents": "--save-latents", "frames": "--save-frames"}[kind])
+        check_suffix(kind, path, flags[kind])
     if args.image is not None:
         check_image(args.image, "--image")
     from k5.launch import model as model_flags
 
-    # A repo id from the cache, a folder, a single file or "tiny"; the variant given or recognised, checked against
-    # the weights' shapes (the tiny model is built once and cached, safe under torchrun).
-    resolved = model_flags.resolve(args)
+    # A repo id from the cache, a folder, a single file or a tiny model; the variant given or recognised, checked
+    # against the weights' shapes (a tiny model is built once and cached, safe under torchrun).
+    resolved = model_flags.resolve(args, tiny_task=images.tiny_task(args))
     root = resolved.root
+    image_model = is_image_checkpoint(root)  # Image Lite: the FLUX VAE
+    images.check_family(args, image_model)  # the other family's settings, before any default is filled in
+    if image_model and args.output is not None and media != "image":
+        check_suffix("image", args.output, "--output")  # an Image Lite model writes a PNG: the message says so
+    Pipeline = pipeline_class(root)
     # Every component present, weights in readable safetensors (the DiT's from its own file for a single file).
-    Kandinsky5Pipeline.read_config(root, dit_path=resolved.dit)
+    Pipeline.read_config(root, dit_path=resolved.dit)
     cfg = resolved.config  # the variant's attention applied
     ratios = model_flags.magcache_ratios(args, resolved)
-    model_flags.request_defaults(args, resolved)  # flag > variant > built-in, for the request and the items
+    # flag > variant > built-in (the family's), for the request and the items
+    model_flags.request_defaults(args, resolved, images.IMAGE_BUILT_IN if image_model else model_flags.BUILT_IN)
     nabla = args.attention == "nabla" or (args.attention == "auto" and cfg.uses_nabla)
     dims = plan_dims(args, cfg, env.world)
     open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
@@ -404,15 +439,29 @@ def validate(args, env: Env) -> Job:
 
         check_lm_head(root)
 
-    def check(req):
-        check_request(req, cfg, nabla)
+    def check(req, settings_only: bool = False):
+        """The request as it will run (images: resolved), or ValueError; ``settings_only``: the command line's
+        defaults for a prompt file's items, whose lines bring their own images."""
+        if image_model:
+            req = resolve_image(req, cfg)  # the task, the bucket (a size snapped with a note), the source image
+        else:
+            check_request(req, cfg, nabla)
+            if not settings_only:
+                images.check_video_task(args.task, req)
         check_layout_request(dims, req.guidance_scale)
+        return req
 
     defaults = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, steps=args.steps, guidance_scale=args.guidance_scale,
                     shift=args.shift, seed=args.seed, image=args.image)
+    make = Request
+    if image_model:
+        defaults.pop("num_frames")  # one frame; a video setting was refused above
+        defaults["task"] = args.task  # None: an edit with a source image, else the checkpoint's own task
+        make = images.image_request
+    media = "image" if image_model else "video"
     if resolved.kind == "tiny":
-        model = args.model
+        model = args.model if args.model == "tiny" else f"{args.model}/{resolved.task}"  # one checkpoint per task
     elif resolved.repo is not None:
         model = f"{resolved.repo}@{resolved.revision}"  # another revision is other weights
     else:
@@ -426,7 +475,8 @@ def validate(args, env: Env) -> Job:
                 "step_cache": "magcache" if ratios is not None else None}
     if args.expand_prompt:  # absent when off, so job folders made before expansion existed still resume
         settings["expand_prompt"] = True
-    found = dict(resolved=resolved, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios))
+    found = dict(resolved=resolved, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios),
+                 image=image_model)
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     if single:
         from k5.launch.job import OutputFiles
@@ -434,33 +484,36 @@ def validate(args, env: Env) -> Job:
         if dims.dp > 1:
             raise ValueError(f"--dp-degree {dims.dp}: one video runs on one group of ranks; data parallelism over "
                              f"items needs a batch job (--prompts FILE --output-dir DIR), or use --dp-degree 1")
-        req = Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None})
-        check(req)
+        req = check(make(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None}))
         refuse_existing(*paths.values(), *(p for p, _ in extra))
-        flags = {"video": "--output", "latents": "--save-latents", "frames": "--save-frames"}
         for kind, path in paths.items():
             check_writable(path, flags[kind])
         for path, flag in extra:
             check_writable(path, flag)
-        name = str(paths.get("video") or paths.get("latents") or paths.get("frames"))
-        return Job(root, cfg, nabla, dims, [Item(0, 0, "--prompt", req, name, adapters)], settings,
-                   OutputFiles(paths), needs_frames="video" in paths or "frames" in paths, adapters=adapters,
-                   expand=args.expand_prompt, **found)
+        name = str(paths.get(media) or paths.get("latents") or paths.get("frames"))
+        item = Item(0, 0, "--prompt", req, name, adapters)
+        note_changes([item], env)
+        return Job(root, cfg, nabla, dims, [item], settings, OutputFiles(paths),
+                   needs_frames=media in paths or "frames" in paths, adapters=adapters, expand=args.expand_prompt,
+                   **found)
 
     from k5.launch.batch import JobFolder, check_resume
     from k5.launch.prompts import read_prompts, single_item
 
     try:
-        check(Request(prompt="(the command line's defaults)", **{k: v for k, v in defaults.items() if v is not None}))
+        given = {k: v for k, v in defaults.items() if v is not None}
+        if image_model and args.image is None:
+            given["task"] = "t2i"  # the settings alone: an edit's lines bring their own source images
+        check(make(prompt="(the command line's defaults)", **given), settings_only=True)
     except ValueError as e:
         raise ValueError(f"the command-line defaults for the items: {e}") from None
     if args.prompts is not None:
         items = read_prompts(args.prompts, defaults, check, adapters,
-                             lambda spec, folder: open_adapter(spec, folder, "'lora'"))
+                             lambda spec, folder: open_adapter(spec, folder, "'lora'"), make=make, kind=media)
     else:
-        request = Request(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None})
-        items = [replace(single_item(request), adapters=adapters)]
-        check(items[0].request)
+        request = check(make(prompt=args.prompt, **{k: v for k, v in defaults.items() if v is not None}))
+        items = [replace(single_item(request, kind=media), adapters=adapters)]
+    note_changes(items, env)
     out_dir = Path(args.output_dir)
     check_resume(items, out_dir, settings)
     check_writable(out_dir, "--output-dir", folder=True)
@@ -469,6 +522,16 @@ def validate(args, env: Env) -> Job:
         check_writable(path, flag)
     return Job(root, cfg, nabla, dims, items, settings, JobFolder(out_dir, settings, args.verify), needs_frames=True,
                adapters=adapters, expand=args.expand_prompt, **found)
+
+
+def note_changes(items: list, env: Env) -> None:
+    """Rank 0 says what resolving the requests changed (an image size snapped to the nearest bucket)."""
+    from k5.launch.images import describe_notes
+
+    if env.rank == 0:
+        for item in items:
+            for line in describe_notes(item):
+                print(f"note: {line}", file=sys.stderr)
 
 
 class AdapterOpener:

@@ -41,8 +41,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                         "default: a Kandinsky 5 -Diffusers repo in the Hugging Face cache")
 
 
-def resolve(args):
-    """The checkpoint ``--model`` names (a k5.engine.resolve.Resolved); VariantError / ResolveError otherwise."""
+def resolve(args, tiny_task: str | None = None):
+    """The checkpoint ``--model`` names (a k5.engine.resolve.Resolved); VariantError / ResolveError otherwise.
+    ``tiny_task``: which task's checkpoint a tiny model means (``--model tiny-image``: t2i or i2i)."""
     from k5.engine.resolve import TINY_MODELS, resolve_model
 
     local = Path(args.model).expanduser()
@@ -53,12 +54,14 @@ def resolve(args):
 
         Kandinsky5Pipeline.read_config(local)
     tiny_attention = "nabla" if getattr(args, "attention", None) == "nabla" else "regular"
-    return resolve_model(args.model, args.variant, components=args.components, tiny_attention=tiny_attention)
+    return resolve_model(args.model, args.variant, components=args.components, tiny_attention=tiny_attention,
+                         tiny_task=tiny_task)
 
 
-def request_defaults(args, resolved) -> dict:
-    """Each request setting: the flag if given, else the variant's, else the built-in default. Sets them on
-    ``args`` too (the prompt file's items fall back to them) and returns them."""
+def request_defaults(args, resolved, built_in: dict = BUILT_IN) -> dict:
+    """Each request setting: the flag if given, else the variant's, else the built-in default (``built_in``: the
+    family's; Image Lite's leaves size and frames open). Sets them on ``args`` too (the prompt file's items fall
+    back to them) and returns them."""
     variant = resolved.defaults()
     out = {}
     for key in REQUEST_DEFAULTS:
@@ -66,7 +69,7 @@ def request_defaults(args, resolved) -> dict:
         if value is None:
             value = variant.get(key)
         if value is None:
-            value = BUILT_IN.get(key)  # shift stays None: the checkpoint's scheduler config, else 5
+            value = built_in.get(key)  # shift stays None: the checkpoint's scheduler config, else 5
         setattr(args, key, value)
         out[key] = value
     return out

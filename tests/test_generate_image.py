@@ -140,18 +140,27 @@ def no_loading(monkeypatch):
     ("tiny-image", ["--attention", "nabla"], "x.png", r"--attention nabla is a video setting"),
     ("tiny-image", ["--nabla-threshold", "0.5"], "x.png", r"--nabla-threshold is a video setting"),
     ("tiny-image", [], "x.mp4", r"x.mp4.*image.*\.png"),
-    ("tiny-image", ["--task", "t2v"], "x.png", r"--task t2v makes a video, and this is an Image Lite checkpoint"),
+    ("tiny-image", ["--task", "t2v"], "x.png", r"--task t2v: the tiny model --model tiny-image runs t2i or i2i"),
     ("tiny-image", ["--task", "i2i"], "x.png", r"needs a source image: pass --image"),
+    ("tiny-image", ["--magcache"], "x.png", r"--magcache .* none for Image Lite"),
+    ("t2i folder", ["--task", "t2v"], "x.png", r"--task t2v makes a video, and this is an Image Lite checkpoint"),
+    ("t2i folder", ["--task", "i2i", "--image", "SOURCE"], "x.png", r"text-to-image checkpoint: .* cannot edit"),
     ("tiny", [], "x.png", r"x.png.*video.*\.mp4"),
-    ("tiny", ["--task", "t2i"], "x.mp4", r"--task t2i needs an Image Lite checkpoint"),
+    ("tiny", ["--task", "t2i"], "x.mp4", r"--task t2i: the tiny model --model tiny runs t2v or i2v"),
+    ("video folder", ["--task", "t2i"], "x.mp4", r"--task t2i needs an Image Lite checkpoint"),
 ])  # fmt: skip
 def test_refused_before_loading(capsys, tmp_path, no_loading, model, args, output, match):
+    from k5.engine.tiny import tiny_checkpoint
+
+    model = {"t2i folder": str(tiny_checkpoint(kind="t2i")), "video folder": str(tiny_checkpoint())}.get(model, model)
+    out = tmp_path / "out"
+    args = [str(source_image(tmp_path)) if a == "SOURCE" else a for a in args]
     with pytest.raises(SystemExit) as e:
-        main(["--model", model, "--prompt", "a cat", "--output", str(tmp_path / output), *args])
+        main(["--model", model, "--prompt", "a cat", "--output", str(out / output), *args])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
-    assert list(tmp_path.iterdir()) == []
+    assert not out.exists()
 
 
 def test_video_field_in_an_image_prompt_file_is_refused(capsys, tmp_path, no_loading):
