@@ -264,11 +264,14 @@ class Variant:
         return {"steps": self.steps, "guidance_scale": self.guidance_scale, "shift": self.shift}
 
     def defaults(self) -> dict:
-        """Request defaults of a real checkpoint: sampling settings plus size and frames. An edit (i2i) leaves the
-        size open: it follows the source image (its nearest bucket); ``height`` x ``width`` is the size without one."""
-        open_size = self.task == "i2i"
-        return {**self.sampling(), "height": None if open_size else self.height,
-                "width": None if open_size else self.width, "num_frames": self.num_frames}
+        """Request defaults of a real checkpoint: sampling settings plus size and frames (an engine.pipeline.Request's
+        fields; an image variant's are an engine.image.ImageRequest's: no frames). An edit (i2i) leaves the size
+        open: it follows the source image (its nearest bucket); ``height`` x ``width`` is the size without one."""
+        if self.family == "image-lite":
+            open_size = self.task == "i2i"
+            return {**self.sampling(), "height": None if open_size else self.height,
+                    "width": None if open_size else self.width}
+        return {**self.sampling(), "height": self.height, "width": self.width, "num_frames": self.num_frames}
 
     def configure(self, config: DiTConfig) -> DiTConfig:
         """``config`` with this variant's attention: what a single-file checkpoint (no config) runs with."""

@@ -1,4 +1,4 @@
-"""k5: distributed inference for Kandinsky 5.0 video models.
+"""k5: distributed inference for Kandinsky 5.0 video and image models.
 
 The code lives in the top-level folders engine/, parallel/, kernels/ and launch/, installed as
 k5.engine, k5.parallel, k5.kernels and k5.launch.
@@ -28,6 +28,11 @@ _EXPORTS = {
     "Result": ("k5.engine.pipeline", "Result"),
     "write_mp4": ("k5.engine.video", "write_mp4"),
     "tiny_checkpoint": ("k5.engine.tiny", "tiny_checkpoint"),
+    # Image Lite (T2I, I2I)
+    "ImagePipeline": ("k5.engine.image_pipeline", "ImagePipeline"),
+    "ImageRequest": ("k5.engine.image", "ImageRequest"),
+    "pipeline_class": ("k5.engine.image_pipeline", "pipeline_class"),
+    "write_png": ("k5.engine.png", "write_png"),
     # the DiT
     "Kandinsky5DiT": ("k5.engine.dit", "Kandinsky5DiT"),
     "DiTConfig": ("k5.engine.config", "DiTConfig"),

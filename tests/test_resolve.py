@@ -238,6 +238,22 @@ def test_tiny_model_takes_a_variants_sampling_settings():
         resolve_model("tiny", "t2i-lite-sft")
 
 
+def test_tiny_image_is_one_checkpoint_per_task():
+    t2i, i2i = resolve_model("tiny-image"), resolve_model("tiny-image", tiny_task="i2i")
+    assert (t2i.task, t2i.config.visual_cond, i2i.task, i2i.config.visual_cond) == ("t2i", False, "i2i", True)
+    assert t2i.root != i2i.root and t2i.defaults() == {"steps": 4}  # sizes: the buckets (engine.image)
+    # a variant of its tasks gives its sampling settings (the reference image pipelines': 3.5, shift 3) and its task
+    r = resolve_model("tiny-image", "i2i-lite-sft")
+    assert (r.task, r.config.visual_cond) == ("i2i", True)
+    assert r.defaults() == {"steps": 50, "guidance_scale": 3.5, "shift": 3.0}
+    with pytest.raises(ResolveError, match=r"--task t2v: the tiny model --model tiny-image runs t2i or i2i; "
+                                           r"--model tiny runs t2v and i2v"):
+        resolve_model("tiny-image", tiny_task="t2v")
+    with pytest.raises(V.VariantError, match=r"t2v-lite-sft-5s is a t2v model; the tiny model --model tiny-image "
+                                             r"runs t2i/i2i"):
+        resolve_model("tiny-image", "t2v-lite-sft-5s")
+
+
 def test_a_folders_task_and_defaults(hub, tmp_path):
     snap = cache_repo(hub, LITE_DIFFUSERS, diffusers_files(PRESETS["lite"]))
     r = resolve_model(LITE_DIFFUSERS)

@@ -342,6 +342,7 @@ def test_image_rows_agree_with_diffusers_and_the_engine():
             d = v.defaults()
             # T2I: 1024x1024 as diffusers; I2I: no size (diffusers and the engine take the source image's bucket)
             assert (d["height"], d["width"]) == (call["height"], call["width"])
+            image.ImageRequest("a cat", **d)  # an image request's fields (no frames)
             assert (v.steps, v.guidance_scale, v.shift) == (image.STEPS, image.GUIDANCE_SCALE, image.DEFAULT_SHIFT)
             assert (v.height, v.width) == image.DEFAULT_SIZE and v.rope_scale == image.ROPE_SCALE
 
