@@ -1,6 +1,6 @@
 """uint8 RGB image -> PNG, written under a temporary name and published only when complete and checked
-(engine.video.publish): a crash or a full disk never leaves a truncated PNG under the final name, and a finished
-file is never replaced.
+(engine.video.write_published): a crash or a full disk never leaves a truncated PNG under the final name, and a
+finished file is never replaced.
 
 The check (``check_png``) decodes the written file again: PNG is lossless, so it must hold exactly the pixels that
 were written (their sha256), at the written size. A write the filesystem refused raises OSError from the save.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .video import publish, shareable
+from .video import write_published
 
 
 def _check_image(image) -> np.ndarray:
@@ -80,25 +79,8 @@ def check_png(path: str | Path, width: int, height: int, pixels_sha256: str | No
 def write_png(image, path: str | Path, metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write uint8 RGB [H, W, 3] to ``path`` as PNG; ``metadata`` goes into tEXt chunks (prompt, seed, ...).
 
-    The image is written under a temporary name, checked (``encode_png``) and only then moved into place.
-    ``overwrite=False`` raises FileExistsError when ``path`` exists, checked before encoding and again, atomically,
-    when the finished file is moved into place.
+    The image is written under a temporary name, checked (``encode_png``) and only then moved into place
+    (``engine.video.write_published``: an existing ``path`` is refused unless ``overwrite``).
     """
     image = _check_image(image)
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial.png")
-    os.close(fd)
-    try:
-        encode_png(image, tmp, metadata)
-        if overwrite:
-            shareable(tmp)
-            os.replace(tmp, path)
-        else:
-            publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_published(path, lambda tmp: encode_png(image, tmp, metadata), ".png", overwrite)

@@ -137,23 +137,21 @@ def check_mp4(path: str | Path, frames: int, width: int, height: int) -> dict:
     return found
 
 
-def write_mp4(frames, path: str | Path, fps: int = 24, overwrite: bool = False, crf: int = 18) -> Path:
-    """Write uint8 frames [F, H, W, 3] to an H.264 (libx264, yuv420p) MP4 at `path`; return the path.
+def write_published(path: str | Path, encode, suffix: str, overwrite: bool = False) -> Path:
+    """Write a file through ``encode(tmp)`` (which writes and checks it) under a temporary name beside ``path``, then
+    move it into place; return the path.
 
-    The video is written under a temporary name, checked (``encode_mp4``) and only then moved into place.
-    `overwrite=False` raises FileExistsError when `path` already exists, checked before encoding and again,
-    atomically, when the finished file is moved into place.
+    ``overwrite=False`` raises FileExistsError when ``path`` already exists, checked before encoding and again,
+    atomically, when the finished file is moved into place. Nothing is left behind when ``encode`` raises.
     """
-    frames = _check_frames(frames)
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial.mp4")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{suffix}")
     os.close(fd)
     try:
-        encode_mp4(frames, tmp, fps=fps, crf=crf)
+        encode(tmp)
         if overwrite:
             shareable(tmp)
             os.replace(tmp, path)
@@ -163,6 +161,16 @@ def write_mp4(frames, path: str | Path, fps: int = 24, overwrite: bool = False, 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_mp4(frames, path: str | Path, fps: int = 24, overwrite: bool = False, crf: int = 18) -> Path:
+    """Write uint8 frames [F, H, W, 3] to an H.264 (libx264, yuv420p) MP4 at `path`; return the path.
+
+    The video is written under a temporary name, checked (``encode_mp4``) and only then moved into place
+    (``write_published``).
+    """
+    frames = _check_frames(frames)
+    return write_published(path, lambda tmp: encode_mp4(frames, tmp, fps=fps, crf=crf), ".mp4", overwrite)
 
 
 def probe(path: str | Path, count_frames: bool = False) -> dict:
