@@ -116,6 +116,30 @@ def _safetensors_files(path: Path) -> list[Path]:
 _QWEN_TEXT_KEY = re.compile(r"^model\.(?:language_model\.)?(?!visual\.)(.+)$")
 
 
+def fill_from_safetensors(module: torch.nn.Module, path: Path, key: re.Pattern, dtype: torch.dtype,
+                          device: torch.device, what: str, hint: str) -> None:
+    """Fill ``module`` (built on the meta device) from the text encoder's safetensors in ``path``: every tensor whose
+    name matches ``key`` (group 1: the module's own name) and that the module has. Nothing else is read, so the
+    parts of the 7B checkpoint a caller does not build are never materialised. Raises ValueError naming the file or
+    the weights that are missing."""
+    expected = set(module.state_dict().keys())
+    state = {}
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    m = key.match(name)
+                    if m and m.group(1) in expected:
+                        state[m.group(1)] = f.get_tensor(name).to(dtype)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {file}: {e}") from e
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise ValueError(f"component 'text_encoder' in {path.parent}: {len(missing)} {what} weights not found "
+                         f"(first: {missing[:3]}); {hint}")
+    module.load_state_dict(state, strict=False, assign=True)
+
+
 def _load_qwen_text_model(path: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding, Qwen2_5_VLTextModel
@@ -132,25 +156,8 @@ def _load_qwen_text_model(path: Path, dtype: torch.dtype, device: torch.device):
         )
     with torch.device("meta"):
         model = Qwen2_5_VLTextModel(text_config)
-    expected = set(model.state_dict().keys())
-
-    state = {}
-    for file in _safetensors_files(path):
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    m = _QWEN_TEXT_KEY.match(key)
-                    if m and m.group(1) in expected:
-                        state[m.group(1)] = f.get_tensor(key).to(dtype)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {file}: {e}") from e
-    missing = sorted(expected - state.keys())
-    if missing:
-        raise ValueError(
-            f"component 'text_encoder' in {path.parent}: {len(missing)} text-decoder weights not found "
-            f"(first: {missing[:3]}); expected keys model.language_model.<name> or model.<name>"
-        )
-    model.load_state_dict(state, strict=False, assign=True)
+    fill_from_safetensors(model, path, _QWEN_TEXT_KEY, dtype, device, "text-decoder",
+                          "expected keys model.language_model.<name> or model.<name>")
     # RoPE frequencies are non-persistent fp32 buffers: rebuild them for real instead of leaving them on meta.
     model.rotary_emb = Qwen2_5_VLRotaryEmbedding(text_config).to(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 
-from .text import _safetensors_files
+from .text import fill_from_safetensors
 
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json, for checkpoints whose tokenizer folder has none.
 QWEN25_VL_MAX_PIXELS = 12845056
@@ -61,25 +60,9 @@ def _load_tower(path: Path, dtype: torch.dtype, device: torch.device):
         )
     with torch.device("meta"):
         tower = Qwen2_5_VisionTransformerPretrainedModel(vision_config)
-    expected = set(tower.state_dict().keys())
-    state = {}
-    for file in _safetensors_files(path):
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    m = _QWEN_VISION_KEY.match(key)
-                    if m and m.group(1) in expected:
-                        state[m.group(1)] = f.get_tensor(key).to(dtype)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {file}: {e}") from e
-    missing = sorted(expected - state.keys())
-    if missing:
-        raise ValueError(
-            f"component 'text_encoder' in {path.parent}: {len(missing)} vision-tower weights not found "
-            f"(first: {missing[:3]}); image editing needs the full Qwen2.5-VL checkpoint (keys visual.<name> or "
-            f"model.visual.<name>)"
-        )
-    tower.load_state_dict(state, strict=False, assign=True)
+    fill_from_safetensors(tower, path, _QWEN_VISION_KEY, dtype, device, "vision-tower",
+                          "image editing needs the full Qwen2.5-VL checkpoint (keys visual.<name> or "
+                          "model.visual.<name>)")
     # Non-persistent fp32 RoPE frequencies: rebuilt for real, as for the text decoder.
     tower.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(vision_config).to(device)
     left = [n for n, t in [*tower.named_parameters(), *tower.named_buffers()] if t.is_meta]
