@@ -144,7 +144,11 @@ class Weights:
     vae: int
 
     @classmethod
-    def of_checkpoint(cls, root: Path, cfg, dtype: torch.dtype, device_type: str, tp: int = 1) -> "Weights":
+    def of_checkpoint(cls, root: Path, cfg, dtype: torch.dtype, device_type: str, tp: int = 1, lm_head: bool = False,
+                      vision: bool = False) -> "Weights":
+        """``lm_head``: prompt expansion loads Qwen's language-model head (nothing more when the checkpoint ties it to
+        the embedding); ``vision``: an image prompt (an edit, or the expansion of an I2V/I2I item) loads its vision
+        tower."""
         from .checkpoint import keeps_fp32
         from .dit import Kandinsky5DiT
 
@@ -153,9 +157,9 @@ class Weights:
             dit = Kandinsky5DiT(cfg)
         dit_bytes = sum(p.numel() * (4 if keeps_fp32(n) else b) for n, p in dit.named_parameters()) // tp
         root = Path(root)
-        # Only Qwen2.5-VL's text decoder is loaded (engine/text.py): not its vision tower, not its lm_head.
-        text = _header_bytes(_safetensors(root / "text_encoder"), lambda k: "visual" not in k and "lm_head" not in k,
-                             b)
+        # Qwen2.5-VL's text decoder always (engine/text.py); its lm_head and vision tower only where they are used.
+        text = _header_bytes(_safetensors(root / "text_encoder"),
+                             lambda k: ("visual" not in k or vision) and ("lm_head" not in k or lm_head), b)
         # CLIP counted in fp32, as the reference runs it whatever the compute dtype.
         text += _header_bytes(_safetensors(root / "text_encoder_2"), dtype_bytes=4)
         vae_b = 2 if device_type == "cuda" else 4  # fp16 on a GPU as the original, fp32 on the CPU
@@ -300,11 +304,12 @@ def refuse_if_too_big(est: Estimate, capacity: int, where: str, alternatives: di
 
 
 def check_memory(root: Path, cfg, shapes: list[Shape], dtype: torch.dtype, device, offload: str, nabla: bool,
-                 **layout: int) -> Estimate:
+                 lm_head: bool = False, vision: bool = False, **layout: int) -> Estimate:
     """Estimate this rank's peak for the largest of ``shapes`` and refuse (ValueError) a run that cannot fit the
     device, naming the --offload setting or the frame count that would. Reads only headers and configs."""
     device = torch.device(device)
-    weights = Weights.of_checkpoint(root, cfg, dtype, device.type, tp=layout.get("tp", 1))
+    weights = Weights.of_checkpoint(root, cfg, dtype, device.type, tp=layout.get("tp", 1), lm_head=lm_head,
+                                    vision=vision)
 
     def at(mode: str, these: list[Shape]) -> Estimate:
         return estimate(weights, cfg, these, dtype, device.type, mode, nabla, root, **layout)

@@ -592,8 +592,11 @@ def check_memory(args, env: Env, job: Job):
     shapes = sorted({Shape(it.request.num_frames, it.request.height, it.request.width) for it in job.items},
                     key=lambda s: (s.frames, s.height, s.width))
     d = job.dims
+    # The vision tower loads for an image prompt: an edit's source, or an I2V/I2I item's image when it is expanded.
+    vision = any(it.request.image for it in job.items) and (job.image or job.expand)
     return estimate_and_check(job.root, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
-                              sp=d.sp_size, ulysses=d.ulysses, ring=d.ring, tp=d.tp)
+                              lm_head=job.expand, vision=vision, sp=d.sp_size, ulysses=d.ulysses, ring=d.ring,
+                              tp=d.tp)
 
 
 def run(args, env: Env, job: Job) -> int:

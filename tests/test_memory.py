@@ -33,6 +33,38 @@ def test_weights_are_what_loading_allocates():
     assert w.dit / 2 < half.dit < w.dit and half.text == (w.text - clip) // 2 + clip
 
 
+def _unique_bytes(*modules) -> int:
+    """Bytes of the distinct tensors of ``modules`` (a head tied to the embedding is counted once)."""
+    seen = {}
+    for m in modules:
+        for p in m.parameters():
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind", ["video", "i2i"])
+def test_expansion_head_and_vision_tower_are_what_loading_allocates(kind):
+    """Prompt expansion loads Qwen's lm_head, an image prompt its vision tower: the estimate counts exactly the bytes
+    those loads allocate (none for a head tied to the embedding), and nothing when they are not used."""
+    from k5.engine.text import TextEncoder
+    from k5.engine.vision import _load_tower
+
+    root = tiny_checkpoint() if kind == "video" else tiny_checkpoint(kind=kind)
+    cfg = Kandinsky5Pipeline.read_config(root) if kind == "video" else None
+    if cfg is None:
+        from k5.engine.image_pipeline import ImagePipeline
+
+        cfg = ImagePipeline.read_config(root)
+    base = Weights.of_checkpoint(root, cfg, torch.float32, "cpu")
+    text = TextEncoder.from_pretrained(root, torch_dtype=torch.float32, lm_head=True)
+    with_head = Weights.of_checkpoint(root, cfg, torch.float32, "cpu", lm_head=True)
+    assert with_head.text == _unique_bytes(text.qwen, text.lm_head, text.clip)
+    assert base.text == _unique_bytes(text.qwen, text.clip)
+    _, tower = _load_tower(root / "text_encoder", torch.float32, torch.device("cpu"))
+    with_tower = Weights.of_checkpoint(root, cfg, torch.float32, "cpu", vision=True)
+    assert with_tower.text - base.text == _param_bytes(tower) > 0
+
+
 def test_estimate_phases_follow_offload():
     root = tiny_checkpoint()
     cfg = Kandinsky5Pipeline.read_config(root)
