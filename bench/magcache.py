@@ -169,7 +169,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None)
-    p.add_argument("--out", default=str(report.RESULTS), help="results folder")
+    p.add_argument("--out", default=str(report.SCRATCH),
+                   help=f"results folder (default {report.SCRATCH}: bench/results/ holds the committed results and "
+                        f"changes only when named)")
     p.add_argument("--no-save", action="store_true", help="print only")
     return p
 
