@@ -125,6 +125,9 @@ def test_results_carry_their_spread_and_go_to_a_scratch_folder(tmp_path):
     assert noisy["unstable"] and noisy["max_over_min"] == pytest.approx(1.5)  # max/min > 1.3
     # Nothing is written under the committed bench/results unless it is named.
     assert parser().parse_args([]).out == str(report.SCRATCH)
+    from bench.magcache import parser as magcache_parser  # the README's `bench magcache` example too
+
+    assert magcache_parser().parse_args([]).out == str(report.SCRATCH)
     assert report.RESULTS not in report.SCRATCH.resolve().parents and report.SCRATCH != report.RESULTS
     r = main(["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--vae", "none",
               "--out", str(tmp_path), "--name", "spread", "--json-only", *FAST[:2], "--repeat", "2", *FAST[4:]])
