@@ -296,6 +296,29 @@ def _write_json(path: Path, data: dict):
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _write_scheduler_and_index(folder: Path, shift: float, pipeline: str, vae: str):
+    import diffusers
+
+    _write_json(
+        folder / "scheduler" / "scheduler_config.json",
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift},
+    )
+    _write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": pipeline,
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+            "text_encoder_2": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "transformer": ["diffusers", "Kandinsky5Transformer3DModel"],
+            "vae": ["diffusers", vae],
+        },
+    )
+
+
 def build_tiny_checkpoint(folder, seed: int = 0, attention: str = "regular", kind: str = "video") -> Path:
     if attention not in ("regular", "nabla"):
         raise ValueError(f"attention={attention!r}; use 'regular' (dense) or 'nabla'")
@@ -329,8 +352,6 @@ def _quiet_saves():
 
 
 def _write_components(folder: Path, seed: int, attention: str):
-    import diffusers
-
     qwen_tokenizer, clip_tokenizer = build_qwen_tokenizer(), build_clip_tokenizer()
     qwen_tokenizer.save_pretrained(folder / "tokenizer")
     clip_tokenizer.save_pretrained(folder / "tokenizer_2")
@@ -339,32 +360,13 @@ def _write_components(folder: Path, seed: int, attention: str):
     _vae(seed * 16 + 1).save_pretrained(folder / "vae")
     _qwen_text_encoder(qwen_tokenizer, seed * 16 + 2).save_pretrained(folder / "text_encoder")
     _clip_text_encoder(clip_tokenizer, seed * 16 + 3).save_pretrained(folder / "text_encoder_2")
-    _write_json(
-        folder / "scheduler" / "scheduler_config.json",
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 5.0},
-    )
     # As in the real repos, except "tokenizer": they list Qwen2VLProcessor, whose video processor needs torchvision
     # (absent on CPU CI) and which diffusers refuses to swap for a plain tokenizer. Only the tokenizer files are
     # ever read for text, so this keeps `Kandinsky5T2VPipeline.from_pretrained(tiny)` usable as an oracle.
-    _write_json(
-        folder / "model_index.json",
-        {
-            "_class_name": "Kandinsky5T2VPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-            "text_encoder_2": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "Qwen2Tokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "transformer": ["diffusers", "Kandinsky5Transformer3DModel"],
-            "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
-        },
-    )
+    _write_scheduler_and_index(folder, shift=5.0, pipeline="Kandinsky5T2VPipeline", vae="AutoencoderKLHunyuanVideo")
 
 
 def _write_image_components(folder: Path, seed: int, kind: str):
-    import diffusers
-
     qwen_tokenizer, clip_tokenizer = build_qwen_tokenizer("image"), build_clip_tokenizer()
     qwen_tokenizer.save_pretrained(folder / "tokenizer")
     _write_json(folder / "tokenizer" / "preprocessor_config.json", QWEN_IMAGE_PROCESSOR)
@@ -376,25 +378,9 @@ def _write_image_components(folder: Path, seed: int, kind: str):
     _flux_vae(seed * 16 + 6).save_pretrained(folder / "vae")
     _qwen_text_encoder(qwen_tokenizer, seed * 16 + 7, vision_depth=2).save_pretrained(folder / "text_encoder")
     _clip_text_encoder(clip_tokenizer, seed * 16 + 8).save_pretrained(folder / "text_encoder_2")
-    _write_json(
-        folder / "scheduler" / "scheduler_config.json",
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
-    )
     # "tokenizer" as for video: a plain tokenizer class, so that diffusers' from_pretrained works without torchvision.
-    _write_json(
-        folder / "model_index.json",
-        {
-            "_class_name": "Kandinsky5T2IPipeline" if kind == "t2i" else "Kandinsky5I2IPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-            "text_encoder_2": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "Qwen2Tokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "transformer": ["diffusers", "Kandinsky5Transformer3DModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
-    )
+    _write_scheduler_and_index(folder, shift=3.0, vae="AutoencoderKL",
+                               pipeline="Kandinsky5T2IPipeline" if kind == "t2i" else "Kandinsky5I2IPipeline")
 
 
 def tiny_checkpoint(cache_dir=None, seed: int = 0, attention: str = "regular", kind: str = "video") -> Path:

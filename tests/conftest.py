@@ -13,6 +13,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture
+def no_loading(monkeypatch):
+    """Any weight loading fails the test: a refusal must come before it."""
+    from k5.engine.dit import Kandinsky5DiT
+    from k5.engine.image_pipeline import ImagePipeline
+    from k5.engine.image_vae import ImageVAE
+    from k5.engine.pipeline import Kandinsky5Pipeline
+    from k5.engine.text import TextEncoder
+    from k5.engine.vae import VideoVAE
+
+    def loaded(*a, **k):
+        raise AssertionError("weights were loaded for a run that must be refused first")
+
+    for cls in (Kandinsky5Pipeline, ImagePipeline, Kandinsky5DiT, TextEncoder, VideoVAE, ImageVAE):
+        monkeypatch.setattr(cls, "from_pretrained", loaded)
+
+
+@pytest.fixture
 def seed():
     torch.manual_seed(0)
     return 0

@@ -62,21 +62,6 @@ def test_tiny_job_writes_playable_mp4_and_latents(tmp_path):
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any weight loading fails the test: a refusal must come before it."""
-    from k5.engine.dit import Kandinsky5DiT
-    from k5.engine.pipeline import Kandinsky5Pipeline
-    from k5.engine.text import TextEncoder
-    from k5.engine.vae import VideoVAE
-
-    def loaded(*a, **k):
-        raise AssertionError("weights were loaded for a run that must be refused first")
-
-    for cls in (Kandinsky5Pipeline, Kandinsky5DiT, TextEncoder, VideoVAE):
-        monkeypatch.setattr(cls, "from_pretrained", loaded)
-
-
 def expect_refusal(capsys, tmp_path, *args, match, output="never.mp4"):
     out = tmp_path / output
     with pytest.raises(SystemExit) as e:

@@ -21,7 +21,6 @@ from k5.engine.tiny import tiny_checkpoint
 from k5.launch.batch import EXPANSIONS, MANIFEST, read_manifest
 from k5.launch.generate import main
 from numerics import rel_err
-from test_generate import no_loading  # noqa: F401 - the fixture is used by name
 from test_generate_lora import SIZES, make_lora, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +108,7 @@ def test_trigger_phrase_is_not_added_without_expansion(tmp_path, capsys, encoder
     assert f"has the trigger phrase {TRIGGER!r}; without prompt expansion it is not added" in capsys.readouterr().err
 
 
-def test_expansion_without_a_language_model_head_is_refused_before_loading(capsys, tmp_path, no_loading):  # noqa: F811
+def test_expansion_without_a_language_model_head_is_refused_before_loading(capsys, tmp_path, no_loading):
     root = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint(), root)
     weights = root / "text_encoder" / "model.safetensors"

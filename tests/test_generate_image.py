@@ -119,22 +119,6 @@ def test_batch_job_of_edits_data_parallel_resumes(tmp_path):
 
 # ---- refused before loading ------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any weight loading fails the test: a refusal must come before it."""
-    from k5.engine.dit import Kandinsky5DiT
-    from k5.engine.image_pipeline import ImagePipeline
-    from k5.engine.image_vae import ImageVAE
-    from k5.engine.pipeline import Kandinsky5Pipeline
-    from k5.engine.text import TextEncoder
-    from k5.engine.vae import VideoVAE
-
-    def loaded(*a, **k):
-        raise AssertionError("weights were loaded for a run that must be refused first")
-
-    for cls in (Kandinsky5Pipeline, ImagePipeline, Kandinsky5DiT, TextEncoder, VideoVAE, ImageVAE):
-        monkeypatch.setattr(cls, "from_pretrained", loaded)
-
 
 @pytest.mark.parametrize("model, args, output, match", [
     ("tiny-image", ["--num-frames", "9"], "x.png", r"--num-frames is a video setting .* Image Lite"),

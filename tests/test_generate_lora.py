@@ -24,7 +24,7 @@ from k5.engine.tiny import tiny_checkpoint
 from k5.launch.batch import MANIFEST, read_manifest
 from k5.launch.generate import main
 from numerics import rel_err
-from test_generate import expect_refusal, no_loading  # noqa: F401 - the fixture is used by name
+from test_generate import expect_refusal
 from test_lora import Boom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def _lora_file(path: Path, tensors: dict) -> Path:
 Q = "visual_transformer_blocks.0.self_attention.to_query"
 
 
-def test_bad_lora_inputs_are_refused_before_loading(capsys, tmp_path, no_loading):  # noqa: F811
+def test_bad_lora_inputs_are_refused_before_loading(capsys, tmp_path, no_loading):
     missing = tmp_path / "nope" / "x.safetensors"
     expect_refusal(capsys, tmp_path, "--lora", missing, match=f"LoRA {missing} does not exist")
 
@@ -210,7 +210,7 @@ def test_bad_lora_inputs_are_refused_before_loading(capsys, tmp_path, no_loading
     (3, "prompts.jsonl line 2: 'lora' must be \"PATH[:SCALE]\", a list of them or \"none\" (no adapter), got 3"),
     ("", "'lora' must be"),
 ])
-def test_bad_lora_field_is_refused_with_its_line(capsys, tmp_path, no_loading, value, match):  # noqa: F811
+def test_bad_lora_field_is_refused_with_its_line(capsys, tmp_path, no_loading, value, match):
     _lora_file(tmp_path / "good.safetensors", {f"transformer.{Q}.lora_A.weight": torch.ones(4, 64),
                                                f"transformer.{Q}.lora_B.weight": torch.ones(64, 4)})
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a cat", "lora": "good.safetensors"},

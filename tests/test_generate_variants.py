@@ -155,18 +155,6 @@ def test_magcache_one_process_and_cfg_parallel_x_ulysses_agree(tmp_path):
 
 # ---- bad input: one message, exit 2, no weight loaded, nothing written ------------------------------------------
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    from k5.engine.dit import Kandinsky5DiT
-    from k5.engine.text import TextEncoder
-    from k5.engine.vae import VideoVAE
-
-    def loaded(*a, **k):
-        raise AssertionError("weights were loaded for a run that must be refused first")
-
-    for cls in (Kandinsky5Pipeline, Kandinsky5DiT, TextEncoder, VideoVAE):
-        monkeypatch.setattr(cls, "from_pretrained", loaded)
-
 
 def refused(capsys, tmp_path, *args, match):
     out = tmp_path / "never.mp4"
