@@ -4,9 +4,10 @@ Estimate. Per rank and per phase of an item (text encoding, denoising, VAE decod
 device in that phase (which depends on ``--offload``) plus the phase's activations, from the checkpoint's
 safetensors headers and config (no tensor is read) and the item's shape. A run whose largest phase exceeds the
 device's free memory is refused before loading, with the estimate and the settings that would fit. The activation
-model counts the tensors alive at the peak of a DiT block (residual, modulated input and its fp32 temporaries,
-q/k/v, the FFN's hidden pair), the sequence-parallel buffers, the NABLA mask temporaries, and for the decode the
-decoded video, its uint8 conversion and one tile's decoder activations.
+model counts the tensors alive at the peak of a DiT block (full width on every rank whatever --tp-degree: the
+residual, the modulated input and the fp32 temporaries of modulate / gated_add; split by --tp-degree: q/k/v and the
+attention output, the FFN's hidden pair), the sequence-parallel buffers, the NABLA mask temporaries, and for the
+decode the decoded video, its uint8 conversion and one tile's decoder activations.
 
 Measurement. torch's CUDA peak counters are process-wide, so one tracker (``PEAKS``) owns them: every phase starts
 by folding the previous peak into the run's maximum and resetting the counters, and ends by recording its own peak
@@ -174,24 +175,38 @@ class Shape:
     width: int
 
 
+def block_bytes_per_token(cfg, dtype: torch.dtype, ulysses: int = 1, ring: int = 1, tp: int = 1) -> int:
+    """Activation bytes per local token alive at the peak of a DiT block on one rank.
+
+    Full width on every rank, whatever ``tp``: the residual stream, the modulated input or the sublayer's output
+    (a row-wise layer all-reduces back to the full model_dim, parallel/tensor.py), and the fp32 temporaries of
+    modulate / gated_add (budget: four full-width fp32 vectors). Split over ``tp`` (this rank's heads and FFN
+    columns): q, k, v and the attention output, the FFN hidden pair, and the sequence-parallel buffers, which carry
+    q/k/v or K/V and the attention output.
+    """
+    b = torch.tensor([], dtype=dtype).element_size()
+    D, Dt, Ft = cfg.model_dim, cfg.model_dim // tp, cfg.ff_dim // tp
+    full = 2 * D * b + 4 * D * 4
+    split = 4 * Dt * b + 2 * Ft * b
+    if ulysses > 1:
+        split += 2 * 3 * Dt * b  # packed q/k/v all-to-all: send and receive buffers
+    if ring > 1:
+        split += 2 * 2 * Dt * b + Dt * 4  # two K/V buffers in flight, the fp32 merge accumulator
+    return full + split
+
+
 def dit_activation_bytes(cfg, shape: Shape, dtype: torch.dtype, nabla: bool, sp: int = 1, ulysses: int = 1,
                          ring: int = 1, tp: int = 1) -> int:
     """Peak activation bytes of one DiT forward on one rank (see the module docstring for what is counted)."""
-    b = torch.tensor([], dtype=dtype).element_size()
     T = (shape.frames - 1) // 4 + 1
     tokens = T * (shape.height // 16) * (shape.width // 16)
     blocks = -(-tokens // 64)
     local = -(-blocks // sp) * 64  # padded whole blocks per rank (parallel/layout.py)
-    D, F, H = cfg.model_dim // tp, cfg.ff_dim // tp, max(1, cfg.num_heads // tp)
-    per_token = 3 * D * b + 2 * F * b + 4 * D * 4  # residual, q/k/v or FFN pair, fp32 norm/RoPE temporaries
-    if ulysses > 1:
-        per_token += 2 * 3 * D * b  # packed q/k/v all-to-all: send and receive buffers
-    if ring > 1:
-        per_token += 2 * 2 * D * b + D * 4  # two K/V buffers in flight, the fp32 merge accumulator
-    act = local * per_token
+    act = local * block_bytes_per_token(cfg, dtype, ulysses, ring, tp)
     act += tokens * cfg.head_dim // 2 * 4 * 3  # RoPE angles, cos, sin (fp32)
     act += tokens * 2 * cfg.in_visual_dim * 4 * 4  # latent state, model input, velocities (fp32)
     if nabla:
+        H = max(1, cfg.num_heads // tp)
         nq = local // 64
         nk = blocks if ring == 1 else nq * ring
         # tile mask + BlockMask indices (int32) + argsort scratch (int64), and the chunked fp32 top-CDF temporaries

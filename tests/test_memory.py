@@ -6,7 +6,8 @@ import torch
 
 from k5.engine import memory
 from k5.engine.config import PRESETS
-from k5.engine.memory import Shape, Weights, check_memory, device_capacity, dit_activation_bytes, estimate
+from k5.engine.memory import (Shape, Weights, block_bytes_per_token, check_memory, device_capacity, dit_activation_bytes,
+                              estimate)
 from k5.engine.pipeline import Kandinsky5Pipeline, Request
 from k5.engine.tiny import tiny_checkpoint
 from k5.launch.generate import main
@@ -81,6 +82,29 @@ def test_estimate_phases_follow_offload():
     lite = PRESETS["lite"]
     act = lambda frames, **lay: dit_activation_bytes(lite, Shape(frames, 512, 768), torch.bfloat16, False, **lay)  # noqa
     assert act(241) > 1.5 * act(121) and act(121, sp=4, ulysses=4) < act(121) / 2
+
+
+def test_tensor_parallel_splits_only_heads_and_ffn_activations():
+    """Under --tp-degree the residual stream and the fp32 temporaries of modulate / gated_add stay full width on every
+    rank (the row-wise layers all-reduce back to the full model_dim); only q/k/v, the attention output and the FFN
+    hidden are split. Hand-worked for Pro (model_dim D 4096, ff_dim F 16384) in bf16 (2 bytes), per local token:
+      full width: residual + modulated input (or the all-reduced sublayer output) 2*D*2 = 16384, four fp32
+                  temporaries 4*D*4 = 65536: 81920 on every rank;
+      split:      q, k, v, attention output 4*(D/tp)*2 and the FFN pair 2*(F/tp)*2:
+                  tp 1: 32768 + 65536 = 98304;  tp 8: 4096 + 8192 = 12288.
+    (The old rule divided everything by tp: 19456 bytes at tp 8, under a quarter of the 94208 here.)"""
+    pro = PRESETS["pro"]
+    assert (pro.model_dim, pro.ff_dim) == (4096, 16384)
+    assert block_bytes_per_token(pro, torch.bfloat16, tp=1) == 81920 + 98304 == 180224
+    assert block_bytes_per_token(pro, torch.bfloat16, tp=8) == 81920 + 12288 == 94208
+    # Sequence-parallel buffers carry q/k/v and K/V, split like them: Ulysses send + receive 2*3*(D/tp)*2, ring two
+    # K/V buffers 2*2*(D/tp)*2 and the fp32 accumulator (D/tp)*4; at tp 8 (D/tp = 512): 6144 + 4096 + 2048.
+    assert block_bytes_per_token(pro, torch.bfloat16, ulysses=2, ring=2, tp=8) == 94208 + 6144 + 4096 + 2048
+    # Into the whole DiT forward: Pro 5 s HD (768x1280x121: 31 x 48 x 80 = 119040 tokens, whole 64-token blocks, one
+    # rank's share is all of them without sequence parallelism), the difference tp 1 - tp 8 is the tokens times the
+    # per-token difference, with the estimate's 15 % allocator headroom (two int() roundings: 2 bytes).
+    act = lambda tp: dit_activation_bytes(pro, Shape(121, 768, 1280), torch.bfloat16, False, tp=tp)  # noqa: E731
+    assert abs((act(1) - act(8)) - 119040 * (180224 - 94208) * 1.15) <= 2
 
 
 def _impossible_frames(root, cfg) -> int:
