@@ -195,6 +195,40 @@ def block_bytes_per_token(cfg, dtype: torch.dtype, ulysses: int = 1, ring: int =
     return full + split
 
 
+_TOP_CDF_BYTES = 4 + 4 + 8 + 4 + 1  # per score element, see nabla_mask_bytes
+_TILE_INDEX_BYTES = 8 + 4  # per mask element of a ring step: int64 and int32 tile indices, see nabla_mask_bytes
+
+
+def nabla_mask_bytes(heads: int, q_blocks: int, k_blocks: int, k_valid: int | None = None, ring: int = 1) -> int:
+    """Peak bytes of one layer's NABLA mask on one rank (batch 1): rows bool [heads, q_blocks, k_blocks], the
+    first ``k_valid`` key blocks real, the rest padding; the columns go to the kernel in ``ring`` steps.
+
+    Counted as kernels/nabla.py and kernels/flex.py allocate them, E = heads * q_blocks * k_blocks elements:
+    - the STA prior of the whole padded grid, cached: k_blocks**2 bools;
+    - building (nabla_block_mask): the rows being filled (1 byte per element; with padding a zero-filled E and the
+      real columns' E_valid) and one chunk of the top-CDF rule (_top_cdf, as many heads as fit 2**24 elements, at
+      least one) at its peak: fp32 scores 4, sorted values 4 and int64 order 8 (the softmax they were sorted from
+      is freed), fp32 cumsum 4 and its bool 1 = 21 bytes per chunk element; then ``mask | sta_rows`` (and the
+      sequence-parallel ``& q_valid``) make one more bool copy;
+    - the kernel (flex.block_mask_from_tiles), per ring step on E / ring elements, beside the whole rows: the step's
+      columns (a bool copy when ring > 1), then the argsort of their int8 copy (int8 1, sorted int8 values 1, int64
+      indices 8: 10 bytes), then the int32 indices beside the int64 ones (8 + 4 = 12 bytes, the larger).
+    The sort kernels' own scratch is not counted.
+    """
+    from k5.kernels import nabla as nabla_kernels
+
+    k_valid = k_blocks if k_valid is None else k_valid
+    E = heads * q_blocks * k_blocks
+    E_valid = heads * q_blocks * k_valid
+    padded = E if k_valid < k_blocks else 0
+    per_head = max(1, q_blocks * k_valid)
+    chunk = min(heads, max(1, nabla_kernels._MASK_CHUNK_ELEMS // per_head)) * per_head
+    building = padded + max(E_valid + _TOP_CDF_BYTES * chunk, 2 * E_valid)
+    step = -(-E // ring)
+    kernel = E + ((1 if ring > 1 else 0) + _TILE_INDEX_BYTES) * step
+    return k_blocks * k_blocks + max(building, 2 * E, kernel)
+
+
 def dit_activation_bytes(cfg, shape: Shape, dtype: torch.dtype, nabla: bool, sp: int = 1, ulysses: int = 1,
                          ring: int = 1, tp: int = 1) -> int:
     """Peak activation bytes of one DiT forward on one rank (see the module docstring for what is counted)."""
@@ -206,11 +240,10 @@ def dit_activation_bytes(cfg, shape: Shape, dtype: torch.dtype, nabla: bool, sp:
     act += tokens * cfg.head_dim // 2 * 4 * 3  # RoPE angles, cos, sin (fp32)
     act += tokens * 2 * cfg.in_visual_dim * 4 * 4  # latent state, model input, velocities (fp32)
     if nabla:
-        H = max(1, cfg.num_heads // tp)
-        nq = local // 64
-        nk = blocks if ring == 1 else nq * ring
-        # tile mask + BlockMask indices (int32) + argsort scratch (int64), and the chunked fp32 top-CDF temporaries
-        act += (H // ulysses) * nq * nk * (1 + 4 + 8 + 1) + (1 << 24) * 26
+        # After the Ulysses all-to-all a rank holds heads/ulysses of its ring span's ulysses * local tokens, and its
+        # mask rows cover every key block of the padded sequence (parallel/usp.py, parallel/ring.py).
+        heads = max(1, max(1, cfg.num_heads // tp) // ulysses)
+        act += nabla_mask_bytes(heads, ulysses * local // 64, sp * local // 64, blocks, ring)
     return int(act * _FRAGMENTATION)
 
 

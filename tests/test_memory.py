@@ -6,8 +6,8 @@ import torch
 
 from k5.engine import memory
 from k5.engine.config import PRESETS
-from k5.engine.memory import (Shape, Weights, block_bytes_per_token, check_memory, device_capacity, dit_activation_bytes,
-                              estimate)
+from k5.engine.memory import (Shape, Weights, block_bytes_per_token, check_memory, device_capacity,
+                              dit_activation_bytes, estimate, nabla_mask_bytes)
 from k5.engine.pipeline import Kandinsky5Pipeline, Request
 from k5.engine.tiny import tiny_checkpoint
 from k5.launch.generate import main
@@ -105,6 +105,78 @@ def test_tensor_parallel_splits_only_heads_and_ffn_activations():
     # per-token difference, with the estimate's 15 % allocator headroom (two int() roundings: 2 bytes).
     act = lambda tp: dit_activation_bytes(pro, Shape(121, 768, 1280), torch.bfloat16, False, tp=tp)  # noqa: E731
     assert abs((act(1) - act(8)) - 119040 * (180224 - 94208) * 1.15) <= 2
+
+
+def test_nabla_mask_term_counts_every_row_and_key_block_a_rank_builds():
+    """Pro 10 s HD (768x1280x241: 61 x 6 x 10 = 3660 tiles of 64 tokens, 32 heads) in bf16, hand-worked.
+
+    Ulysses 4, ring 1 (the catalogue's layout): 915 tiles a rank, but after the all-to-all a rank builds mask rows
+    for 32/4 = 8 heads over its span's 4 * 915 = 3660 query tiles and all 3660 key tiles: E = 8 * 3660 * 3660 =
+    107164800 bools. At the kernel: the rows 1 + int64 tile indices 8 + int32 ones 4 = 13 bytes each: 1393142400;
+    building instead: the rows 1 and one top-CDF chunk (one head, 3660 * 3660 = 13395600 scores, 21 bytes each):
+    107164800 + 281307600 = 388472400, smaller. Plus the STA prior 3660 * 3660 = 13395600: 1406538000.
+    (The old term counted 915 query tiles, a quarter of the rows: 811284416 with its fixed 2**24 * 26 chunk.)
+
+    Ulysses 4, ring 2: 458 tiles a rank (3664 padded, 3660 real); 8 heads x 4 * 458 = 1832 query tiles x 3664 key
+    tiles: E = 53699584. Kernel, per ring step on E/2 = 26849792: the rows E + the step's copy 1 + 12 index bytes
+    = 53699584 + 13 * 26849792 = 402746880. Building: the zero-filled padded rows E, the real columns' 8 * 1832 *
+    3660 = 53640960 and a chunk of two heads (2 * 1832 * 3660 = 13410240 scores x 21): 388955584, smaller. STA
+    3664 * 3664 = 13424896: 416171776. (Old term: 458 x 916 tiles, 483194752.)
+    """
+    assert nabla_mask_bytes(8, 3660, 3660, 3660, ring=1) == 1393142400 + 13395600 == 1406538000
+    assert nabla_mask_bytes(8, 1832, 3664, 3660, ring=2) == 402746880 + 13424896 == 416171776
+    pro = PRESETS["pro"]
+    assert pro.num_heads == 32
+    shape = Shape(241, 768, 1280)
+    for layout, mask in (((4, 1), 1406538000), ((4, 2), 416171776)):
+        u, r = layout
+        act = lambda nabla: dit_activation_bytes(pro, shape, torch.bfloat16, nabla, sp=u * r, ulysses=u, ring=r)  # noqa
+        assert abs((act(True) - act(False)) - mask * 1.15) <= 2, layout  # 15 % headroom; two int() roundings
+
+
+def _allocated_peak(fn) -> int:
+    """Peak bytes the CPU allocator held while ``fn`` ran, above what was held before (torch profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 1 << 12])  # the real chunk (building peaks), a small one (the kernel)
+@pytest.mark.parametrize("heads, q_blocks, ring, k_valid", [(4, 256, 1, 256), (4, 256, 1, 250), (4, 128, 2, 250),
+                                                            (2, 64, 8, 500)])
+def test_nabla_mask_bytes_are_what_the_mask_code_allocates(monkeypatch, chunk, heads, q_blocks, ring, k_valid):
+    """The count against the CPU allocator: one rank's mask as parallel/ring.py makes it (the rows, the & q_valid
+    of sequence parallelism, each ring step's columns through flex.block_mask_from_tiles), measured by the torch
+    profiler. The cached STA prior is built before; the pooled inputs are tiny (head dim 8). Tolerance 4 KiB: the
+    per-row tile counts and the profiler's own small allocations."""
+    from k5.kernels import nabla
+    from k5.kernels.flex import block_mask_from_tiles
+
+    monkeypatch.setattr(nabla, "_MASK_CHUNK_ELEMS", chunk)
+    k_blocks = ring * q_blocks
+    g = torch.Generator().manual_seed(0)
+    qp, kp = torch.randn(1, heads, q_blocks, 8, generator=g), torch.randn(1, heads, k_blocks, 8, generator=g)
+    sta = torch.rand(q_blocks, k_blocks, generator=g) < 0.1
+    q_valid = torch.ones(q_blocks, dtype=torch.bool)
+
+    def mask_of_one_layer():
+        rows = nabla.nabla_block_mask(qp, kp, sta, 0.7, k_valid=k_valid)
+        rows = rows & q_valid[:, None]
+        for src in range(ring):
+            step = rows[..., src * q_blocks:(src + 1) * q_blocks].contiguous()
+            block_mask_from_tiles(step, q_blocks * 64, q_blocks * 64, partial=True)
+
+    measured = _allocated_peak(mask_of_one_layer)
+    counted = nabla_mask_bytes(heads, q_blocks, k_blocks, k_valid, ring) - k_blocks * k_blocks  # less the STA prior
+    assert abs(measured - counted) <= 4096, (measured, counted)
 
 
 def _impossible_frames(root, cfg) -> int:
