@@ -15,16 +15,21 @@ from .compile import CompileWatch, allow_variants, compile_blocks
 from .memory import PEAKS, format_peaks
 
 
-def resolve_device(spec: str | None, local_rank: int) -> torch.device:
+def resolve_device(spec: str | None, local_rank: int, ranks_here: int = 1) -> torch.device:
     """The device a rank runs on: ``--device cuda`` (no index) is ``cuda:LOCAL_RANK``, as torchrun numbers
-    a node's GPUs; no ``--device`` is the same when CUDA is available, else the CPU. Asking for CUDA where there
-    is none raises ValueError (before anything loads)."""
+    a node's GPUs; no ``--device`` is the same when CUDA is available, else the CPU. Raises ValueError (before
+    anything loads) for CUDA where there is none, and for ``cuda:N`` when ``ranks_here`` > 1 processes of the job
+    run on this machine: every one of them would take GPU N, and NCCL refuses that only after the weights load."""
     if spec is None:
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError:
         raise ValueError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and ranks_here > 1:
+        raise ValueError(f"--device {spec} puts all {ranks_here} ranks on this machine on GPU {device.index} (NCCL "
+                         f"fails with 'Duplicate GPU detected'); use --device cuda, which is cuda:LOCAL_RANK on "
+                         f"each rank")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"

@@ -102,8 +102,8 @@ def build_parser() -> Parser:
                                                        "default 0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --model tiny)")
     p.add_argument("--device", default=None,
-                   help="cpu, cuda (= cuda:LOCAL_RANK) or cuda:N; default: cuda:LOCAL_RANK if CUDA is available, else "
-                        "cpu")
+                   help="cpu, cuda (= cuda:LOCAL_RANK) or cuda:N (one process a machine only; several ranks use "
+                        "cuda); default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile of the DiT blocks; default: on with CUDA, off on the CPU")
     p.add_argument("--attention-backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
@@ -230,7 +230,9 @@ def detect_env(args) -> Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args.device, local_rank)
+    # The job's processes on this machine: torchrun's LOCAL_WORLD_SIZE (else the world), or the workers to start.
+    ranks_here = max(int(os.environ.get("LOCAL_WORLD_SIZE", world)), args.nproc_per_node or 1)
+    device = resolve_device(args.device, local_rank, ranks_here)
     # The fast path's defaults depend on the device: compiled and text encoders off the GPU with CUDA.
     if args.compile is None:
         args.compile = device.type == "cuda"

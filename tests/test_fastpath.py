@@ -171,6 +171,18 @@ def test_device_rule():
         resolve_device("meta", 0)
 
 
+def test_a_gpu_index_is_for_one_process_per_machine(monkeypatch):
+    """cuda:N with several ranks on this machine puts them all on GPU N (refused, whether or not CUDA is here);
+    with one rank a machine (a multi-node job, one process each) it is that GPU."""
+    for ranks in (2, 8):
+        with pytest.raises(ValueError, match=f"puts all {ranks} ranks on this machine on GPU 3.*use --device cuda,"):
+            resolve_device("cuda:3", 0, ranks_here=ranks)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_device("cuda:3", 0, ranks_here=1) == torch.device("cuda", 3)
+    assert resolve_device("cuda", 5, ranks_here=8) == torch.device("cuda", 5)
+
+
 def test_summary_reports_compile_and_memory():
     model = build_model()
     fast = setup_fast_path(model, torch.device("cpu"), compile=False)

@@ -74,6 +74,31 @@ def expect_refusal(capsys, tmp_path, *args, match, output="never.mp4"):
     return err
 
 
+@pytest.mark.parametrize("env, args, index", [
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, ["--device", "cuda:1"], 1),
+    ({}, ["--nproc-per-node", "2", "--device", "cuda:0"], 0),
+])
+def test_a_gpu_index_for_several_ranks_is_refused_before_loading(capsys, tmp_path, no_loading, monkeypatch, env,
+                                                                 args, index):
+    """``--device cuda:N`` with several processes on the machine (torchrun's workers, or --nproc-per-node) would put
+    every rank on GPU N, and NCCL says 'Duplicate GPU detected' only after the weights load: refused up front, with
+    what is right. No worker starts."""
+    from k5.launch import workers
+
+    monkeypatch.setattr(workers, "start_workers", lambda *a: pytest.fail("a worker was started"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    err = expect_refusal(capsys, tmp_path, *args, match=f"error: --device cuda:{index} puts all 2 ranks on this "
+                                                        f"machine on GPU {index}")
+    assert "use --device cuda, which is cuda:LOCAL_RANK on each rank" in err and len(err.strip().splitlines()) == 1
+    if env:  # every torchrun worker refuses; only rank 0 says why
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with pytest.raises(SystemExit) as e:
+            main(["--model", "tiny", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), *args])
+        assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("args, match", [
     (["--height", 100], "height 100 is not a positive multiple of 16; try 96"),
     (["--width", 130], "width 130 is not a positive multiple of 16"),
