@@ -576,7 +576,11 @@ def main(argv=None) -> int:
         torch.cuda.set_device(env.device)
     try:
         job = validate(args, env)
-        env.estimate = check_memory(args, env, job)
+        # A launcher on GPUs leaves the memory check to its workers: the free memory of a GPU is known only through a
+        # CUDA context, and this process's would hold about 0.5 GiB of GPU 0 for the whole job. Each worker checks its
+        # own GPU and refuses (exit 2, which the launcher returns) before any weight loads.
+        if not (launching and env.device.type == "cuda"):
+            env.estimate = check_memory(args, env, job)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Every rank checks the same inputs and ends; only rank 0 says why, so the terminal shows it once.
         fail(str(e), show=env.rank == 0)

@@ -2,9 +2,10 @@
 
 What ``torchrun --standalone --nproc-per-node N launch/generate.py ...`` does, with two differences for the user: a
 bad input is reported once, by the check that runs here before any worker starts (exit code 2, no worker, no
-launcher traceback), and this process exits with the workers' own exit code (0 done, 1 failed, 143/130 stopped)
-instead of torchrun's 1 for every failure. The rendezvous binds a port the kernel picks (``--standalone``), so
-several jobs on one machine never collide.
+launcher traceback), and this process exits with the workers' own exit code (0 done, 1 failed, 2 refused, 143/130
+stopped) instead of torchrun's 1 for every failure. On GPUs this process opens no CUDA context (it would hold GPU 0
+memory for the whole job), so the memory check before loading is left to the workers, each on its own GPU. The
+rendezvous binds a port the kernel picks (``--standalone``), so several jobs on one machine never collide.
 """
 
 from __future__ import annotations

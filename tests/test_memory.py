@@ -212,6 +212,100 @@ def test_impossible_run_is_refused_before_loading(tmp_path, capsys, monkeypatch)
     assert not out.exists()
 
 
+# torch.cuda calls that open a CUDA context (or go through the lazy init that does); is_available and device_count
+# do not, and the fake below answers them as a machine with two GPUs.
+CONTEXT_CALLS = ("_lazy_init", "init", "set_device", "mem_get_info", "get_device_properties", "get_device_capability",
+                 "get_device_name", "current_device", "synchronize", "memory_allocated", "max_memory_allocated",
+                 "memory_reserved", "max_memory_reserved", "reset_peak_memory_stats", "memory_stats", "empty_cache",
+                 "cudart")
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """torch.cuda says two GPUs are here; every context-opening call is recorded (returned list) and raises."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in CONTEXT_CALLS:
+        def trap(*a, _name=name, **k):
+            calls.append(_name)
+            raise AssertionError(f"torch.cuda.{_name} was called: it opens a CUDA context")
+
+        monkeypatch.setattr(torch.cuda, name, trap)
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+def test_the_launcher_on_gpus_opens_no_cuda_context(tmp_path, monkeypatch, no_loading, two_fake_gpus):
+    """``--nproc-per-node N`` on GPUs: the launching process stays alive for the whole job, so a CUDA context of its
+    own (torch.cuda.mem_get_info opens one) would hold GPU 0 memory throughout. It checks the inputs and starts the
+    workers without a single context-opening call; the memory check is the workers' (next test)."""
+    from k5.launch import workers
+
+    started = []
+    monkeypatch.setattr(workers, "start_workers", lambda n, argv: started.append(n) or 0)
+    out = tmp_path / "cat.mp4"
+    code = main(["--nproc-per-node", "2", "--model", "tiny", "--prompt", "a cat", "--device", "cuda", "--output",
+                 str(out)])
+    assert code == 0 and started == [2] and two_fake_gpus == []
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the workers must refuse: a machine without CUDA")
+def test_the_launcher_and_its_agent_open_no_cuda_context_and_return_the_workers_refusal(tmp_path, capfd, no_loading,
+                                                                                        two_fake_gpus):
+    """The same with the real torch.distributed agent: two worker processes start (where CUDA really is missing, so
+    each refuses --device cuda with exit 2 before loading; rank 0 says why) while the launcher, which sees two GPUs,
+    makes no context-opening call and exits with the workers' 2."""
+    out = tmp_path / "cat.mp4"
+    code = main(["--nproc-per-node", "2", "--model", "tiny", "--prompt", "a cat", "--device", "cuda", "--output",
+                 str(out)])
+    assert code == 2 and two_fake_gpus == [] and not out.exists()
+    err = capfd.readouterr().err  # the workers' stderr is this process's file descriptor 2
+    assert err.count("error:") == 1 and "error: --device cuda: CUDA is not available here" in err, err
+
+
+def test_a_worker_checks_its_own_gpu_and_refuses_before_loading(tmp_path, monkeypatch, capsys, no_loading,
+                                                                  two_fake_gpus):
+    """What the launcher leaves to them: each torchrun worker (rank 0 of 2 here) compares its estimate with its own
+    GPU's free memory and refuses with exit 2 before any weight loads; the launcher returns that code."""
+    used = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: used.append(("set_device", str(d))))
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda d: used.append(("mem_get_info", str(d))) or (2**20, 80 * GiB))  # 1 MiB free
+    for var, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    out = tmp_path / "cat.mp4"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tiny", "--prompt", "a cat", "--device", "cuda", "--output", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "this run needs an estimated" in err and "cuda:0 (0.0 of 80.0 GiB free)" in err
+    assert used == [("set_device", "cuda:0"), ("mem_get_info", "cuda:0")] and two_fake_gpus == []
+    assert not out.exists()
+
+
+def test_the_launcher_on_the_cpu_still_refuses_an_impossible_run(tmp_path, monkeypatch, capsys, no_loading):
+    """On the CPU the capacity needs no CUDA: the launching process refuses a run that cannot fit, before any worker
+    starts (exit 2, one line)."""
+    from k5.launch import workers
+
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(workers, "start_workers", lambda *a: pytest.fail("a worker was started"))
+    root = tiny_checkpoint()
+    frames = _impossible_frames(root, Kandinsky5Pipeline.read_config(root))
+    out = tmp_path / "long.mp4"
+    with pytest.raises(SystemExit) as e:
+        main(["--nproc-per-node", "2", "--model", "tiny", "--prompt", "a cat", "--num-frames", str(frames),
+              "--device", "cpu", "--output", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "this run needs an estimated" in err, err
+    assert not out.exists()
+
+
 def test_check_memory_passes_an_ordinary_run():
     root = tiny_checkpoint()
     cfg = Kandinsky5Pipeline.read_config(root)
