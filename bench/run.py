@@ -303,6 +303,8 @@ def run_dit(args) -> dict:
         "world_size": world_size, "layout": layout or {"single": 1}, "compile": args.compile,
         "attention_backend": args.attention_backend, "warmup": args.warmup, "repeat": args.repeat,
     }}
+    step_repeat = args.repeat if args.step_repeat is None else args.step_repeat
+    result["config"]["step_repeat"] = step_repeat
     checks, timing = {}, {}
     reference, nabla_info = reference_forward(dit, forward)
     density = nabla_info["density"] if nabla else 1.0
@@ -316,12 +318,35 @@ def run_dit(args) -> dict:
     stats, guided = apply_layout(dit, dims, device) if dims else (None, guided_velocity)
     result["config"]["attention_backend"] = fast.use_attention_backend(args.attention_backend, device, dtype,
                                                                        cfg.head_dim)
+    count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
+    result["flops"] = {k: v / 1e12 for k, v in count.as_dict().items()} | {"unit": "TFLOP per forward"}
+    result["timing"], result["checks"] = timing, checks
+
+    def memory() -> None:  # after each timing; every rank calls it (the figure is gathered)
+        peak, peak_kind = peak_memory_bytes(device)
+        result["memory"] = {"peak_gib_per_rank": [round(b / 2**30, 3) for b in all_ranks(peak, device)],
+                            "kind": peak_kind}
+
+    def record(stage: str | None) -> None:
+        """Save what is measured so far (a run killed at its time cap keeps it); ``stage`` says what is still
+        missing, None when the DiT measurement is complete."""
+        result["env"] = report.environment(device, args.argv) | {"load_avg_at_start": args.load_at_start}
+        result["unstable"] = unstable_series(result)
+        if stage:
+            result["incomplete"] = stage
+        else:
+            result.pop("incomplete", None)
+        save(args, result)
+
     if args.compile:
         fast.compile_blocks(dit)
     with torch.no_grad():
         if stats is not None or args.compile:
-            key = "layout_rel_err" if stats is not None else "compiled_rel_err"
-            checks[key] = rel_err(forward().float(), reference.float())  # also the compile's first (untimed) call
+            err = rel_err(forward().float(), reference.float())  # also the compile's first (untimed) call
+            if stats is not None:
+                checks["layout_rel_err"] = err
+            else:
+                checks["compiled_rel_err"] = err
 
         def step():
             v = guided(lambda x, tt, c: dit(x, c.embeds, c.pooled, tt), inp, t, cond, uncond, GUIDANCE)
@@ -339,7 +364,34 @@ def run_dit(args) -> dict:
                 timing["diffusers_backend"] = peer.backend
             else:
                 fwd = slowest(fast.time_calls(forward, device, args.warmup, args.repeat, barrier), device)
-            stp = slowest(fast.time_calls(step, device, min(args.warmup, 1), args.repeat, barrier), device)
+        s_fwd = median(fwd)
+        peak_tflops = measure_peak(args, dtype, device)
+        # A forward runs on world/cfg devices (each CFG half does its own); a step (2 forwards) on all of them.
+        achieved = count.total / s_fwd / 1e12 / (world_size // (dims.cfg if dims else 1))
+        timing.update({
+            "s_per_forward": s_fwd, "s_per_forward_min": min(fwd), "forward_runs_s": fwd,
+            "forward_s": fast.spread(fwd), "visual_tokens_per_s": tokens / s_fwd,
+            "tflop_per_forward": count.total / 1e12, "tflops_per_device": achieved,
+            "peak_tflops_per_device": peak_tflops, "mfu": achieved / peak_tflops,
+        })
+        if peer is not None:
+            # Three views of one comparison (the runs alternate ours, theirs, ours, ...): medians; the fastest run
+            # of each (the least disturbed on a shared machine); and the median ratio of back-to-back pairs.
+            pf = timing["diffusers_runs_s"]
+            timing["ours_over_diffusers"] = s_fwd / timing["diffusers_s_per_forward"]
+            timing["ours_over_diffusers_min"] = min(fwd) / min(pf)
+            timing["ours_over_diffusers_paired"] = median([a / b for a, b in zip(fwd, pf)])
+        memory()
+        record("forward timed; not yet: the step timing" if step_repeat > 0 else None)
+
+        if step_repeat > 0:
+            with fast.no_recompile() if args.compile else contextlib.nullcontext():
+                stp = slowest(fast.time_calls(step, device, min(args.warmup, 1), step_repeat, barrier), device)
+            s_step = median(stp)
+            timing.update({"s_per_step": s_step, "s_per_step_min": min(stp), "step_runs_s": stp,
+                           "step_s": fast.spread(stp),
+                           "step_tflops_per_device": 2 * count.total / s_step / 1e12 / world_size})
+            memory()
         if stats is not None:
             stats.reset()
             forward()
@@ -347,43 +399,15 @@ def run_dit(args) -> dict:
             stats.reset()
             step()
             sent_step = stats.summary()
-        peak, peak_kind = peak_memory_bytes(device)
+            result["comm_bytes_per_rank"] = {"forward": sent_forward, "step": sent_step}
 
     if args.profile:
         fns = {"ours": forward}
         if peer is not None:
             fns["diffusers"] = lambda: peer.forward(*inputs)
         result["profile"] = {name: profile_ops(fn, device) for name, fn in fns.items()}
-    count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
-    s_fwd, s_step = median(fwd), median(stp)
-    peak_tflops = measure_peak(args, dtype, device)
-    # A forward runs on world/cfg devices (each CFG half does its own); a step (2 forwards) on all of them.
-    achieved = count.total / s_fwd / 1e12 / (world_size // (dims.cfg if dims else 1))
-    timing.update({
-        "s_per_forward": s_fwd, "s_per_step": s_step, "s_per_forward_min": min(fwd), "s_per_step_min": min(stp),
-        "forward_runs_s": fwd, "step_runs_s": stp, "forward_s": fast.spread(fwd), "step_s": fast.spread(stp),
-        "visual_tokens_per_s": tokens / s_fwd, "tflop_per_forward": count.total / 1e12,
-        "tflops_per_device": achieved, "step_tflops_per_device": 2 * count.total / s_step / 1e12 / world_size,
-        "peak_tflops_per_device": peak_tflops, "mfu": achieved / peak_tflops,
-    })
-    if peer is not None:
-        # Three views of one comparison (the runs alternate ours, theirs, ours, ...): medians; the fastest run of
-        # each (the least disturbed on a shared machine); and the median ratio of back-to-back pairs.
-        pf = timing["diffusers_runs_s"]
-        timing["ours_over_diffusers"] = s_fwd / timing["diffusers_s_per_forward"]
-        timing["ours_over_diffusers_min"] = min(fwd) / min(pf)
-        timing["ours_over_diffusers_paired"] = median([a / b for a, b in zip(fwd, pf)])
-    result["flops"] = {k: v / 1e12 for k, v in count.as_dict().items()} | {"unit": "TFLOP per forward"}
-    result["timing"] = timing
-    result["checks"] = checks
-    result["memory"] = {"peak_gib_per_rank": [round(b / 2**30, 3) for b in all_ranks(peak, device)],
-                        "kind": peak_kind}
-    if stats is not None:
-        result["comm_bytes_per_rank"] = {"forward": sent_forward, "step": sent_step}
-    result["env"] = report.environment(device, args.argv)
-    result["unstable"] = unstable_series(result)
     # The DiT measurement is done: written now, so a later extra that fails or runs out of time loses nothing.
-    save(args, result)
+    record(None)
     if args.vae != "none":
         result["vae"] = extra(time_vae, args, grid, device)
     if args.xfuser:
@@ -570,6 +594,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-warmup", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--step-repeat", type=int, default=None,
+                   help="timed denoising steps (default: --repeat; 0: no step timing)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one forward (and the peer's)")
     p.add_argument("--peak-tflops", default="measure", help="peak for MFU in TFLOP/s, or 'measure' (matmul bench)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK if available)")
@@ -611,8 +637,8 @@ def summary_line(r: dict) -> str:
     t = r["timing"]
     f = t["forward_s"]
     line = (f"{r['name']}: {t['s_per_forward']:.4f} s/forward (min {f['min']:.4f}, max {f['max']:.4f}), "
-            f"{t['s_per_step']:.4f} s/step, "
-            f"{t['tflops_per_device']:.3g} TFLOP/s/device (MFU {t['mfu']:.1%})")
+            + (f"{t['s_per_step']:.4f} s/step, " if "s_per_step" in t else "no step timed, ")
+            + f"{t['tflops_per_device']:.3g} TFLOP/s/device (MFU {t['mfu']:.1%})")
     if "ours_over_diffusers" in t:
         line += (f", ours/diffusers {t['ours_over_diffusers']:.3f} (fastest runs {t['ours_over_diffusers_min']:.3f}, "
                  f"paired {t['ours_over_diffusers_paired']:.3f})")
@@ -625,6 +651,7 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     args.argv = argv
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # env's load is read at the end, this run included
+    args.load_at_start = load_at_start
     created = setup(args)
     try:
         with nabla_backend(args.nabla_kernel):

@@ -137,6 +137,34 @@ def test_results_carry_their_spread_and_go_to_a_scratch_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["spread.json"]  # --json-only: no Markdown beside it
 
 
+def test_a_run_stopped_after_the_forward_timing_keeps_it(tmp_path, monkeypatch):
+    """The JSON is written once the forward is timed: a run killed later (its time cap) leaves the forward's
+    figures on disk, marked incomplete; the finished run drops the mark."""
+    from bench import fast
+
+    calls, real = [], fast.time_calls
+
+    def killed_at_the_step(fn, *args, **kwargs):
+        calls.append(fn)
+        if len(calls) == 2:  # the first timing is the forward's, the second the CFG step's
+            raise KeyboardInterrupt("killed at its cap")
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "time_calls", killed_at_the_step)
+    common = ["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--vae", "none",
+              "--out", str(tmp_path), "--json-only", *FAST]
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--name", "cut"])
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert cut["timing"]["s_per_forward"] > 0 and "s_per_step" not in cut["timing"]
+    assert "step" in cut["incomplete"] and cut["flops"]["total"] > 0 and cut["env"]["device_type"] == "cpu"
+    monkeypatch.setattr(fast, "time_calls", real)
+    done = main([*common, "--name", "done", "--step-repeat", "2"])
+    saved = json.loads((tmp_path / "done.json").read_text())
+    assert "incomplete" not in saved and len(saved["timing"]["step_runs_s"]) == 2
+    assert saved["timing"] == done["timing"] and len(saved["timing"]["forward_runs_s"]) == 1
+
+
 @pytest.mark.timeout(1800)  # seven Python processes; minutes on a loaded 2-core machine
 def test_gpu_script_smoke_runs_from_a_plain_copy(tmp_path):
     """bench/gpu.sh smoke, reduced (nothing compiled, diffusers treated as absent as on the bare GPU image), run
