@@ -227,6 +227,30 @@ def test_compiled_nabla_is_checked_on_the_reference_masks():
     assert agreement == pytest.approx(eager.agreement, abs=1e-3) and agreement < 1
 
 
+def test_gpu_script_plans_its_caps_within_the_call():
+    """bash bench/gpu.sh plan: the caps it sums are the ones it prints, and a plan over the call's timeout (or a
+    step name it does not know) stops the script before anything runs."""
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu.sh"
+    run = lambda **env: subprocess.run(["bash", str(script), "plan"], capture_output=True, text=True,  # noqa: E731
+                                       env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+    r = run()
+    assert r.returncode == 0, r.stdout + r.stderr
+    caps = {name: int(s) for name, s in re.findall(r"([a-z0-9-]+) (\d+)(?= \+| =)", r.stdout)}
+    total = int(re.search(r"= (\d+) s;", r.stdout).group(1))
+    assert set(caps) == {"env", "lite-5s-dense", "lite-10s-nabla", "pro-5s-dense", "attention-lite-10s", "cli-tiny"}
+    assert sum(caps.values()) == total
+    whole, call = map(int, re.search(r": (\d+) s of the call's (\d+) s", r.stdout).groups())
+    assert total < whole <= call == 600
+    short = run(CALL_S=str(whole - 1))
+    assert short.returncode == 3 and "does not fit" in short.stdout
+    one = run(ONLY="pro-5s-dense", CALL_S="200")
+    assert one.returncode == 0 and f"= {caps['pro-5s-dense']} s;" in one.stdout
+    assert run(ONLY="pro").returncode == 3
+
+
 @pytest.mark.timeout(1800)  # seven Python processes; minutes on a loaded 2-core machine
 def test_gpu_script_smoke_runs_from_a_plain_copy(tmp_path):
     """bench/gpu.sh smoke, reduced (nothing compiled, diffusers treated as absent as on the bare GPU image), run
