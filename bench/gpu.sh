@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark in one call of at most 9 minutes on one H100/H200, from a plain checkout: the image's own
-# python3 and torch (2.11+), nothing installed, the checkout's code imported from where it lies.
+# The whole GPU benchmark in one device call (timeout_s=600, the call's maximum) on one H100/H200, from a plain
+# checkout: the image's own python3 and torch (2.11+), nothing installed, the checkout's code imported from where it
+# lies.
 #
 #   here, once (optional):  bash bench/gpu.sh fetch      # diffusers + its missing deps as wheels into .whl/ (the GPU
 #                                                        # image has none: without them the diffusers peer, the real
@@ -9,22 +10,52 @@
 #   afterwards here:        cp <files_at>/*.json bench/results/ && python -m bench project --model lite \
 #                               --from bench/results/lite-5s-dense.json --out bench/results   (and the same for pro)
 #   plumbing check, CPU:    bash bench/gpu.sh smoke      # the same steps at tiny shapes, results in a temp folder
+#   the time plan:          bash bench/gpu.sh plan       # each step's cap, their sum, and whether it fits the call
+#   a rerun of some steps:  ONLY="pro-5s-dense" CALL_S=200 bash bench/gpu.sh   (device: timeout_s=200; the plan
+#                           then counts only those steps, so a short call can redo what a full one lost)
 #
-# Everything lands in $OUT (or a temp folder) as at most 8 files, each step's JSON written as soon as its
-# measurement is done, so a step that fails or runs out of time loses only itself:
+# Everything lands in $OUT (or a temp folder) as at most 8 files. Each DiT step writes its JSON as soon as its
+# forward is timed and again after each later stage (a file still missing a stage says so in "incomplete"), so a
+# step that fails or runs out of time loses only what it had not measured yet:
 #   gpu-log.txt               everything printed
 #   env.json                  GPU, versions, the measured bf16 matrix peak (8192^3, random data), each dense
 #                             attention kernel at the Lite self-attention shape (28 heads x 47616 tokens x 64)
 #   lite-5s-dense.json        Lite 5 s 512x768 dense forward and CFG step, compiled, checked against the eager
 #                             forward (and diffusers' on the same weights where it imports); VAE decode after
 #   lite-10s-nabla.json       Lite 10 s 512x768 NABLA forward, compiled, P = 0.1 (random weights give a near-uniform
-#                             pooled attention: the density is about STA + P, near what a trained model keeps)
+#                             pooled attention: the density is about STA + P, near what a trained model keeps);
+#                             checked on the eager forward's masks, the share of tiles the compiled blocks would
+#                             select alike recorded beside it
 #   pro-5s-dense.json         Pro 5 s 512x768 dense forward, compiled
 #   attention-lite-10s.json   dense vs NABLA kernels at the Lite 10 s length at P 0.05, 0.1, 0.2, densities measured
 #                             from the masks
 #   summary.md                the targets, met or not, with the figures (a CPU smoke claims none)
-# Each step has its own time cap and the caps add up to the budget (BUDGET, 530 s), so the script ends in time.
+# Each step has its own time cap (PLAN below). The script sums the caps itself and refuses to start when they, with
+# the time reserved before, after and between steps, exceed the call's timeout (CALL_S); each step may run until the
+# sum of its cap and the caps before it (what an earlier step leaves unused passes on), so every step gets at least
+# its own cap and the script ends before CALL_S.
 set -uo pipefail
+
+CALL_S=${CALL_S:-600}  # the device call's timeout_s (600: the most one call may run)
+SETUP_S=25             # before the first step: the carried wheels' install, the checkout's import check
+END_S=15               # after the last step: the summary, the file count, the log's flush
+MARGIN_S=20            # timeout's kill grace past a cap (5 s), and slack
+# name:cap, in run order (seconds on an H200; estimates, see bench/results/README.md)
+PLAN=(env:35 lite-5s-dense:150 lite-10s-nabla:145 pro-5s-dense:125 attention-lite-10s:45 cli-tiny:40)
+ONLY=${ONLY:-}  # space-separated step names: run only these (a rerun); empty: all
+selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+for name in $ONLY; do
+    [[ " ${PLAN[*]%%:*} " == *" $name "* ]] || { echo "!! ONLY names $name, not one of: ${PLAN[*]%%:*}"; exit 3; }
+done
+CAPS_S=0
+for entry in "${PLAN[@]}"; do selected "${entry%%:*}" && CAPS_S=$((CAPS_S + ${entry#*:})); done
+TOTAL_S=$((SETUP_S + CAPS_S + END_S + MARGIN_S))
+plan_line() {
+    local parts= entry
+    for entry in "${PLAN[@]}"; do selected "${entry%%:*}" && parts+="${parts:+ + }${entry%%:*} ${entry#*:}"; done
+    echo "plan: caps $parts = ${CAPS_S} s; with setup ${SETUP_S}, end ${END_S} and margin ${MARGIN_S}: ${TOTAL_S} s" \
+        "of the call's ${CALL_S} s"
+}
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -37,6 +68,15 @@ if [ "${1:-}" = fetch ]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl diffusers==0.42.1 ffmpeg-python==0.2.0 future==1.0.0
     exit $?
+fi
+if [ "$TOTAL_S" -gt "$CALL_S" ]; then
+    plan_line
+    echo "!! the plan does not fit the call: $TOTAL_S s > $CALL_S s (shorten the caps, or name fewer steps in ONLY)"
+    exit 3
+fi
+if [ "${1:-}" = plan ]; then
+    plan_line
+    exit 0
 fi
 
 SMOKE=0
@@ -82,35 +122,52 @@ if [ $SMOKE = 1 ]; then
     COMPILE=(--compile); REPEAT=(--warmup 0 --repeat 2 --threads 2)
     NABLA_KERNEL=(--nabla-kernel flex)  # the CUDA route (FlexAttention traced into the compiled blocks) on the CPU
     [ "$REDUCED" = 1 ] && COMPILE=() && REPEAT=(--warmup 0 --repeat 1 --threads 2) && NABLA_KERNEL=()
+    LITE_REPEAT=("${REPEAT[@]}"); NABLA_REPEAT=("${REPEAT[@]}" --step-repeat 1)
+    PRO_REPEAT=("${REPEAT[@]}" --step-repeat 1)
 else
     DEV=cuda; DEVARG=(); LITE=(--model lite); LITE10=(--model lite-10s); PRO=(--model pro)
     SD5=(--height 512 --width 768 --frames 121); SD10=(--height 512 --width 768 --frames 241)
     HEADS=(--heads 28 --head-dim 64); VAE=real; ATTN_SHAPE="28, 47616, 64"; DTYPE=bf16
-    COMPILE=(--compile); REPEAT=(--warmup 1 --repeat 3); NABLA_KERNEL=()
+    COMPILE=(--compile); NABLA_KERNEL=()
+    # Repeats sized to the caps. The untimed compiled forward that checks the compile against the eager one is
+    # already a warm call of the compiled blocks: the NABLA and Pro steps time without another warm-up. A Pro
+    # forward is 3.6 PFLOP (>= 4.5 s at the measured peak), so Pro times 2 forwards and 1 CFG step.
+    LITE_REPEAT=(--warmup 1 --repeat 3 --step-repeat 2)
+    NABLA_REPEAT=(--warmup 0 --repeat 3 --step-repeat 1)
+    PRO_REPEAT=(--warmup 0 --repeat 2 --step-repeat 1)
 fi
 [ "$PEER" = none ] && VAE=none  # the VAE is diffusers' model
 
-# On the device the budget is what one call may take; a CPU smoke (another machine's load, no device time to fit)
-# gets ten times the caps and the budget, so that a busy CPU does not fail it by chance.
-BUDGET=${BUDGET:-530}
+# A CPU smoke (another machine's load, no device time to fit) gets ten times every cap and reserve, so that a busy
+# CPU does not fail it by chance.
 SCALE=1
-[ $SMOKE = 1 ] && SCALE=10 && BUDGET=$((BUDGET * SCALE))
-step() {  # cap_seconds name command...: runs under its own timeout, never stops the script
-    local cap=$(($1 * SCALE)) name=$2; shift 2
-    local left=$((BUDGET - SECONDS))
-    [ $left -lt $cap ] && cap=$left
-    if [ $cap -lt 20 ]; then echo "!! $name SKIPPED: ${left}s of the ${BUDGET}s budget left"; return; fi
-    echo "== $name (${cap}s max, ${SECONDS}s elapsed)"
-    timeout --kill-after=10 "$cap" "$@" || echo "!! $name FAILED or timed out (exit $?)"
+[ $SMOKE = 1 ] && SCALE=10
+DEADLINE=$((SETUP_S * SCALE))  # seconds since the start by which the current step must end
+CAP=0
+begin() {  # name: sets CAP, the seconds this step may run (to its deadline); false when it does not run
+    local name=$1 entry cap=
+    for entry in "${PLAN[@]}"; do [ "${entry%%:*}" = "$name" ] && cap=${entry#*:}; done
+    [ -n "$cap" ] || { echo "!! $name is not in the plan"; return 1; }
+    selected "$name" || { echo "-- $name: not in ONLY"; return 1; }
+    DEADLINE=$((DEADLINE + cap * SCALE))
+    CAP=$((DEADLINE - SECONDS))
+    if [ $CAP -lt $((10 * SCALE)) ]; then echo "!! $name SKIPPED: ${CAP}s to its deadline"; return 1; fi
+    echo "== $name (${CAP}s max: its cap $((cap * SCALE))s, ${SECONDS}s elapsed)"
 }
-bench() {  # cap name bench-arguments...
-    local cap=$1 name=$2; shift 2
-    step "$cap" "$name" $PY -m bench "$@" "${DEVARG[@]}" --peak-tflops "$PEAK" --out "$OUTDIR" --name "$name" \
-        --json-only
+step() {  # name command...: runs under its own timeout, never stops the script
+    local name=$1; shift
+    begin "$name" || return 0
+    timeout --kill-after=5 "$CAP" "$@" || echo "!! $name FAILED or timed out (exit $?)"
+}
+bench() {  # name bench-arguments...
+    local name=$1; shift
+    step "$name" $PY -m bench "$@" "${DEVARG[@]}" --peak-tflops "$PEAK" --out "$OUTDIR" --name "$name" --json-only
 }
 
 echo "== 1. environment, matrix peak, dense attention kernels"
-PEAK=$(timeout $((60 * SCALE)) $PY - "$DEV" "$OUTDIR/env.json" <<EOF | tail -1
+plan_line
+PEAK=
+begin env && PEAK=$(timeout --kill-after=5 "$CAP" $PY - "$DEV" "$OUTDIR/env.json" <<EOF | tail -1
 import json, sys, torch
 from bench import fast, report
 device = torch.device(sys.argv[1])
@@ -132,23 +189,22 @@ PEAK=${PEAK:-790}
 echo "bf16 matrix peak: $PEAK TFLOP/s"
 
 echo "== 2. Lite 5 s 512x768 dense"
-bench 140 lite-5s-dense "${LITE[@]}" "${SD5[@]}" --dtype $DTYPE "${COMPILE[@]}" --peer "$PEER" --vae $VAE \
-    --vae-warmup 0 --vae-repeat 1 "${REPEAT[@]}"
+bench lite-5s-dense "${LITE[@]}" "${SD5[@]}" --dtype $DTYPE "${COMPILE[@]}" --peer "$PEER" --vae $VAE \
+    --vae-warmup 0 --vae-repeat 1 "${LITE_REPEAT[@]}"
 
 echo "== 3. Lite 10 s NABLA"
-bench 130 lite-10s-nabla "${LITE10[@]}" "${SD10[@]}" --dtype $DTYPE --attention nabla --P 0.1 "${COMPILE[@]}" \
-    "${NABLA_KERNEL[@]}" --vae none "${REPEAT[@]}"
+bench lite-10s-nabla "${LITE10[@]}" "${SD10[@]}" --dtype $DTYPE --attention nabla --P 0.1 "${COMPILE[@]}" \
+    "${NABLA_KERNEL[@]}" --vae none "${NABLA_REPEAT[@]}"
 
 echo "== 4. Pro 5 s 512x768 dense"
-PRO_REPEAT=("${REPEAT[@]}"); [ $SMOKE = 0 ] && PRO_REPEAT=(--warmup 1 --repeat 2)
-bench 125 pro-5s-dense "${PRO[@]}" "${SD5[@]}" --dtype $DTYPE "${COMPILE[@]}" --vae none "${PRO_REPEAT[@]}"
+bench pro-5s-dense "${PRO[@]}" "${SD5[@]}" --dtype $DTYPE "${COMPILE[@]}" --vae none "${PRO_REPEAT[@]}"
 
 echo "== 5. dense vs NABLA attention kernels at the Lite 10 s length"
-bench 60 attention-lite-10s attention "${SD10[@]}" "${HEADS[@]}" --P-list 0.05 0.1 0.2 --dtype $DTYPE --repeat 5
+bench attention-lite-10s attention "${SD10[@]}" "${HEADS[@]}" --P-list 0.05 0.1 0.2 --dtype $DTYPE --repeat 5
 
 echo "== 6. the CLI on this device: tiny model, its defaults (compiled on CUDA)"
 if [ "$PEER" = diffusers ]; then
-    step 40 cli-tiny $PY launch/generate.py --model tiny "${DEVARG[@]}" --prompt "a red fox running through snow" \
+    step cli-tiny $PY launch/generate.py --model tiny "${DEVARG[@]}" --prompt "a red fox running through snow" \
         --steps 2 --num-frames 5 --save-latents "$SCRATCH/cli.safetensors" $([ $SMOKE = 1 ] && echo --no-compile)
 else
     echo "!! cli-tiny SKIPPED: the tiny checkpoint is built with diffusers, which does not import here"
@@ -167,37 +223,47 @@ if smoke:
 rows = []
 
 
-def target(name, figure, unit, limit, better, shown):
+def target(name, figure, unit, limit, better, shown, needs=""):
     if smoke:
         rows.append((name, shown, "(GPU target, not evaluated on a CPU)"))
     elif figure is None:
-        rows.append((name, "not measured", f"{better} {limit} {unit}"))
+        rows.append((name, shown or "not measured", f"{better} {limit} {unit}{needs}"))
     else:
         met = figure <= limit if better == "<=" else figure >= limit
-        rows.append((name, shown, f"{better} {limit} {unit}: {'MET' if met else 'NOT MET'}"))
+        rows.append((name, shown, f"{better} {limit} {unit}{needs}: {'MET' if met else 'NOT MET'}"))
 
 
-def fwd(name):
+def fwd(name, limit):
+    """(seconds per forward or None, what is shown, what the limit asks of the chip: the run's FLOP count over
+    the limit against its measured matrix peak)"""
     r = runs.get(name)
     if not r or "timing" not in r:
-        return None, "not measured"
+        return None, "not measured", ""
     t, c = r["timing"], r["checks"]
     f = t["forward_s"]
+    need = t["tflop_per_forward"] / limit
+    needs = f" (needs {need:.0f} TFLOP/s, {need / t['peak_tflops_per_device']:.0%} of the measured bf16 peak)"
     shown = (f"{t['s_per_forward']:.3f} s/forward (min {f['min']:.3f}, max {f['max']:.3f}), "
              f"{t['tflops_per_device']:.0f} TFLOP/s, MFU {t['mfu']:.0%}")
     if "nabla" in r:
-        shown += f", density {r['nabla']['density']:.3f}"
+        nb = r["nabla"]
+        shown += f", density {nb['density']:.3f}"
+        if "compiled_mask_agreement" in nb:  # information: the check itself runs on the eager masks
+            shown += (f", compiled blocks select {nb['compiled_mask_agreement']:.2%} of tiles alike "
+                      f"(own masks: rel err {nb['compiled_own_masks_rel_err']:.1e})")
     for k, v in c.items():
         if isinstance(v, float):
             shown += f", {k} {v:.1e}" + (" (FAIL > 2e-2)" if v > 2e-2 else "")
     if r.get("unstable"):
         shown += ", UNSTABLE"
-    return t["s_per_forward"], shown
+    if r.get("incomplete"):
+        shown += f", INCOMPLETE ({r['incomplete']})"
+    return t["s_per_forward"], shown, needs
 
 
 for name, limit in (("lite-5s-dense", 1.0), ("lite-10s-nabla", 1.3), ("pro-5s-dense", 5.0)):
-    s, shown = fwd(name)
-    target(name + " forward", s, "s", limit, "<=", shown)
+    s, shown, needs = fwd(name, limit)
+    target(name + " forward", s, "s", limit, "<=", shown, needs)
 env = runs.get("env", {})
 kernels = {k: v for k, v in env.get("attention_kernels_at_lite_shape", {}).items() if isinstance(v, dict)}
 if kernels:
@@ -220,6 +286,7 @@ text = "\n".join(lines) + "\n"
 (out / "summary.md").write_text(text)
 print(text)
 EOF
+rm -f "$OUTDIR"/.*.partial  # a result write cut off by a cap (report.write renames a whole file into place)
 n=$(find "$OUTDIR" -maxdepth 1 -type f | wc -l)
 echo "$n files in $OUTDIR (at most 8 come back from the device): $(ls "$OUTDIR" | tr '\n' ' ')"
 [ "$n" -le 8 ] || echo "!! more than 8 files"

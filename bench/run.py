@@ -33,8 +33,8 @@ from k5.engine.checkpoint import keeps_fp32
 from k5.engine.config import PRESETS, DiTConfig
 from k5.engine.dit import Kandinsky5DiT, TokenGrid
 from k5.engine.sampler import Conditioning, guided_velocity, model_input
-from k5.kernels.nabla import (NablaSpec, block_sparse_attention, nabla_backend, nabla_block_mask, pool_blocks,
-                              sta_block_mask)
+from k5.kernels.nabla import (NablaSpec, block_sparse_attention, nabla_backend, nabla_block_mask, nabla_mask,
+                              pool_blocks, sta_block_mask)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The DiT of engine/tiny.py's checkpoint (text widths of its tiny Qwen / CLIP encoders).
@@ -88,23 +88,64 @@ def make_inputs(cfg: DiTConfig, grid: tuple[int, int, int], text_tokens: int, de
 
 
 class DensityProbe:
-    """Single-device NABLA attention (as LocalAttention does it) that also counts the tiles its masks select."""
+    """Single-device NABLA attention (as LocalAttention does it) that also counts the tiles its masks select, and
+    with ``keep`` keeps each call's mask (in call order: one per visual block) for MaskReplay."""
 
-    def __init__(self, spec: NablaSpec):
+    def __init__(self, spec: NablaSpec, keep: bool = False):
         self.nabla, self.selected, self.total, self.sta = spec, 0, 0, 0
+        self.masks: list[torch.Tensor] | None = [] if keep else None
 
     def __call__(self, q, k, v, grid: TokenGrid):
         s = self.nabla
         sta = sta_block_mask(*grid.blocks, s.wT, s.wH, s.wW, device=q.device)
-        mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, s.P)
+        mask = nabla_mask(q, k, s, *grid.blocks)
         self.selected += int(mask.sum())
         self.total += mask.numel()
         self.sta += int(sta.sum()) * mask.shape[0] * mask.shape[1]
+        if self.masks is not None:  # on the host: they stay out of the device's peak memory figure
+            self.masks.append(mask.to("cpu", non_blocking=False))
         return block_sparse_attention(q, k, v, mask, return_lse=False)[0]
 
     @property
     def density(self) -> float:
         return self.selected / self.total
+
+
+class MaskReplay:
+    """Single-device NABLA attention on given tile masks, the i-th call on the i-th mask: the compiled blocks run on
+    the eager reference's masks, so comparing the outputs checks the compiled kernel, not the mask selection.
+
+    With random weights the pooled attention is near uniform, and a last-bit difference in q or k between inductor
+    and eager moves tiles across the top-CDF boundary: a compiled forward on its own masks can differ from the eager
+    one by more than any kernel error. Each call also computes the mask the compiled code selects from its own q, k
+    (nabla_mask, as LocalAttention does) and counts the tiles where it equals the replayed one: ``agreement``.
+    """
+
+    def __init__(self, spec: NablaSpec, masks: list[torch.Tensor]):
+        self.nabla, self.masks, self.calls, self.equal, self.total = spec, masks, 0, 0, 0
+
+    @torch.compiler.disable
+    def _take(self, own: torch.Tensor) -> torch.Tensor:
+        """The next replayed mask (eager: a graph break, so no compiled graph guards on the call count)."""
+        if self.calls >= len(self.masks):
+            raise RuntimeError(f"MaskReplay: call {self.calls + 1} but only {len(self.masks)} masks were recorded")
+        mask = self.masks[self.calls].to(own.device)
+        if own.shape != mask.shape:
+            raise RuntimeError(f"MaskReplay: call {self.calls + 1} selects a {tuple(own.shape)} mask, "
+                               f"the recorded one is {tuple(mask.shape)}")
+        self.calls += 1
+        self.equal += int((own == mask).sum())
+        self.total += mask.numel()
+        return mask
+
+    def __call__(self, q, k, v, grid: TokenGrid):
+        own = nabla_mask(q, k, self.nabla, *grid.blocks)
+        return block_sparse_attention(q, k, v, self._take(own), return_lse=False)[0]
+
+    @property
+    def agreement(self) -> float:
+        """Fraction of the tiles (every call, head and tile pair) where the own mask equals the replayed one."""
+        return self.equal / self.total
 
 
 # ---- parallel layouts -------------------------------------------------------------------------------------------
@@ -235,12 +276,13 @@ def load_model(args, cfg: DiTConfig, dtype, device) -> tuple[Kandinsky5DiT, Path
 
 
 @torch.no_grad()
-def reference_forward(dit: Kandinsky5DiT, forward) -> tuple[torch.Tensor, dict | None]:
+def reference_forward(dit: Kandinsky5DiT, forward, keep_masks: bool = False):
     """One device, eager, default attention backend: the output every other path (diffusers, the parallel layout,
-    the compiled fast path) must match, and with NABLA the density of the masks this forward selected."""
+    the compiled fast path) must match; with NABLA the density of the masks this forward selected, and with
+    ``keep_masks`` the masks themselves (one per visual block, for MaskReplay). Returns (out, info, masks)."""
     if dit.nabla is None:
-        return forward(), None
-    probe = DensityProbe(dit.nabla)
+        return forward(), None, None
+    probe = DensityProbe(dit.nabla, keep=keep_masks)
     local, dit.visual_attention = dit.visual_attention, probe
     try:
         out = forward()
@@ -248,7 +290,22 @@ def reference_forward(dit: Kandinsky5DiT, forward) -> tuple[torch.Tensor, dict |
         dit.visual_attention = local
     s = dit.nabla
     return out, {"density": probe.density, "sta_density": probe.sta / probe.total, "P": s.P,
-                 "wT_wH_wW": [s.wT, s.wH, s.wW]}
+                 "wT_wH_wW": [s.wT, s.wH, s.wW]}, probe.masks
+
+
+@torch.no_grad()
+def compiled_on_reference_masks(dit: Kandinsky5DiT, forward, masks: list[torch.Tensor]):
+    """The compiled forward with every visual block on the eager reference's NABLA masks (MaskReplay).
+    Returns (out, fraction of tiles where the compiled code's own selection equals the reference's)."""
+    replay = MaskReplay(dit.nabla, masks)
+    local, dit.visual_attention = dit.visual_attention, replay
+    try:
+        out = forward()
+    finally:
+        dit.visual_attention = local
+    if replay.calls != len(masks):
+        raise RuntimeError(f"MaskReplay: {replay.calls} calls for {len(masks)} recorded masks")
+    return out, replay.agreement
 
 
 @torch.no_grad()
@@ -303,8 +360,12 @@ def run_dit(args) -> dict:
         "world_size": world_size, "layout": layout or {"single": 1}, "compile": args.compile,
         "attention_backend": args.attention_backend, "warmup": args.warmup, "repeat": args.repeat,
     }}
+    step_repeat = args.repeat if args.step_repeat is None else args.step_repeat
+    result["config"]["step_repeat"] = step_repeat
     checks, timing = {}, {}
-    reference, nabla_info = reference_forward(dit, forward)
+    # A compiled single-device NABLA run is checked on the reference's own masks (MaskReplay): keep them.
+    replay = nabla and args.compile and dims is None
+    reference, nabla_info, ref_masks = reference_forward(dit, forward, keep_masks=replay)
     density = nabla_info["density"] if nabla else 1.0
     if nabla_info:
         result["nabla"] = nabla_info
@@ -316,12 +377,37 @@ def run_dit(args) -> dict:
     stats, guided = apply_layout(dit, dims, device) if dims else (None, guided_velocity)
     result["config"]["attention_backend"] = fast.use_attention_backend(args.attention_backend, device, dtype,
                                                                        cfg.head_dim)
+    count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
+    result["flops"] = {k: v / 1e12 for k, v in count.as_dict().items()} | {"unit": "TFLOP per forward"}
+    result["timing"], result["checks"] = timing, checks
+
+    def memory() -> None:  # after each timing; every rank calls it (the figure is gathered)
+        peak, peak_kind = peak_memory_bytes(device)
+        result["memory"] = {"peak_gib_per_rank": [round(b / 2**30, 3) for b in all_ranks(peak, device)],
+                            "kind": peak_kind}
+
+    def record(stage: str | None) -> None:
+        """Save what is measured so far (a run killed at its time cap keeps it); ``stage`` says what is still
+        missing, None when the DiT measurement is complete."""
+        result["env"] = report.environment(device, args.argv) | {"load_avg_at_start": args.load_at_start}
+        result["unstable"] = unstable_series(result)
+        if stage:
+            result["incomplete"] = stage
+        else:
+            result.pop("incomplete", None)
+        save(args, result)
+
     if args.compile:
         fast.compile_blocks(dit)
     with torch.no_grad():
         if stats is not None or args.compile:
-            key = "layout_rel_err" if stats is not None else "compiled_rel_err"
-            checks[key] = rel_err(forward().float(), reference.float())  # also the compile's first (untimed) call
+            err = rel_err(forward().float(), reference.float())  # also the compile's first (untimed) call
+            if stats is not None:
+                checks["layout_rel_err"] = err
+            elif replay:  # its own masks: tiles can flip at the top-CDF boundary; informative, not the check
+                result["nabla"]["compiled_own_masks_rel_err"] = err
+            else:
+                checks["compiled_rel_err"] = err
 
         def step():
             v = guided(lambda x, tt, c: dit(x, c.embeds, c.pooled, tt), inp, t, cond, uncond, GUIDANCE)
@@ -339,7 +425,37 @@ def run_dit(args) -> dict:
                 timing["diffusers_backend"] = peer.backend
             else:
                 fwd = slowest(fast.time_calls(forward, device, args.warmup, args.repeat, barrier), device)
-            stp = slowest(fast.time_calls(step, device, min(args.warmup, 1), args.repeat, barrier), device)
+        s_fwd = median(fwd)
+        peak_tflops = measure_peak(args, dtype, device)
+        # A forward runs on world/cfg devices (each CFG half does its own); a step (2 forwards) on all of them.
+        achieved = count.total / s_fwd / 1e12 / (world_size // (dims.cfg if dims else 1))
+        timing.update({
+            "s_per_forward": s_fwd, "s_per_forward_min": min(fwd), "forward_runs_s": fwd,
+            "forward_s": fast.spread(fwd), "visual_tokens_per_s": tokens / s_fwd,
+            "tflop_per_forward": count.total / 1e12, "tflops_per_device": achieved,
+            "peak_tflops_per_device": peak_tflops, "mfu": achieved / peak_tflops,
+        })
+        if peer is not None:
+            # Three views of one comparison (the runs alternate ours, theirs, ours, ...): medians; the fastest run
+            # of each (the least disturbed on a shared machine); and the median ratio of back-to-back pairs.
+            pf = timing["diffusers_runs_s"]
+            timing["ours_over_diffusers"] = s_fwd / timing["diffusers_s_per_forward"]
+            timing["ours_over_diffusers_min"] = min(fwd) / min(pf)
+            timing["ours_over_diffusers_paired"] = median([a / b for a, b in zip(fwd, pf)])
+        memory()
+        left = ["the step timing"] * (step_repeat > 0) + ["the check on the reference's masks"] * replay
+        record("forward timed; not yet: " + ", ".join(left) if left else None)
+
+        if step_repeat > 0:
+            with fast.no_recompile() if args.compile else contextlib.nullcontext():
+                stp = slowest(fast.time_calls(step, device, min(args.warmup, 1), step_repeat, barrier), device)
+            s_step = median(stp)
+            timing.update({"s_per_step": s_step, "s_per_step_min": min(stp), "step_runs_s": stp,
+                           "step_s": fast.spread(stp),
+                           "step_tflops_per_device": 2 * count.total / s_step / 1e12 / world_size})
+            memory()
+            if replay:
+                record("forward and step timed; not yet: the check on the reference's masks")
         if stats is not None:
             stats.reset()
             forward()
@@ -347,43 +463,22 @@ def run_dit(args) -> dict:
             stats.reset()
             step()
             sent_step = stats.summary()
-        peak, peak_kind = peak_memory_bytes(device)
+            result["comm_bytes_per_rank"] = {"forward": sent_forward, "step": sent_step}
+        if replay:
+            # After the timings (a second compile: the blocks on another attention op), so a run killed at its cap
+            # during it keeps them.
+            out, agreement = compiled_on_reference_masks(dit, forward, ref_masks)
+            checks["compiled_rel_err"] = rel_err(out.float(), reference.float())
+            result["nabla"]["compiled_mask_agreement"] = agreement
+            ref_masks.clear()
 
     if args.profile:
         fns = {"ours": forward}
         if peer is not None:
             fns["diffusers"] = lambda: peer.forward(*inputs)
         result["profile"] = {name: profile_ops(fn, device) for name, fn in fns.items()}
-    count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
-    s_fwd, s_step = median(fwd), median(stp)
-    peak_tflops = measure_peak(args, dtype, device)
-    # A forward runs on world/cfg devices (each CFG half does its own); a step (2 forwards) on all of them.
-    achieved = count.total / s_fwd / 1e12 / (world_size // (dims.cfg if dims else 1))
-    timing.update({
-        "s_per_forward": s_fwd, "s_per_step": s_step, "s_per_forward_min": min(fwd), "s_per_step_min": min(stp),
-        "forward_runs_s": fwd, "step_runs_s": stp, "forward_s": fast.spread(fwd), "step_s": fast.spread(stp),
-        "visual_tokens_per_s": tokens / s_fwd, "tflop_per_forward": count.total / 1e12,
-        "tflops_per_device": achieved, "step_tflops_per_device": 2 * count.total / s_step / 1e12 / world_size,
-        "peak_tflops_per_device": peak_tflops, "mfu": achieved / peak_tflops,
-    })
-    if peer is not None:
-        # Three views of one comparison (the runs alternate ours, theirs, ours, ...): medians; the fastest run of
-        # each (the least disturbed on a shared machine); and the median ratio of back-to-back pairs.
-        pf = timing["diffusers_runs_s"]
-        timing["ours_over_diffusers"] = s_fwd / timing["diffusers_s_per_forward"]
-        timing["ours_over_diffusers_min"] = min(fwd) / min(pf)
-        timing["ours_over_diffusers_paired"] = median([a / b for a, b in zip(fwd, pf)])
-    result["flops"] = {k: v / 1e12 for k, v in count.as_dict().items()} | {"unit": "TFLOP per forward"}
-    result["timing"] = timing
-    result["checks"] = checks
-    result["memory"] = {"peak_gib_per_rank": [round(b / 2**30, 3) for b in all_ranks(peak, device)],
-                        "kind": peak_kind}
-    if stats is not None:
-        result["comm_bytes_per_rank"] = {"forward": sent_forward, "step": sent_step}
-    result["env"] = report.environment(device, args.argv)
-    result["unstable"] = unstable_series(result)
     # The DiT measurement is done: written now, so a later extra that fails or runs out of time loses nothing.
-    save(args, result)
+    record(None)
     if args.vae != "none":
         result["vae"] = extra(time_vae, args, grid, device)
     if args.xfuser:
@@ -570,6 +665,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-warmup", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--step-repeat", type=int, default=None,
+                   help="timed denoising steps (default: --repeat; 0: no step timing)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one forward (and the peer's)")
     p.add_argument("--peak-tflops", default="measure", help="peak for MFU in TFLOP/s, or 'measure' (matmul bench)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK if available)")
@@ -611,12 +708,15 @@ def summary_line(r: dict) -> str:
     t = r["timing"]
     f = t["forward_s"]
     line = (f"{r['name']}: {t['s_per_forward']:.4f} s/forward (min {f['min']:.4f}, max {f['max']:.4f}), "
-            f"{t['s_per_step']:.4f} s/step, "
-            f"{t['tflops_per_device']:.3g} TFLOP/s/device (MFU {t['mfu']:.1%})")
+            + (f"{t['s_per_step']:.4f} s/step, " if "s_per_step" in t else "no step timed, ")
+            + f"{t['tflops_per_device']:.3g} TFLOP/s/device (MFU {t['mfu']:.1%})")
     if "ours_over_diffusers" in t:
         line += (f", ours/diffusers {t['ours_over_diffusers']:.3f} (fastest runs {t['ours_over_diffusers_min']:.3f}, "
                  f"paired {t['ours_over_diffusers_paired']:.3f})")
     checks = [f"{k} {v:.2e}" for k, v in r["checks"].items() if isinstance(v, float)]
+    if isinstance(r.get("nabla"), dict) and "compiled_mask_agreement" in r["nabla"]:
+        checks.append(f"compiled masks equal to the eager ones on {r['nabla']['compiled_mask_agreement']:.2%} of "
+                      f"tiles")
     return line + (f"; {', '.join(checks)}" if checks else "") + flag
 
 
@@ -625,6 +725,7 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     args.argv = argv
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # env's load is read at the end, this run included
+    args.load_at_start = load_at_start
     created = setup(args)
     try:
         with nabla_backend(args.nabla_kernel):

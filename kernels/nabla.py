@@ -262,10 +262,14 @@ def block_sparse_attention(q, k, v, block_mask, return_lse: bool = True):
     return out.to(q.dtype), lse
 
 
-def nabla_attention(q, k, v, spec, T, Hb, Wb):
-    """Single-device NABLA self-attention on fractal-ordered q, k, v [B, T*Hb*Wb*64, H, D] -> out (q.dtype)."""
+def nabla_mask(q, k, spec, T, Hb, Wb):
+    """The tile mask single-device NABLA selects for fractal-ordered q, k [B, T*Hb*Wb*64, H, D]: bool [B, H, nb, nb]."""
     if q.shape[1] != T * Hb * Wb * BLOCK:
         raise ValueError(f"nabla_attention: sequence {q.shape[1]} != T*Hb*Wb*64 = {T}*{Hb}*{Wb}*64")
     sta = _sta_cached(T, Hb, Wb, spec.wT, spec.wH, spec.wW, q.device)
-    mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, spec.P)
-    return block_sparse_attention(q, k, v, mask, return_lse=False)[0]
+    return nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, spec.P)
+
+
+def nabla_attention(q, k, v, spec, T, Hb, Wb):
+    """Single-device NABLA self-attention on fractal-ordered q, k, v [B, T*Hb*Wb*64, H, D] -> out (q.dtype)."""
+    return block_sparse_attention(q, k, v, nabla_mask(q, k, spec, T, Hb, Wb), return_lse=False)[0]

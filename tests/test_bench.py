@@ -137,6 +137,120 @@ def test_results_carry_their_spread_and_go_to_a_scratch_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["spread.json"]  # --json-only: no Markdown beside it
 
 
+def test_a_run_stopped_after_the_forward_timing_keeps_it(tmp_path, monkeypatch):
+    """The JSON is written once the forward is timed: a run killed later (its time cap) leaves the forward's
+    figures on disk, marked incomplete; the finished run drops the mark."""
+    from bench import fast
+
+    calls, real = [], fast.time_calls
+
+    def killed_at_the_step(fn, *args, **kwargs):
+        calls.append(fn)
+        if len(calls) == 2:  # the first timing is the forward's, the second the CFG step's
+            raise KeyboardInterrupt("killed at its cap")
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "time_calls", killed_at_the_step)
+    common = ["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--vae", "none",
+              "--out", str(tmp_path), "--json-only", *FAST]
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--name", "cut"])
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert cut["timing"]["s_per_forward"] > 0 and "s_per_step" not in cut["timing"]
+    assert "step" in cut["incomplete"] and cut["flops"]["total"] > 0 and cut["env"]["device_type"] == "cpu"
+    monkeypatch.setattr(fast, "time_calls", real)
+    done = main([*common, "--name", "done", "--step-repeat", "2"])
+    saved = json.loads((tmp_path / "done.json").read_text())
+    assert "incomplete" not in saved and len(saved["timing"]["step_runs_s"]) == 2
+    assert saved["timing"] == done["timing"] and len(saved["timing"]["forward_runs_s"]) == 1
+
+
+def test_mask_replay_runs_the_given_masks_and_counts_agreement():
+    """MaskReplay attends on the recorded masks, not on what it would select itself, and counts where the two agree;
+    it refuses a call beyond the recorded masks."""
+    import torch
+
+    from bench.run import MaskReplay
+    from k5.engine.dit import TokenGrid
+    from k5.kernels.nabla import NablaSpec, block_sparse_attention, nabla_mask
+
+    g = torch.Generator().manual_seed(0)
+    grid = TokenGrid(2, 16, 16, fractal=True)  # 2 x 2 x 2 tiles of 64 tokens
+    q, k, v = (torch.randn(1, 512, 2, 8, generator=g) for _ in range(3))
+    spec = NablaSpec(P=0.1)
+    own = nabla_mask(q, k, spec, *grid.blocks)
+    given = torch.eye(8, dtype=torch.bool).expand(1, 2, 8, 8).clone()  # each query tile on itself only
+    replay = MaskReplay(spec, [given])
+    out = replay(q, k, v, grid)
+    assert torch.equal(out, block_sparse_attention(q, k, v, given, return_lse=False)[0])
+    assert not torch.allclose(out, block_sparse_attention(q, k, v, own, return_lse=False)[0])
+    assert replay.agreement == pytest.approx((own == given).float().mean().item()) and replay.agreement < 1
+    with pytest.raises(RuntimeError, match="only 1 masks"):
+        replay(q, k, v, grid)
+
+
+@pytest.mark.timeout(900)  # a torch.compile of the tiny blocks with FlexAttention on the CPU: a minute or more
+def test_compiled_nabla_is_checked_on_the_reference_masks():
+    """The compiled blocks run each visual block on its replayed mask (the i-th call on the i-th mask, under
+    torch.compile too): given other masks than the reference's, the compiled output is the eager output on those
+    masks, and the agreement it counts is the eager replay's."""
+    import torch
+
+    from bench.run import MaskReplay, compiled_on_reference_masks, make_inputs, random_dit, reference_forward, rel_err
+    from k5.engine import compile as k5_compile
+    from k5.engine.sampler import model_input
+    from k5.kernels.nabla import nabla_backend
+
+    torch.manual_seed(0)
+    dit = random_dit(TINY, torch.float32, torch.device("cpu"), 0)
+    dit.set_attention("nabla", 0.1)
+    grid = flops.latent_grid(512, 512, 9, TINY.patch_size)  # 3 x 4 x 4 tiles
+    state, cond, _, t = make_inputs(TINY, grid, 16, torch.device("cpu"), 1)
+    x = model_input(state, TINY.visual_cond, None)
+    forward = lambda: dit(x, cond.embeds, cond.pooled, t)  # noqa: E731
+    with nabla_backend("flex"), torch.no_grad():
+        ref, info, masks = reference_forward(dit, forward, keep_masks=True)
+        assert len(masks) == TINY.num_visual_blocks and info["density"] < 0.6
+        # Other masks for every block: each query tile also on the next key tile (different per block and head).
+        other = [m | torch.roll(m, i + 1, -1) for i, m in enumerate(masks)]
+        assert all(not torch.equal(a, b) for a, b in zip(masks, other))
+        eager = MaskReplay(dit.nabla, list(other))
+        local, dit.visual_attention = dit.visual_attention, eager
+        try:
+            want = forward()
+        finally:
+            dit.visual_attention = local
+        assert rel_err(want, ref) > 1e-3  # the masks matter
+        k5_compile.compile_blocks(dit)
+        got, agreement = compiled_on_reference_masks(dit, forward, list(other))
+    assert rel_err(got, want) <= 1e-5
+    assert agreement == pytest.approx(eager.agreement, abs=1e-3) and agreement < 1
+
+
+def test_gpu_script_plans_its_caps_within_the_call():
+    """bash bench/gpu.sh plan: the caps it sums are the ones it prints, and a plan over the call's timeout (or a
+    step name it does not know) stops the script before anything runs."""
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu.sh"
+    run = lambda **env: subprocess.run(["bash", str(script), "plan"], capture_output=True, text=True,  # noqa: E731
+                                       env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+    r = run()
+    assert r.returncode == 0, r.stdout + r.stderr
+    caps = {name: int(s) for name, s in re.findall(r"([a-z0-9-]+) (\d+)(?= \+| =)", r.stdout)}
+    total = int(re.search(r"= (\d+) s;", r.stdout).group(1))
+    assert set(caps) == {"env", "lite-5s-dense", "lite-10s-nabla", "pro-5s-dense", "attention-lite-10s", "cli-tiny"}
+    assert sum(caps.values()) == total
+    whole, call = map(int, re.search(r": (\d+) s of the call's (\d+) s", r.stdout).groups())
+    assert total < whole <= call == 600
+    short = run(CALL_S=str(whole - 1))
+    assert short.returncode == 3 and "does not fit" in short.stdout
+    one = run(ONLY="pro-5s-dense", CALL_S="200")
+    assert one.returncode == 0 and f"= {caps['pro-5s-dense']} s;" in one.stdout
+    assert run(ONLY="pro").returncode == 3
+
+
 @pytest.mark.timeout(1800)  # seven Python processes; minutes on a loaded 2-core machine
 def test_gpu_script_smoke_runs_from_a_plain_copy(tmp_path):
     """bench/gpu.sh smoke, reduced (nothing compiled, diffusers treated as absent as on the bare GPU image), run
