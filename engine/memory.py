@@ -119,16 +119,15 @@ def format_peaks(report: dict) -> str:
 
 def _header_bytes(files, keep=lambda name: True, dtype_bytes: int | None = None) -> int:
     """Bytes of the tensors named in safetensors headers (no data read), at ``dtype_bytes`` per element if given."""
+    from .checkpoint import open_safetensors
+
     total = 0
     for path in files:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        for name, info in header.items():
-            if name == "__metadata__" or not keep(name):
-                continue
-            numel = math.prod(info["shape"])
-            total += numel * (dtype_bytes or _DTYPE_BYTES.get(info["dtype"], 4))
+        with open_safetensors(path) as f:
+            for name in f.keys():
+                if keep(name):
+                    t = f.get_slice(name)
+                    total += math.prod(t.get_shape()) * (dtype_bytes or _DTYPE_BYTES.get(t.get_dtype(), 4))
     return total
 
 
