@@ -350,9 +350,8 @@ class Runtime:
 
 
 def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
-    from k5.parallel.plan import build_parallel
-
     from k5.engine.fastpath import setup_fast_path
+    from k5.parallel.plan import build_parallel
 
     # The resolved checkpoint: components from its root, the DiT from its folder or single file with the config
     # the variant gives it (a NABLA-trained file runs NABLA with the variant's P).
@@ -373,7 +372,6 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
     rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes))
     rt.count_forwards()
     return rt
-
 
 
 @dataclass
