@@ -22,7 +22,7 @@ quiet() {
     echo "load still $(cut -d' ' -f1 /proc/loadavg) after 10 min; running anyway"
 }
 
-bench() { quiet; echo "== $(cut -d' ' -f1-3 /proc/loadavg) | python -m bench $*"; $PY -m bench "$@" --out "$OUT" 2>&1 | grep -v "^There are\|^Attention backends\|UserWarning\|rms_norm("; }
+bench() { quiet; echo "== $(cut -d' ' -f1-3 /proc/loadavg) | python -m k5.bench $*"; $PY -m k5.bench "$@" --out "$OUT" 2>&1 | grep -v "^There are\|^Attention backends\|UserWarning\|rms_norm("; }
 
 LITE2=(--model lite --blocks 2 --height 512 --width 512 --frames 9)  # 3072 visual + 256 text tokens
 
@@ -48,8 +48,8 @@ if [[ $WHAT == all || $WHAT == scaling ]]; then
     bench "${LITE2[@]}" --dtype fp32 --threads 1 --vae none --warmup 1 --repeat 3
     for lay in "--ulysses 2" "--ring 2" "--cfg 2" "--tp 2"; do
         quiet
-        echo "== torchrun --nproc_per_node=2 -m bench ${LITE2[*]} $lay"
-        $PY -m torch.distributed.run --nproc_per_node=2 -m bench "${LITE2[@]}" $lay --dtype fp32 --threads 1 \
+        echo "== torchrun --nproc_per_node=2 -m k5.bench ${LITE2[*]} $lay"
+        $PY -m torch.distributed.run --nproc_per_node=2 -m k5.bench "${LITE2[@]}" $lay --dtype fp32 --threads 1 \
             --vae none --warmup 1 --repeat 3 --out "$OUT" 2>&1 | grep -v "^W1\|^\*\*\*\|OMP_NUM_THREADS\|^There are"
     done
 fi
@@ -64,4 +64,4 @@ if [[ $WHAT == all || $WHAT == seqlen ]]; then
     done
 fi
 
-$PY -m bench plot --results "$OUT" --out "$OUT"
+$PY -m k5.bench plot --results "$OUT" --out "$OUT"

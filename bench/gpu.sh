@@ -7,7 +7,7 @@
 #                                                        # image has none: without them the diffusers peer, the real
 #                                                        # VAE decode and the CLI step are skipped and say so)
 #   on the GPU:             device run: command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600
-#   afterwards here:        cp <files_at>/*.json bench/results/ && python -m bench project --model lite \
+#   afterwards here:        cp <files_at>/*.json bench/results/ && python -m k5.bench project --model lite \
 #                               --from bench/results/lite-5s-dense.json --out bench/results   (and the same for pro)
 #   plumbing check, CPU:    bash bench/gpu.sh smoke      # the same steps at tiny shapes, results in a temp folder
 #   the time plan:          bash bench/gpu.sh plan       # each step's cap, their sum, and whether it fits the call
@@ -106,8 +106,8 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 echo "== checkout $REPO -> $OUTDIR"
 $PY - "$REPO" <<'EOF' || { echo "!! k5 does not import from this checkout"; exit 1; }
 import os, sys
-import k5.engine, k5.kernels, k5.parallel
-here = os.path.realpath(k5.engine.__file__)
+import k5.engine.dit, k5.kernels.attention, k5.parallel.mesh
+here = os.path.realpath(k5.engine.dit.__file__)  # engine/ is a namespace portion: no __file__ of its own
 assert here.startswith(os.path.realpath(sys.argv[1]) + os.sep), f"k5.engine comes from {here}, not this checkout"
 print("k5 from", os.path.dirname(os.path.dirname(here)))
 EOF
@@ -161,7 +161,7 @@ step() {  # name command...: runs under its own timeout, never stops the script
 }
 bench() {  # name bench-arguments...
     local name=$1; shift
-    step "$name" $PY -m bench "$@" "${DEVARG[@]}" --peak-tflops "$PEAK" --out "$OUTDIR" --name "$name" --json-only
+    step "$name" $PY -m k5.bench "$@" "${DEVARG[@]}" --peak-tflops "$PEAK" --out "$OUTDIR" --name "$name" --json-only
 }
 
 echo "== 1. environment, matrix peak, dense attention kernels"
@@ -169,7 +169,7 @@ plan_line
 PEAK=
 begin env && PEAK=$(timeout --kill-after=5 "$CAP" $PY - "$DEV" "$OUTDIR/env.json" <<EOF | tail -1
 import json, sys, torch
-from bench import fast, report
+from k5.bench import fast, report
 device = torch.device(sys.argv[1])
 env = report.environment(device, ["gpu.sh", "env"])
 env["diffusers_importable"] = "$PEER" == "diffusers"

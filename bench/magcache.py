@@ -1,8 +1,8 @@
 """MagCache: DiT forwards and denoising time per video with and without it, for a catalogue preset.
 
-    python -m bench magcache                                    # Lite sft 5 s preset, Lite widths, 4 blocks, CPU size
-    python -m bench magcache --model tiny --repeat 1 --no-save  # the smoke run of tests/test_bench_magcache.py
-    python -m bench magcache --model lite --height 512 --width 768 --frames 121 --dtype bf16   (a GPU: the real size)
+    python -m k5.bench magcache                                    # Lite sft 5 s preset, Lite widths, 4 blocks, CPU size
+    python -m k5.bench magcache --model tiny --repeat 1 --no-save  # the smoke run of tests/test_bench_magcache.py
+    python -m k5.bench magcache --model lite --height 512 --width 768 --frames 121 --dtype bf16   (a GPU: the real size)
 
 One "video" is the whole sampler run of the preset (its steps, guidance, shift) through the step chain, as
 ``Kandinsky5Pipeline.generate`` runs it: with ``MagCache(the preset's ratios)`` in the chain, and without. Text
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: bench/magcache.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file, its folder on sys.path would shadow installed modules
+    sys.exit("bench/magcache.py is a module of k5.bench: run `python -m k5.bench ...` or `k5 bench ...`")
 
-from bench import fast, flops, report
-from bench.run import DTYPES, make_inputs, model_config, random_dit
+from k5.bench import fast, flops, report
+from k5.bench.run import DTYPES, make_inputs, model_config, random_dit
 from k5.engine.magcache import MagCache, forwards
 from k5.engine.pipeline import rope_scale
 from k5.engine.sampler import initial_noise, sample, uses_cfg
@@ -153,7 +153,7 @@ def run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench magcache", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m k5.bench magcache", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="t2v-lite-sft-5s", help="catalogue variant: steps, guidance, shift, ratios")
     p.add_argument("--model", default="lite", help="DiT widths: tiny, lite, pro, ... (bench.run.model_config)")
     p.add_argument("--blocks", type=int, default=None,

@@ -1,6 +1,6 @@
 """Plots of the bench results: seconds per step against world size, and against sequence length (dense vs NABLA).
 
-    python -m bench plot [--results bench/results] [--out DIR]
+    python -m k5.bench plot [--results bench/results] [--out DIR]
 
 Reads every DiT run's JSON in the folder; runs that differ only in world size (or only in resolution) form one
 line. Writes step_vs_world.png and step_vs_tokens.png beside them.
@@ -101,13 +101,13 @@ def plot(folder: Path, out: Path | None = None) -> list[Path]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench plot")
+    p = argparse.ArgumentParser(prog="python -m k5.bench plot")
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"),
                    help="folder of result JSONs to plot (default: the committed bench/results)")
     p.add_argument("--out", default=None,
                    help="where the PNGs go (default: a scratch folder; bench/results only when named)")
     args = p.parse_args(argv)
-    from bench.report import SCRATCH
+    from k5.bench.report import SCRATCH
 
     for path in plot(Path(args.results), Path(args.out) if args.out else SCRATCH):
         print(f"wrote {path}")

@@ -1,7 +1,7 @@
 """A PROJECTION (not a measurement) of seconds per denoising step on 1 to 8 GPUs and on several nodes.
 
-    python -m bench project                      # Pro, 5 s and 10 s, SD and HD, 1-32 GPUs, H100 assumptions
-    python -m bench project --from lite-5s-dense.json --from-nabla lite-10s-nabla.json   # measured GPU rates
+    python -m k5.bench project                      # Pro, 5 s and 10 s, SD and HD, 1-32 GPUs, H100 assumptions
+    python -m k5.bench project --from lite-5s-dense.json --from-nabla lite-10s-nabla.json   # measured GPU rates
 
 How it is computed, per denoising step (CFG: two forwards):
 - compute: the analytical FLOPs (flops.py) over per-GPU rates. The visual blocks split over the sequence-parallel
@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import flops, report
+from k5.bench import flops, report
 from k5.engine.config import PRESETS, DiTConfig
 from k5.kernels.nabla import sta_block_mask
 
@@ -226,7 +226,7 @@ def _single_gpu_run(path: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench project", description="Projected (not measured) s/step.")
+    p = argparse.ArgumentParser(prog="python -m k5.bench project", description="Projected (not measured) s/step.")
     p.add_argument("--model", default="pro", choices=list(PRESETS))
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])

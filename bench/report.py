@@ -55,7 +55,7 @@ def environment(device: torch.device, argv: list[str]) -> dict:
         "git_dirty": bool(_git("status", "--porcelain", "--", "bench", "engine", "kernels", "parallel")),
         "command": " ".join(
             ([f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']}"] if "WORLD_SIZE" in os.environ else
-             [sys.executable.rsplit("/", 1)[-1]]) + ["-m bench"] + list(argv)
+             [sys.executable.rsplit("/", 1)[-1]]) + ["-m k5.bench"] + list(argv)
         ),
     }
     if device.type == "cuda":

@@ -1,9 +1,9 @@
 """Time the Kandinsky 5 DiT: forward, denoising step (CFG: 2 forwards), VAE decode; beside diffusers on the same
 weights; one process or under torchrun with any parallel layout.
 
-    python -m bench --model lite --blocks 2 --height 256 --width 256 --frames 17 --dtype fp32 --peer diffusers
-    torchrun --nproc_per_node=2 -m bench --model lite --blocks 2 --height 256 --width 256 --frames 17 --ulysses 2
-    python -m bench attention --frames 121 --height 512 --width 768 --heads 2 --P 0.02   (dense vs NABLA kernels)
+    python -m k5.bench --model lite --blocks 2 --height 256 --width 256 --frames 17 --dtype fp32 --peer diffusers
+    torchrun --nproc_per_node=2 -m k5.bench --model lite --blocks 2 --height 256 --width 256 --frames 17 --ulysses 2
+    python -m k5.bench attention --frames 121 --height 512 --width 768 --heads 2 --P 0.02   (dense vs NABLA kernels)
 
 Every figure is a median over --repeat timed runs after --warmup runs (CUDA events on a GPU; under torchrun each
 repetition is the slowest rank's time, ranks aligned by a barrier). FLOPs are counted analytically (flops.py),
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-if __package__ in (None, ""):  # run as a file: bench/run.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file, its folder on sys.path would shadow installed modules
+    sys.exit("bench/run.py is a module of k5.bench: run `python -m k5.bench ...` or `k5 bench ...`")
 
-from bench import fast, flops, peers, report
+from k5.bench import fast, flops, peers, report
 from k5.engine.checkpoint import keeps_fp32
 from k5.engine.config import PRESETS, DiTConfig
 from k5.engine.dit import Kandinsky5DiT, TokenGrid
@@ -629,7 +629,7 @@ def run_attention(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m k5.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("what", nargs="?", default="dit", choices=["dit", "attention"],
                    help="dit: model forward/step/VAE (default); attention: dense vs NABLA kernels")
     p.add_argument("--model", default="tiny", help="tiny, lite, lite-10s, pro, pro-hd, image-lite or a config.json")

@@ -3,13 +3,12 @@
     k5 generate --model M --prompt "a cat" --output cat.mp4        (= python launch/generate.py ...)
     torchrun --nproc_per_node=8 -m k5 generate --model M ...        (any parallel layout, as generate.py)
     k5 variants [--markdown|--json] [--world-size N]               (the catalogue of official checkpoints)
-    k5 bench [dit|attention|magcache|project|plot] ...             (= python -m bench ...; in a checkout only)
+    k5 bench [dit|attention|magcache|project|plot] ...             (= python -m k5.bench ...; in a checkout only)
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 COMMANDS = {
     "generate": "generate videos: one prompt or a batch job (launch/generate.py; `k5 generate --help`)",
@@ -27,17 +26,11 @@ def usage() -> str:
 
 
 def _bench_module_ready() -> bool:
-    """Whether ``bench`` can be imported: a checkout's bench/ (beside the k5 package), never an installed one."""
+    """Whether ``k5.bench`` can be imported: the bench/ folder of the checkout the k5 package belongs to (bench/ is a
+    namespace portion of k5, found through ``k5.__path__``; it is not part of an installed wheel)."""
     import importlib.util
 
-    import k5
-
-    checkout = Path(k5.__file__).resolve().parents[1]
-    if (checkout / "bench" / "__main__.py").is_file() and (checkout / "pyproject.toml").is_file():
-        if str(checkout) not in sys.path:
-            sys.path.insert(0, str(checkout))
-        return True
-    return importlib.util.find_spec("bench") is not None and importlib.util.find_spec("bench.run") is not None
+    return importlib.util.find_spec("k5.bench") is not None and importlib.util.find_spec("k5.bench.run") is not None
 
 
 def run_bench(argv: list[str]) -> int:
@@ -45,13 +38,13 @@ def run_bench(argv: list[str]) -> int:
 
     if not _bench_module_ready():
         print("error: k5 bench needs a checkout of the k5 repository (the benchmark in bench/ is not part of the "
-              "installed package); clone it and run `k5 bench` or `python -m bench` from its root",
+              "installed package); clone it, install it with ./install.sh and run `k5 bench`",
               file=sys.stderr)
         return EXIT_USAGE
     saved = sys.argv
-    sys.argv = ["k5 bench", *argv]  # bench/__main__.py dispatches on sys.argv, as `python -m bench` gives it
+    sys.argv = ["k5 bench", *argv]  # bench/__main__.py dispatches on sys.argv, as `python -m k5.bench` gives it
     try:
-        runpy.run_module("bench", run_name="__main__", alter_sys=True)
+        runpy.run_module("k5.bench", run_name="__main__", alter_sys=True)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:

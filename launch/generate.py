@@ -20,19 +20,26 @@ loop (k5.launch.job): the same stopping, failure handling, progress, checked wri
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
-import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 if __package__ in (None, ""):  # run as a script (python/torchrun launch/generate.py): use the checkout it is in
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # Python put this script's folder first on sys.path, where launch/'s plain modules (logs, signals, watchdog, ...)
+    # would shadow installed ones of the same name: take it out before anything else is imported. The checkout root
+    # goes on instead: every folder in it is a namespace portion (no __init__.py), which a regular installed package
+    # of the same name always wins over, so only k5 itself is found there.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from k5.launch.channel import exception_text
 from k5.launch.logs import Logs

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `bench`
-
-from bench import flops  # noqa: E402
-from bench.projection import Layout, comm_bytes  # noqa: E402
-from bench.run import TINY, main  # noqa: E402
-from distributed import run_distributed  # noqa: E402
+from k5.bench import flops
+from k5.bench.projection import Layout, comm_bytes
+from k5.bench.run import TINY, main
+from distributed import run_distributed
 
 FAST = ["--warmup", "0", "--repeat", "1", "--peak-tflops", "1", "--threads", "1"]
 
@@ -102,7 +100,7 @@ def test_two_processes_match_one_and_count_bytes(tmp_path):
 
 
 def test_projection_one_gpu_is_the_flop_count_over_the_rates(tmp_path):
-    from bench import projection
+    from k5.bench import projection
 
     r = projection.main(["--shapes", "5s-sd", "--gpus", "1", "8", "16", "--out", str(tmp_path)])
     assert "PROJECTION" in (tmp_path / "projection-pro.md").read_text()
@@ -117,15 +115,15 @@ def test_projection_one_gpu_is_the_flop_count_over_the_rates(tmp_path):
 
 
 def test_results_carry_their_spread_and_go_to_a_scratch_folder(tmp_path):
-    from bench import fast, report
-    from bench.run import parser
+    from k5.bench import fast, report
+    from k5.bench.run import parser
 
     steady, noisy = fast.spread([1.0, 1.1, 1.2]), fast.spread([1.0, 1.1, 1.5])
     assert (steady["min"], steady["median"], steady["max"]) == (1.0, 1.1, 1.2) and not steady["unstable"]
     assert noisy["unstable"] and noisy["max_over_min"] == pytest.approx(1.5)  # max/min > 1.3
     # Nothing is written under the committed bench/results unless it is named.
     assert parser().parse_args([]).out == str(report.SCRATCH)
-    from bench.magcache import parser as magcache_parser  # the README's `bench magcache` example too
+    from k5.bench.magcache import parser as magcache_parser  # the README's `bench magcache` example too
 
     assert magcache_parser().parse_args([]).out == str(report.SCRATCH)
     assert report.RESULTS not in report.SCRATCH.resolve().parents and report.SCRATCH != report.RESULTS
@@ -140,7 +138,7 @@ def test_results_carry_their_spread_and_go_to_a_scratch_folder(tmp_path):
 def test_a_run_stopped_after_the_forward_timing_keeps_it(tmp_path, monkeypatch):
     """The JSON is written once the forward is timed: a run killed later (its time cap) leaves the forward's
     figures on disk, marked incomplete; the finished run drops the mark."""
-    from bench import fast
+    from k5.bench import fast
 
     calls, real = [], fast.time_calls
 
@@ -170,7 +168,7 @@ def test_mask_replay_runs_the_given_masks_and_counts_agreement():
     it refuses a call beyond the recorded masks."""
     import torch
 
-    from bench.run import MaskReplay
+    from k5.bench.run import MaskReplay
     from k5.engine.dit import TokenGrid
     from k5.kernels.nabla import NablaSpec, block_sparse_attention, nabla_mask
 
@@ -196,7 +194,7 @@ def test_compiled_nabla_is_checked_on_the_reference_masks():
     masks, and the agreement it counts is the eager replay's."""
     import torch
 
-    from bench.run import MaskReplay, compiled_on_reference_masks, make_inputs, random_dit, reference_forward, rel_err
+    from k5.bench.run import MaskReplay, compiled_on_reference_masks, make_inputs, random_dit, reference_forward, rel_err
     from k5.engine import compile as k5_compile
     from k5.engine.sampler import model_input
     from k5.kernels.nabla import nabla_backend

@@ -1,17 +1,13 @@
-"""`python -m bench magcache` on the tiny DiT with the Lite sft 5 s preset: the forwards it reports run and
+"""`python -m k5.bench magcache` on the tiny DiT with the Lite sft 5 s preset: the forwards it reports run and
 skipped equal the reference rule (test_magcache.reference_skips, written from magcache_utils.py) and the model's
 own hook counts; the result file holds min / median / max seconds per video of each mode. Times are not checked
 beyond being positive and ordered."""
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `bench`
-
-from bench.magcache import main  # noqa: E402
-from k5.engine.variants import get  # noqa: E402
-from test_magcache import reference_skips  # noqa: E402
+from k5.bench.magcache import main
+from k5.engine.variants import get
+from test_magcache import reference_skips
 
 
 def test_magcache_bench_counts_the_reference_forwards(tmp_path, capsys):

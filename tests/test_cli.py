@@ -172,4 +172,4 @@ def test_installed_wheel_has_the_k5_command(tmp_path):
 
 def test_bench_from_the_k5_command_in_a_checkout():
     r = python("-m", "k5", "bench", "magcache", "--help")
-    assert r.returncode == 0 and "usage: python -m bench magcache" in r.stdout
+    assert r.returncode == 0 and "usage: python -m k5.bench magcache" in r.stdout
