@@ -1,5 +1,6 @@
 """`python -m k5.bench [dit|attention] ...` times the engine; `python -m k5.bench magcache ...` counts and times the DiT
-forwards of a preset with and without MagCache (magcache.py); `python -m k5.bench project|plot ...` post-processes."""
+forwards of a preset with and without MagCache (magcache.py); `python -m k5.bench syncs ...` looks for device-to-host
+syncs in the denoising step on a GPU (syncs.py); `python -m k5.bench project|plot|summary ...` post-processes."""
 
 import sys
 
@@ -11,8 +12,13 @@ if __name__ == "__main__":
         from k5.bench.plot import main
     elif what == "magcache":
         from k5.bench.magcache import main
+    elif what == "syncs":
+        from k5.bench.syncs import main
+    elif what == "summary":
+        from k5.bench.summary import main
     else:
         from k5.bench.run import main
-    if what in ("project", "plot", "magcache"):
+    if what in ("project", "plot", "magcache", "syncs", "summary"):
         sys.argv.pop(1)
-    main()
+    code = main()
+    sys.exit(code if isinstance(code, int) else 0)  # the commands that judge (syncs) return their exit status

@@ -426,14 +426,14 @@ def run_dit(args) -> dict:
             else:
                 fwd = slowest(fast.time_calls(forward, device, args.warmup, args.repeat, barrier), device)
         s_fwd = median(fwd)
-        peak_tflops = measure_peak(args, dtype, device)
+        peak_tflops, peak_source = measure_peak(args, dtype, device)
         # A forward runs on world/cfg devices (each CFG half does its own); a step (2 forwards) on all of them.
         achieved = count.total / s_fwd / 1e12 / (world_size // (dims.cfg if dims else 1))
         timing.update({
             "s_per_forward": s_fwd, "s_per_forward_min": min(fwd), "forward_runs_s": fwd,
             "forward_s": fast.spread(fwd), "visual_tokens_per_s": tokens / s_fwd,
             "tflop_per_forward": count.total / 1e12, "tflops_per_device": achieved,
-            "peak_tflops_per_device": peak_tflops, "mfu": achieved / peak_tflops,
+            "peak_tflops_per_device": peak_tflops, "peak_source": peak_source, "mfu": achieved / peak_tflops,
         })
         if peer is not None:
             # Three views of one comparison (the runs alternate ours, theirs, ours, ...): medians; the fastest run
@@ -509,10 +509,12 @@ def profile_ops(fn, device: torch.device, top: int = 12) -> dict:
             "attention_share": share(("scaled_dot_product", "flash", "attention", "flex")), "top": rows}
 
 
-def measure_peak(args, dtype, device) -> float:
+def measure_peak(args, dtype, device) -> tuple[float, str]:
+    """The matrix peak MFU is computed against, and where it comes from: measured here, or given with
+    --peak-tflops (labelled by --peak-source: measured by the caller on this device, assumed, or just given)."""
     if args.peak_tflops != "measure":
-        return float(args.peak_tflops)
-    return statistics.median(all_ranks(fast.matmul_peak_tflops(dtype, device), device))
+        return float(args.peak_tflops), args.peak_source
+    return statistics.median(all_ranks(fast.matmul_peak_tflops(dtype, device), device)), "measured"
 
 
 def default_name(args, world_size: int, layout: dict, P: float | None) -> str:
@@ -669,6 +671,9 @@ def parser() -> argparse.ArgumentParser:
                    help="timed denoising steps (default: --repeat; 0: no step timing)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one forward (and the peer's)")
     p.add_argument("--peak-tflops", default="measure", help="peak for MFU in TFLOP/s, or 'measure' (matmul bench)")
+    p.add_argument("--peak-source", default="given", choices=["measured", "assumed", "given"],
+                   help="what a --peak-tflops number is, recorded as timing.peak_source: measured (by the caller, "
+                        "on this device), assumed, or given (default); 'measure' records measured")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--seed", type=int, default=0)
@@ -709,7 +714,8 @@ def summary_line(r: dict) -> str:
     f = t["forward_s"]
     line = (f"{r['name']}: {t['s_per_forward']:.4f} s/forward (min {f['min']:.4f}, max {f['max']:.4f}), "
             + (f"{t['s_per_step']:.4f} s/step, " if "s_per_step" in t else "no step timed, ")
-            + f"{t['tflops_per_device']:.3g} TFLOP/s/device (MFU {t['mfu']:.1%})")
+            + f"{t['tflops_per_device']:.3g} TFLOP/s/device (MFU {t['mfu']:.1%}"
+            + ("" if t.get("peak_source") == "measured" else f" of the {t.get('peak_source', 'given')} peak") + ")")
     if "ours_over_diffusers" in t:
         line += (f", ours/diffusers {t['ours_over_diffusers']:.3f} (fastest runs {t['ours_over_diffusers_min']:.3f}, "
                  f"paired {t['ours_over_diffusers_paired']:.3f})")

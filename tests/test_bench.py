@@ -238,7 +238,8 @@ def test_gpu_script_plans_its_caps_within_the_call():
     assert r.returncode == 0, r.stdout + r.stderr
     caps = {name: int(s) for name, s in re.findall(r"([a-z0-9-]+) (\d+)(?= \+| =)", r.stdout)}
     total = int(re.search(r"= (\d+) s;", r.stdout).group(1))
-    assert set(caps) == {"env", "lite-5s-dense", "lite-10s-nabla", "pro-5s-dense", "attention-lite-10s", "cli-tiny"}
+    assert set(caps) == {"env", "lite-5s-dense", "lite-10s-nabla", "pro-5s-dense", "attention-lite-10s",
+                         "host-syncs", "cli-tiny"}
     assert sum(caps.values()) == total
     whole, call = map(int, re.search(r": (\d+) s of the call's (\d+) s", r.stdout).groups())
     assert total < whole <= call == 600
@@ -249,35 +250,205 @@ def test_gpu_script_plans_its_caps_within_the_call():
     assert run(ONLY="pro").returncode == 3
 
 
-@pytest.mark.timeout(1800)  # seven Python processes; minutes on a loaded 2-core machine
-def test_gpu_script_smoke_runs_from_a_plain_copy(tmp_path):
-    """bench/gpu.sh smoke, reduced (nothing compiled, diffusers treated as absent as on the bare GPU image), run
-    from a copy of the checkout that nothing installed: every step writes its JSON, at most 8 files come back,
-    NABLA is really sparse, and a CPU run claims no GPU target."""
+def _gpu_smoke(tmp_path, python=sys.executable, **env_vars):
+    """bash bench/gpu.sh smoke, reduced (nothing compiled, diffusers treated as absent as on the bare GPU image), from
+    a copy of the checkout that nothing installed (``tmp_path/checkout``, made before the call when missing); PYTHON
+    is ``python`` unless that is None. Returns (exit status, log, output folder)."""
     import os
-    import shutil
     import subprocess
+
+    copy = tmp_path / "checkout"
+    if not copy.exists():
+        _copy_checkout(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "K5_GPU_SMOKE_REDUCED": "1", "TMPDIR": str(tmp_path), **env_vars}
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHON", None)
+    if python is not None:
+        env["PYTHON"] = python
+    r = subprocess.run(["bash", str(copy / "bench" / "gpu.sh"), "smoke"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=1700)
+    return r.returncode, r.stdout + r.stderr, out
+
+
+def _copy_checkout(tmp_path) -> Path:
+    import shutil
 
     root = Path(__file__).resolve().parent.parent
     copy = tmp_path / "checkout"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "results", ".whl"))
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "K5_GPU_SMOKE_REDUCED": "1",
-           "TMPDIR": str(tmp_path)}
-    env.pop("PYTHONPATH", None)
-    r = subprocess.run(["bash", str(copy / "bench" / "gpu.sh"), "smoke"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=1700)
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-3000:]
+    return copy
+
+
+@pytest.mark.timeout(1800)  # eight Python processes; minutes on a loaded 2-core machine
+def test_gpu_script_smoke_runs_from_a_plain_copy(tmp_path):
+    """bench/gpu.sh smoke, reduced, from a copy of the checkout that nothing installed: every step writes its JSON,
+    at most 8 files come back, NABLA is really sparse, the peak is measured and says so, the sync check says it
+    measured nothing on a CPU, and a CPU run claims no GPU target."""
+    code, log, out = _gpu_smoke(tmp_path)
+    copy = tmp_path / "checkout"
+    assert code == 0, log[-3000:]
     assert f"k5 from {copy.resolve()}" in log  # the copy's code, not an installed checkout's
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and "FAILED" not in log and "SKIPPED" not in log.replace("cli-tiny SKIPPED", ""), log
     assert {"env.json", "lite-5s-dense.json", "lite-10s-nabla.json", "pro-5s-dense.json", "attention-lite-10s.json",
-            "summary.md", "gpu-log.txt"} <= set(files), files
+            "host-syncs.json", "summary.md", "gpu-log.txt"} <= set(files), files
+    assert "every step finished" in log and "ASSUMED" not in log
+    env = json.loads((out / "env.json").read_text())
+    assert env["matmul_peak_source"] == "measured" and f"bf16 matrix peak: {env['matmul_peak_tflops_bf16']:.3f}" in log
+    for name in ("lite-5s-dense", "lite-10s-nabla", "pro-5s-dense"):
+        timing = json.loads((out / f"{name}.json").read_text())["timing"]
+        assert timing["peak_source"] == "measured"
+        assert timing["peak_tflops_per_device"] == pytest.approx(env["matmul_peak_tflops_bf16"], abs=1e-3)
+    syncs = json.loads((out / "host-syncs.json").read_text())
+    assert [c["case"] for c in syncs["cases"]] == ["tiny 128x128x5 dense", "tiny 256x256x5 nabla P 0.1",
+                                                  "tiny 128x128x5 dense"]
+    assert all(c["syncs"].startswith("not measured on CPU") for c in syncs["cases"])
     nabla = json.loads((out / "lite-10s-nabla.json").read_text())["nabla"]
     assert nabla["density"] < 0.6
     for row in json.loads((out / "attention-lite-10s.json").read_text())["nabla"]:
         assert row["density"] < 0.6 and row["rel_err_vs_masked_dense"] <= 1e-5
     summary = (out / "summary.md").read_text()
     assert "No GPU target is evaluated" in summary and "MET" not in summary
+    assert "measured in this run" in summary and "syncs in one denoising step | not measured on CPU" in summary
+
+
+@pytest.mark.timeout(600)
+def test_gpu_script_names_a_failed_step_goes_on_and_exits_1(tmp_path):
+    """One step made to fail (the copy's matrix-peak measurement raises, so the env step dies before it writes a
+    peak): the script still runs the next step, prints the peak as assumed, writes that into summary.md, names the
+    failed step in its last lines and exits 1. Only two steps run (ONLY), so this takes seconds, not minutes."""
+    copy = _copy_checkout(tmp_path)
+    with open(copy / "bench" / "fast.py", "a") as f:
+        f.write("\n\ndef matmul_peak_tflops(*args, **kwargs):\n"
+                "    raise RuntimeError('broken on purpose by the test')\n")
+    code, log, out = _gpu_smoke(tmp_path, ONLY="env host-syncs")
+    assert code == 1, log[-3000:]
+    assert "!! env FAILED (exit 1)" in log and "broken on purpose by the test" in log
+    assert log.rstrip().endswith("!! 1 step(s) failed (an error, a check that did not pass, a timeout or no time "
+                                 "left):\n!!   env (exit 1)")
+    assert "bf16 matrix peak: ASSUMED 790 TFLOP/s" in log and "env step failed" in log
+    assert "host-syncs FAILED" not in log and (out / "host-syncs.json").exists()  # the later step still ran
+    assert not (out / "env.json").exists()
+    summary = (out / "summary.md").read_text()
+    assert "bf16 matrix peak: ASSUMED 790 TFLOP/s" in summary
+    assert "Steps that failed or timed out: env (exit 1)." in summary
+
+
+@pytest.mark.timeout(300)
+def test_gpu_script_stops_at_once_when_its_python_has_no_torch(tmp_path):
+    """The checkout's .venv python is the default (PYTHON unset); here it is one without torch (site-packages off):
+    one line naming the interpreter and the import error, exit 2, no step run."""
+    copy = _copy_checkout(tmp_path)
+    venv_python = copy / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    venv_python.chmod(0o755)
+    code, log, out = _gpu_smoke(tmp_path, python=None)
+    assert code == 2, log
+    assert f"!! {venv_python} (the checkout's .venv) cannot import torch (ModuleNotFoundError: No module named " \
+           f"'torch')" in log
+    assert "Traceback" not in log and "== 1." not in log and "== env" not in log
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-log.txt"]
+
+
+def test_summary_labels_figures_from_an_assumed_peak(tmp_path):
+    """A DiT run given an assumed peak records it as assumed, and summary.md says so at the peak, at the MFU and at
+    the share of the peak a target needs; the same run labelled measured carries no such word."""
+    from k5.bench.summary import summarize
+
+    main(["--model", "tiny", "--height", "128", "--width", "128", "--frames", "5", "--vae", "none", "--warmup", "0",
+          "--repeat", "1", "--step-repeat", "0", "--threads", "1", "--peak-tflops", "790", "--peak-source", "assumed",
+          "--out", str(tmp_path), "--name", "lite-5s-dense", "--json-only"])
+    path = tmp_path / "lite-5s-dense.json"
+    saved = json.loads(path.read_text())
+    assert saved["timing"]["peak_source"] == "assumed" and saved["timing"]["peak_tflops_per_device"] == 790
+    text = summarize(tmp_path, smoke=False, peak=790, peak_source="assumed", failed=["env (exit 1)"])
+    row = next(line for line in text.splitlines() if line.startswith("| lite-5s-dense forward"))
+    assert "bf16 matrix peak: ASSUMED 790 TFLOP/s" in text and "Steps that failed or timed out: env (exit 1)." in text
+    assert "of the ASSUMED peak" in row and "of an ASSUMED bf16 peak of 790 TFLOP/s (not measured)" in row
+    saved["timing"]["peak_source"] = "measured"
+    path.write_text(json.dumps(saved))
+    text = summarize(tmp_path, smoke=False, peak=790, peak_source="measured", failed=[])
+    row = next(line for line in text.splitlines() if line.startswith("| lite-5s-dense forward"))
+    assert "ASSUMED" not in text and "measured in this run" in text and "of the measured bf16 peak (790 TFLOP/s)" in row
+
+
+def _reads_twice(x):
+    a = x.item()  # site A
+    return a + x.item()  # site B
+
+
+def _fake_sync_checker(monkeypatch) -> dict:
+    """Stand in for torch's sync checker (CUDA only) on the CPU, doing what torch documents for each mode at
+    Tensor.item: raise in "error", warn in "warn". Compiled under a name outside the checkout, as torch's own check
+    is (C++: no Python frame of ours). Returns {"now": the mode in force}."""
+    import warnings
+
+    import torch
+
+    mode = {"now": "default"}
+    fake = {"mode": mode, "item": torch.Tensor.item, "warnings": warnings}
+    exec(compile("def checked_item(t):\n"
+                 "    if mode['now'] == 'error':\n"
+                 "        raise RuntimeError('called a synchronizing CUDA operation')\n"
+                 "    if mode['now'] == 'warn':\n"
+                 "        warnings.warn('called a synchronizing CUDA operation', UserWarning)\n"
+                 "    return item(t)\n", "<torch's sync check>", "exec"), fake)
+    monkeypatch.setattr(torch.Tensor, "item", fake["checked_item"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.update(now=m))
+    return mode
+
+
+def test_sync_check_names_each_sync_by_its_line(monkeypatch):
+    """bench/syncs.py's reporting, on the CPU with a stand-in for torch's checker: the first sync is named by the
+    line of this file that made it, every sync is counted by line, and an error that is not a sync propagates."""
+    import inspect
+
+    import torch
+
+    from k5.bench import syncs
+
+    mode = _fake_sync_checker(monkeypatch)
+    _, first = inspect.getsourcelines(_reads_twice)
+    here = Path(__file__).resolve().relative_to(syncs.ROOT)
+    a = f"{here}:{first + 1} _reads_twice: a = x.item()  # site A"
+    b = f"{here}:{first + 2} _reads_twice: return a + x.item()  # site B"
+    x = torch.ones(())
+    assert syncs.first_sync(lambda: _reads_twice(x)) == a and mode["now"] == "default"
+    assert syncs.every_sync(lambda: [_reads_twice(x) for _ in range(3)]) == {a: 3, b: 3}
+    assert syncs.first_sync(lambda: x.sum()) is None
+    with pytest.raises(RuntimeError, match="not a sync"):
+        syncs.first_sync(lambda: (_ for _ in ()).throw(RuntimeError("not a sync")))
+    assert mode["now"] == "default"
+
+
+def test_sync_check_reports_a_sync_planted_in_the_step(tmp_path, monkeypatch):
+    """The whole check as a GPU runs it (checker on), on the CPU with the stand-in checker: the tiny model's CFG step
+    through the sampler, with and without a sync planted before it. Clean: "none", exit 0. Planted: "found", the
+    planted line named first and counted once, exit 1, the JSON written."""
+    import inspect
+
+    from k5.bench import syncs
+
+    _fake_sync_checker(monkeypatch)
+    monkeypatch.setattr(syncs, "can_check", lambda device: True)
+    args = ["--case", "tiny:128x128x5", "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path)]
+    assert syncs.main(args) == 0
+    clean = json.loads((tmp_path / "host-syncs.json").read_text())
+    assert clean["cases"][0]["syncs"] == "none" and clean["verdict"] == "none in 1 case(s) (measured)"
+
+    real = syncs.sample
+
+    def planted(velocity, noise, *a, **k):
+        noise.sum().item()  # the planted sync
+        return real(velocity, noise, *a, **k)
+
+    monkeypatch.setattr(syncs, "sample", planted)
+    assert syncs.main(args) == 1
+    row = json.loads((tmp_path / "host-syncs.json").read_text())["cases"][0]
+    _, first = inspect.getsourcelines(planted)
+    here = Path(__file__).resolve().relative_to(syncs.ROOT)
+    where = f"{here}:{first + 1} planted: noise.sum().item()  # the planted sync"
+    assert row["syncs"] == "found" and row["first"] == where and row["sites"] == {where: 1}
