@@ -267,7 +267,9 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
     assert all(r["layout"]["dp_group"] == r["item"] % 2 and r["layout"]["dp"] == 2 for r in records)
     by_item = {r["item"]: r for r in records}
     lat = [load_file(out / by_item[i]["files"]["latents"]["name"])["latents"] for i in range(3)]
-    assert torch.equal(lat[0], lat[1])  # same request on the two dp groups, possibly in two runs
+    # Same request on the two dp groups, possibly in two runs: one process each, the same files and threads, so the
+    # same computation.
+    assert torch.equal(lat[0], lat[1])
     assert not torch.equal(lat[0], lat[2])
     # the terminal shows rank 0 only: rank 1's items are in its log, not on the screen
     rank1 = (out / "logs" / "rank1.log").read_text()

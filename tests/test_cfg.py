@@ -110,7 +110,7 @@ def check_cfg_results(results, want, want_v0):
         assert r["log"] == [branch[r["cfg_rank"]]] * STEPS, (rank, r["log"])
         assert rel_err(r["v0"], want_v0) <= 1e-4
         assert rel_err(r["latents"], want) <= 1e-4
-        assert torch.equal(r["latents"], results[0]["latents"])  # identical on every rank
+        assert torch.equal(r["latents"], results[0]["latents"])  # identical on every rank: the same gathered tensors
         assert r["truncated"] == [True, False]  # the prompt's flag reached the half that did not encode it
         assert r["placeholder_nan"]  # the other half's row would poison any accidental use
         if r["seen"] is not None:

@@ -63,7 +63,7 @@ def test_python_m_k5_generate_equals_launch_generate(tmp_path, capsys):
     r2 = python("-m", "k5", "generate", *TINY_ARGS, "--save-latents", b)
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
-    assert torch.equal(load_file(a)["latents"], load_file(b)["latents"])
+    assert torch.equal(load_file(a)["latents"], load_file(b)["latents"])  # one program, same files and threads
     # The launcher's refusals and exit code, under its subcommand's name.
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", *TINY_ARGS, "--num-frames", "6", "--save-latents", str(tmp_path / "c.safetensors")])

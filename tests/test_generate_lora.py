@@ -4,8 +4,10 @@ between items, tensor parallelism, the manifest, resume, and every bad LoRA inpu
 The adapters are made the way a diffusers user makes them: peft's LoRA on diffusers' Kandinsky5Transformer3DModel
 (the tiny checkpoint's own transformer), random non-zero factors on the attention and FFN layers, saved with
 ``KandinskyLoraLoaderMixin.save_lora_weights``. The oracle of a batch job that switches adapters between items is a
-separate run per setting: same process, same threads, fp32, and switching re-reads the base weights, so the latents
-must be equal bit for bit. TP 2 against one process: rel L2 <= 1e-4 (fp32; the sums are split differently).
+separate run per setting: same process, same threads, fp32, and switching re-reads the base weights, so the weights
+are equal bit for bit (test_lora.py); the latents within fp32 rel 1e-5, because a re-read weight keeps the memory
+of the one it replaces (a merged weight's own allocation, where a fresh load has a view into the file) and another
+layout may take another GEMM path. TP 2 against one process: rel L2 <= 1e-4 (fp32; the sums are split differently).
 """
 
 import json
@@ -105,7 +107,8 @@ def test_batch_switching_adapters_equals_separate_runs(tmp_path, capsys, loras, 
     assert main(args) == 0
     err = capsys.readouterr().err
     for name, want in [("a1", "a"), ("b", "b"), ("none", "none"), ("a2", "a")]:
-        assert torch.equal(latents_of(out / f"{name}.safetensors"), separate[want]), name
+        rel = rel_err(latents_of(out / f"{name}.safetensors"), separate[want])
+        assert rel <= 1e-5, f"{name}: batch item vs separate run, fp32 rel err {rel:.1e} > 1e-5 (adapters: > 1e-2)"
     # the base weights are re-read at every change (b, none, a2), never for the first item (loaded with A)
     assert err.count("weights re-read from the checkpoint") == 3, err
 

@@ -84,7 +84,9 @@ def test_without_magcache_latents_are_bit_identical_to_before(tmp_path):
 
     repo = "someone/k5-tiny-finetune"  # no catalogue variant: the built-in defaults and the flags (prompt expansion,
     # on by default for a real model, off: the prompt is encoded as given)
-    env = {**os.environ, "HF_HUB_CACHE": str(fake_hub(tmp_path, repo)), "HF_HUB_OFFLINE": "1"}
+    # Bitwise needs the same computation: the same checkpoint files (so the same weight layout) and, with
+    # OMP_NUM_THREADS, the one intra-op thread of this process (conftest), so that no kernel splits its work otherwise.
+    env = {**os.environ, "HF_HUB_CACHE": str(fake_hub(tmp_path, repo)), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "job"
     r = run_cli("--model", repo, "--prompt", PROMPT, "--height", 64, "--width", 96, "--num-frames", 5, "--steps", 3,
                 "--seed", 2, "--dtype", "fp32", "--no-expand-prompt", "--output-dir", out, "--save-latents", env=env)

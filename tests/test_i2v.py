@@ -150,6 +150,7 @@ def test_i2v_fit_is_the_originals(tmp_path, image_hw, budget, nabla, rule):
     req = Request(prompt="a cat", image=path, height=budget[0], width=budget[1])
     size = frame_size(req, nabla)
     assert size == tuple(want.shape[1:])
+    # Bitwise: the same interpolate call on the same 8-bit values in the same (channels-last) layout, then rounding.
     assert torch.equal(prepare_image(load_image(path), *size), want)
     check_request(req, DiTConfig(visual_cond=True), nabla)  # a fitted size always passes the request checks
 

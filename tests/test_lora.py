@@ -194,8 +194,11 @@ def test_other_layouts_merge_the_same(setup, tmp_path):
     for kind, path in _alt_formats(setup, tmp_path).items():
         ad = lora.open_lora(path, 0.8)
         got = Kandinsky5DiT.from_pretrained(setup["base"], torch.float32, adapters=[ad])
+        # The same factors, read from another file (another alignment of the views the GEMM B @ A reads): equal up to
+        # rounding, as test_merged_lora_gives_diffusers_velocity's fp32 merges.
         for name, p in want.state_dict().items():
-            assert torch.equal(got.state_dict()[name], p), (kind, name)
+            err = rel_err(got.state_dict()[name], p)
+            assert err <= 1e-6, f"{kind} {name}: merged weight vs the diffusers file's, fp32 rel err {err:.1e} > 1e-6"
         assert ad.trigger == ("M1CR0W4V3 r0t4tION, " if kind == "official" else None)
 
 
@@ -207,6 +210,7 @@ def test_switching_restores_base_weights_exactly(setup):
     for step in ["none", "b", "a", "a"]:
         touched = lora.switch_adapters(model, setup["base"], [adapters[step]] if step != "none" else [])
         state = model.state_dict()
+        # Bitwise: the switch merges with the same addmm_ on the same factor views as the fresh load, then copies.
         assert all(torch.equal(state[k], v) for k, v in fresh[step].items()), step
     assert touched == []  # a -> a: nothing to do
     # bf16 weights too: re-read and cast, never "merged minus delta"

@@ -98,6 +98,7 @@ def test_single_file_dit_with_a_components_folder(tmp_path):
     want = Kandinsky5Pipeline.from_pretrained(root, dtype=torch.float32).generate(Request(**REQUEST)).latents
     pipe = Kandinsky5Pipeline.from_resolved(r, dtype=torch.float32)
     assert pipe.root == r.root and not (pipe.root / "transformer").exists()
+    # Bitwise: the single file is a byte copy of the folder's, so its weights have the same layout, the same ops run.
     assert torch.equal(pipe.generate(Request(**REQUEST)).latents, want)
     results = run_distributed(_resolved_worker, 2, r, dict(ulysses=2))
     for res in results:

@@ -18,6 +18,7 @@ from k5.engine.config import PRESETS
 from k5.engine.dit import Kandinsky5DiT
 from k5.engine.resolve import OTHER_COMPONENTS, ResolveError, hub_cache, resolve_model, tiny_variant
 from k5.kernels.nabla import NablaSpec
+from numerics import rel_err
 from test_sharded_load import CFG, build_model, write_checkpoint
 
 LITE_DIFFUSERS = "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-10s-Diffusers"
@@ -211,7 +212,12 @@ def test_configured_single_file_runs_nabla(tmp_path):
         model.set_attention("dense")
         dense = model(*args)
     assert dit.nabla == NablaSpec(P=0.9, wT=11, wH=3, wW=3)
-    assert torch.equal(out, want)
+    loaded = dit.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())  # the weights are read exactly
+    # The loaded weights are views into the file's mapping, the built ones fresh allocations: another memory layout,
+    # which may take another GEMM path (7e-7 apart on some CPUs). Dense attention differs by ~3e-3.
+    err = rel_err(out, want)
+    assert err <= 1e-5, f"from_pretrained vs in-memory DiT, same weights: fp32 rel err {err:.1e} > 1e-5"
     assert not torch.allclose(out, dense)
 
 

@@ -131,7 +131,12 @@ def test_new_style_keys_load_identically(encoder, tiny, tmp_path):
         renamed[k] = v
     save_file(renamed, file, metadata={"format": "pt"})
     other = TextEncoder.from_pretrained(folder, torch_dtype=torch.float32)
-    assert torch.equal(other.encode(PROMPTS).embeds, encoder.encode(PROMPTS).embeds)
+    ours = encoder.qwen.state_dict()
+    assert all(torch.equal(p, ours[k]) for k, p in other.qwen.state_dict().items())  # the same weights, exactly
+    # The rewritten file puts each tensor at another offset, so the loaded views have another alignment: another
+    # GEMM path may round differently.
+    err = rel_err(other.encode(PROMPTS).embeds, encoder.encode(PROMPTS).embeds)
+    assert err <= 1e-5, f"renamed keys vs legacy keys, same weights: fp32 rel err {err:.1e} > 1e-5"
 
 
 @torch.no_grad()
@@ -148,6 +153,8 @@ def test_flat_legacy_config_loads_identically(encoder, tiny, tmp_path):
     path.write_text(json.dumps({**config, **text}))
     other = TextEncoder.from_pretrained(folder, torch_dtype=torch.float32)
     assert other.qwen.config.hidden_size == 32 and len(other.qwen.layers) == 2
+    # Bitwise: the weight file is a byte copy (the same layout) and the code is the same; only the config's form
+    # differs, so any difference is a setting read differently.
     assert torch.equal(other.encode(PROMPTS).embeds, encoder.encode(PROMPTS).embeds)
 
 
@@ -160,7 +167,7 @@ def test_bf16_load(encoder, tiny):
     assert out16.embeds.dtype == torch.bfloat16 and out16.pooled.dtype == torch.float32  # CLIP stays fp32
     n = int(out32.mask[0].sum())
     assert rel_err(out16.embeds[0, :n], out32.embeds[0, :n]) < 5e-2  # bf16 weights, 2 layers: measured 1.9e-2
-    assert torch.equal(out16.pooled, out32.pooled)
+    assert torch.equal(out16.pooled, out32.pooled)  # the same fp32 CLIP from the same file: the same computation
 
 
 @torch.no_grad()

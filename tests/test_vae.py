@@ -48,7 +48,7 @@ def test_decode_equals_library_call():
     frames = wrapped.decode(latents)
     assert frames.shape == (1, 4 * (6 - 1) + 1, 40, 56, 3) and frames.dtype == torch.uint8
     ref = library_frames(vae, latents)
-    assert torch.equal(frames, ref)
+    assert torch.equal(frames, ref)  # the same VAE on the same tensor (vae_input keeps the library's op order)
     # The conversion must not be saturated everywhere, or the comparison above would be vacuous.
     assert 0.2 < (frames > 0).float().mean() < 1.0 and (frames < 255).float().mean() > 0.2
 
@@ -74,7 +74,14 @@ def test_from_pretrained_folder_and_pipeline_layout(tmp_path):
         loaded = VideoVAE.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
         assert loaded.scaling_factor == pytest.approx(0.476986)
         assert loaded.dtype == torch.float32
-        assert torch.equal(loaded.decode(latents), ref)
+        state = vae.state_dict()
+        assert all(torch.equal(p, state[k]) for k, p in loaded.vae.state_dict().items())  # read exactly
+        # The loaded weights are laid out otherwise than the built ones (another GEMM/conv path may round a float
+        # differently), and a float at a .5 boundary then rounds to the next uint8 level: one level, rarely.
+        diff = (loaded.decode(latents).int() - ref.int()).abs()
+        share = (diff > 0).float().mean().item()
+        assert diff.max() <= 1 and share <= 1e-3, (
+            f"loaded vs built VAE, uint8 frames: {int(diff.max())} levels apart (<= 1), {share:.1e} differ (<= 1e-3)")
 
 
 def test_from_pretrained_rejects_other_models(tmp_path):

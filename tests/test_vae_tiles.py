@@ -157,6 +157,7 @@ def test_single_process_without_distributed():
     vae, latents = make(SPATIAL_ONLY, 5)
     frames, stats = parallel_decode(vae, latents)
     assert stats.world_size == 1 and stats.tiles == list(range(stats.num_tiles)) and stats.num_tiles == 6
+    # Bitwise: the library's per-tile calls on the same slices of the same tensor, and an elementwise blend.
     assert torch.equal(frames, VideoVAE(vae, **SMALL_TILES).decode(latents))
     assert "6/6 tiles" in stats.summary()
     # CPU peak = packed tiles + assembled video, fp32. Tiles: 9 frames x (32 + 16 px rows) x (32 + 32 + 8 px cols)
