@@ -185,7 +185,9 @@ def test_t2i_on_an_i2i_checkpoint_gets_zeros(i2i_pipe, monkeypatch):
         assert c["text"].shape[1] == 512  # the "image" template's padded budget
     # negative prompt "" (the image models' default) is the second, unconditional pass
     neg = i2i_pipe.text.encode([""], fmt=IMAGE)
-    torch.testing.assert_close(calls[1]["text"], neg.embeds, atol=1e-6, rtol=0)
+    # a batch of two prompts against the negative alone: another batch size, so another GEMM blocking; fp32 rel 1e-5
+    diff = (calls[1]["text"].float() - neg.embeds.float()).norm() / neg.embeds.float().norm()
+    assert diff <= 1e-5, f"negative prompt embeddings in the batch vs alone: rel {diff:.2e} > 1e-5"
 
 
 def test_decode_matches_diffusers_postprocessing(t2i):
