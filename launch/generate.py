@@ -406,7 +406,7 @@ def validate(args, env: Env) -> Job:
     from k5.engine.image_pipeline import pipeline_class
     from k5.engine.pipeline import Request, check_request
     from k5.launch import images
-    from k5.launch.outputs import check_suffix, check_writable, media_kind, refuse_existing
+    from k5.launch.outputs import check_suffix, check_writable, folder_given, media_kind, refuse_existing
     from k5.launch.prompts import Item, check_image
     from k5.parallel.plan import check_request as check_layout_request
 
@@ -486,6 +486,9 @@ def validate(args, env: Env) -> Job:
     found = dict(resolved=resolved, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios),
                  image=image_model)
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
+    for path, flag in extra:
+        if path.is_dir():
+            raise ValueError(folder_given(path, flag, {"metrics.json": "the summary"}))
     if single:
         from k5.launch.job import OutputFiles
 
