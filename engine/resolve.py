@@ -36,7 +36,8 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 DIFFUSERS_MARKERS = ("model_index.json", "transformer")
 # The built-in tiny models: ``--model`` name -> (engine.tiny.tiny_checkpoint kind, the tasks it runs, its own
 # request defaults: a size a CPU runs in seconds). "tiny-image" is two checkpoints, one per task (kind "t2i" or
-# "i2i", chosen by the task); its images take the buckets' sizes (1024-class: a few thousand tokens, seconds on a CPU).
+# "i2i", chosen by the task); its images take the buckets' sizes (1024-class: 4096 tokens, about 20 s an image with 4
+# steps on two CPU cores).
 TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "num_frames": 9, "steps": 4}),
                "tiny-image": ("by task", ("t2i", "i2i"), {"steps": 4})}
 # model_index.json ``_class_name`` of the diffusers pipelines -> the task of a -Diffusers checkpoint.
