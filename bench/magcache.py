@@ -55,20 +55,45 @@ class ForwardCounter:
         return out
 
 
-def timed_in_turns(fns, device, repeat: int) -> list[tuple[list[float], list[float]]]:
+def timed_in_turns(fns, device, repeat: int, after=None) -> list[tuple[list[float], list[float]]]:
     """(wall seconds, this process's CPU seconds) of each call, the functions in turns (a, b, a, b, ...). On a
     shared CPU the wall time includes waiting for cores that other jobs hold; the process time counts only the
-    cycles this process ran, so it is the steadier measure of the work (1 thread: the compute time)."""
+    cycles this process ran, so it is the steadier measure of the work (1 thread: the compute time).
+    ``after(index of the function, wall seconds)`` runs after each call, outside the timing."""
     out = [([], []) for _ in fns]
     for _ in range(repeat):
-        for fn, (wall, cpu) in zip(fns, out):
+        for i, (fn, (wall, cpu)) in enumerate(zip(fns, out)):
             fast.sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
             fn()
             fast.sync(device)
             wall.append(time.perf_counter() - w0)
             cpu.append(time.process_time() - c0)
+            if after is not None:
+                after(i, wall[-1])
     return out
+
+
+class Announce:
+    """Progress on stderr (stdout keeps only the result): a line as each video ends, and within a video a line
+    whenever ``every_s`` seconds passed since the last one (the default run's videos take a minute or more each on
+    a CPU)."""
+
+    def __init__(self, total: int, steps: int, every_s: float = 30.0):
+        self.total, self.steps, self.every_s, self.done = total, steps, every_s, 0
+        self.last = time.perf_counter()
+
+    def say(self, line: str) -> None:
+        print(f"bench magcache: {line}", file=sys.stderr, flush=True)
+        self.last = time.perf_counter()
+
+    def step(self, i: int) -> None:
+        if time.perf_counter() - self.last >= self.every_s:
+            self.say(f"video {self.done + 1}/{self.total}: step {i + 1}/{self.steps}")
+
+    def __call__(self, what: str, seconds: float) -> None:
+        self.done += 1
+        self.say(f"video {self.done}/{self.total} ({what}) in {seconds:.1f} s")
 
 
 def spread(times: list[float]) -> dict:
@@ -98,23 +123,32 @@ def run(args) -> dict:
 
     cache = MagCache(ratios)
     latents = {}
+    plan = forwards(ratios, steps, guided)
+    per_video = (2 if guided else 1) * steps
+    announce = Announce(2 + 2 * args.repeat, steps)
+    announce.say(f"{variant.name}, {steps} steps, {args.model} widths"
+                 f"{f' ({cfg.num_visual_blocks} visual blocks)' if args.blocks else ''} at {args.height}x"
+                 f"{args.width}x{args.frames} on {device.type}: {announce.total} videos of {per_video} DiT forwards "
+                 f"without MagCache and {plan.run} with it, in turns (one untimed of each first)")
 
     def video(chain, key):
         def go():
             with torch.no_grad():
                 latents[key] = sample(velocity, noise, cond, uncond, steps=steps, guidance_scale=guidance,
-                                      shift=shift, visual_cond=cfg.visual_cond, chain=chain)
+                                      shift=shift, visual_cond=cfg.visual_cond, chain=chain, on_step=announce.step)
         return go
 
     off, on = video([], "off"), video([cache], "on")
     # One untimed video of each first: the counts, and the warm-up.
-    off()
-    counted_off = counter.take()
-    on()
-    counted_on = counter.take()
-    plan = forwards(ratios, steps, guided)
-    (times_off, cpu_off), (times_on, cpu_on) = timed_in_turns([off, on], device, args.repeat)
-    per_video = (2 if guided else 1) * steps
+    counted = {}
+    for fn, mode in ((off, "without"), (on, "with")):
+        t0 = time.perf_counter()
+        fn()
+        announce(f"{mode} MagCache, untimed", time.perf_counter() - t0)
+        counted[mode] = counter.take()
+    counted_off, counted_on = counted["without"], counted["with"]
+    (times_off, cpu_off), (times_on, cpu_on) = timed_in_turns(
+        [off, on], device, args.repeat, after=lambda i, wall: announce(f"{('without', 'with')[i]} MagCache", wall))
 
     tokens = math.prod(grid)
     name = args.name or (f"{'cuda' if device.type == 'cuda' else 'cpu'}-magcache-{variant.name}-{args.model}"

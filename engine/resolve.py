@@ -20,6 +20,7 @@ headers and JSON.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -35,7 +36,8 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 DIFFUSERS_MARKERS = ("model_index.json", "transformer")
 # The built-in tiny models: ``--model`` name -> (engine.tiny.tiny_checkpoint kind, the tasks it runs, its own
 # request defaults: a size a CPU runs in seconds). "tiny-image" is two checkpoints, one per task (kind "t2i" or
-# "i2i", chosen by the task); its images take the buckets' sizes (1024-class: a few thousand tokens, seconds on a CPU).
+# "i2i", chosen by the task); its images take the buckets' sizes (1024-class: 4096 tokens, about 20 s an image with 4
+# steps on two CPU cores).
 TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "num_frames": 9, "steps": 4}),
                "tiny-image": ("by task", ("t2i", "i2i"), {"steps": 4})}
 # model_index.json ``_class_name`` of the diffusers pipelines -> the task of a -Diffusers checkpoint.
@@ -67,6 +69,17 @@ def hub_cache(cache_dir: str | Path | None = None) -> Path:
 def download_hint(repo: str, exclude: str | None = None) -> str:
     extra = f" --exclude '{exclude}'" if exclude else ""
     return f"hf download {repo}{extra}  (older huggingface_hub: huggingface-cli download {repo}{extra})"
+
+
+def closest_repos(repo: str) -> list[str]:
+    """The catalogue's repo ids that a repo id not in it was probably meant to be (a typo: case, a letter, a
+    swapped part), best first; empty for a name unlike all of them, which may well be some other real repo."""
+    known = {r.lower(): r for v in variants.VARIANTS.values() for r in v.repos}
+    if repo in known.values():
+        return []
+    if repo.lower() in known:  # the hub cache's folder names keep the case the repo was created with
+        return [known[repo.lower()]]
+    return [known[m] for m in difflib.get_close_matches(repo.lower(), known, n=3, cutoff=0.8)]
 
 
 def cached_snapshot(repo: str, cache_dir: str | Path | None = None) -> tuple[Path, str] | None:
@@ -192,9 +205,19 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
     path, repo, revision, recognised = Path(model).expanduser(), None, None, None
     if not path.exists():
         if not REPO_ID.match(model):
+            tiny = difflib.get_close_matches(model, TINY_MODELS, n=1, cutoff=0.7)
             raise ResolveError(f"--model {model}: no such file or folder, and not a Hugging Face repo id "
-                               f"(org/name); pass a Kandinsky 5 checkpoint folder, a .safetensors file or a repo id")
+                               f"(org/name); " + (f"did you mean {tiny[0]}? " if tiny else "")
+                               + "pass a Kandinsky 5 checkpoint folder, a .safetensors file, a repo id, "
+                               + " or ".join(TINY_MODELS))
         snap = cached_snapshot(model, cache_dir)
+        close = closest_repos(model.partition("@")[0]) if snap is None else []
+        if close:
+            raise ResolveError(f"--model {model}: no such local path, and no repo of that name in the Hugging Face "
+                               f"cache {hub_cache(cache_dir)}; did you mean {close[0]}"
+                               + (f" (or {', '.join(close[1:])})" if close[1:] else "") + f"? (`k5 variants` "
+                               f"lists the official checkpoints; nothing is downloaded at run time: "
+                               f"{download_hint(close[0])})")
         if snap is None:
             raise ResolveError(f"--model {model}: no such local path, and the repo is not in the Hugging Face cache "
                                f"{hub_cache(cache_dir)} (nothing is downloaded at run time); download it first: "

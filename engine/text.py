@@ -12,6 +12,7 @@ Prompt expansion (engine/expand.py) also needs the lm_head: ``from_pretrained(..
 ``generate`` decodes with the same decoder module (no second copy of the 7B weights).
 """
 
+import contextlib
 import gc
 import json
 import re
@@ -213,6 +214,21 @@ def check_lm_head(folder: str | Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' own progress bars off for the block (its "Loading weights" bar of every from_pretrained, its
+    "Writing model shards" bar of every save): a run shows the launcher's progress, not a library's."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_tokenizer(path: Path, name: str):
     from transformers import AutoTokenizer
 
@@ -285,7 +301,8 @@ class TextEncoder:
             # fp32 whatever torch_dtype is: the original loads CLIP with from_pretrained's default (fp32) next to its
             # bf16 Qwen, and its pooled vector reaches the DiT in fp32 (0.5 GB for ViT-L's text tower; in bf16 the
             # pooled vector is off by ~1e-2 relative).
-            clip = CLIPTextModel.from_pretrained(clip_dir, dtype=torch.float32).to(device)
+            with quiet_progress_bars():
+                clip = CLIPTextModel.from_pretrained(clip_dir, dtype=torch.float32).to(device)
         except Exception as e:  # noqa: BLE001
             raise ValueError(
                 f"component 'text_encoder_2' in {folder}: cannot load CLIPTextModel from {clip_dir}: {e}"

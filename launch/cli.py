@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "generate": "generate videos: one prompt or a batch job (launch/generate.py; `k5 generate --help`)",
+    "generate": "generate videos (MP4) and images (PNG): one prompt or a batch job (`k5 generate --help`)",
     "variants": "the catalogue of official checkpoints and their settings (`k5 variants --help`)",
     "bench": "benchmarks (bench/; only in a checkout of the repository: `k5 bench --help`)",
 }

@@ -2,10 +2,10 @@
 stopped. Video checkpoints make MP4 videos (t2v, i2v); Image Lite checkpoints make PNG images (t2i, i2i: an edit of
 --image / the prompt file's 'image'), the task following the checkpoint (k5.launch.images).
 
-    python launch/generate.py --model M --prompt "a cat" --output cat.mp4
-    python launch/generate.py --model tiny-image --prompt "a cat" --output cat.png
-    torchrun --nproc_per_node=8 launch/generate.py --model M --prompts prompts.jsonl --output-dir out/
-    python launch/generate.py --nproc-per-node 8 --model M ...    # checks the inputs once, then starts 8 workers
+    k5 generate --model M --prompt "a cat" --output cat.mp4
+    k5 generate --model tiny-image --prompt "a cat" --output cat.png
+    torchrun --nproc_per_node=8 -m k5 generate --model M --prompts prompts.jsonl --output-dir out/
+    k5 generate --nproc-per-node 8 --model M ...    # checks the inputs once, then starts 8 workers
 
 With several processes the degrees dp x cfg x ring x ulysses x tp multiply to the world size (one device mesh):
 the visual tokens of every DiT forward are split over ring x ulysses, the weights over tp, the two guidance branches
@@ -73,8 +73,9 @@ def build_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="a Hugging Face repo id from the local cache (kandinskylab/Kandinsky-5.0-...), a checkpoint "
-                        "folder (diffusers layout), an original single-file .safetensors (with --variant), or 'tiny' "
-                        "(built-in random model); required")
+                        "folder (diffusers layout), an original single-file .safetensors (with --variant), 'tiny' "
+                        "(built-in random video model) or 'tiny-image' (built-in random Image Lite pair, t2i and "
+                        "i2i); required")
     p.add_argument("--prompt", default=None, help="one prompt (or give --prompts FILE); default: none")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="batch job: .jsonl (one object per line), .csv with a header, or plain text (one prompt a "
@@ -405,7 +406,7 @@ def validate(args, env: Env) -> Job:
     from k5.engine.image_pipeline import pipeline_class
     from k5.engine.pipeline import Request, check_request
     from k5.launch import images
-    from k5.launch.outputs import check_suffix, check_writable, media_kind, refuse_existing
+    from k5.launch.outputs import check_suffix, check_writable, folder_given, media_kind, refuse_existing
     from k5.launch.prompts import Item, check_image
     from k5.parallel.plan import check_request as check_layout_request
 
@@ -485,6 +486,9 @@ def validate(args, env: Env) -> Job:
     found = dict(resolved=resolved, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios),
                  image=image_model)
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
+    for path, flag in extra:
+        if path.is_dir():
+            raise ValueError(folder_given(path, flag, {"metrics.json": "the summary"}))
     if single:
         from k5.launch.job import OutputFiles
 

@@ -101,8 +101,13 @@ def media_kind(name: str | Path) -> str:
 
 
 def check_suffix(kind: str, path: str | Path, what: str) -> None:
-    """Raise ValueError unless ``path`` has an extension that ``kind`` is written as (``what``: the flag)."""
+    """Raise ValueError unless ``path`` names a file (not an existing folder) with an extension that ``kind`` is
+    written as (``what``: the flag)."""
     spec = OUTPUTS[kind]
+    if Path(path).is_dir():  # before the model is known, the main output may be either medium
+        kinds = MEDIA if kind in MEDIA else (kind,)
+        names = {f"NAME{OUTPUTS[k].suffixes[0]}": ("an " if k[0] in "aeiou" else "a ") + k for k in kinds}
+        raise ValueError(folder_given(path, what, names))
     suffix = Path(path).suffix.lower()
     if suffix not in spec.suffixes:
         right = Path(path).with_suffix(spec.suffixes[0]) if suffix else Path(f"{path}{spec.suffixes[0]}")
@@ -191,9 +196,23 @@ def check_output(kind: str, path: Path, expect: dict) -> str | None:
 
 # ---- before anything runs -----------------------------------------------------------------------------------------
 
+def folder_given(path: str | Path, what: str, names: dict[str, str]) -> str:
+    """The message for a flag that takes a file name but was given an existing folder; ``names``: example file
+    name -> what it is for (said only where there are several)."""
+    if len(names) == 1:
+        example = f"such as {Path(path) / next(iter(names))}"
+    else:
+        example = "(" + ", ".join(f"{Path(path) / name} for {use}" for name, use in names.items()) + ")"
+    job = f", or --output-dir {path} to make it a job folder (files named by the job, a manifest, resume)"
+    return f"{what} {path} is a folder; give a file name {example}" + (job if what == "--output" else "")
+
+
 def refuse_existing(*paths: str | Path | None) -> None:
-    """Raise before any work is done if an output would replace a finished file."""
+    """Raise before any work is done if an output would replace a finished file (or is an existing folder)."""
     for p in paths:
+        if p is not None and Path(p).is_dir():
+            raise FileExistsError(f"output {p} is a folder; give a file name (a new one: finished outputs are never "
+                                  f"overwritten)")
         if p is not None and Path(p).exists():
             raise FileExistsError(f"output {p} already exists; finished outputs are never overwritten: choose "
                                   f"another name or move the old file away")

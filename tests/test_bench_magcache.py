@@ -4,6 +4,7 @@ own hook counts; the result file holds min / median / max seconds per video of e
 beyond being positive and ordered."""
 
 import json
+import re
 
 from k5.bench.magcache import main
 from k5.engine.variants import get
@@ -28,7 +29,13 @@ def test_magcache_bench_counts_the_reference_forwards(tmp_path, capsys):
             s = saved[kind][mode]
             assert 0 < s["min"] <= s["median"] <= s["max"] and len(s["runs"]) == 1
     assert saved["config"]["steps"] == 50 and saved["config"]["guidance_scale"] == 5.0
-    assert "DiT forwards 100 -> 48 (52 skipped)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "DiT forwards 100 -> 48 (52 skipped)" in out
+    # progress on stderr: what runs, then a line per video as it ends (1 untimed of each mode, then --repeat 1 each)
+    assert err.startswith("bench magcache: t2v-lite-sft-5s, 50 steps, tiny widths at 64x64x5 on cpu: 4 videos of "
+                          "100 DiT forwards without MagCache and 48 with it"), err
+    assert re.findall(r"^bench magcache: video (\d)/4 \((\w+) MagCache(, untimed)?\) in [\d.]+ s$", err, re.M) == [
+        ("1", "without", ", untimed"), ("2", "with", ", untimed"), ("3", "without", ""), ("4", "with", "")], err
 
 
 def test_magcache_bench_refuses_a_variant_without_ratios(capsys):

@@ -77,6 +77,7 @@ def test_python_m_k5_generate_equals_launch_generate(tmp_path, capsys):
 def test_k5_usage_and_unknown_command():
     r = python("-m", "k5")
     assert r.returncode == 2 and "usage: k5 COMMAND" in r.stdout
+    assert "  generate  generate videos (MP4) and images (PNG): " in r.stdout, r.stdout
     r = python("-m", "k5", "genrate", "--model", "tiny")
     assert r.returncode == 2 and "unknown command 'genrate'; did you mean `k5 generate`?" in r.stderr
     r = python("-m", "k5", "--version")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,13 @@ def test_tiny_job_writes_playable_mp4_and_latents(tmp_path):
     f = load_file(frames)["frames"]
     assert f.shape == (9, 128, 192, 3) and f.dtype == torch.uint8
     assert "s/step" in r.stderr and "peak memory" in r.stderr
+    # stderr is a pipe here, as in a Slurm log: no bars (neither ours nor a library's), a plain line per tenth of the
+    # steps instead; with 2 steps each step ends a tenth, and the rate needs two step ends
+    assert "\r" not in r.stderr and "Loading weights" not in r.stderr and "denoising" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert [line for line in lines if line.startswith("item 0: step")][:1] == ["item 0: step 1/2 (50%)"], r.stderr
+    assert [re.sub(r"[\d.e+-]+ s/step", "X s/step", line) for line in lines if line.startswith("item 0: step 2/")] == [
+        "item 0: step 2/2 (100%), X s/step"], r.stderr
     # the last line names every file written
     assert r.stderr.strip().splitlines()[-1] == f"done: wrote {out}, {lat}, {frames}; metrics: {metrics}"
     m = json.loads(metrics.read_text())
@@ -55,11 +63,52 @@ def test_tiny_job_writes_playable_mp4_and_latents(tmp_path):
     # on the CPU the default is eager: nothing compiled, nothing recompiled
     assert rank0["compile"] == {"compiled": False, "graphs": 0, "recompiles": 0}
     assert m["files"] == [str(out), str(lat), str(frames), str(metrics)]
+    check_readme_describes_metrics(m)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
     umask = os.umask(0)
     os.umask(umask)
     for p in (out, lat, frames):  # the umask's permissions, not mkstemp's private 0600
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def readme_metrics_fields() -> dict[str, tuple[list[str], str]]:
+    """The README's metrics table: field (``name`` or ``name[]`` for a list of objects) -> (its position, the
+    names written in backticks in its description)."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- metrics fields:")[1].split("\n\n")[0]
+    rows = {}
+    for line in table.splitlines()[3:]:
+        field, what = line.strip("|").split(" | ", 1)
+        for name in re.findall(r"`([^`]+)`", field):
+            rows[name] = re.findall(r"`([a-z_0-9]+)`", what)
+    return rows
+
+
+def check_readme_describes_metrics(doc: dict) -> None:
+    """The README names every field of a real run's metrics.json as written, and the sub-fields of every object (and
+    of the objects in a list) one level down, and of ``times.stages``; and no field that the document does not have.
+    Fields that appear only with a feature (LoRA, prompt expansion, CUDA, several items' kinds) are the exception
+    the other way: named though absent here."""
+    rows = readme_metrics_fields()
+    names = [n.removesuffix("[]") for n in rows]
+    assert names == list(doc), "README metrics table fields (in order) != the JSON's top-level keys"
+    for name, subfields in rows.items():
+        value = doc[name.removesuffix("[]")]
+        if name.endswith("[]"):
+            assert isinstance(value, list) and value and all(isinstance(v, dict) for v in value), name
+            value = value[0]
+        if isinstance(value, dict):
+            missing = [k for k in value if k not in subfields]
+            assert not missing, f"README metrics: {name} does not name {missing}"
+            for k, v in value.items():
+                if isinstance(v, dict):
+                    assert not [s for s in v if s not in subfields], f"README metrics: {name}.{k} misses a field"
+    fixed = {"layout", "items", "times", "dit_forwards"}  # always the same fields: the README names no others
+    for name in fixed:
+        value = doc[name]
+        known = set(value) | {k for v in value.values() if isinstance(v, dict) for k in v}
+        assert set(rows[name]) <= known, f"README metrics: {name} names fields it does not have: " \
+                                         f"{sorted(set(rows[name]) - known)}"
 
 
 def expect_refusal(capsys, tmp_path, *args, match, output="never.mp4"):
@@ -185,6 +234,68 @@ def test_every_flag_has_help_with_its_default():
             continue
         assert action.help, f"{action.option_strings} has no help"
         assert "default" in action.help or "required" in action.help, f"{action.option_strings}: {action.help}"
+
+
+def test_help_names_the_k5_command_and_every_model_kind():
+    from k5.launch.generate import build_parser
+
+    p = build_parser()
+    text = p.format_help()
+    model = next(a for a in p._actions if a.dest == "model")
+    assert "'tiny'" in model.help and "'tiny-image'" in model.help, model.help
+    # the examples use the installed command (the script path works too, and the README's quick start keeps it)
+    assert "launch/generate.py" not in text
+    assert '    k5 generate --model M --prompt "a cat" --output cat.mp4' in text
+    assert "    torchrun --nproc_per_node=8 -m k5 generate --model M" in text
+
+
+def test_a_first_run_loads_no_test_peer_and_draws_no_library_bar(tmp_path):
+    """deepspeed is a test peer: a run must not import it (its import prints "Setting accelerator to CPU"). The first
+    run of a tiny model also writes the checkpoint, through transformers' save_pretrained, which probes for deepspeed;
+    a new K5_TINY_CACHE makes this run the first."""
+    code = ("import sys; from k5.launch.cli import main; code = main(sys.argv[1:]); "
+            "print('deepspeed modules:', sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed')); "
+            "sys.exit(code)")
+    lat = tmp_path / "l.safetensors"
+    r = subprocess.run([sys.executable, "-c", code, "generate", "--model", "tiny", "--prompt", "a cat", "--steps", "1",
+                        "--num-frames", "1", "--save-latents", str(lat)], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300, env={**os.environ, "K5_TINY_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert any((tmp_path / "cache").iterdir()) and lat.exists()  # the checkpoint was built in this run
+    assert "deepspeed modules: []" in r.stdout, r.stdout[:300]
+    assert "Setting accelerator" not in r.stderr and "Loading weights" not in r.stderr, r.stderr
+    assert "item 0: step 1/1 (100%)" in r.stderr.splitlines(), r.stderr
+
+
+def test_a_mistyped_repo_id_gets_the_closest_catalogue_names(capsys, tmp_path, no_loading, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    right = "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
+    typo = right[:-1]
+    with pytest.raises(SystemExit) as e:
+        main(["--model", typo, "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"did you mean {right} (or " in err, err
+    assert re.findall(r"download ([^\s)]+)", err) == [right, right], err  # hf and huggingface-cli, never the typo
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_an_output_that_is_a_folder_is_named_as_one(capsys, tmp_path, no_loading):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for flags, want in [(["--output", str(folder)], f"--output {folder} is a folder; give a file name ({folder}/"
+                                                    f"NAME.mp4 for a video, {folder}/NAME.png for an image), or "
+                                                    f"--output-dir {folder} to make it a job folder"),
+                        (["--save-latents", str(folder)], f"--save-latents {folder} is a folder; give a file name "
+                                                          f"such as {folder}/NAME.safetensors\n"),
+                        (["--output", str(tmp_path / "x.mp4"), "--metrics-json", str(folder)],
+                         f"--metrics-json {folder} is a folder; give a file name such as {folder}/metrics.json\n")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--model", "tiny", "--prompt", "a cat", *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("error:") == 1 and want in err, err
+        assert "never overwritten" not in err and "extension" not in err
+    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())
 
 
 def test_not_a_checkpoint(capsys, tmp_path):

@@ -111,9 +111,13 @@ def test_batch_switching_adapters_equals_separate_runs(tmp_path, capsys, loras, 
         assert rel <= 1e-5, f"{name}: batch item vs separate run, fp32 rel err {rel:.1e} > 1e-5 (adapters: > 1e-2)"
     # the base weights are re-read at every change (b, none, a2), never for the first item (loaded with A)
     assert err.count("weights re-read from the checkpoint") == 3, err
+    # what was merged at load is said once: the adapter, its scale and the Linear weights it changes (the manifest's
+    # "layers" below)
+    a_file = loras["a"] / "pytorch_lora_weights.safetensors"
+    assert err.count("LoRA merged into the DiT") == 1, err
+    assert f"LoRA merged into the DiT: {a_file.resolve()} at scale 1 (26 layers)\n" in err, err
 
     records = {r["output"]: r for r in read_manifest(out / MANIFEST).records}
-    a_file = loras["a"] / "pytorch_lora_weights.safetensors"
     a_sha = sha256_file(a_file)
     assert records["a1.mp4"]["lora"] == [{"path": str(a_file.resolve()), "sha256": a_sha, "scale": 1.0, "layers": 26,
                                           "ranks": [4], "config": "header", "trigger": None}]

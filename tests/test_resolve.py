@@ -6,6 +6,7 @@ exactly what it reads from a real one (headers and JSON, never a weight).
 """
 
 import json
+import re
 import shutil
 import struct
 
@@ -124,6 +125,34 @@ def test_missing_repo_names_the_download_command(hub):
                                            r"kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers.*"
                                            r"huggingface-cli download kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s"):
         resolve_model("kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers")
+
+
+@pytest.mark.parametrize("typo, want", [
+    ("kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffuser", "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"),
+    ("kandinksylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers", "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"),
+    ("kandinskylab/kandinsky-5.0-i2i-lite-sft-diffusers@main", "kandinskylab/Kandinsky-5.0-I2I-Lite-sft-Diffusers"),
+])
+def test_a_mistyped_repo_id_names_the_closest_catalogue_repos(hub, typo, want):
+    with pytest.raises(ResolveError) as e:
+        resolve_model(typo)
+    message = str(e.value)
+    assert f"did you mean {want}" in message
+    # the download command names the catalogue repo, never the typo (hf, and older huggingface-cli)
+    assert re.findall(r"download ([^\s)]+)", message) == [want, want], message
+    if typo.lower() == typo:  # only the case differed: that one repo, no other guesses
+        assert f"did you mean {want}?" in message
+
+
+def test_a_repo_unlike_the_catalogue_still_names_its_own_download(hub):
+    with pytest.raises(ResolveError) as e:
+        resolve_model("someone/my-video-finetune")
+    message = str(e.value)
+    assert "did you mean" not in message and "hf download someone/my-video-finetune " in message
+
+
+def test_a_mistyped_tiny_model(hub):
+    with pytest.raises(ResolveError, match="--model tiny-imag: .*did you mean tiny-image\\? .*tiny or tiny-image"):
+        resolve_model("tiny-imag")
 
 
 def test_not_a_path_nor_a_repo_id(hub):
