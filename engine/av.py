@@ -98,7 +98,8 @@ def check_audio(path: str | Path, samples: int, sample_rate: int) -> dict:
             problem = f"incomplete audio stream {s}"
     if not problem:
         if (found["codec"], found["sample_rate"], found["channels"]) != ("aac", sample_rate, 1):
-            problem = f"{found['codec']} {found['sample_rate']} Hz x{found['channels']} (written aac {sample_rate} Hz x1)"
+            problem = (f"{found['codec']} {found['sample_rate']} Hz x{found['channels']} "
+                       f"(written aac {sample_rate} Hz x1)")
         elif abs(found["duration"] - want) > AAC_FRAME / sample_rate or found["frames"] < samples // AAC_FRAME:
             problem = f"{found['duration']:.4f} s in {found['frames']} AAC frames (written {want:.4f} s)"
     if problem:
