@@ -259,7 +259,9 @@ class Kandinsky6DiT(nn.Module):
         timestep = torch.as_tensor(timestep, device=x.device).float().reshape(-1).expand(B)
         text, pooled = text_embeds.to(dtype), pooled_embeds.to(dtype)
         text_v, t_v = self._text_branch("video", text, pooled, timestep, text_mask)
-        text_a, t_a = self._text_branch("audio", text, pooled, timestep, text_mask)
+        # The audio text branch feeds the audio sub-layers only (the reference runs it without audio too).
+        text_a, t_a = (self._text_branch("audio", text, pooled, timestep, text_mask) if audio is not None
+                       else (None, None))
 
         grid = TokenGrid(T // pt, H // ph, W // pw, fractal=self.nabla is not None)
         if grid.fractal and (grid.H % 8 or grid.W % 8):
