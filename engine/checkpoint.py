@@ -11,7 +11,7 @@ Tensor names are identical in both (kandinsky5-architecture.md section 2.9).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,14 +28,21 @@ SINGLE = "diffusion_pytorch_model.safetensors"
 # autocast(fp32) and diffusers keeps them fp32 (`_keep_in_fp32_modules`); bf16 modulation visibly degrades the
 # output. q/k RMSNorm weights: the norm sees fp32 inputs anyway, and an fp32 weight (bf16 values are exact in fp32)
 # lets torch use its fused kernel instead of the mixed-dtype fallback.
+# Kandinsky 6 has one time embedding per stream (video_time_embeddings, audio_time_embeddings), and its SR model
+# folds the pooled text of its empty caption into pooled_bias, which diffusers keeps fp32 with them.
 def keeps_fp32(name: str) -> bool:
-    return name.startswith("time_embeddings.") or "modulation." in name or "_norm." in name
+    return (name.startswith("time_embeddings.") or "_time_embeddings." in name or "modulation." in name
+            or "_norm." in name or name == "pooled_bias")
 
 
 @dataclass(frozen=True)
 class CheckpointFiles:
     config: DiTConfig
-    weight_map: dict[str, Path]  # tensor name -> file holding it
+    weight_map: dict[str, Path]  # tensor name (the model's) -> file holding it
+    stored_names: dict[str, str] = field(default_factory=dict)  # model name -> name in the file, where they differ
+
+    def stored(self, name: str) -> str:
+        return self.stored_names.get(name, name)
 
     @property
     def files(self) -> list[Path]:
@@ -57,27 +64,35 @@ def _names_in(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def locate(path: str | Path) -> CheckpointFiles:
-    """Find the DiT weights and config under ``path`` (pipeline root, transformer folder or single file)."""
+def locate(path: str | Path, read_config: Callable[[Path], object] = DiTConfig.from_json,
+           infer: Callable[[dict], object] = infer_config, rename: Callable[[str], str] | None = None,
+           what: str = "Kandinsky 5") -> CheckpointFiles:
+    """Find the DiT weights and config under ``path`` (pipeline root, transformer folder or single file).
+
+    The defaults describe the Kandinsky 5 DiT; another model passes how its config.json reads, how its config is
+    inferred from the tensor shapes of a single file, and ``rename``: a file's tensor name -> the model's (the
+    Kandinsky 6 layouts name the same tensors differently, engine/k6_checkpoint.py).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"{path} is not a .safetensors file; pass a Kandinsky 5 checkpoint folder or file")
+            raise ValueError(f"{path} is not a .safetensors file; pass a {what} checkpoint folder or file")
         with _open(path) as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        names = _renamed(list(shapes), rename, path)
         beside = path.with_name("config.json")
-        config = DiTConfig.from_json(beside) if beside.exists() else infer_config(shapes)
-        return CheckpointFiles(config, {k: path for k in shapes})
+        config = read_config(beside) if beside.exists() else infer({n: shapes[s] for n, s in names.items()})
+        return _files(config, {n: path for n in names}, names)
 
     folder = path / "transformer" if (path / "transformer").is_dir() else path
     if not (folder / "config.json").exists():
         raise ValueError(
-            f"{path} is not a Kandinsky 5 checkpoint: expected transformer/config.json (diffusers layout) "
+            f"{path} is not a {what} checkpoint: expected transformer/config.json (diffusers layout) "
             f"or a single .safetensors file"
         )
-    config = DiTConfig.from_json(folder / "config.json")
+    config = read_config(folder / "config.json")
     if (folder / INDEX).exists():
         try:
             index = json.loads((folder / INDEX).read_text())["weight_map"]
@@ -91,7 +106,26 @@ def locate(path: str | Path) -> CheckpointFiles:
         weight_map = {k: folder / SINGLE for k in _names_in(folder / SINGLE)}
     else:
         raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}")
-    return CheckpointFiles(config, weight_map)
+    names = _renamed(list(weight_map), rename, folder)
+    return _files(config, {n: weight_map[s] for n, s in names.items()}, names)
+
+
+def _renamed(stored: list[str], rename: Callable[[str], str] | None, where: Path) -> dict[str, str]:
+    """model name -> stored name; two stored tensors that land on one model name are refused."""
+    if rename is None:
+        return {s: s for s in stored}
+    names: dict[str, str] = {}
+    for s in stored:
+        n = rename(s)
+        if n in names:
+            raise ValueError(f"{where} holds both {names[n]} and {s}, two names of the one tensor {n}: "
+                             f"a checkpoint mixes two layouts")
+        names[n] = s
+    return names
+
+
+def _files(config, weight_map: dict[str, Path], names: dict[str, str]) -> CheckpointFiles:
+    return CheckpointFiles(config, weight_map, {n: s for n, s in names.items() if n != s})
 
 
 # ---- every component, before anything loads -------------------------------------------------------------------
@@ -176,7 +210,8 @@ def load_into(
             parts.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
             parts.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        raise ValueError(f"checkpoint {ckpt.files[0].parent} does not fit the Kandinsky 5 DiT: " + "; ".join(parts))
+        raise ValueError(f"checkpoint {ckpt.files[0].parent} does not fit the {type(model).__name__}: "
+                         + "; ".join(parts))
 
     by_file: dict[Path, list[str]] = {}
     for name, f in ckpt.weight_map.items():
@@ -185,11 +220,11 @@ def load_into(
         with _open(path) as f:
             for name in names:
                 param = params[name]
-                sl = f.get_slice(name)
+                sl = f.get_slice(ckpt.stored(name))
                 tensor = reader(name, sl, param.shape)
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise ValueError(
-                        f"tensor {name} in {path} has shape {tuple(tensor.shape)}, the model expects "
+                        f"tensor {ckpt.stored(name)} in {path} has shape {tuple(tensor.shape)}, the model expects "
                         f"{tuple(param.shape)} (does config.json match the weights?)"
                     )
                 target = torch.float32 if keeps_fp32(name) else dtype
@@ -216,7 +251,7 @@ def reload_into(model: nn.Module, ckpt: CheckpointFiles, names: list[str], reade
             with open_safetensors(path) as f:
                 for name in group:
                     param = params[name]
-                    tensor = reader(name, f.get_slice(name), param.shape)
+                    tensor = reader(name, f.get_slice(ckpt.stored(name)), param.shape)
                     if tuple(tensor.shape) != tuple(param.shape):
                         raise ValueError(f"tensor {name} in {path} read as {tuple(tensor.shape)}, the parameter is "
                                          f"{tuple(param.shape)}")

@@ -48,6 +48,18 @@ PLAN = {
     "visual_modulation.out_layer": GATHERED,
     "text_modulation.out_layer": GATHERED,
     "modulation.out_layer": GATHERED,  # the final OutLayer's modulation
+    # Kandinsky 6's cross-modal layers (its stream blocks are the ones above): queries of one stream, keys and values
+    # projected from the other; whole heads per rank as for the rest.
+    "va_cross_attention.to_query": COLWISE,
+    "va_cross_attention.to_key": COLWISE,
+    "va_cross_attention.to_value": COLWISE,
+    "va_cross_attention.out_layer": ROWWISE,
+    "av_cross_attention.to_query": COLWISE,
+    "av_cross_attention.to_key": COLWISE,
+    "av_cross_attention.to_value": COLWISE,
+    "av_cross_attention.out_layer": ROWWISE,
+    "va_modulation.out_layer": GATHERED,
+    "av_modulation.out_layer": GATHERED,
 }
 
 

@@ -1,0 +1,117 @@
+"""Kandinsky 6's DiT on every parallel layout of k5: sequence (Ulysses, ring, both), tensor, CFG.
+
+The video tokens are split over the sequence-parallel ranks exactly as Kandinsky 5's (parallel/sequence.py: shards
+of whole 64-token blocks, NABLA order when NABLA is on, padded at the end). The audio tokens are *replicated*: every
+SP rank holds all of them and runs the audio stream's sub-layers whole. Why, in numbers for Pro, 5 s at 480x864
+(121 frames; 8 SP ranks):
+- size: 50,220 video tokens, 218 audio tokens (0.4 %), and the audio stream is half as wide (2048 vs 4096, FFN
+  7168 vs 16384): per block the audio stream's linear layers cost about 0.1 % of the video's, so running them on
+  every rank adds about 1 % to a rank's 1/8 share;
+- communication when replicated: one attention needs the other stream's tokens from every rank, ``av`` (audio
+  queries over all video tokens). Each rank attends its audio queries to its own video shard and the partial
+  results (output and log-sum-exp, fp32, 218 x 2048 values: 1.8 MB per rank and block) are all-gathered over the SP
+  group and merged; Ulysses alone moves about 200 MB per rank and block (four all-to-alls of 6,278 x 4096 bf16).
+  ``va`` (video queries over the audio) needs nothing: every rank has all the audio keys;
+- communication when split: ``av`` would need every video token's key and value on every rank (an all-gather of
+  0.8 GB per block, or a second ring over them), the audio self-attention its own all-to-all or ring over 27-token
+  shards (latency-bound), ``va`` an all-gather of the audio keys.
+So the audio is replicated, and it stays bitwise identical on every rank: all ranks merge the same gathered partials
+in the same (rank) order. Tensor parallelism cuts both streams' blocks by whole heads (parallel/tensor.py's plan,
+which names the cross-modal layers too); CFG parallelism exchanges both streams' predictions in one all-gather.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from k5.engine.chain import Conditioning, combine_cfg, uses_cfg
+from k5.engine.k6_dit import Kandinsky6DiT
+from k5.engine.k6_sampler import guided_forward
+from k5.kernels.attention import dense_attention
+from k5.kernels.merge import merge_all
+from k5.parallel.cfg import COND, UNCOND
+from k5.parallel.comm_stats import CommStats
+from k5.parallel.mesh import LayoutError, ParallelDims, check_tp_degree
+from k5.parallel.sequence import SequenceShards, ShardedAttention
+from k5.parallel.tensor import apply_tensor_parallel, tp_reader
+from k5.parallel.usp import SequenceParallelAttention
+
+
+class AudioOverVideoShards:
+    """The ``av`` attention with the video tokens sharded: this rank's audio queries (all of them) over its video
+    shard, pad keys masked, then the partial results of all SP ranks merged through their log-sum-exp."""
+
+    def __init__(self, shards: SequenceShards, dims: ParallelDims, stats: CommStats):
+        self.shards, self.dims, self.stats = shards, dims, stats
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        layout, n = self.shards.layout, self.dims.sp_size
+        valid = layout.token_valid(self.dims.sp_rank * layout.shard_len, layout.shard_len, k.device)
+        key_mask = None if layout.pad == 0 else valid[None].expand(k.shape[0], -1)
+        out, lse = dense_attention(q, k, v, key_mask)  # a shard of pad only: (0, -inf), the merge's identity
+        out = out.float().contiguous()
+        outs, lses = [torch.empty_like(out) for _ in range(n)], [torch.empty_like(lse) for _ in range(n)]
+        dist.all_gather(outs, out, group=self.dims.sp_group)
+        dist.all_gather(lses, lse.contiguous(), group=self.dims.sp_group)
+        self.stats.all_gather(out, n)
+        self.stats.all_gather(lse, n)
+        return merge_all(zip(outs, lses))[0].to(q.dtype)
+
+
+def apply_sequence_parallel(dit: Kandinsky6DiT, dims: ParallelDims, stats: CommStats | None = None) -> CommStats:
+    """Split ``dit``'s video tokens over ``dims``' ring x ulysses ranks (mesh already built), audio replicated."""
+    dims.check_heads(dit.config.num_heads // dims.tp)  # Ulysses splits the video heads; the audio is not split
+    stats = stats if stats is not None else CommStats()
+    shards = SequenceShards(dims, stats)
+    dit.tokens = shards
+    dit.visual_attention = ShardedAttention(SequenceParallelAttention(dims, stats), shards, dit.nabla)
+    dit.audio_from_video = AudioOverVideoShards(shards, dims, stats)
+    return stats
+
+
+def check_tensor_parallel(dit_config, tp: int) -> None:
+    """Both streams' heads and FFN widths must cut into ``tp`` equal parts."""
+    for stream in (dit_config.video, dit_config.audio):
+        check_tp_degree(stream.num_heads, stream.ff_dim, tp)
+
+
+def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, device="cpu",
+             stats: CommStats | None = None) -> tuple[Kandinsky6DiT, CommStats]:
+    """Build on meta, cut both streams for this rank's tp shard, fill with this rank's slices only."""
+    stats = stats if stats is not None else CommStats()
+
+    def prepare(model: Kandinsky6DiT) -> None:
+        check_tensor_parallel(model.config, dims.tp)
+        apply_tensor_parallel(model, dims, stats)
+
+    return Kandinsky6DiT.from_pretrained(path, dtype, device, tp_reader(dims), prepare=prepare), stats
+
+
+class CfgParallel:
+    """CFG parallelism for ``engine.k6_sampler.sample(guided=...)``: cfg half 0 runs the conditional forward, half
+    1 the unconditional one; both streams' predictions travel in one all-gather, and both halves combine them with
+    the sequential sampler's arithmetic, so the latents stay identical everywhere."""
+
+    def __init__(self, dims: ParallelDims, stats: CommStats | None = None):
+        if dims.cfg != 2:
+            raise LayoutError(f"CFG parallelism needs a cfg mesh dim of size 2, got {dims.cfg}", dims.degrees)
+        self.group, self.branch = dims.group("cfg"), dims.rank("cfg")
+        self.stats = stats if stats is not None else CommStats()
+
+    def guided(self, forward, inp: Tensor, audio: Tensor | None, t: Tensor, cond: Conditioning,
+               uncond: Conditioning | None, guidance_scale: float, **kwargs) -> tuple[Tensor, Tensor | None]:
+        if uncond is None or not uses_cfg(guidance_scale):
+            return guided_forward(forward, inp, audio, t, cond, None, guidance_scale, **kwargs)
+        c = cond if self.branch == COND else uncond
+        v, a = forward(inp, audio, c.embeds, c.pooled, t, text_mask=c.mask, **kwargs)
+        own = torch.cat([v.float().flatten(), a.float().flatten() if a is not None else v.new_zeros(0)])
+        parts = [torch.empty_like(own) for _ in range(2)]
+        dist.all_gather(parts, own, group=self.group)
+        self.stats.all_gather(own, 2)
+        def split(p: Tensor) -> tuple[Tensor, Tensor | None]:
+            return p[: v.numel()].view(v.shape), (p[v.numel():].view(a.shape) if a is not None else None)
+
+        (vc, ac), (vu, au) = split(parts[COND]), split(parts[UNCOND])
+        return combine_cfg(vc, vu, guidance_scale), (combine_cfg(ac, au, guidance_scale) if a is not None else None)
