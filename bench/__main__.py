@@ -1,5 +1,6 @@
 """`python -m k5.bench [dit|attention] ...` times the engine; `python -m k5.bench magcache ...` counts and times the DiT
-forwards of a preset with and without MagCache (magcache.py); `python -m k5.bench project|plot ...` post-processes."""
+forwards of a preset with and without MagCache (magcache.py); `python -m k5.bench mask ...` times NABLA's mask build
+beside its attention (mask.py); `python -m k5.bench project|plot ...` post-processes."""
 
 import sys
 
@@ -11,8 +12,10 @@ if __name__ == "__main__":
         from k5.bench.plot import main
     elif what == "magcache":
         from k5.bench.magcache import main
+    elif what == "mask":
+        from k5.bench.mask import main
     else:
         from k5.bench.run import main
-    if what in ("project", "plot", "magcache"):
+    if what in ("project", "plot", "magcache", "mask"):
         sys.argv.pop(1)
     main()
