@@ -195,7 +195,7 @@ def block_bytes_per_token(cfg, dtype: torch.dtype, ulysses: int = 1, ring: int =
 
 
 _TOP_CDF_BYTES = 4 + 4 + 8 + 4 + 1  # per score element, see nabla_mask_bytes
-_TILE_INDEX_BYTES = 8 + 4  # per mask element of a ring step: int64 and int32 tile indices, see nabla_mask_bytes
+_TILE_INDEX_BYTES = 8 + 4  # per mask element of a ring step: int64 positions and int32 indices, see nabla_mask_bytes
 
 
 def nabla_mask_bytes(heads: int, q_blocks: int, k_blocks: int, k_valid: int | None = None, ring: int = 1) -> int:
@@ -209,9 +209,12 @@ def nabla_mask_bytes(heads: int, q_blocks: int, k_blocks: int, k_valid: int | No
       least one) at its peak: fp32 scores 4, sorted values 4 and int64 order 8 (the softmax they were sorted from
       is freed), fp32 cumsum 4 and its bool 1 = 21 bytes per chunk element; then ``mask | sta_rows`` (and the
       sequence-parallel ``& q_valid``) make one more bool copy;
-    - the kernel (flex.block_mask_from_tiles), per ring step on E / ring elements, beside the whole rows: the step's
-      columns (a bool copy when ring > 1), then the argsort of their int8 copy (int8 1, sorted int8 values 1, int64
-      indices 8: 10 bytes), then the int32 indices beside the int64 ones (8 + 4 = 12 bytes, the larger).
+    - the kernel (flex.block_mask_from_tiles, its tile indices from flex.kv_tiles), per ring step on E / ring
+      elements, beside the whole rows: the step's columns (a bool copy when ring > 1), then at most 12 bytes per
+      element: the int32 running count (with the int32 copy of the bools the cumsum makes, 8), then beside it the
+      unselected tiles' positions and the positions of all (4 + 4 + 4), the int64 positions scatter takes beside
+      their int32 source (8 + 4), the int32 indices beside the int64 positions (4 + 8); and the rows' tile counts
+      (int32 per row) and the key-index ramp (int32 per key tile of the step).
     The sort kernels' own scratch is not counted.
     """
     from k5.kernels import nabla as nabla_kernels
@@ -224,7 +227,7 @@ def nabla_mask_bytes(heads: int, q_blocks: int, k_blocks: int, k_valid: int | No
     chunk = min(heads, max(1, nabla_kernels._MASK_CHUNK_ELEMS // per_head)) * per_head
     building = padded + max(E_valid + _TOP_CDF_BYTES * chunk, 2 * E_valid)
     step = -(-E // ring)
-    kernel = E + ((1 if ring > 1 else 0) + _TILE_INDEX_BYTES) * step
+    kernel = E + ((1 if ring > 1 else 0) + _TILE_INDEX_BYTES) * step + 4 * heads * q_blocks + 4 * -(-k_blocks // ring)
     return k_blocks * k_blocks + max(building, 2 * E, kernel)
 
 

@@ -1,6 +1,6 @@
 """NABLA's block-sparse attention through FlexAttention: the CUDA kernel, and the CPU route the tests run it on.
 
-Three traps of torch's FlexAttention that this file exists to avoid:
+Four traps of torch's FlexAttention that this file exists to avoid:
 - Tile sizes. A selected 64x64 NABLA tile is one BlockMask block of 64 tokens, and the kernel's own tiles (BLOCK_M
   query rows, BLOCK_N keys) must divide it. Inductor's sm90 defaults are 128x128 (head dim 64) and 128x64 (head dim
   128), which raise "Q and KV block size must be divisible by BLOCK_M and BLOCK_N" at the first forward, so the
@@ -12,6 +12,9 @@ Three traps of torch's FlexAttention that this file exists to avoid:
   recompile limit is made an error for the call, so a fallback to eager raises instead of returning wrong output.
 - Backward-only work. BlockMask.from_kv_blocks by default also builds the transposed (query-block) index lists,
   two dense scatter/argsort passes per layer that only a backward pass reads: compute_q_blocks=False.
+- A second sort. The kernel reads, per tile row, the selected key tiles in ascending order. A stable descending
+  argsort of the 0/1 mask gives them, but the top-CDF rule has just sorted a tensor of the same size; a running
+  count and one scatter give the same indices without sorting again (``kv_tiles``).
 
 On the CPU, compiled flex has no log-sum-exp output and fails to build kernels for BlockMasks holding only *full*
 blocks (torch 2.13), so there the selected tiles go in as *partial* blocks with a mask_mod that keeps every
@@ -31,6 +34,29 @@ KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
 _compiled = None
 
 
+# ---- the tile indices the kernel reads ------------------------------------------------------------------------
+
+
+def kv_tiles(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(selected tiles per row, int32 [...]; tile indices, int32 [..., n]) of a bool tile mask [..., n].
+
+    A row's indices are its selected tiles in ascending order, then its other tiles in ascending order: exactly a
+    stable descending argsort of the 0/1 mask, without the sort. A selected tile j goes to position c_j - 1, where
+    c_j counts the selected tiles up to and including j; an unselected one to num + (j - c_j). Peak 12 bytes per
+    mask element, as the argsort's int64 indices and their int32 copy took.
+    """
+    n = mask.shape[-1]
+    j = torch.arange(n, dtype=torch.int32, device=mask.device)
+    c = mask.cumsum(-1, dtype=torch.int32)
+    num = c[..., -1].clone()  # a copy: c is changed in place below
+    unselected = torch.neg(c).add_(j).add_(num[..., None])
+    pos = torch.where(mask, c.sub_(1), unselected)
+    del c, unselected
+    pos = pos.long()  # scatter takes int64 positions
+    idx = torch.empty(mask.shape, dtype=torch.int32, device=mask.device)
+    return num, idx.scatter_(-1, pos, j.expand(mask.shape))
+
+
 def _keep_all(b, h, q_idx, kv_idx):
     """mask_mod of the partial-block route: every element of a selected tile attends (one function object, so
     the compiled kernel's guard on it holds across calls)."""
@@ -45,9 +71,7 @@ def block_mask_from_tiles(mask: Tensor, q_len: int, kv_len: int, partial: bool =
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    num = mask.sum(-1, dtype=torch.int32)
-    # Selected tiles first, in ascending key order (stable sort of the 0/1 mask); the kernel reads the first num.
-    idx = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    num, idx = kv_tiles(mask)
     if partial:
         return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=BLOCK, mask_mod=_keep_all, seq_lengths=(q_len, kv_len),
                                         compute_q_blocks=False)

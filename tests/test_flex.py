@@ -97,3 +97,71 @@ def test_dense_backend_names():
     assert resolve_dense_backend("auto", "cpu", torch.bfloat16, 64) == "cpu"
     with pytest.raises(ValueError, match="cudnn, flash"):
         set_dense_backend("fastest")
+
+
+# ---- the tile indices: no second sort (issue 19) ------------------------------------------------------------------
+
+
+def _argsort_tile_indices(mask):
+    """The tile indices as k5 built them before issue 19: a stable descending argsort of the 0/1 mask (selected
+    tiles first; within each group, ties broken by ascending key index)."""
+    return torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+
+
+def _old_block_mask_from_tiles(mask, q_len, kv_len, partial=False):
+    """block_mask_from_tiles before issue 19, written out."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    num = mask.sum(-1, dtype=torch.int32)
+    idx = _argsort_tile_indices(mask)
+    if partial:
+        return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=64, mask_mod=flex._keep_all, seq_lengths=(q_len, kv_len),
+                                        compute_q_blocks=False)
+    return BlockMask.from_kv_blocks(torch.zeros_like(num), idx, num, idx, BLOCK_SIZE=64, mask_mod=None,
+                                    seq_lengths=(q_len, kv_len), compute_q_blocks=False)
+
+
+def test_tile_indices_are_the_argsort_they_replace():
+    """kv_tiles against the stable argsort it replaces, bitwise, on random masks of every density: rows with no
+    selected tile, with every tile, and everything between (every selected tile ties with every other, and so does
+    every unselected one: the order within a group is the tie rule)."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 3, 7, 13), (1, 2, 5, 300), (1, 1, 1, 1), (4, 64)):
+        for density in (0.0, 0.03, 0.5, 0.97, 1.0):
+            mask = torch.rand(shape, generator=g) < density
+            num, idx = flex.kv_tiles(mask)
+            assert num.dtype == idx.dtype == torch.int32
+            assert torch.equal(idx, _argsort_tile_indices(mask)), (shape, density)
+            assert torch.equal(num, mask.sum(-1, dtype=torch.int32)), (shape, density)
+
+
+def test_nabla_block_masks_are_bitwise_the_old_ones_with_ties():
+    """The whole build (nabla_mask, then the BlockMask of both routes) against the old conversion written out above,
+    on q, k whose tiles repeat: equal pooled keys give exactly tied scores, so the top-CDF sort meets ties too (its
+    rule is unchanged: a stable ascending sort, the lower key index dropped first; the reference's
+    nablaT_v2 sorts without stable=True, so its choice among tied tiles is the sort implementation's).
+
+    By hand, four equal scores (p = 0.25 each, cdf 0.25, 0.5, 0.75, 1) at P = 0.5 keep cdf >= 0.5: tiles 1, 2, 3,
+    and tile 0 (first in the stable order) is the one dropped."""
+    from k5.kernels.nabla import NablaSpec, nabla_block_mask, nabla_mask
+
+    none = torch.zeros(1, 4, dtype=torch.bool)
+    tied = nabla_block_mask(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 4, 1), none, 0.5)
+    assert tied.view(4).tolist() == [False, True, True, True]
+
+    g = torch.Generator().manual_seed(3)
+    T, Hb, Wb, H, D = 3, 2, 2, 2, 16
+    nb = T * Hb * Wb
+    base = torch.randint(-2, 3, (1, 4, 1, H, D), generator=g).float()  # 4 distinct tiles, integers: exact sums
+    tiles = base[:, torch.arange(nb) % 4]  # each repeated 3 times
+    q = (tiles + 0.5).expand(1, nb, 64, H, D).reshape(1, nb * 64, H, D)
+    k = tiles.expand(1, nb, 64, H, D).reshape(1, nb * 64, H, D)
+    for P in (0.3, 0.5, 0.8):
+        mask = nabla_mask(q, k, NablaSpec(P=P, wT=1, wH=1, wW=1), T, Hb, Wb)
+        assert mask.any() and not mask.all(), P
+        for partial in (False, True):
+            new = flex.block_mask_from_tiles(mask, nb * 64, nb * 64, partial=partial)
+            old = _old_block_mask_from_tiles(mask, nb * 64, nb * 64, partial=partial)
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+                a, b = getattr(new, name), getattr(old, name)
+                assert (a is None and b is None) or torch.equal(a, b), (P, partial, name)

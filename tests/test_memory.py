@@ -112,23 +112,25 @@ def test_nabla_mask_term_counts_every_row_and_key_block_a_rank_builds():
 
     Ulysses 4, ring 1 (the catalogue's layout): 915 tiles a rank, but after the all-to-all a rank builds mask rows
     for 32/4 = 8 heads over its span's 4 * 915 = 3660 query tiles and all 3660 key tiles: E = 8 * 3660 * 3660 =
-    107164800 bools. At the kernel: the rows 1 + int64 tile indices 8 + int32 ones 4 = 13 bytes each: 1393142400;
+    107164800 bools. At the kernel: the rows 1 + int64 positions 8 + int32 indices 4 = 13 bytes each: 1393142400,
+    and the int32 tile counts of the 8 * 3660 rows (117120) and key-index ramp of 3660 (14640): 1393274160;
     building instead: the rows 1 and one top-CDF chunk (one head, 3660 * 3660 = 13395600 scores, 21 bytes each):
-    107164800 + 281307600 = 388472400, smaller. Plus the STA prior 3660 * 3660 = 13395600: 1406538000.
+    107164800 + 281307600 = 388472400, smaller. Plus the STA prior 3660 * 3660 = 13395600: 1406669760.
     (The old term counted 915 query tiles, a quarter of the rows: 811284416 with its fixed 2**24 * 26 chunk.)
 
     Ulysses 4, ring 2: 458 tiles a rank (3664 padded, 3660 real); 8 heads x 4 * 458 = 1832 query tiles x 3664 key
     tiles: E = 53699584. Kernel, per ring step on E/2 = 26849792: the rows E + the step's copy 1 + 12 index bytes
-    = 53699584 + 13 * 26849792 = 402746880. Building: the zero-filled padded rows E, the real columns' 8 * 1832 *
-    3660 = 53640960 and a chunk of two heads (2 * 1832 * 3660 = 13410240 scores x 21): 388955584, smaller. STA
-    3664 * 3664 = 13424896: 416171776. (Old term: 458 x 916 tiles, 483194752.)
+    = 53699584 + 13 * 26849792 = 402746880, the counts of 8 * 1832 rows 58624 and the ramp of 1832 key tiles 7328:
+    402812832. Building: the zero-filled padded rows E, the real columns' 8 * 1832 * 3660 = 53640960 and a chunk of
+    two heads (2 * 1832 * 3660 = 13410240 scores x 21): 388955584, smaller. STA 3664 * 3664 = 13424896: 416237728.
+    (Old term: 458 x 916 tiles, 483194752.)
     """
-    assert nabla_mask_bytes(8, 3660, 3660, 3660, ring=1) == 1393142400 + 13395600 == 1406538000
-    assert nabla_mask_bytes(8, 1832, 3664, 3660, ring=2) == 402746880 + 13424896 == 416171776
+    assert nabla_mask_bytes(8, 3660, 3660, 3660, ring=1) == 1393274160 + 13395600 == 1406669760
+    assert nabla_mask_bytes(8, 1832, 3664, 3660, ring=2) == 402812832 + 13424896 == 416237728
     pro = PRESETS["pro"]
     assert pro.num_heads == 32
     shape = Shape(241, 768, 1280)
-    for layout, mask in (((4, 1), 1406538000), ((4, 2), 416171776)):
+    for layout, mask in (((4, 1), 1406669760), ((4, 2), 416237728)):
         u, r = layout
         act = lambda nabla: dit_activation_bytes(pro, shape, torch.bfloat16, nabla, sp=u * r, ulysses=u, ring=r)  # noqa
         assert abs((act(True) - act(False)) - mask * 1.15) <= 2, layout  # 15 % headroom; two int() roundings
@@ -156,7 +158,7 @@ def test_nabla_mask_bytes_are_what_the_mask_code_allocates(monkeypatch, chunk, h
     """The count against the CPU allocator: one rank's mask as parallel/ring.py makes it (the rows, the & q_valid
     of sequence parallelism, each ring step's columns through flex.block_mask_from_tiles), measured by the torch
     profiler. The cached STA prior is built before; the pooled inputs are tiny (head dim 8). Tolerance 4 KiB: the
-    per-row tile counts and the profiler's own small allocations."""
+    profiler's own small allocations."""
     from k5.kernels import nabla
     from k5.kernels.flex import block_mask_from_tiles
 
