@@ -438,6 +438,10 @@ def validate(args, env: Env) -> Job:
     # flag > variant > built-in (the family's), for the request and the items
     model_flags.request_defaults(args, resolved, images.IMAGE_BUILT_IN if image_model else model_flags.BUILT_IN)
     nabla = args.attention == "nabla" or (args.attention == "auto" and cfg.uses_nabla)
+    if nabla and env.device.type == "cuda":
+        from k5.kernels.flex import check_compiled_flex
+
+        check_compiled_flex()  # NABLA runs flex on CUDA: with dynamo off it would compute dense attention
     dims = plan_dims(args, cfg, env.world)
     open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
     adapters = tuple(open_adapter(spec) for spec in args.lora)
