@@ -376,7 +376,8 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
         # After the guiding stage (Guidance, or CfgParallel: each cfg half follows its own branch's accumulator).
         rt.chain = [MagCache(job.ratios)]
     shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
-    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes))
+    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes),
+                              ring=s.dims.ring)
     rt.count_forwards()
     return rt
 
