@@ -610,9 +610,11 @@ def check_memory(args, env: Env, job: Job):
     d = job.dims
     # The vision tower loads for an image prompt: an edit's source, or an I2V/I2I item's image when it is expanded.
     vision = any(it.request.image for it in job.items) and (job.image or job.expand)
+    # Several items on several ranks: the text source keeps its encoders on the device (run_job's keep_text; the
+    # items already finished are known only later, so all of them count here).
     return estimate_and_check(job.root, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
                               lm_head=job.expand, vision=vision, sp=d.sp_size, ulysses=d.ulysses, ring=d.ring,
-                              tp=d.tp)
+                              tp=d.tp, cfg_degree=d.cfg, dp=d.dp, keep_text=len(job.items) > 1)
 
 
 def run(args, env: Env, job: Job) -> int:
