@@ -620,7 +620,8 @@ def run_attention(args) -> dict:
     fl = flops.attention_flops(1, args.heads, S, S, args.head_dim)
     result = {"name": name, "config": {"tokens": S, "grid_blocks": [T, H // 8, W // 8], "heads": args.heads,
                                        "head_dim": args.head_dim, "dtype": args.dtype, "repeat": args.repeat,
-                                       "attention_backend": backend, "nabla_kernel": args.nabla_kernel, "flex_options": args.flex_options},
+                                       "attention_backend": backend, "nabla_kernel": args.nabla_kernel,
+                                       "flex_options": args.flex_options},
               "dense": {"s": dense, "tflops": fl / dense / 1e12, "dense_s": fast.spread(dense_runs)},
               "nabla": rows, "env": report.environment(device, args.argv)}
     result["unstable"] = unstable_series(result)
