@@ -1,6 +1,7 @@
 """`python -m k5.bench [dit|attention] ...` times the engine; `python -m k5.bench magcache ...` counts and times the DiT
 forwards of a preset with and without MagCache (magcache.py); `python -m k5.bench syncs ...` looks for device-to-host
-syncs in the denoising step on a GPU (syncs.py); `python -m k5.bench project|plot|summary ...` post-processes."""
+syncs in the denoising step on a GPU (syncs.py); `python -m k5.bench mask ...` times NABLA's mask build beside its
+attention (mask.py); `python -m k5.bench project|plot|summary ...` post-processes."""
 
 import sys
 
@@ -16,9 +17,11 @@ if __name__ == "__main__":
         from k5.bench.syncs import main
     elif what == "summary":
         from k5.bench.summary import main
+    elif what == "mask":
+        from k5.bench.mask import main
     else:
         from k5.bench.run import main
-    if what in ("project", "plot", "magcache", "syncs", "summary"):
+    if what in ("project", "plot", "magcache", "syncs", "summary", "mask"):
         sys.argv.pop(1)
     code = main()
     sys.exit(code if isinstance(code, int) else 0)  # the commands that judge (syncs) return their exit status

@@ -33,6 +33,7 @@ from k5.engine.checkpoint import keeps_fp32
 from k5.engine.config import PRESETS, DiTConfig
 from k5.engine.dit import Kandinsky5DiT, TokenGrid
 from k5.engine.sampler import Conditioning, guided_velocity, model_input
+from k5.kernels.flex import FLEX_OPTIONS, check_compiled_flex, set_flex_options
 from k5.kernels.nabla import (NablaSpec, block_sparse_attention, nabla_backend, nabla_block_mask, nabla_mask,
                               pool_blocks, sta_block_mask)
 
@@ -356,7 +357,8 @@ def run_dit(args) -> dict:
         "model": args.model, "visual_blocks": cfg.num_visual_blocks, "text_blocks": cfg.num_text_blocks,
         "model_dim": cfg.model_dim, "heads": cfg.num_heads, "height": args.height, "width": args.width,
         "frames": args.frames, "latent_grid": list(grid), "visual_tokens": tokens, "text_tokens": args.text_tokens,
-        "attention": args.attention, "P": P, "nabla_kernel": args.nabla_kernel, "dtype": args.dtype,
+        "attention": args.attention, "P": P, "nabla_kernel": args.nabla_kernel, "flex_options": args.flex_options,
+        "dtype": args.dtype,
         "world_size": world_size, "layout": layout or {"single": 1}, "compile": args.compile,
         "attention_backend": args.attention_backend, "warmup": args.warmup, "repeat": args.repeat,
     }}
@@ -620,7 +622,8 @@ def run_attention(args) -> dict:
     fl = flops.attention_flops(1, args.heads, S, S, args.head_dim)
     result = {"name": name, "config": {"tokens": S, "grid_blocks": [T, H // 8, W // 8], "heads": args.heads,
                                        "head_dim": args.head_dim, "dtype": args.dtype, "repeat": args.repeat,
-                                       "attention_backend": backend},
+                                       "attention_backend": backend, "nabla_kernel": args.nabla_kernel,
+                                       "flex_options": args.flex_options},
               "dense": {"s": dense, "tflops": fl / dense / 1e12, "dense_s": fast.spread(dense_runs)},
               "nabla": rows, "env": report.environment(device, args.argv)}
     result["unstable"] = unstable_series(result)
@@ -645,6 +648,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nabla-kernel", default="auto", choices=["auto", "flex", "gather"],
                    help="NABLA's block-sparse kernel: auto (flex on CUDA, gather on the CPU); flex on the CPU runs "
                         "the CUDA route through compiled CPU FlexAttention (single process)")
+    p.add_argument("--flex-options", default="k5", choices=list(FLEX_OPTIONS),
+                   help="NABLA's FlexAttention kernel options (kernels/flex.py kernel_options): k5 every knob (64x64 "
+                        "tiles, 4 warps, 3 stages where they fit), default the 64x64 tiles only (warps and stages "
+                        "from inductor's default config: k5 before issue 19), autotune inductor times the candidates "
+                        "whose tiles divide 64 at compile time")
     p.add_argument("--P-list", type=float, nargs="+", default=[0.02, 0.1, 0.5], help="attention: NABLA P values")
     p.add_argument("--heads", type=int, default=2, help="attention: heads")
     p.add_argument("--head-dim", type=int, default=64, help="attention: head dim")
@@ -734,6 +742,10 @@ def main(argv=None) -> dict:
     args.load_at_start = load_at_start
     created = setup(args)
     try:
+        set_flex_options(args.flex_options)
+        flex_nabla = args.nabla_kernel == "flex" or (args.nabla_kernel == "auto" and args.device.startswith("cuda"))
+        if flex_nabla and (args.what == "attention" or args.attention == "nabla"):
+            check_compiled_flex()  # eager flex would time dense attention as NABLA
         with nabla_backend(args.nabla_kernel):
             result = run_attention(args) if args.what == "attention" else run_dit(args)
         result["env"]["load_avg_at_start"] = load_at_start

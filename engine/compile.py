@@ -8,6 +8,9 @@ reused by every later step, layer and item of that shape. Dynamo caches these va
 recompile limit (8 by default) after which a block would silently run eagerly: ``allow_variants`` raises the limit
 to what a job needs (two variants per distinct video shape). The model file needs no change for this: blocks take
 tensors and two small immutable Python objects (the attention op and the token grid), which dynamo guards on.
+Ring attention adds code objects of its own: its loop runs eagerly between compiled steps, each step's attention
+compiled once per shape and kind (plain, or key-masked for a padded span) and never per ring step
+(parallel/ring.py), so its need does not grow with the ring degree either.
 
 Everything here works with and without parallelism: sequence-parallel and tensor-parallel collectives inside a
 block are traced or become graph breaks, both keep the result exact. The byte counters of the collectives
@@ -23,7 +26,8 @@ import contextlib
 import torch
 from torch import nn
 
-VARIANTS_PER_SHAPE = 2  # text mask or none
+VARIANTS_PER_SHAPE = 2  # a block: text mask or none
+RING_STEP_VARIANTS = 2  # a ring step's attention: plain, or with the key mask of a padded span
 
 
 def compile_blocks(dit: nn.Module, dynamic: bool = False, mode: str | None = None) -> int:
@@ -34,12 +38,19 @@ def compile_blocks(dit: nn.Module, dynamic: bool = False, mode: str | None = Non
     return len(blocks)
 
 
-def allow_variants(shapes: int) -> int:
+def variants_per_shape(ring: int = 1) -> int:
+    """Compiled variants one code object may need per video shape: a block's, and with ring attention (``ring`` > 1)
+    a ring step's. The same for every ring degree: the step index is no input of a compiled frame."""
+    return max(VARIANTS_PER_SHAPE, RING_STEP_VARIANTS if ring > 1 else 0)
+
+
+def allow_variants(shapes: int, ring: int = 1) -> int:
     """Raise dynamo's per-function recompile limit (never lower it) so ``shapes`` distinct video shapes, each
-    with its mask variants, all get compiled blocks instead of eager fallbacks. Returns the limit in force."""
+    with its variants (``variants_per_shape``), all get compiled code instead of eager fallbacks. Returns the limit
+    in force."""
     import torch._dynamo.config as dynamo_config
 
-    need = VARIANTS_PER_SHAPE * max(1, shapes) + 2
+    need = variants_per_shape(ring) * max(1, shapes) + 2
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, need)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * need)
     return dynamo_config.recompile_limit

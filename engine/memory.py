@@ -7,7 +7,11 @@ device's free memory is refused before loading, with the estimate and the settin
 model counts the tensors alive at the peak of a DiT block (full width on every rank whatever --tp-degree: the
 residual, the modulated input and the fp32 temporaries of modulate / gated_add; split by --tp-degree: q/k/v and the
 attention output, the FFN's hidden pair), the sequence-parallel buffers, the NABLA mask temporaries, and for the
-decode the decoded video, its uint8 conversion and one tile's decoder activations.
+decode the decoded video, its uint8 conversion and one tile's decoder activations, and on the rank that collects the
+tiles of a parallel decode its send and receive buffers. On a GPU every phase also holds cuBLAS's workspace and, with
+more than one process, NCCL's buffers (``Parallel``). With more than one process the text encoders live on the text
+source rank only (parallel/text_share.py): freed after the encode of a single video, kept on the device for the
+whole job when it has several items (whatever --offload says: the offload modes move a single process's encoders).
 
 Measurement. torch's CUDA peak counters are process-wide, so one tracker (``PEAKS``) owns them: every phase starts
 by folding the previous peak into the run's maximum and resetting the counters, and ends by recording its own peak
@@ -30,7 +34,22 @@ import torch
 GiB = 2**30
 OFFLOAD_MODES = ("none", "text", "model")
 _FRAGMENTATION = 1.15  # the caching allocator's blocks round up and fragment: activations need some headroom
-_RUNTIME = GiB // 2  # torch's own share: kernels and libraries in host memory, cuBLAS/cuDNN workspaces on a GPU
+MiB = 2**20
+_RUNTIME = GiB // 2  # torch's own share: kernels and libraries in host memory, cuDNN workspaces on a GPU
+# cuBLAS's workspace per (handle, stream) pair, taken from torch's caching allocator at the first matmul: 32 MiB on
+# sm90 and newer (4096 KiB x 8), 8 MiB + 128 KiB before (":4096:2:16:8"), and the cuBLASLt workspace, 1 MiB
+# (aten/src/ATen/cuda/CublasHandlePool.cpp: parseChosenWorkspaceSize, parseCUDABlasLtWorkspaceSize; overridden by
+# CUBLAS_WORKSPACE_CONFIG and CUBLASLT_WORKSPACE_SIZE). k5's matmuls run on one stream.
+CUBLAS_WORKSPACE = 32 * MiB + 1 * MiB
+# NCCL's own buffers, allocated by NCCL outside torch's allocator when a communicator runs its first collective,
+# i.e. after the free memory was read. They grow with the channels NCCL opens, which it chooses from the topology,
+# so these are measured figures, not a formula: about 0.5-0.7 GB per communicator on 4 x A100 NVLink
+# (NVIDIA/nccl#964: 544 MB for 2 ranks, 688 MB for more), 1.06 GB on 8 x H100 (NVIDIA/nccl#1685), 1.6 GB in
+# NVIDIA/nccl#864; and an all-to-all or point-to-point exchange adds buffers per peer (#1685: an 8-rank all_to_all
+# added 3.3 GB, 32 channels per pair of 10 MiB + 2 MiB buffers: 0.47 GB per peer). NCCL_BUFFSIZE (default 4 MiB)
+# and NCCL_MAX_NCHANNELS scale them.
+NCCL_COMMUNICATOR = GiB
+NCCL_PEER = GiB // 2
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
 
 
@@ -135,6 +154,21 @@ def _safetensors(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.safetensors"))
 
 
+def dit_rank_bytes(dit, dtype_bytes: int, tp: int = 1) -> int:
+    """Bytes of one tensor-parallel rank's DiT parameters: the fp32 ones (time embedding, modulation, q/k norms) at
+    4 bytes, the rest at ``dtype_bytes``; a tensor the tp plan cuts (parallel/tensor.py) at 1/tp, the replicated
+    ones (embeddings, norms, the row-wise layers' biases, the final projection) whole."""
+    from k5.parallel.tensor import shard_dim
+
+    from .checkpoint import keeps_fp32
+
+    total = 0
+    for name, p in dit.named_parameters():
+        n = p.numel() // tp if tp > 1 and shard_dim(name) is not None else p.numel()
+        total += n * (4 if keeps_fp32(name) else dtype_bytes)
+    return total
+
+
 @dataclass(frozen=True)
 class Weights:
     """Bytes of each component as it sits on the device."""
@@ -149,13 +183,12 @@ class Weights:
         """``lm_head``: prompt expansion loads Qwen's language-model head (nothing more when the checkpoint ties it to
         the embedding); ``vision``: an image prompt (an edit, or the expansion of an I2V/I2I item) loads its vision
         tower."""
-        from .checkpoint import keeps_fp32
         from .dit import Kandinsky5DiT
 
         b = torch.tensor([], dtype=dtype).element_size()
         with torch.device("meta"):
             dit = Kandinsky5DiT(cfg)
-        dit_bytes = sum(p.numel() * (4 if keeps_fp32(n) else b) for n, p in dit.named_parameters()) // tp
+        dit_bytes = dit_rank_bytes(dit, b, tp)
         root = Path(root)
         # Qwen2.5-VL's text decoder always (engine/text.py); its lm_head and vision tower only where they are used.
         text = _header_bytes(_safetensors(root / "text_encoder"),
@@ -195,7 +228,7 @@ def block_bytes_per_token(cfg, dtype: torch.dtype, ulysses: int = 1, ring: int =
 
 
 _TOP_CDF_BYTES = 4 + 4 + 8 + 4 + 1  # per score element, see nabla_mask_bytes
-_TILE_INDEX_BYTES = 8 + 4  # per mask element of a ring step: int64 and int32 tile indices, see nabla_mask_bytes
+_TILE_INDEX_BYTES = 8 + 4  # per mask element of a ring step: int64 positions and int32 indices, see nabla_mask_bytes
 
 
 def nabla_mask_bytes(heads: int, q_blocks: int, k_blocks: int, k_valid: int | None = None, ring: int = 1) -> int:
@@ -209,9 +242,12 @@ def nabla_mask_bytes(heads: int, q_blocks: int, k_blocks: int, k_valid: int | No
       least one) at its peak: fp32 scores 4, sorted values 4 and int64 order 8 (the softmax they were sorted from
       is freed), fp32 cumsum 4 and its bool 1 = 21 bytes per chunk element; then ``mask | sta_rows`` (and the
       sequence-parallel ``& q_valid``) make one more bool copy;
-    - the kernel (flex.block_mask_from_tiles), per ring step on E / ring elements, beside the whole rows: the step's
-      columns (a bool copy when ring > 1), then the argsort of their int8 copy (int8 1, sorted int8 values 1, int64
-      indices 8: 10 bytes), then the int32 indices beside the int64 ones (8 + 4 = 12 bytes, the larger).
+    - the kernel (flex.block_mask_from_tiles, its tile indices from flex.kv_tiles), per ring step on E / ring
+      elements, beside the whole rows: the step's columns (a bool copy when ring > 1), then at most 12 bytes per
+      element: the int32 running count (with the int32 copy of the bools the cumsum makes, 8), then beside it the
+      unselected tiles' positions and the positions of all (4 + 4 + 4), the int64 positions scatter takes beside
+      their int32 source (8 + 4), the int32 indices beside the int64 positions (4 + 8); and the rows' tile counts
+      (int32 per row) and the key-index ramp (int32 per key tile of the step).
     The sort kernels' own scratch is not counted.
     """
     from k5.kernels import nabla as nabla_kernels
@@ -224,7 +260,7 @@ def nabla_mask_bytes(heads: int, q_blocks: int, k_blocks: int, k_valid: int | No
     chunk = min(heads, max(1, nabla_kernels._MASK_CHUNK_ELEMS // per_head)) * per_head
     building = padded + max(E_valid + _TOP_CDF_BYTES * chunk, 2 * E_valid)
     step = -(-E // ring)
-    kernel = E + ((1 if ring > 1 else 0) + _TILE_INDEX_BYTES) * step
+    kernel = E + ((1 if ring > 1 else 0) + _TILE_INDEX_BYTES) * step + 4 * heads * q_blocks + 4 * -(-k_blocks // ring)
     return k_blocks * k_blocks + max(building, 2 * E, kernel)
 
 
@@ -263,6 +299,54 @@ def decode_bytes(root: Path | None, shape: Shape, device_type: str) -> int:
     return int((video * (vae_b + 2 * 4 + 2) + tile_act * vae_b) * _FRAGMENTATION)
 
 
+# diffusers' AutoencoderKLHunyuanVideo tiling as k5 runs it (engine/vae.py enables tiling without overrides; the sizes
+# are the library's __init__ defaults, not in config.json): spatial tiles of 256 px every 192, temporal windows of 16
+# frames every 12, framewise decoding on.
+_VAE_TILING = dict(tile_sample_min_height=256, tile_sample_min_width=256, tile_sample_min_num_frames=16,
+                   tile_sample_stride_height=192, tile_sample_stride_width=192, tile_sample_stride_num_frames=12,
+                   use_tiling=True, use_framewise_decoding=True)
+
+
+def vae_gather_bytes(root: Path | None, shape: Shape, device_type: str, ranks: int) -> int:
+    """Bytes of the tile buffers on the rank that collects a decode split over ``ranks`` ranks (parallel/vae_tiles.py
+    with dst 0): its own packed tiles and one receive buffer per rank, each the size of the largest rank's share of
+    the tile plan. 0 on one rank. The plan is the one every rank computes, from the VAE config's ratios and the
+    library's tile sizes."""
+    if ranks <= 1:
+        return 0
+    from types import SimpleNamespace
+
+    from k5.parallel.vae_tiles import assign_tiles, decoded_shape, plan_tiles
+
+    c = {}
+    if root is not None:
+        try:
+            c = json.loads((Path(root) / "vae" / "config.json").read_text())
+        except (OSError, ValueError):
+            pass
+    sr, tr = c.get("spatial_compression_ratio", 8), c.get("temporal_compression_ratio", 4)
+    ae = SimpleNamespace(spatial_compression_ratio=sr, temporal_compression_ratio=tr,
+                         config=SimpleNamespace(out_channels=c.get("out_channels", 3)), **_VAE_TILING)
+    tiles = plan_tiles(((shape.frames - 1) // tr + 1, shape.height // sr, shape.width // sr), ae)
+    numel = [math.prod(decoded_shape(t, ae, 1)) for t in tiles]
+    capacity = max(sum(numel[i] for i in ids) for ids in assign_tiles(tiles, ranks))
+    return (ranks + 1) * capacity * (2 if device_type == "cuda" else 4)
+
+
+def nccl_bytes(sp: int = 1, ulysses: int = 1, ring: int = 1, tp: int = 1, cfg_degree: int = 1, dp: int = 1) -> int:
+    """NCCL buffers one rank holds (see NCCL_COMMUNICATOR): one communicator per process group of several ranks that
+    it runs collectives on (parallel/mesh.py's groups, each its own: the world's barrier, the item's decode and stop
+    agreement, the text replica's broadcast, the sequence's gather, tp, cfg, ulysses, ring), and buffers per peer of
+    its all-to-all and point-to-point exchanges (Ulysses: the ulysses - 1 others; ring: the next and previous rank).
+    """
+    world = dp * cfg_degree * sp * tp
+    if world == 1:
+        return 0
+    groups = (world, cfg_degree * sp * tp, sp * tp, sp, tp, cfg_degree, ulysses, ring)
+    peers = (ulysses - 1) + min(2, ring - 1)
+    return sum(n > 1 for n in groups) * NCCL_COMMUNICATOR + peers * NCCL_PEER
+
+
 @dataclass
 class Estimate:
     """Estimated peak bytes per rank of each phase of the largest item."""
@@ -287,22 +371,38 @@ class Estimate:
 
 
 def estimate(weights: Weights, cfg, shapes: list[Shape], dtype: torch.dtype, device_type: str, offload: str,
-             nabla: bool, root: Path | None = None, **layout: int) -> Estimate:
-    """Peak bytes per rank of each phase for the largest of ``shapes`` (``layout``: sp, ulysses, ring, tp)."""
+             nabla: bool, root: Path | None = None, *, sp: int = 1, ulysses: int = 1, ring: int = 1, tp: int = 1,
+             cfg_degree: int = 1, dp: int = 1, keep_text: bool = False, image: bool = False) -> Estimate:
+    """Peak bytes per rank of each phase for the largest of ``shapes``, on the worst rank of the layout (sp, ulysses,
+    ring, tp, ``cfg_degree``, dp): with more than one process the text source rank, which also collects the decoded
+    tiles. ``keep_text``: a multi-process job of several items, whose text source keeps the encoders on the device
+    (parallel/text_share.py, keep=True); ``image``: an image model, decoded whole on one rank (no tile gather)."""
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    layout = dict(sp=sp, ulysses=ulysses, ring=ring, tp=tp)
+    world = dp * cfg_degree * sp * tp
     act = max(dit_activation_bytes(cfg, s, dtype, nabla, **layout) for s in shapes)
-    dec = max(decode_bytes(root, s, device_type) for s in shapes)
+    ranks = 1 if image else cfg_degree * sp * tp
+    dec = max(decode_bytes(root, s, device_type) + vae_gather_bytes(root, s, device_type, ranks) for s in shapes)
     w = weights
     text_act = 2 * 400 * 4 * 3584 * 4  # two prompts of the template + 256 tokens, a few fp32 hidden states
-    if offload == "model":
+    if world > 1 and offload != "model":
+        # The encoders (on the text source) are outside --offload's reach: freed after a single video's encode,
+        # kept on the device through a batch.
+        kept = w.text if keep_text else 0
+        phases = {"text": w.dit + w.vae + w.text + text_act, "denoise": w.dit + w.vae + kept + act,
+                  "decode": w.dit + w.vae + kept + dec}
+    elif offload == "model":
         phases = {"text": w.text + text_act, "denoise": w.dit + act, "decode": w.vae + dec}
     elif offload == "text":
         phases = {"text": w.dit + w.vae + w.text + text_act, "denoise": w.dit + w.vae + act, "decode": w.dit + w.vae + dec}
     else:
         every = w.dit + w.vae + w.text
         phases = {"text": every + text_act, "denoise": every + act, "decode": every + dec}
-    return Estimate({k: v + _RUNTIME for k, v in phases.items()}, w, offload)
+    runtime = _RUNTIME
+    if device_type == "cuda":
+        runtime += CUBLAS_WORKSPACE + nccl_bytes(**layout, cfg_degree=cfg_degree, dp=dp)
+    return Estimate({k: v + runtime for k, v in phases.items()}, w, offload)
 
 
 def device_capacity(device) -> tuple[int, str]:
@@ -350,27 +450,39 @@ def refuse_if_too_big(est: Estimate, capacity: int, where: str, alternatives: di
     )
 
 
+def _video_vae(root: Path) -> bool:
+    """Whether the checkpoint decodes with the HunyuanVideo VAE (tiles that ranks share), not an image VAE."""
+    try:
+        return json.loads((Path(root) / "vae" / "config.json").read_text()).get("_class_name") == \
+            "AutoencoderKLHunyuanVideo"
+    except (OSError, ValueError):
+        return True
+
+
 def check_memory(root: Path, cfg, shapes: list[Shape], dtype: torch.dtype, device, offload: str, nabla: bool,
                  lm_head: bool = False, vision: bool = False, **layout: int) -> Estimate:
     """Estimate this rank's peak for the largest of ``shapes`` and refuse (ValueError) a run that cannot fit the
-    device, naming the --offload setting or the frame count that would. Reads only headers and configs."""
+    device, naming the --offload setting or the frame count that would. Reads only headers and configs. ``layout``:
+    estimate's keywords (degrees, keep_text)."""
     device = torch.device(device)
     weights = Weights.of_checkpoint(root, cfg, dtype, device.type, tp=layout.get("tp", 1), lm_head=lm_head,
                                     vision=vision)
+    image = not _video_vae(root)
 
     def at(mode: str, these: list[Shape]) -> Estimate:
-        return estimate(weights, cfg, these, dtype, device.type, mode, nabla, root, **layout)
+        return estimate(weights, cfg, these, dtype, device.type, mode, nabla, root, image=image, **layout)
 
     est = at(offload, shapes)
     capacity, where = device_capacity(device)
     if est.peak <= capacity:
         return est
     alternatives = {}
+    one_process = math.prod(layout.get(k, 1) for k in ("dp", "cfg_degree", "sp", "tp")) == 1
+    modes = [m for m in OFFLOAD_MODES if m != offload and (one_process or m != "model")]  # model: one process only
     if device.type == "cuda":
-        for mode in OFFLOAD_MODES:
-            if mode != offload:
-                alternatives[f"--offload {mode}"] = at(mode, shapes)
-    best = "model" if device.type == "cuda" else offload
+        for mode in modes:
+            alternatives[f"--offload {mode}"] = at(mode, shapes)
+    best = "model" if device.type == "cuda" and one_process else offload
     big = max(shapes, key=lambda s: s.frames * s.height * s.width)
     lo, hi = 0, (big.frames - 1) // 4 - 1  # frames 4k+1, fewer than now
     fits = None

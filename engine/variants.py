@@ -452,7 +452,7 @@ def memory_per_gpu(variant: Variant, world_size: int = 8, offload: str = "text")
     shape = Shape(variant.num_frames, variant.height, variant.width)
     est = estimate(weights, config, [shape], torch.bfloat16, "cuda", offload, variant.nabla_P is not None,
                    sp=layout["ulysses"] * layout["ring"], ulysses=layout["ulysses"], ring=layout["ring"],
-                   tp=layout["tp"])
+                   tp=layout["tp"], cfg_degree=layout["cfg"], dp=layout["dp"], image=variant.family == "image-lite")
     return {"weights": (weights.dit + weights.vae) / GIB, "text_encoders": weights.text / GIB,
             "phases": {k: v / GIB for k, v in est.phases.items()}, "peak": est.peak / GIB,
             "peak_phase": est.peak_phase}

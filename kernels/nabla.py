@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flex import flex_block_sparse
+from .flex import flex_block_sparse, kv_tiles
 
 BLOCK = 64  # tokens per NABLA tile (8x8)
 _TILE = 8
@@ -173,10 +173,9 @@ def _block_sparse_cpu(q, k, v, block_mask):
     lse = torch.full((B * H * nq, BLOCK), float("-inf"), dtype=torch.float32, device=q.device)
 
     mask = block_mask.reshape(B * H * nq, nk)
-    counts = mask.sum(-1)
-    # Selected key tiles of each row first, ascending (stable sort of the 0/1 mask), as rows of the flat kb.
-    order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
-    order += (torch.arange(B * H * nq, device=q.device) // nq * nk)[:, None]
+    # Selected key tiles of each row first, ascending, as rows of the flat kb (int32: B*H*nk rows fit easily).
+    counts, order = kv_tiles(mask)
+    order += (torch.arange(B * H * nq, dtype=torch.int32, device=q.device) // nq * nk)[:, None]
     rows = torch.argsort(counts, stable=True)
     rows = rows[counts[rows] > 0]  # empty query tiles stay (0, -inf)
     sorted_counts = counts[rows].tolist()

@@ -3,7 +3,7 @@
     k5 generate --model M --prompt "a cat" --output cat.mp4        (= python launch/generate.py ...)
     torchrun --nproc_per_node=8 -m k5 generate --model M ...        (any parallel layout, as generate.py)
     k5 variants [--markdown|--json] [--world-size N]               (the catalogue of official checkpoints)
-    k5 bench [dit|attention|magcache|project|plot] ...             (= python -m k5.bench ...; in a checkout only)
+    k5 bench [dit|attention|magcache|mask|syncs|project|plot|summary] ...   (= python -m k5.bench ...; a checkout)
 """
 
 from __future__ import annotations

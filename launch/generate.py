@@ -377,7 +377,8 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
         # After the guiding stage (Guidance, or CfgParallel: each cfg half follows its own branch's accumulator).
         rt.chain = [MagCache(job.ratios)]
     shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
-    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes))
+    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes),
+                              ring=s.dims.ring)
     rt.count_forwards()
     return rt
 
@@ -439,6 +440,10 @@ def validate(args, env: Env) -> Job:
     # flag > variant > built-in (the family's), for the request and the items
     model_flags.request_defaults(args, resolved, images.IMAGE_BUILT_IN if image_model else model_flags.BUILT_IN)
     nabla = args.attention == "nabla" or (args.attention == "auto" and cfg.uses_nabla)
+    if nabla and env.device.type == "cuda":
+        from k5.kernels.flex import check_compiled_flex
+
+        check_compiled_flex()  # NABLA runs flex on CUDA: with dynamo off it would compute dense attention
     dims = plan_dims(args, cfg, env.world)
     open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
     adapters = tuple(open_adapter(spec) for spec in args.lora)
@@ -609,9 +614,11 @@ def check_memory(args, env: Env, job: Job):
     d = job.dims
     # The vision tower loads for an image prompt: an edit's source, or an I2V/I2I item's image when it is expanded.
     vision = any(it.request.image for it in job.items) and (job.image or job.expand)
+    # Several items on several ranks: the text source keeps its encoders on the device (run_job's keep_text; the
+    # items already finished are known only later, so all of them count here).
     return estimate_and_check(job.root, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
                               lm_head=job.expand, vision=vision, sp=d.sp_size, ulysses=d.ulysses, ring=d.ring,
-                              tp=d.tp)
+                              tp=d.tp, cfg_degree=d.cfg, dp=d.dp, keep_text=len(job.items) > 1)
 
 
 def run(args, env: Env, job: Job) -> int:

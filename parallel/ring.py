@@ -15,13 +15,18 @@ FlexAttention kernel next to nothing).
 
 No host sync on the hot path: padding is described by host ints (from the layout) plus a device mask built once by
 the caller, never read back from the device.
+
+Under torch.compile (a regionally compiled DiT block) the ring loop itself runs eagerly: its P2P calls break the
+graph anyway, and a graph break inside a loop makes dynamo skip the whole frame. What each step computes is
+compiled on its own, and the step index is none of its inputs: the callers decide per span, on the host, whether a
+step is skipped, masked or plain, and hand the loop a function and its tensors. A Python int argument would become
+a guard (src == 0, src == 1, ...): one recompile per ring step, and past dynamo's recompile limit eager steps. So a
+ring of any degree compiles its step once per shape and kind (plain, key-masked; NABLA: one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 
@@ -84,12 +89,17 @@ class RingComm:
         self._reqs = []
 
 
-AttendFn = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+@torch.compiler.disable(recursive=False)
+def _ring_loop(q, k, v, group, steps: list, stats, counters):
+    """Rotate K/V around the ring; ``steps[src]`` is what to do with span src's keys: None (nothing to attend), or
+    (fn, *tensors), and the step computes fn(q, k_src, v_src, *tensors) -> (out, lse).
 
-
-def _ring_loop(q, k, v, group, attend: AttendFn, stats, counters):
-    """Rotate K/V around the ring; ``attend(src_span, k, v)`` returns (out, lse), or None to skip the step."""
+    Eager even inside a compiled block (recursive=False: the step functions it calls are still compiled, see the
+    module docstring). Their extra tensors are made contiguous here, so every step hands its compiled function
+    inputs of the same strides."""
     R, g = dist.get_world_size(group), dist.get_rank(group)
+    if len(steps) != R:
+        raise ValueError(f"the ring of {R} ranks needs one step per span; got {len(steps)}")
     # Double buffer: step t computes on bufs[t % 2] while the next chunk arrives in the other one, which
     # step t-1 finished sending and computing on before its wait() returned.
     bufs = [torch.stack((k, v))]
@@ -102,9 +112,13 @@ def _ring_loop(q, k, v, group, attend: AttendFn, stats, counters):
         kv = bufs[t % 2]
         if t + 1 < R:
             comm.send_recv(kv, bufs[(t + 1) % 2])
-        block = attend((g - t) % R, kv[0], kv[1])
-        counters.count(skipped=block is None)
-        if block is not None:
+        step = steps[(g - t) % R]
+        counters.count(skipped=step is None)
+        if step is not None:
+            fn, *extra = step
+            block = fn(q, kv[0], kv[1], *(x.contiguous() for x in extra))
+            # The kernels' lse layouts differ (masked or not): a contiguous one keeps the merge at one variant.
+            block = block[0], block[1].contiguous()
             out, lse = (block[0].float(), block[1]) if out is None else merge_attention(out, lse, *block)
         if t + 1 < R:
             comm.wait()
@@ -130,14 +144,14 @@ def ring_dense_attention(q, k, v, group, padding: Padding | None = None, stats=N
                              f"{padding.valid} real of a mask {tuple(padding.mask.shape)}")
         spans = padding.mask.view(R, L)
 
-    def attend(src, k_, v_):
+    def step(src):
         if padding is None or (src + 1) * L <= padding.valid:
-            return dense_attention(q, k_, v_)
+            return (dense_attention,)
         if src * L >= padding.valid:  # all padding: nothing to attend
             return None
-        return dense_attention(q, k_, v_, key_mask=spans[src].expand(B, L))
+        return dense_attention, spans[src].expand(B, L)
 
-    return _ring_loop(q, k, v, group, attend, stats, counters)
+    return _ring_loop(q, k, v, group, [step(src) for src in range(R)], stats, counters)
 
 
 def _spans_with_work(rows, R: int) -> list[bool]:
@@ -179,10 +193,7 @@ def ring_nabla_attention(q, k, v, group, P, sta_rows, k_valid: int | None = None
         rows = rows & q_valid.to(rows.device)[:, None]
     nonempty = _spans_with_work(rows, R) if rows.device.type == "cpu" else None
 
-    def attend(src, k_, v_):
-        if nonempty is not None and not nonempty[src]:
-            return None
-        return block_sparse_attention(q, k_, v_, rows[..., src * nbl : (src + 1) * nbl].contiguous())
-
-    out, lse = _ring_loop(q, k, v, group, attend, stats, counters)
+    steps = [None if nonempty is not None and not nonempty[src] else
+             (block_sparse_attention, rows[..., src * nbl : (src + 1) * nbl]) for src in range(R)]
+    out, lse = _ring_loop(q, k, v, group, steps, stats, counters)
     return out, lse, rows

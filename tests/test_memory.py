@@ -112,23 +112,25 @@ def test_nabla_mask_term_counts_every_row_and_key_block_a_rank_builds():
 
     Ulysses 4, ring 1 (the catalogue's layout): 915 tiles a rank, but after the all-to-all a rank builds mask rows
     for 32/4 = 8 heads over its span's 4 * 915 = 3660 query tiles and all 3660 key tiles: E = 8 * 3660 * 3660 =
-    107164800 bools. At the kernel: the rows 1 + int64 tile indices 8 + int32 ones 4 = 13 bytes each: 1393142400;
+    107164800 bools. At the kernel: the rows 1 + int64 positions 8 + int32 indices 4 = 13 bytes each: 1393142400,
+    and the int32 tile counts of the 8 * 3660 rows (117120) and key-index ramp of 3660 (14640): 1393274160;
     building instead: the rows 1 and one top-CDF chunk (one head, 3660 * 3660 = 13395600 scores, 21 bytes each):
-    107164800 + 281307600 = 388472400, smaller. Plus the STA prior 3660 * 3660 = 13395600: 1406538000.
+    107164800 + 281307600 = 388472400, smaller. Plus the STA prior 3660 * 3660 = 13395600: 1406669760.
     (The old term counted 915 query tiles, a quarter of the rows: 811284416 with its fixed 2**24 * 26 chunk.)
 
     Ulysses 4, ring 2: 458 tiles a rank (3664 padded, 3660 real); 8 heads x 4 * 458 = 1832 query tiles x 3664 key
     tiles: E = 53699584. Kernel, per ring step on E/2 = 26849792: the rows E + the step's copy 1 + 12 index bytes
-    = 53699584 + 13 * 26849792 = 402746880. Building: the zero-filled padded rows E, the real columns' 8 * 1832 *
-    3660 = 53640960 and a chunk of two heads (2 * 1832 * 3660 = 13410240 scores x 21): 388955584, smaller. STA
-    3664 * 3664 = 13424896: 416171776. (Old term: 458 x 916 tiles, 483194752.)
+    = 53699584 + 13 * 26849792 = 402746880, the counts of 8 * 1832 rows 58624 and the ramp of 1832 key tiles 7328:
+    402812832. Building: the zero-filled padded rows E, the real columns' 8 * 1832 * 3660 = 53640960 and a chunk of
+    two heads (2 * 1832 * 3660 = 13410240 scores x 21): 388955584, smaller. STA 3664 * 3664 = 13424896: 416237728.
+    (Old term: 458 x 916 tiles, 483194752.)
     """
-    assert nabla_mask_bytes(8, 3660, 3660, 3660, ring=1) == 1393142400 + 13395600 == 1406538000
-    assert nabla_mask_bytes(8, 1832, 3664, 3660, ring=2) == 402746880 + 13424896 == 416171776
+    assert nabla_mask_bytes(8, 3660, 3660, 3660, ring=1) == 1393274160 + 13395600 == 1406669760
+    assert nabla_mask_bytes(8, 1832, 3664, 3660, ring=2) == 402812832 + 13424896 == 416237728
     pro = PRESETS["pro"]
     assert pro.num_heads == 32
     shape = Shape(241, 768, 1280)
-    for layout, mask in (((4, 1), 1406538000), ((4, 2), 416171776)):
+    for layout, mask in (((4, 1), 1406669760), ((4, 2), 416237728)):
         u, r = layout
         act = lambda nabla: dit_activation_bytes(pro, shape, torch.bfloat16, nabla, sp=u * r, ulysses=u, ring=r)  # noqa
         assert abs((act(True) - act(False)) - mask * 1.15) <= 2, layout  # 15 % headroom; two int() roundings
@@ -156,7 +158,7 @@ def test_nabla_mask_bytes_are_what_the_mask_code_allocates(monkeypatch, chunk, h
     """The count against the CPU allocator: one rank's mask as parallel/ring.py makes it (the rows, the & q_valid
     of sequence parallelism, each ring step's columns through flex.block_mask_from_tiles), measured by the torch
     profiler. The cached STA prior is built before; the pooled inputs are tiny (head dim 8). Tolerance 4 KiB: the
-    per-row tile counts and the profiler's own small allocations."""
+    profiler's own small allocations."""
     from k5.kernels import nabla
     from k5.kernels.flex import block_mask_from_tiles
 
@@ -325,3 +327,132 @@ def test_offload_model_and_released_text_encoders_give_the_same_latents():
     assert pipe.text.qwen is None and "text encoders" not in pipe.resident()
     with pytest.raises(RuntimeError, match="release"):
         pipe.generate(req)
+
+
+# ---- issue 19: Pro's weights, the kept text encoders, the decode's tile buffers, cuBLAS and NCCL ------------------
+
+
+def test_pro_weights_by_hand_and_per_tensor_parallel_rank():
+    """Pro's DiT from the architecture note's key list (section 2.9; D 4096, F 16384, Tm 1024, hd 128, 4 text and
+    60 visual blocks), fp32 where k5 keeps it (time embedding, modulation, q/k norms), bf16 elsewhere: 40.41 GiB, of
+    them 8.85 GiB fp32 modulation (not 38). Per rank at --tp-degree 8: the tensors the tp plan cuts at 1/8, the
+    replicated ones whole (embeddings, norms, the row-wise layers' biases, the final projection), instead of 1/8 of
+    everything."""
+    D, F, Tm, hd = 4096, 16384, 1024, 128
+    mod_visual, mod_text, mod_out = (9 * D * Tm + 9 * D) * 4, (6 * D * Tm + 6 * D) * 4, (2 * D * Tm + 2 * D) * 4
+    embed = ((Tm * D + Tm) + (Tm * Tm + Tm)) * 4 + (D * 3584 + D + 2 * D) * 2 + (Tm * 768 + Tm + 2 * Tm) * 2 \
+        + (D * 4 * 33 + D) * 2 + (64 * D + 64) * 2
+    # split by tp: q/k/v weights and biases, out weights, FFN, modulation; replicated: out biases, q/k norms
+    visual_split, visual_repl = (2 * (4 * D * D + 3 * D) + 2 * D * F) * 2 + mod_visual, 2 * D * 2 + 4 * hd * 4
+    text_split, text_repl = (4 * D * D + 3 * D + 2 * D * F) * 2 + mod_text, D * 2 + 2 * hd * 4
+    split = 60 * visual_split + 4 * text_split + mod_out
+    repl = 60 * visual_repl + 4 * text_repl + embed
+    assert split + repl == 43385792640 and round((split + repl) / GiB, 2) == 40.41
+    assert round((60 * mod_visual + 4 * mod_text + mod_out) / GiB, 2) == 8.85
+    root = tiny_checkpoint()
+    pro = PRESETS["pro"]
+    assert Weights.of_checkpoint(root, pro, torch.bfloat16, "cuda").dit == split + repl
+    assert Weights.of_checkpoint(root, pro, torch.bfloat16, "cuda", tp=8).dit == split // 8 + repl
+
+
+def test_text_source_keeps_the_encoders_through_a_parallel_batch():
+    """On more than one rank the text encoders sit on the text source, out of --offload's reach
+    (parallel/text_share.py): freed after a single video's encode (keep=False), kept on the device through a
+    batch (keep=True). The denoise and decode phases differ by exactly the encoders' bytes, whatever --offload says;
+    on one process --offload text keeps moving them off the device."""
+    root = tiny_checkpoint()
+    cfg = Kandinsky5Pipeline.read_config(root)
+    w = Weights(dit=10 * GiB, text=16 * GiB, vae=1 * GiB)
+    shape = [Shape(121, 512, 768)]
+    layout = dict(sp=2, ulysses=2)
+    for offload in ("none", "text"):
+        kept = estimate(w, cfg, shape, torch.bfloat16, "cuda", offload, False, root, keep_text=True, **layout)
+        freed = estimate(w, cfg, shape, torch.bfloat16, "cuda", offload, False, root, keep_text=False, **layout)
+        for phase in ("denoise", "decode"):
+            assert kept.phases[phase] - freed.phases[phase] == w.text, (offload, phase)
+        assert kept.phases["text"] == freed.phases["text"]
+    one = estimate(w, cfg, shape, torch.bfloat16, "cuda", "text", False, root, keep_text=True)
+    assert one.phases["denoise"] < one.phases["text"] - w.text + GiB
+
+
+def test_the_cli_counts_kept_encoders_for_a_batch_on_several_ranks(tmp_path, monkeypatch, no_loading):
+    """A prompt file of two items on two ranks (the launching process checks the memory on the CPU): the estimate
+    is asked with keep_text and the layout's degrees; one item: without keep_text."""
+    from k5.launch import workers
+
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    seen = []
+    real = memory.check_memory
+    monkeypatch.setattr(memory, "check_memory", lambda *a, **k: seen.append(k) or real(*a, **k))
+    monkeypatch.setattr(workers, "start_workers", lambda n, argv: 0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    assert main(["--nproc-per-node", "2", "--model", "tiny", "--prompts", str(prompts), "--device", "cpu",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    assert main(["--nproc-per-node", "2", "--model", "tiny", "--prompt", "a cat", "--device", "cpu",
+                 "--output", str(tmp_path / "cat.mp4")]) == 0
+    assert [k["keep_text"] for k in seen] == [True, False]
+    assert all(k["sp"] * k["tp"] * k["cfg_degree"] * k["dp"] == 2 for k in seen)
+
+
+def test_vae_gather_term_is_the_buffers_a_parallel_decode_allocates():
+    """Rank 0 of a decode split over 3 ranks (torch's fake process group: real tensors, no peers) holds its packed
+    tiles and 3 receive buffers of the largest rank's share; parallel_decode counts the decoded pixels it held on
+    the CPU (DecodeStats.peak_bytes: those buffers and the blended video, from the tensors' sizes). The estimate's
+    term, from the config and the library's tile sizes alone, is those buffers exactly; with one rank it is 0."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from k5.engine.vae import VideoVAE
+    from k5.parallel.vae_tiles import parallel_decode, plan_tiles
+
+    root = tiny_checkpoint()
+    ae = VideoVAE.from_pretrained(root / "vae", torch_dtype=torch.float32).vae
+    shape = Shape(17, 288, 288)  # latent 5 x 36 x 36: 2 temporal windows x 2 x 2 spatial tiles
+    latents = torch.randn(1, 5, 36, 36, ae.config.latent_channels)
+    assert len(plan_tiles(latents.shape, ae)) == 8
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=3)
+    try:
+        _, stats = parallel_decode(ae, latents, dst=0, to_uint8=False)
+    finally:
+        dist.destroy_process_group()
+    video = 3 * 17 * 288 * 288 * 4  # the blended fp32 video
+    assert stats.peak_kind == "cpu_tile_buffers" and stats.sent_bytes > 0
+    assert memory.vae_gather_bytes(root, shape, "cpu", 3) == stats.peak_bytes - video == 4 * stats.sent_bytes
+    assert memory.vae_gather_bytes(root, shape, "cpu", 1) == 0
+    # In the estimate: the decode phase of a parallel job holds them on top of the single-process decode.
+    cfg = Kandinsky5Pipeline.read_config(root)
+    w = Weights(dit=GiB, text=GiB, vae=GiB)
+    par = estimate(w, cfg, [shape], torch.float32, "cpu", "text", False, root, sp=3, ulysses=3)
+    alone = estimate(w, cfg, [shape], torch.float32, "cpu", "text", False, root)  # the decode: DiT and VAE alone
+    assert par.phases["decode"] - alone.phases["decode"] == 4 * stats.sent_bytes
+
+
+def test_cublas_and_nccl_terms_by_hand():
+    """On a GPU every phase holds cuBLAS's workspace (32 MiB + 1 MiB cuBLASLt, torch's defaults on sm90+) and, with
+    more than one process, NCCL's buffers: per communicator of several ranks and per all-to-all or ring peer
+    (documented constants in engine/memory.py). Hand-worked:
+      tp 8: world, item, replica, tp -> 4 communicators, no peers;
+      Ulysses 2 x ring 4: world, item, replica, sp, ulysses, ring -> 6, peers 1 + 2 (next and previous);
+      Ulysses 4 x ring 2: the same 6, peers 3 + 1 (in a ring of 2 the next rank is the previous one);
+      ring 2 alone: world, item, replica, sp, ring -> 5, one peer;
+      dp 2 of one rank each: the world's only.
+    None of it on the CPU, where gloo's buffers are small and host memory."""
+    C, P = memory.NCCL_COMMUNICATOR, memory.NCCL_PEER
+    assert memory.CUBLAS_WORKSPACE == 33 * 2**20
+    assert memory.nccl_bytes(tp=8) == 4 * C
+    assert memory.nccl_bytes(sp=8, ulysses=2, ring=4) == 6 * C + 3 * P
+    assert memory.nccl_bytes(sp=8, ulysses=4, ring=2) == 6 * C + 4 * P
+    assert memory.nccl_bytes(sp=2, ring=2) == 5 * C + P
+    assert memory.nccl_bytes(dp=2) == C and memory.nccl_bytes() == 0
+    root = tiny_checkpoint()
+    cfg = Kandinsky5Pipeline.read_config(root)
+    w = Weights(dit=GiB, text=GiB, vae=GiB)
+    shape = [Shape(9, 128, 128)]
+    for device_type, extra in (("cuda", memory.CUBLAS_WORKSPACE + 4 * C), ("cpu", 0)):
+        tp8 = estimate(w, cfg, shape, torch.bfloat16, device_type, "none", False, root, tp=8)
+        tp1 = estimate(w, cfg, shape, torch.bfloat16, device_type, "none", False, root)
+        base = memory.CUBLAS_WORKSPACE if device_type == "cuda" else 0
+        # tp 8 also splits the activations: compare the text phase, which holds none of them
+        assert tp8.phases["text"] - tp1.phases["text"] == extra - base, device_type

@@ -144,3 +144,95 @@ def test_ring_skips_empty_steps_four_ranks():
     _check_bytes(diag, [r[0] for r in res], R)
     _check_nabla(uneven, [r[1] for r in res])
     _check_bytes(uneven, [r[1] for r in res], R)
+
+
+# ---- under torch.compile: one compiled step serves every ring step (issue 19) ------------------------------------
+
+
+def _compiled_ring(rank, world_size, cases):
+    """Each case's ring attention inside a compiled function (static shapes, as engine.compile compiles a DiT
+    block), called twice, under a recompile limit of one shape's variants that raises when hit; and eagerly.
+    Returns the outputs, the frames dynamo compiled in each call, and the compiled variants of the per-step
+    functions (dense_attention, block_sparse_attention, merge_attention)."""
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.testing import CompileCounter
+
+    from k5.engine.compile import variants_per_shape
+    from k5.kernels.merge import merge_attention
+
+    dims = ParallelDims(ring=world_size)
+    dims.build_mesh("cpu")
+    group = dims.ring_group
+    results = []
+    for case in cases:
+        torch._dynamo.reset()
+        layout = SequenceLayout(case["num_tokens"], world_size)
+        ql, kl, vl = (layout.shard(x, 1, rank) for x in case["qkv"])
+        if case["spec"] is None:
+            padding = Padding(layout.num_tokens, layout.token_valid()) if layout.pad else None
+
+            def attend(q, k, v):
+                return ring_dense_attention(q, k, v, group, padding)
+        else:
+            spec, nbl = case["spec"], layout.shard_blocks
+            pad = layout.padded_blocks - layout.num_blocks
+            sta = F.pad(sta_block_mask(*case["grid"], spec.wT, spec.wH, spec.wW), (0, pad, 0, pad))
+            q_valid = layout.block_valid(rank * nbl, nbl)
+
+            def attend(q, k, v):
+                return ring_nabla_attention(q, k, v, group, spec.P, sta[rank * nbl : (rank + 1) * nbl],
+                                            k_valid=layout.num_blocks, q_valid=q_valid)[:2]
+
+        def block(q, k, v):  # work before and after the attention, as in a DiT block
+            out, lse = attend(q * 0.5, k, v)
+            return out + 1.0, lse
+
+        counter = CompileCounter()  # dynamo's graphs, run as captured: what is compiled and how often
+        compiled = torch.compile(block, backend=counter, dynamic=False)
+        eager = block(ql, kl, vl)
+        frames = []
+        with dynamo_config.patch(recompile_limit=variants_per_shape(ring=world_size),
+                                 fail_on_recompile_limit_hit=True):
+            for _ in range(2):
+                before = counter.frame_count
+                out = compiled(ql, kl, vl)
+                frames.append(counter.frame_count - before)
+        variants = {fn.__name__: len(_debug_get_cache_entry_list(fn.__code__))
+                    for fn in (dense_attention, block_sparse_attention, merge_attention)}
+        results.append(dict(out=[layout.unshard(x, d, group) for x, d in zip(out, (1, 2))],
+                            eager=[layout.unshard(x, d, group) for x, d in zip(eager, (1, 2))],
+                            frames=frames, variants=variants))
+    return results
+
+
+def test_compiled_ring_compiles_each_step_kind_once_three_ranks():
+    """Three ring ranks under torch.compile (dynamo, its graphs counted and run as captured: recompiles are dynamo's
+    decision, whatever backend then generates the code). Dense without padding: three steps alike, one compiled
+    step; dense with padding (200 tokens in 3 spans of 128: one full span, one partial, one all padding): a plain
+    and a key-masked step, the empty span skipped; NABLA: one step. No code object needs more compiled variants than
+    one shape's allowance (engine.compile.variants_per_shape, made the recompile limit, with hitting it an error),
+    whatever the ring degree: the step index never reaches a compiled frame (before issue 19 each step was a
+    recompile of its own, three here). The second call compiles nothing, and the output equals the eager one (same
+    kernels; tolerance 1e-6) and, for the plain case, one process's dense attention (TOL)."""
+    cases = [
+        dict(num_tokens=384, grid=None, spec=None, qkv=_qkv(384, 11)),
+        dict(num_tokens=200, grid=None, spec=None, qkv=_qkv(200, 12)),
+        _nabla_case(384, (3, 2, 1), NablaSpec(P=0.7, wT=3, wH=3, wW=1), seed=13),
+    ]
+    res = run_distributed(_compiled_ring, 3, cases)
+    for r in res:
+        plain, padded, nabla = r
+        for case in (plain, padded, nabla):
+            assert case["frames"][0] > 0 and case["frames"][1] == 0, case["frames"]
+            for got, want in zip(case["out"], case["eager"]):
+                assert rel_err(got, want) <= 1e-6
+        assert plain["variants"]["dense_attention"] == 1 and plain["variants"]["merge_attention"] == 1
+        assert padded["variants"]["dense_attention"] == 2  # plain and key-masked
+        assert nabla["variants"]["block_sparse_attention"] == 1
+    # And it is the attention: the plain case against one process's dense attention on the whole sequence.
+    q, k, v = cases[0]["qkv"]
+    ref_out, ref_lse = dense_attention(q * 0.5, k, v)
+    for r in res:
+        assert rel_err(r[0]["out"][0] - 1.0, ref_out) <= TOL and rel_err(r[0]["out"][1], ref_lse) <= TOL
