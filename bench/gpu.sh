@@ -30,7 +30,8 @@
 #                             select alike recorded beside it
 #   pro-5s-dense.json         Pro 5 s 512x768 dense forward, compiled
 #   attention-lite-10s.json   dense vs NABLA kernels at the Lite 10 s length at P 0.05, 0.1, 0.2, densities measured
-#                             from the masks
+#                             from the masks; and the NABLA flex kernel under the old options (64x64 tiles only)
+#                             against k5's (tiles, 4 warps, stages) at Pro's head dim 128, P 0.05
 #   host-syncs.json           one CFG denoising step of each shape above (Lite, Lite 10 s NABLA, Pro; 2 visual
 #                             blocks each, eager) through the sampler under torch.cuda.set_sync_debug_mode("error"):
 #                             every device-to-host sync in the step loop, by its line in the checkout (python -m
@@ -58,7 +59,7 @@ SETUP_S=25             # before the first step: the carried wheels' install, the
 END_S=15               # after the last step: the summary, the file count, the log's flush
 MARGIN_S=20            # timeout's kill grace past a cap (5 s), and slack
 # name:cap, in run order (seconds on an H200; estimates, see bench/results/README.md)
-PLAN=(env:35 lite-5s-dense:135 lite-10s-nabla:130 pro-5s-dense:125 attention-lite-10s:40 host-syncs:40 cli-tiny:35)
+PLAN=(env:35 lite-5s-dense:125 lite-10s-nabla:120 pro-5s-dense:115 attention-lite-10s:70 host-syncs:40 cli-tiny:35)
 ONLY=${ONLY:-}  # space-separated step names: run only these (a rerun); empty: all
 selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 for name in $ONLY; do
@@ -268,7 +269,8 @@ echo "== 4. Pro 5 s 512x768 dense"
 bench pro-5s-dense "${PRO[@]}" "${SD5[@]}" --dtype $DTYPE "${COMPILE[@]}" --vae none "${PRO_REPEAT[@]}"
 
 echo "== 5. dense vs NABLA attention kernels at the Lite 10 s length"
-bench attention-lite-10s attention "${SD10[@]}" "${HEADS[@]}" --P-list 0.05 0.1 0.2 --dtype $DTYPE --repeat 5
+bench attention-lite-10s attention "${SD10[@]}" "${HEADS[@]}" --P-list 0.05 0.1 0.2 --dtype $DTYPE --repeat 5 \
+    --compare-flex-options default k5
 
 echo "== 6. device-to-host syncs in one denoising step of each shape (torch.cuda.set_sync_debug_mode)"
 step host-syncs "$PY" -m k5.bench syncs "${SYNC_CASES[@]}" --dtype $DTYPE "${DEVARG[@]}" --out "$OUTDIR" \

@@ -617,6 +617,7 @@ def run_attention(args) -> dict:
                      "kernel_over_density_x_dense": kernel / (density * dense),
                      "nabla_s": fast.spread(full_runs), "kernel_s": fast.spread(kernel_runs),
                      "rel_err_vs_masked_dense": err, "query_tiles_checked": rows_checked // 64})
+    flex_compare = compare_flex_options(args, S, T, H, W, device, dtype) if args.compare_flex_options else None
     kind = "cuda" if device.type == "cuda" else "cpu"
     name = args.name or f"{kind}-attention-{args.height}x{args.width}x{args.frames}-h{args.heads}-{args.dtype}"
     fl = flops.attention_flops(1, args.heads, S, S, args.head_dim)
@@ -626,8 +627,45 @@ def run_attention(args) -> dict:
                                        "flex_options": args.flex_options},
               "dense": {"s": dense, "tflops": fl / dense / 1e12, "dense_s": fast.spread(dense_runs)},
               "nabla": rows, "env": report.environment(device, args.argv)}
+    if flex_compare is not None:
+        result["flex_options_compare"] = flex_compare
     result["unstable"] = unstable_series(result)
     return result
+
+
+def compare_flex_options(args, S, T, H, W, device, dtype) -> dict:
+    """The block-sparse kernel at the first --P-list value under each of the given flex kernel option sets
+    (kernels/flex.py kernel_options), at --compare-head-dim: the choice issue 19 leaves to a GPU measurement. The
+    options set only the CUDA kernel; on a CPU the template reads the tiles alone, so nothing is compared there."""
+    from k5.kernels.flex import flex_options, kernel_options
+
+    if device.type != "cuda":
+        return {"measured": False, "why": "not measured on CPU: the CPU flex template reads only the tile sizes"}
+    D, P = args.compare_head_dim, args.P_list[0]
+    g = torch.Generator(device=device).manual_seed(args.seed + 1)
+    q, k, v = (torch.randn(1, S, args.heads, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+    spec = NablaSpec(P=P)
+    sta = sta_block_mask(T, H // 8, W // 8, spec.wT, spec.wH, spec.wW, device=device)
+    mask = nabla_block_mask(pool_blocks(q), pool_blocks(k), sta, P)
+    before, rows = flex_options(), []
+    try:
+        with nabla_backend("flex"):
+            reference = None
+            for choice in args.compare_flex_options:
+                set_flex_options(choice)
+                runs = fast.time_calls(lambda: block_sparse_attention(q, k, v, mask, return_lse=False), device, 1,
+                                       args.repeat)
+                out = block_sparse_attention(q, k, v, mask, return_lse=False)[0].float()
+                reference = out if reference is None else reference
+                options = kernel_options(D, dtype, torch.cuda.get_device_capability(device), choice)
+                rows.append({"options": choice, "kernel_options": options,
+                             "s_block_sparse_kernel": median(runs), "kernel_s": fast.spread(runs),
+                             "rel_err_vs_first": rel_err(out, reference)})
+    finally:
+        set_flex_options(before)
+    best = min(rows, key=lambda r: r["s_block_sparse_kernel"])["options"]
+    return {"measured": True, "P": P, "head_dim": D, "heads": args.heads, "density": mask.float().mean().item(),
+            "rows": rows, "fastest": best}
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -654,6 +692,11 @@ def parser() -> argparse.ArgumentParser:
                         "from inductor's default config: k5 before issue 19), autotune inductor times the candidates "
                         "whose tiles divide 64 at compile time")
     p.add_argument("--P-list", type=float, nargs="+", default=[0.02, 0.1, 0.5], help="attention: NABLA P values")
+    p.add_argument("--compare-flex-options", nargs="+", default=None, choices=list(FLEX_OPTIONS),
+                   help="attention, CUDA: also time the block-sparse kernel at the first --P-list value under each of "
+                        "these flex kernel option sets (e.g. default k5 autotune)")
+    p.add_argument("--compare-head-dim", type=int, default=128,
+                   help="attention: head dim of --compare-flex-options (128: Pro's, where the old pins kept 8 warps)")
     p.add_argument("--heads", type=int, default=2, help="attention: heads")
     p.add_argument("--head-dim", type=int, default=64, help="attention: head dim")
     p.add_argument("--check-tiles", type=int, default=8, help="attention: query tiles checked vs masked dense")

@@ -101,9 +101,20 @@ def summarize(out: Path, smoke: bool, peak: float, peak_source: str, failed: lis
                    "<=", f"{ratio:.2f}x density x dense, rel err {row['rel_err_vs_masked_dense']:.1e}")
     else:
         target("NABLA kernel vs density x dense", None, "x", 1.3, "<=", "")
+    rows.append(flex_choice((att or {}).get("flex_options_compare")))
     rows.append(host_syncs(runs.get("host-syncs"), smoke))
     lines += ["| what | measured | target |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"
+
+
+def flex_choice(c: dict | None) -> tuple[str, str, str]:
+    """The flex kernel options compared at Pro's head dim (bench/run.py --compare-flex-options): a choice to make
+    from the measurement, not a target; k5's default stays "k5" until a GPU run says otherwise."""
+    name, want = "NABLA flex kernel options (head dim 128)", "the fastest becomes kernels/flex.py's default"
+    if not c or not c.get("measured"):
+        return name, (c or {}).get("why", "not measured"), want
+    shown = ", ".join(f"{r['options']} {r['s_block_sparse_kernel'] * 1e3:.2f} ms" for r in c["rows"])
+    return name, f"{shown} at P {c['P']} (density {c['density']:.3f}); fastest: {c['fastest']}", want
 
 
 def host_syncs(r: dict | None, smoke: bool) -> tuple[str, str, str]:

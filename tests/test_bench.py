@@ -59,8 +59,17 @@ def test_nabla_density_from_the_masks(tmp_path):
 
 def test_attention_subcommand_checks_nabla_against_masked_dense():
     r = main(["attention", "--height", "384", "--width", "384", "--frames", "5", "--heads", "2", "--head-dim", "16",
-              "--P-list", "0.3", "1.0", "--no-save", *FAST])
+              "--P-list", "0.3", "1.0", "--no-save", "--compare-flex-options", "default", "k5", *FAST])
     assert r["config"]["tokens"] == 1152
+    # the flex kernel options set only the CUDA kernel: a CPU run says it compared nothing, and the summary says so
+    assert r["flex_options_compare"]["measured"] is False and "CPU" in r["flex_options_compare"]["why"]
+    from k5.bench.summary import flex_choice
+
+    assert "not measured on CPU" in flex_choice(r["flex_options_compare"])[1]
+    gpu = {"measured": True, "P": 0.05, "density": 0.2, "fastest": "k5",
+           "rows": [{"options": "default", "s_block_sparse_kernel": 0.004},
+                    {"options": "k5", "s_block_sparse_kernel": 0.003}]}
+    assert flex_choice(gpu)[1] == "default 4.00 ms, k5 3.00 ms at P 0.05 (density 0.200); fastest: k5"
     low, full = r["nabla"]
     assert low["rel_err_vs_masked_dense"] <= 1e-5 and full["rel_err_vs_masked_dense"] <= 1e-5
     assert full["density"] == 1.0 and 0 < low["density"] < 1.0
