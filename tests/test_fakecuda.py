@@ -13,7 +13,8 @@ layout the planner accepts on 8 ranks x every shape, ranks 0 and 7, every visual
 
     K5_FAKECUDA=full .venv/bin/python -m pytest -q -n 2 tests/test_fakecuda.py -k full_matrix
 
-(about 4 shapes x 26-30 layouts x 2 ranks; tens of minutes on 2 cores).
+(224 cases: 4 shapes x the 26 Lite or 30 Pro layouts x 2 ranks, each under 20 s; 20 minutes with -n 2 on an idle
+2-core machine, all passing when this was written).
 """
 
 import os
