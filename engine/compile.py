@@ -14,8 +14,9 @@ compiled once per shape and kind (plain, or key-masked for a padded span) and ne
 
 Everything here works with and without parallelism: sequence-parallel and tensor-parallel collectives inside a
 block are traced or become graph breaks, both keep the result exact. The byte counters of the collectives
-(parallel/comm_stats.py) and the ring's step counters run eagerly, a graph break each: traced, dynamo would guard on
-their values and recompile at every call. What a block closes over must not change between calls either: caches
+(parallel/comm_stats.py) and the ring's step counters go through one effectful custom op (k5::tally), traced into the
+graph without a break and without guards on their values. What a block closes over must not change between calls
+either: caches
 filled inside a block are lru caches (parallel/usp.py), not dicts dynamo would guard on.
 """
 

@@ -11,6 +11,7 @@ dtype. Parallelism is applied from outside (k5.parallel) through two attributes 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +42,33 @@ def rope_angles_3d(grid: tuple[int, int, int], axes_dims, scale_factor, device) 
         shape[axis] = n
         parts.append(a.view(shape).expand(T, H, W, d // 2))
     return torch.cat(parts, -1)
+
+
+class DeviceTables:
+    """Tables a forward needs on the compute device (time frequencies, RoPE cos/sin), built there once per shape and
+    device and reused by every later forward. Built from host data at every forward they cost a blocking
+    host-to-device copy each (a copy from pageable host memory synchronises the stream): about 11 per CFG step.
+    Keeps the ``size`` most recently used entries (a batch job of many shapes does not pile them up)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, key, build: Callable[[], object]):
+        entry = self._entries.get(key)
+        if entry is None:
+            # Plain tensors even under inference_mode: a later forward with autograd on may still use them.
+            with torch.inference_mode(False), torch.no_grad():
+                entry = build()
+            self._entries[key] = entry
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        return entry
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -189,9 +217,15 @@ class TimeEmbeddings(nn.Module):
         self.model_dim = model_dim
         self.in_layer = nn.Linear(model_dim, time_dim)
         self.out_layer = nn.Linear(time_dim, time_dim)
+        self.freqs = DeviceTables(2)
+
+    def _device_freqs(self, device) -> Tensor:
+        # Computed on the host, as the original computes them, and copied to the device once.
+        return get_freqs(self.model_dim // 2).to(device)
 
     def forward(self, t: Tensor) -> Tensor:
-        args = t.float()[:, None] * get_freqs(self.model_dim // 2).to(t.device)[None]
+        freqs = self.freqs.get(t.device, lambda: self._device_freqs(t.device))
+        args = t.float()[:, None] * freqs[None]
         emb = torch.cat([args.cos(), args.sin()], -1)  # cos first
         return self.out_layer(F.silu(self.in_layer(emb)))
 
@@ -254,6 +288,8 @@ class Kandinsky5DiT(nn.Module):
         self.tokens = LocalTokens()
         self.visual_attention = LocalAttention(self.default_nabla())
         self.lora_adapters: tuple[LoraAdapter, ...] = ()  # merged into the weights (engine.lora.switch_adapters)
+        # RoPE cos/sin on the device: text ones per text length (an edit's two prompts differ), visual ones per grid.
+        self.text_rope, self.visual_rope = DeviceTables(4), DeviceTables(2)
 
     def default_nabla(self, P: float | None = None) -> NablaSpec | None:
         cfg = self.config
@@ -307,6 +343,24 @@ class Kandinsky5DiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual_embeddings.in_layer.weight.dtype
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half(): tables of the old placement must not stay on a device the model left (offload).
+        for tables in (self.text_rope, self.visual_rope, self.time_embeddings.freqs):
+            tables.clear()
+        return super()._apply(fn, recurse)
+
+    def _text_rope(self, length: int, device) -> tuple[Tensor, Tensor]:
+        angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * \
+            get_freqs(self.config.head_dim // 2).to(device)[None]
+        return angles.cos(), angles.sin()
+
+    def _visual_rope(self, grid: TokenGrid, scale_factor, device) -> tuple[Tensor, Tensor]:
+        """cos/sin of this rank's visual tokens, in the token order and sharding of the forward."""
+        angles = rope_angles_3d((grid.T, grid.H, grid.W), self.config.axes_dims, scale_factor, device)
+        angles = to_fractal(angles[None])[0] if grid.fractal else angles.flatten(0, 2)
+        angles = self.tokens.scatter(angles, dim=0)
+        return angles.cos(), angles.sin()
+
     def forward(self, x: Tensor, text_embeds: Tensor, pooled_embeds: Tensor, timestep: Tensor,
                 scale_factor: tuple[float, float, float] = (1.0, 2.0, 2.0), text_mask: Tensor | None = None,
                 visual_stack: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None) -> Tensor:
@@ -332,9 +386,7 @@ class Kandinsky5DiT(nn.Module):
         text = self.text_embeddings(text_embeds.to(dtype))
         # A mask without padding is the caller's to drop (the pipeline does, once per item): checking it here would
         # be a device sync in every forward.
-        angles = torch.arange(text.shape[1], device=x.device, dtype=torch.float32)[:, None] * \
-            get_freqs(cfg.head_dim // 2).to(x.device)[None]
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = self.text_rope.get((text.shape[1], x.device), lambda: self._text_rope(text.shape[1], x.device))
         for block in self.text_transformer_blocks:
             text = block(text, time_embed, cos, sin, text_mask)
 
@@ -345,14 +397,10 @@ class Kandinsky5DiT(nn.Module):
                 f"{H}x{W}: use another size or --attention dense"
             )
         visual = self.visual_embeddings(x.to(dtype))
-        angles = rope_angles_3d((grid.T, grid.H, grid.W), cfg.axes_dims, scale_factor, x.device)
-        if grid.fractal:
-            visual, angles = to_fractal(visual), to_fractal(angles[None])[0]
-        else:
-            visual, angles = visual.flatten(1, 3), angles.flatten(0, 2)
-        visual = self.tokens.scatter(visual)
-        angles = self.tokens.scatter(angles, dim=0)
-        cos, sin = angles.cos(), angles.sin()
+        visual = to_fractal(visual) if grid.fractal else visual.flatten(1, 3)
+        visual = self.tokens.scatter(visual)  # first: it fixes the layout that the angles are sharded by
+        key = (grid, tuple(scale_factor), x.device, self.tokens)
+        cos, sin = self.visual_rope.get(key, lambda: self._visual_rope(grid, scale_factor, x.device))
 
         def run(visual: Tensor) -> Tensor:
             for block in self.visual_transformer_blocks:

@@ -54,16 +54,17 @@ class FastPath:
 
 
 def setup_fast_path(dit, device: torch.device, compile: bool, attention_backend: str = "auto",
-                    distinct_shapes: int = 1, ring: int = 1) -> FastPath:
+                    distinct_shapes: int = 1, ring: int = 1, attention_calls=()) -> FastPath:
     """Choose the dense attention kernel (kernels.attention) and compile the DiT's blocks (engine.compile).
 
     ``distinct_shapes``: how many video shapes the job holds, so dynamo keeps a compiled variant for each
     instead of falling back to eager blocks past its default recompile limit; ``ring``: the ring degree, whose
-    compiled steps need their own variants (engine.compile.variants_per_shape).
+    compiled steps need their own variants (engine.compile.variants_per_shape). ``attention_calls``: this rank's
+    attention calls at the job's sizes (kernels.attention.AttentionCall), which the kernels are probed on.
     """
     from k5.kernels.attention import resolve_dense_backend, set_dense_backend
 
-    backend = resolve_dense_backend(attention_backend, device, dit.dtype, dit.config.head_dim)
+    backend = resolve_dense_backend(attention_backend, device, dit.dtype, dit.config.head_dim, attention_calls)
     set_dense_backend(backend if backend != "cpu" else "auto")
     if compile:
         allow_variants(distinct_shapes, ring)

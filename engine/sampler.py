@@ -74,9 +74,12 @@ def sample(velocity: Velocity, noise: Tensor, cond: Conditioning, uncond: Condit
     run = compose(step_chain(chain, guided), velocity)
     ts = timesteps(steps, shift)
     x = noise.float()
+    # The DiT's times, copied to the device once, before the loop: a copy from pageable host memory at every step
+    # would synchronise the stream. The step sizes stay host scalars (a CPU 0-dim operand is passed by value).
+    t_device = (ts[:-1] * 1000).to(x.device)
     for i in range(steps):
         inp = model_input(x, visual_cond, first_frame)
-        t = (ts[i] * 1000).expand(x.shape[0]).to(x.device)
+        t = t_device[i].expand(x.shape[0])
         v = run(StepCall(inp, t, i, steps, guidance_scale, cond, uncond))
         x = x + (ts[i + 1] - ts[i]) * v
         if on_step is not None:

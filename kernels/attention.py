@@ -16,6 +16,8 @@ kernel of the device: cuDNN on Hopper and newer when it runs and agrees with the
 calls (text cross-attention, padded ring chunks) always take the memory-efficient kernel, which takes a bias.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -35,15 +37,49 @@ def dense_backend() -> str:
     return _dense_backend
 
 
-def resolve_dense_backend(name: str, device, dtype: torch.dtype, head_dim: int) -> str:
+@dataclass(frozen=True)
+class AttentionCall:
+    """A dense attention call of a run, as the probe repeats it: ``q_len`` queries over ``kv_len`` keys, ``heads``
+    heads, with a key mask (the text's, a padded ring chunk's) or without, through ``attention`` (the DiT's calls)
+    or, with ``lse``, ``dense_attention`` (a ring chunk's)."""
+
+    q_len: int
+    kv_len: int
+    heads: int
+    masked: bool = False
+    lse: bool = False
+
+    def __str__(self) -> str:
+        mask = "with a key mask" if self.masked else "without a mask"
+        return f"{self.q_len} queries x {self.kv_len} keys x {self.heads} heads {mask}{' (with lse)' * self.lse}"
+
+
+# The probe's own small call, always run first; the run's calls come from the launcher (engine.fastpath).
+SMALL_CALL = AttentionCall(200, 200, 2, lse=True)
+PROBE_HEADS = 2  # at most: the run's lengths matter; more heads would only cost memory next to the weights
+PROBE_ROWS = 64  # query rows at each end of the sequence compared with the fp32 reference
+
+
+def resolve_dense_backend(name: str, device, dtype: torch.dtype, head_dim: int, calls=()) -> str:
     """The concrete backend ``name`` stands for on ``device``: "auto" becomes cuDNN on sm90+ in half precision
     when a probe runs it and it agrees with the math kernel (bf16 tolerance), else flash; on the CPU every choice
-    is the fused CPU kernel ("cpu"). A named backend is probed too, so an unusable choice fails here, at setup."""
+    is the fused CPU kernel ("cpu"). A named backend is probed too, so an unusable choice fails here, at setup.
+
+    ``calls``: the run's attention calls (``AttentionCall``), probed at their real lengths besides a small one,
+    because a kernel may fail or go wrong only at a length (S around 119k for Pro HD) a small probe never reaches.
+    Calls with a key mask take the same kernels whatever the backend (memory-efficient, or torch's own choice in
+    ``attention``): one of those that fails raises ValueError, since no choice of backend avoids it."""
     device = torch.device(device)
     if name not in DENSE_BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {', '.join(DENSE_BACKENDS)}")
     if device.type != "cuda":
         return "cpu"
+    calls = sorted(set(calls), key=lambda c: (c.masked, c.q_len, c.kv_len, c.heads))
+    for call in (c for c in calls if c.masked):
+        err = _probe("auto", device, dtype, head_dim, call)
+        if err is not None:
+            raise ValueError(f"attention of {call} (the masked kernels, whatever --attention-backend) fails on "
+                             f"{device} for {dtype} head dim {head_dim}: {err}")
     half = dtype in (torch.float16, torch.bfloat16)
     if name == "auto":
         candidates = (["cudnn"] if torch.cuda.get_device_capability(device) >= (9, 0) else []) + ["flash"]
@@ -52,7 +88,9 @@ def resolve_dense_backend(name: str, device, dtype: torch.dtype, head_dim: int) 
         candidates = [name]
     errors = []
     for cand in candidates:
-        err = _probe(cand, device, dtype if half or cand in ("efficient", "math") else torch.bfloat16, head_dim)
+        probe_dtype = dtype if half or cand in ("efficient", "math") else torch.bfloat16
+        err = next((f"{call}: {e}" for call in [SMALL_CALL, *(c for c in calls if not c.masked)]
+                    if (e := _probe(cand, device, probe_dtype, head_dim, call)) is not None), None)
         if err is None:
             return cand
         errors.append(f"{cand}: {err}")
@@ -62,24 +100,52 @@ def resolve_dense_backend(name: str, device, dtype: torch.dtype, head_dim: int) 
                      f"{'; '.join(errors)}; use --attention-backend auto")
 
 
-def _probe(name: str, device, dtype, head_dim: int) -> str | None:
-    """None if ``name`` runs a small attention with lse that matches the math kernel, else why not."""
+def probe_inputs(call: AttentionCall, device, dtype, head_dim: int):
+    """Seeded q, k, v [1, S, H, D] of ``call`` (at most PROBE_HEADS heads) and its key mask: the last quarter of
+    the keys masked, as a short prompt or a padded chunk leaves them (None without a mask)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    heads = min(call.heads, PROBE_HEADS)
+    q = torch.randn(1, call.q_len, heads, head_dim, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(1, call.kv_len, heads, head_dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+    mask = None
+    if call.masked:
+        mask = torch.arange(call.kv_len, device=device)[None] < max(1, call.kv_len - call.kv_len // 4)
+    return q, k, v, mask
+
+
+def probe_rows(q_len: int, device) -> torch.Tensor:
+    """The query rows the probe checks: PROBE_ROWS at each end (every row of a short call)."""
+    if q_len <= 2 * PROBE_ROWS:
+        return torch.arange(q_len, device=device)
+    return torch.cat([torch.arange(PROBE_ROWS, device=device), torch.arange(q_len - PROBE_ROWS, q_len, device=device)])
+
+
+def disagreement(out, lse, ref_out, ref_lse) -> str | None:
+    """None when out [B,S,H,D] (and lse [B,H,S] unless None) match the reference within bf16 tolerance, else what
+    differs. One host read when they match (the verdict), more only to word a failure."""
+    err = (out.double() - ref_out.double()).norm() / ref_out.double().norm()
+    lse_err = torch.zeros((), device=out.device) if lse is None else (lse.double() - ref_lse.double()).abs().max()
+    if bool(torch.isfinite(out).all() & (err <= 2e-2) & (lse_err <= 1e-2)):
+        return None
+    return f"disagrees with the math kernel (relative error {float(err):.1e}, lse {float(lse_err):.1e})"
+
+
+def _probe(name: str, device, dtype, head_dim: int, call: AttentionCall = SMALL_CALL) -> str | None:
+    """None if ``name`` runs ``call`` with an lse that matches the fp32 reference on the rows of probe_rows, else
+    why not."""
     old = _dense_backend
     try:
         set_dense_backend(name)
-        g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(1, 200, 2, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
-        out, lse = dense_attention(q, k, v)
-        ref_out, ref_lse = _dense_explicit(*(t.transpose(1, 2) for t in (q, k, v)), None)
-        err = (out.double().transpose(1, 2) - ref_out.double()).norm() / ref_out.double().norm()
-        lse_err = (lse.double() - ref_lse.double()).abs().max()
-        if not bool(torch.isfinite(out).all()) or err > 2e-2 or lse_err > 1e-2:
-            return f"disagrees with the math kernel (relative error {float(err):.1e}, lse {float(lse_err):.1e})"
-        return None
+        q, k, v, mask = probe_inputs(call, device, dtype, head_dim)
+        out, lse = dense_attention(q, k, v, key_mask=mask) if call.lse else (attention(q, k, v, key_mask=mask), None)
+        rows = probe_rows(call.q_len, q.device)
+        ref_out, ref_lse = _dense_explicit(q[:, rows].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return disagreement(out[:, rows], None if lse is None else lse[:, :, rows], ref_out.transpose(1, 2), ref_lse)
     except Exception as e:  # noqa: BLE001 - a backend this build or device lacks: try the next
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     finally:
         set_dense_backend(old)
+
 
 # Query rows per step of the explicit fallback: bounds the [B, H, chunk, Sk] fp32 score buffer.
 _FALLBACK_Q_CHUNK = 1024

@@ -378,9 +378,34 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
         rt.chain = [MagCache(job.ratios)]
     shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
     rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes),
-                              ring=s.dims.ring)
+                              ring=s.dims.ring, attention_calls=attention_calls(rt, shapes))
     rt.count_forwards()
     return rt
+
+
+def attention_calls(rt, shapes) -> list:
+    """This rank's dense attention calls at the job's sizes, which the kernels are probed on before the first step:
+    text self-attention and cross-attention (with and without the text mask: a prompt that fills the budget has
+    none) and the visual self-attention unless NABLA runs it (a ring chunk's, masked where the sequence is padded)."""
+    from k5.kernels.attention import AttentionCall
+    from k5.parallel.layout import SequenceLayout
+
+    cfg, d = rt.pipe.dit.config, rt.dims
+    heads, text = cfg.num_heads // d.tp, 512 if rt.image else 256
+    calls = []
+    for frames, height, width in shapes:
+        tokens = ((frames - 1) // 4 + 1) * ((height or 1024) // 16) * ((width or 1024) // 16)  # image: a 1024 bucket
+        layout = SequenceLayout(tokens, d.sp_size)
+        local = layout.shard_len if d.sp_size > 1 else tokens
+        for masked in (False, True):
+            calls += [AttentionCall(text, text, heads, masked), AttentionCall(local, text, heads, masked)]
+        if rt.pipe.dit.nabla is None and d.sp_size == 1:
+            calls.append(AttentionCall(tokens, tokens, heads))
+        elif rt.pipe.dit.nabla is None:
+            span = local * d.ulysses  # a ring chunk: one span's tokens after the all-to-all, the rank's heads
+            calls += [AttentionCall(span, span, heads // d.ulysses, masked, lse=True)
+                      for masked in ((False, True) if layout.pad else (False,))]
+    return calls
 
 
 @dataclass

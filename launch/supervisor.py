@@ -12,7 +12,9 @@ limit; or a job is stopped and its ranks end with different exit codes.
 - SIGTERM / SIGINT only set a flag (``k5.launch.signals``), which the watchdog passes to every rank. At each
   denoising step and between items the ranks that share an item agree on stopping (one all-reduce of one number:
   the highest signal any of them has seen), so they stop together and with the same signal; the item in progress
-  is discarded, finished ones stay.
+  is discarded, finished ones stay. The number lives in host memory and travels over a gloo group of the same
+  ranks: over NCCL it would be a device tensor built from host data and read back with ``.item()`` at every step,
+  two blocking transfers that stall the launch queue (the hosts still meet at each step, the devices never wait).
 - ``finish`` waits on the store until every rank is done and then hands every rank the same account of the job
   (items finished, stop signal, each rank's report), so every rank ends with the same exit code.
 """
@@ -45,6 +47,16 @@ def init_distributed(timeout_s: float, device: torch.device) -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
+def host_group(group, timeout_s: float):
+    """A group of ``group``'s ranks whose collectives take host memory: ``group`` itself unless it is NCCL's, else a
+    gloo twin of it. Only its members call this (use_local_synchronization), all at the same point; item groups are
+    disjoint, so no two creations interleave."""
+    if dist.get_backend(group) != dist.Backend.NCCL:
+        return group
+    return dist.new_group(dist.get_process_group_ranks(group), backend="gloo", timeout=timedelta(seconds=timeout_s),
+                          use_local_synchronization=True)
+
+
 @dataclass
 class Outcome:
     """The job as every rank sees it once all are done."""
@@ -64,6 +76,7 @@ class Supervisor:
         self.comm_device = device if device.type == "cuda" else torch.device("cpu")
         self.group = None  # the ranks that work on the same item (set once the mesh exists); None: the world
         self.group_size = world
+        self.agreement = None  # a host (gloo) group of the same ranks as ``group``, for the per-step stop agreement
         self.group_id = None  # the dp group, for the heartbeat (ranks compare progress within their group)
         self.where = "starting"
         self.sync = 0  # synchronisation points (stop agreements) the main thread has entered
@@ -110,7 +123,9 @@ class Supervisor:
                 pass
 
     def set_group(self, group, group_size: int, group_id: int) -> None:
+        """Every rank of ``group`` calls this at the same point (it creates the group's host twin)."""
         self.group, self.group_size, self.group_id = group, group_size, group_id
+        self.agreement = host_group(group, self.timeout_s) if group is not None and group_size > 1 else None
         self.publish()
 
     # -- stopping --
@@ -137,8 +152,10 @@ class Supervisor:
         self.publish()
         local = (self.stop_signal or 15) if self.stop_requested else 0
         if self.group_size > 1:
-            flag = torch.tensor([local], dtype=torch.int32, device=self.comm_device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            # Before set_group (once per job, before loading) the world agrees over the default group, on its device.
+            group, device = (self.agreement, "cpu") if self.agreement is not None else (self.group, self.comm_device)
+            flag = torch.tensor([local], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
             local = int(flag.item())
         if local:
             self.agreed_signal = local

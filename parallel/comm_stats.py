@@ -6,13 +6,51 @@ nothing here is global. Counts are bytes that actually leave this rank:
 - all_to_all over n ranks: (n-1)/n of the buffer (the 1/n addressed to itself stays local);
 - all_gather of a local chunk over n ranks: (n-1) * chunk (every peer needs it once);
 - p2p_ring: each K/V buffer sent to the next ring rank.
+
+Counting never ends a compiled graph. A counter that dynamo traced would be a Python int it guards on (a recompile
+at every call), and an eager counter (``torch.compiler.disable``) ends the graph at every collective (20 breaks in a
+tensor-parallel forward). So every count goes through one custom op, ``k5::tally(key, kind, amount)``: opaque to the
+compiler, declared to have a side effect so it is neither removed nor reordered, its arguments constants of the
+traced shapes; the compiled graph calls it on every run, as eager code does, and it adds to the counter object
+registered under ``key``. Under fake tensors (tests/fakecuda.py) the op does nothing.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections import defaultdict
 
 import torch
+from torch._library.effects import EffectType
+
+# Counter objects by key: a custom op takes strings and numbers, not objects. Weak, so a counter lives as long as its
+# owner (a model's attention, a TP layer) and no longer.
+_COUNTERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_next_key = itertools.count()
+
+
+def register_counter(counter) -> str:
+    """The key under which ``counter._count(kind, amount)`` receives the tallies of ``tally``."""
+    key = f"{type(counter).__name__}:{next(_next_key)}"
+    _COUNTERS[key] = counter
+    return key
+
+
+@torch.library.custom_op("k5::tally", mutates_args=())
+def tally(key: str, kind: str, amount: int) -> None:
+    """Add ``amount`` to counter ``kind`` of the object registered under ``key`` (compiled graphs keep this call)."""
+    counter = _COUNTERS.get(key)
+    if counter is not None:
+        counter._count(kind, amount)
+
+
+@tally.register_fake
+def _(key: str, kind: str, amount: int) -> None:
+    return None  # tracing and fake tensors count nothing: only real runs do
+
+
+torch.library._register_effectful_op("k5::tally", EffectType.ORDERED)
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -24,12 +62,13 @@ class CommStats:
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
         self.steps: list[dict[str, dict[str, int]]] = []
+        self.key = register_counter(self)
 
-    # Inside a compiled block this runs eagerly: traced, dynamo would guard on the counters' values and recompile
-    # the block at every call (and past its recompile limit fall back to eager for good).
-    @torch.compiler.disable
     def add(self, kind: str, num_bytes: int) -> None:
-        self.bytes[kind] += int(num_bytes)
+        tally(self.key, kind, int(num_bytes))
+
+    def _count(self, kind: str, num_bytes: int) -> None:
+        self.bytes[kind] += num_bytes
         self.calls[kind] += 1
 
     def all_to_all(self, buffer: torch.Tensor, group_size: int) -> None:

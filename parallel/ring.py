@@ -33,7 +33,7 @@ import torch.distributed as dist
 from k5.kernels.attention import dense_attention
 from k5.kernels.merge import merge_attention
 from k5.kernels.nabla import block_sparse_attention, nabla_block_mask, pool_blocks
-from k5.parallel.comm_stats import CommStats
+from k5.parallel.comm_stats import CommStats, register_counter, tally
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,15 @@ class RingCounters:
     kernel_calls: int = 0
     skipped_steps: int = 0
 
-    # Eager even inside a compiled block, for the reason given at CommStats.add.
-    @torch.compiler.disable
+    def __post_init__(self):
+        self.key = register_counter(self)
+
     def count(self, skipped: bool) -> None:
-        if skipped:
-            self.skipped_steps += 1
-        else:
-            self.kernel_calls += 1
+        # Through the k5::tally op, which ends no compiled graph (see comm_stats.py).
+        tally(self.key, "skipped_steps" if skipped else "kernel_calls", 1)
+
+    def _count(self, kind: str, amount: int) -> None:
+        setattr(self, kind, getattr(self, kind) + amount)
 
 
 class RingComm:

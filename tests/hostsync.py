@@ -1,13 +1,19 @@
-"""Count the host syncs a piece of k5 code would cause on a GPU, on the CPU.
+"""Count the device-to-host reads a piece of k5 code would make on a GPU, on the CPU.
 
-A host sync is a call that makes the host wait for the device: reading a value (``item``, ``tolist``, ``bool(t)``,
+A device-to-host read makes the host wait for the device: reading a value (``item``, ``tolist``, ``bool(t)``,
 ``int(t)``, ``float(t)``), copying to host memory (``cpu``, ``numpy``, ``to`` a CPU device), or an op whose output
 size depends on the data (``nonzero``). On the CPU these cost nothing, but the same Python calls are what stalls a
-GPU's launch queue, so counting the calls counts the syncs. ``t.to(x.device)`` is a copy *to* the compute device
-on a GPU (no sync) and cannot be told apart from a copy to the host here, so a ``to`` call counts only when its k5
-line names the CPU (``.to("cpu")``, ``.to(device="cpu")``). Each call is attributed to the innermost frame of k5's
-engine/, kernels/ or parallel/ code that led to it (a torch function that syncs internally is charged to the k5
-function that called it); calls with no such frame (the test's own) are not counted.
+GPU's launch queue, so counting the calls counts the syncs. A ``to`` call counts when its k5 line names the CPU
+(``.to("cpu")``, ``.to(device="cpu")``). Each call is attributed to the innermost frame of k5's engine/, kernels/ or
+parallel/ code that led to it (a torch function that syncs internally is charged to the k5 function that called
+it); calls with no such frame (the test's own) are not counted.
+
+What this cannot see: host-to-device copies. ``t.to(device)`` of a tensor built on the host is a copy from pageable
+host memory, which synchronises the stream on a GPU just as a read does; on a CPU run the host is the device, and
+the copy cannot be told from a no-op. (This counter once treated every ``.to(device)`` as free, so the denoising
+loop's 11 copies per CFG step passed as "no host syncs".) They are counted where they are visible: on fake CUDA
+(tests/fakecuda.py), where host data keeps the device ``cpu`` and each copy is an ``aten._to_copy`` from cpu to cuda
+(``Watch.of(H2D)``); test_fastpath.py runs the denoising loop there too.
 """
 
 from __future__ import annotations

@@ -48,14 +48,15 @@ def conditioning(seed: int, masked: bool = True):
     return Conditioning(torch.randn(1, 6, 24, generator=g), mask, torch.randn(1, 12, generator=g))
 
 
-def denoise(model, shape, seed, steps=2):
+def denoise(model, shape, seed, steps=2, device="cpu", on_step=None):
     """Two CFG steps of the sampler from seeded noise: the steady-state loop of every item."""
     T, H, W = shape
     noise = torch.randn(1, T, H, W, CFG.in_visual_dim, generator=torch.Generator().manual_seed(seed))
+    conds = [conditioning(seed + 1), conditioning(seed + 2)]
+    conds = [Conditioning(*(None if t is None else t.to(device) for t in (c.embeds, c.mask, c.pooled))) for c in conds]
     with torch.no_grad():
-        return sample(lambda inp, t, c: model(inp, c.embeds, c.pooled, t, text_mask=c.mask), noise,
-                      conditioning(seed + 1), conditioning(seed + 2), steps=steps, guidance_scale=5.0,
-                      visual_cond=CFG.visual_cond)
+        return sample(lambda inp, t, c: model(inp, c.embeds, c.pooled, t, text_mask=c.mask), noise.to(device),
+                      *conds, steps=steps, guidance_scale=5.0, visual_cond=CFG.visual_cond, on_step=on_step)
 
 
 def test_the_counter_sees_a_host_read():
@@ -76,6 +77,26 @@ def test_no_host_sync_in_the_denoising_loop_single_device():
             with HostSyncs() as syncs:
                 denoise(model, shape, seed=2)
         assert syncs.sites == {}, (nabla, dict(syncs.sites))
+
+
+def test_no_host_sync_and_no_copy_in_the_denoising_loop_on_fake_cuda():
+    """The same loops on fake CUDA (tests/fakecuda.py), where host-to-device copies are visible (HostSyncs cannot
+    see them on the CPU): no device read anywhere in the loop, no copy from the host after the first step (which
+    builds the RoPE and time tables once: fakecuda_runs.FIRST_STEP_COPIES)."""
+    from fakecuda import D2H, H2D, FakeCuda
+    from fakecuda_runs import FIRST_STEP_COPIES
+
+    for nabla, shape in ((False, DENSE), (True, NABLA)):
+        with FakeCuda() as fc:
+            with torch.device("meta"):
+                model = build_model(nabla)
+            fc.module(model, torch.float32)
+            with fc.watch.sampling(2) as on_step:
+                out = denoise(model, shape, seed=2, device=fc.device, on_step=on_step)
+        assert out.device == fc.gpu and out.dtype == torch.float32
+        assert fc.watch.of(D2H, loop_only=True) == [], nabla
+        assert fc.watch.of(H2D, steady=True) == [], nabla
+        assert set(fc.watch.sites(H2D, loop_only=True)) <= set(FIRST_STEP_COPIES), nabla
 
 
 def test_compiled_model_equals_eager_and_a_second_item_compiles_nothing():
