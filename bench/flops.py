@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from k5.engine.config import DiTConfig
+from k5.engine.model.config import DiTConfig
 
 
 def latent_grid(height: int, width: int, frames: int, patch=(1, 2, 2)) -> tuple[int, int, int]:

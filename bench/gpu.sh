@@ -147,11 +147,11 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 "$PY" - "$REPO" <<'EOF' || end_run 2
 import os, sys
 try:
-    import k5.engine.dit, k5.kernels.attention, k5.parallel.mesh
+    import k5.engine.model.dit, k5.kernels.attention, k5.parallel.mesh
 except Exception as e:  # noqa: BLE001 - one line, not a traceback: what failed and with which interpreter
     sys.exit(f"!! k5 does not import from this checkout with {sys.executable}: {type(e).__name__}: "
              f"{str(e).splitlines()[0] if str(e) else ''}")
-here = os.path.realpath(k5.engine.dit.__file__)  # engine/ is a namespace portion: no __file__ of its own
+here = os.path.realpath(k5.engine.model.dit.__file__)  # engine/ is a namespace portion: no __file__ of its own
 if not here.startswith(os.path.realpath(sys.argv[1]) + os.sep):
     sys.exit(f"!! k5.engine comes from {here}, not from this checkout {sys.argv[1]}")
 print("k5 from", os.path.dirname(os.path.dirname(here)))

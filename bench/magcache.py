@@ -9,7 +9,7 @@ One "video" is the whole sampler run of the preset (its steps, guidance, shift) 
 encoding and the VAE decode are the same with and without MagCache and are not timed. The DiT has seeded random
 weights (bench.run.random_dit), so its latents mean nothing; the forwards that run and are skipped depend only on
 the preset's ratios and step count, so they are exact, and they are counted twice: from the plan
-(k5.engine.magcache.forwards) and by hooks on the model (DiT calls, and runs of the first visual block). Runs of
+(k5.engine.sampling.magcache.forwards) and by hooks on the model (DiT calls, and runs of the first visual block). Runs of
 the two modes alternate (off, on, off, on, ...) so that a change of load on a shared machine hits both; the
 result gives min / median / max wall seconds per video of each, and the same of the process's CPU seconds (on a
 shared CPU the steadier measure of the work).
@@ -32,10 +32,10 @@ if __package__ in (None, ""):  # run as a file, its folder on sys.path would sha
 
 from k5.bench import fast, flops, report
 from k5.bench.run import DTYPES, make_inputs, model_config, random_dit
-from k5.engine.magcache import MagCache, forwards
-from k5.engine.pipeline import rope_scale
-from k5.engine.sampler import initial_noise, sample, uses_cfg
-from k5.engine.variants import check_magcache, get
+from k5.engine.sampling.magcache import MagCache, forwards
+from k5.engine.pipelines.video import rope_scale
+from k5.engine.sampling.sampler import initial_noise, sample, uses_cfg
+from k5.engine.catalogue.variants import check_magcache, get
 
 
 class ForwardCounter:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from k5.engine.config import DiTConfig
+from k5.engine.model.config import DiTConfig
 from k5.kernels.nabla import sta_block_mask
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k5.bench import flops, report
-from k5.engine.config import PRESETS, DiTConfig
+from k5.engine.model.config import PRESETS, DiTConfig
 from k5.kernels.nabla import sta_block_mask
 
 H100_BF16_TFLOPS = 798.0  # measured 8192^3 bf16 matmul on random data (device KINDS.md, 2026-11-13)

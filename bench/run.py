@@ -29,16 +29,16 @@ if __package__ in (None, ""):  # run as a file, its folder on sys.path would sha
     sys.exit("bench/run.py is a module of k5.bench: run `python -m k5.bench ...` or `k5 bench ...`")
 
 from k5.bench import fast, flops, peers, report
-from k5.engine.checkpoint import keeps_fp32
-from k5.engine.config import PRESETS, DiTConfig
-from k5.engine.dit import Kandinsky5DiT, TokenGrid
-from k5.engine.sampler import Conditioning, guided_velocity, model_input
+from k5.engine.checkpoints.dit import keeps_fp32
+from k5.engine.model.config import PRESETS, DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT, TokenGrid
+from k5.engine.sampling.sampler import Conditioning, guided_velocity, model_input
 from k5.kernels.flex import FLEX_OPTIONS, check_compiled_flex, set_flex_options
 from k5.kernels.nabla import (NablaSpec, block_sparse_attention, nabla_backend, nabla_block_mask, nabla_mask,
                               pool_blocks, sta_block_mask)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The DiT of engine/tiny.py's checkpoint (text widths of its tiny Qwen / CLIP encoders).
+# The DiT of engine/catalogue/tiny.py's checkpoint (text widths of its tiny Qwen / CLIP encoders).
 TINY = DiTConfig(in_text_dim=32, in_text_dim2=24, time_dim=32, model_dim=64, ff_dim=128, num_text_blocks=1,
                  num_visual_blocks=2, axes_dims=(4, 6, 6))
 GUIDANCE = 5.0
@@ -534,7 +534,7 @@ def time_vae(args, grid, device) -> dict:
     """Decode latents of this run's shape with a random VAE (tiny widths, or the real HunyuanVideo widths)."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    from k5.engine.vae import VideoVAE
+    from k5.engine.vae.video import VideoVAE
     from k5.parallel.vae_tiles import parallel_decode
 
     widths = {"tiny": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4),

@@ -5,7 +5,7 @@
 Each case is one model shape (MODEL:HEIGHTxWIDTHxFRAMES, ``:nabla`` for NABLA attention at P = 0.1): our DiT with
 that model's widths and seeded random weights, set up as the CLI sets it up (``setup_fast_path``: the dense attention
 kernel, and the compiled blocks with ``--compile``), a conditional and an unconditional text conditioning with a
-padded key mask (real prompts are shorter than the text budget), and one step of ``k5.engine.sampler.sample`` with
+padded key mask (real prompts are shorter than the text budget), and one step of ``k5.engine.sampling.sampler.sample`` with
 CFG. The step runs once untimed (compiles, kernel probes and other first-call work), then once more under
 ``torch.cuda.set_sync_debug_mode("error")``, where any sync (an ``.item()``, a blocking copy to or from the host, an
 op whose output size depends on the data, a stream or device synchronize) raises. If it raises, the step runs a
@@ -38,10 +38,10 @@ if __package__ in (None, ""):  # run as a file, its folder on sys.path would sha
 
 from k5.bench import flops, report
 from k5.bench.run import DTYPES, model_config, random_dit
-from k5.engine.chain import Conditioning
+from k5.engine.sampling.chain import Conditioning
 from k5.engine.fastpath import setup_fast_path
-from k5.engine.pipeline import rope_scale
-from k5.engine.sampler import sample
+from k5.engine.pipelines.video import rope_scale
+from k5.engine.sampling.sampler import sample
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: sites are named relative to it
 SYNC_MESSAGE = "synchronizing CUDA operation"  # torch's text for both modes ("called a synchronizing ...")
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
             device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
     args.blocks = args.blocks or None
-    result = {"name": args.name, "what": "device-to-host syncs in one CFG denoising step (k5.engine.sampler)",
+    result = {"name": args.name, "what": "device-to-host syncs in one CFG denoising step (k5.engine.sampling.sampler)",
               "cases": [], "env": report.environment(device, ["syncs", *argv])}
     bad = 0
     for case in cases:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .compile import CompileWatch, allow_variants, compile_blocks
-from .memory import PEAKS, format_peaks
+from k5.engine.compile import CompileWatch, allow_variants, compile_blocks
+from k5.engine.memory import PEAKS, format_peaks
 
 
 def resolve_device(spec: str | None, local_rank: int, ranks_here: int = 1) -> torch.device:

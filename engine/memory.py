@@ -138,7 +138,7 @@ def format_peaks(report: dict) -> str:
 
 def _header_bytes(files, keep=lambda name: True, dtype_bytes: int | None = None) -> int:
     """Bytes of the tensors named in safetensors headers (no data read), at ``dtype_bytes`` per element if given."""
-    from .checkpoint import open_safetensors
+    from k5.engine.checkpoints.dit import open_safetensors
 
     total = 0
     for path in files:
@@ -160,7 +160,7 @@ def dit_rank_bytes(dit, dtype_bytes: int, tp: int = 1) -> int:
     ones (embeddings, norms, the row-wise layers' biases, the final projection) whole."""
     from k5.parallel.tensor import shard_dim
 
-    from .checkpoint import keeps_fp32
+    from k5.engine.checkpoints.dit import keeps_fp32
 
     total = 0
     for name, p in dit.named_parameters():
@@ -183,14 +183,14 @@ class Weights:
         """``lm_head``: prompt expansion loads Qwen's language-model head (nothing more when the checkpoint ties it to
         the embedding); ``vision``: an image prompt (an edit, or the expansion of an I2V/I2I item) loads its vision
         tower."""
-        from .dit import Kandinsky5DiT
+        from k5.engine.model.dit import Kandinsky5DiT
 
         b = torch.tensor([], dtype=dtype).element_size()
         with torch.device("meta"):
             dit = Kandinsky5DiT(cfg)
         dit_bytes = dit_rank_bytes(dit, b, tp)
         root = Path(root)
-        # Qwen2.5-VL's text decoder always (engine/text.py); its lm_head and vision tower only where they are used.
+        # Qwen2.5-VL's text decoder always (engine/encoders/text.py); its lm_head and vision tower only where they are used.
         text = _header_bytes(_safetensors(root / "text_encoder"),
                              lambda k: ("visual" not in k or vision) and ("lm_head" not in k or lm_head), b)
         # CLIP counted in fp32, as the reference runs it whatever the compute dtype.
@@ -299,7 +299,7 @@ def decode_bytes(root: Path | None, shape: Shape, device_type: str) -> int:
     return int((video * (vae_b + 2 * 4 + 2) + tile_act * vae_b) * _FRAGMENTATION)
 
 
-# diffusers' AutoencoderKLHunyuanVideo tiling as k5 runs it (engine/vae.py enables tiling without overrides; the sizes
+# diffusers' AutoencoderKLHunyuanVideo tiling as k5 runs it (engine/vae/video.py enables tiling without overrides; the sizes
 # are the library's __init__ defaults, not in config.json): spatial tiles of 256 px every 192, temporal windows of 16
 # frames every 12, framewise decoding on.
 _VAE_TILING = dict(tile_sample_min_height=256, tile_sample_min_width=256, tile_sample_min_num_frames=16,

@@ -12,14 +12,14 @@ import argparse
 import json
 import sys
 
-# (column title, key of k5.engine.variants.table's rows)
+# (column title, key of k5.engine.catalogue.variants.table's rows)
 COLUMNS = (("variant", "variant"), ("task", "task"), ("steps", "steps"), ("guidance", "guidance"),
            ("attention", "attention"), ("size", "size"), ("MagCache", "magcache"), ("layout", "layout"),
            ("GiB/GPU", "memory_gib"))
 
 
 def rows(world_size: int = 8) -> list[dict]:
-    from k5.engine.variants import table
+    from k5.engine.catalogue.variants import table
 
     return table(world_size)
 

@@ -174,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     # Size, steps, guidance and shift: flag > variant > built-in, once the model is resolved (validate).
-    from k5.engine.resolve import TINY_MODELS
+    from k5.engine.catalogue.resolve import TINY_MODELS
 
     tiny = args.model in TINY_MODELS
     for k, v in dict(dtype="fp32" if tiny else "bf16", expand_prompt=not tiny).items():
@@ -322,7 +322,7 @@ class Runtime:
             from k5.parallel.tensor import switch_dit_adapters
 
             return switch_dit_adapters(self.pipe.dit, self.pipe.root, self.dims, adapters)
-        from k5.engine.lora import switch_adapters
+        from k5.engine.checkpoints.lora import switch_adapters
 
         return switch_adapters(self.pipe.dit, self.pipe.root, adapters)
 
@@ -372,7 +372,7 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
                  s.describe() if env.world > 1 else "", env.device, estimate=env.estimate, ratios=job.ratios,
                  image=job.image)
     if job.ratios is not None:
-        from k5.engine.magcache import MagCache
+        from k5.engine.sampling.magcache import MagCache
 
         # After the guiding stage (Guidance, or CfgParallel: each cfg half follows its own branch's accumulator).
         rt.chain = [MagCache(job.ratios)]
@@ -420,7 +420,7 @@ class Job:
     needs_frames: bool  # decode the latents (a video, an image or frames are written)
     adapters: tuple = ()  # --lora: merged at load (items with other adapters switch, k5.launch.job.prepare_item)
     expand: bool = False  # prompt expansion (loads Qwen's lm_head on the text-source ranks)
-    resolved: object = None  # k5.engine.resolve.Resolved: what --model / --variant name
+    resolved: object = None  # k5.engine.catalogue.resolve.Resolved: what --model / --variant name
     ratios: tuple | None = None  # --magcache: the variant's MagCache ratios
     checkpoint: dict = field(default_factory=dict)  # the variant, its source, MagCache: for records and summary
     image: bool = False  # an Image Lite checkpoint (ImageRequest items, PNG images)
@@ -428,9 +428,9 @@ class Job:
 
 def validate(args, env: Env) -> Job:
     """Everything that can be checked without loading a weight; raises ValueError (or OSError) with the message."""
-    from k5.engine.image import is_image_checkpoint, resolve as resolve_image
-    from k5.engine.image_pipeline import pipeline_class
-    from k5.engine.pipeline import Request, check_request
+    from k5.engine.pipelines.image_request import is_image_checkpoint, resolve as resolve_image
+    from k5.engine.pipelines.image import pipeline_class
+    from k5.engine.pipelines.video import Request, check_request
     from k5.launch import images
     from k5.launch.outputs import check_suffix, check_writable, folder_given, media_kind, refuse_existing
     from k5.launch.prompts import Item, check_image
@@ -473,7 +473,7 @@ def validate(args, env: Env) -> Job:
     open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
     adapters = tuple(open_adapter(spec) for spec in args.lora)
     if args.expand_prompt:
-        from k5.engine.text import check_lm_head
+        from k5.engine.encoders.text import check_lm_head
 
         check_lm_head(root)
 
@@ -577,7 +577,7 @@ def note_changes(items: list, env: Env) -> None:
 
 class AdapterOpener:
     """``opener(spec, folder=None, what="--lora") -> LoraAdapter`` for a ``PATH[:SCALE]``: each file's header is read
-    and hashed once, and checked against the DiT's Linear shapes (k5.engine.lora.check_fits) before any weight
+    and hashed once, and checked against the DiT's Linear shapes (k5.engine.checkpoints.lora.check_fits) before any weight
     loads; LoraError (a ValueError) otherwise. A relative PATH is taken in ``folder`` when one is given (a prompt
     file's folder)."""
 
@@ -585,7 +585,7 @@ class AdapterOpener:
         self.cfg, self.shapes, self.by_file = cfg, None, {}
 
     def __call__(self, spec: str, folder: Path | None = None, what: str = "--lora"):
-        from k5.engine import lora
+        from k5.engine.checkpoints import lora
 
         path, scale = lora.parse_lora_spec(spec, what)
         path = path.expanduser()

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from k5.engine.image import GUIDANCE_SCALE, STEPS, ImageRequest, check_task, reject_image_settings, \
+from k5.engine.pipelines.image_request import GUIDANCE_SCALE, STEPS, ImageRequest, check_task, reject_image_settings, \
     reject_video_settings
 
 VIDEO_TASKS, IMAGE_TASKS = ("t2v", "i2v"), ("t2i", "i2i")
 # Without a variant, an image request's defaults (the reference image pipelines' and diffusers'): the size is left
-# to engine.image.resolve (the source image's bucket for an edit, else 1024x1024).
+# to engine.pipelines.image_request.resolve (the source image's bucket for an edit, else 1024x1024).
 IMAGE_BUILT_IN = {"steps": STEPS, "guidance_scale": GUIDANCE_SCALE}
 
 

@@ -71,7 +71,7 @@ class OutputFiles:
 class Worker:
     """What the launcher provides for one dp group: every rank of the group calls these together."""
 
-    generate: Callable  # (Request, on_step, prompt=None) -> engine.pipeline.Result; prompt: the text to encode
+    generate: Callable  # (Request, on_step, prompt=None) -> engine.pipelines.video.Result; prompt: the text to encode
     decode: Callable  # latents -> uint8 frames on the group's leader, None elsewhere
     leader: bool  # this rank writes the group's files and records
     forwards: Callable[[], int] = lambda: 0  # DiT forwards that ran the visual blocks on this rank so far

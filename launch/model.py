@@ -1,4 +1,4 @@
-"""What `--model`, `--variant`, `--magcache` and `--components` mean for a run: the checkpoint resolved (k5.engine.resolve),
+"""What `--model`, `--variant`, `--magcache` and `--components` mean for a run: the checkpoint resolved (k5.engine.catalogue.resolve),
 the request defaults (flag > variant > built-in), the MagCache ratios, and what a record says about the variant and
 the DiT forwards. Everything here runs before any weight loads and raises ValueError with one message.
 """
@@ -42,15 +42,15 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def resolve(args, tiny_task: str | None = None):
-    """The checkpoint ``--model`` names (a k5.engine.resolve.Resolved); VariantError / ResolveError otherwise.
+    """The checkpoint ``--model`` names (a k5.engine.catalogue.resolve.Resolved); VariantError / ResolveError otherwise.
     ``tiny_task``: which task's checkpoint a tiny model means (``--model tiny-image``: t2i or i2i)."""
-    from k5.engine.resolve import TINY_MODELS, resolve_model
+    from k5.engine.catalogue.resolve import TINY_MODELS, resolve_model
 
     local = Path(args.model).expanduser()
     if args.model not in TINY_MODELS and local.is_dir() and not (local / "model").is_dir():
         # A folder that is no original-format release must be a diffusers-layout one: every component folder and
         # weight file is checked first, so a missing or pickled component is named as such.
-        from k5.engine.pipeline import Kandinsky5Pipeline
+        from k5.engine.pipelines.video import Kandinsky5Pipeline
 
         Kandinsky5Pipeline.read_config(local)
     tiny_attention = "nabla" if getattr(args, "attention", None) == "nabla" else "regular"
@@ -80,7 +80,7 @@ def magcache_ratios(args, resolved) -> tuple[float, ...] | None:
     error naming the variants that have them."""
     if not args.magcache:
         return None
-    from k5.engine.variants import VARIANTS, check_magcache
+    from k5.engine.catalogue.variants import VARIANTS, check_magcache
 
     if resolved.variant is None:
         have = [v.name for v in VARIANTS.values() if v.mag_ratios is not None]
@@ -92,8 +92,8 @@ def magcache_ratios(args, resolved) -> tuple[float, ...] | None:
 def forwards(ratios, request) -> dict:
     """The DiT forwards of one item (both guidance branches, whatever the layout): {"run": N, "skipped":
     [[step, "cond"|"uncond"], ...]}; the MagCache plan decides them, identically on every rank."""
-    from k5.engine.magcache import forwards as plan
-    from k5.engine.sampler import uses_cfg
+    from k5.engine.sampling.magcache import forwards as plan
+    from k5.engine.sampling.sampler import uses_cfg
 
     return plan(ratios, request.steps, guided=uses_cfg(request.guidance_scale)).as_dict()
 

@@ -24,8 +24,8 @@ from typing import Any, Callable
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from k5.engine.png import check_png, encode_png
-from k5.engine.video import check_mp4, encode_mp4, publish, shareable
+from k5.engine.media.png import check_png, encode_png
+from k5.engine.media.mp4 import check_mp4, encode_mp4, publish, shareable
 
 FPS = 24
 
@@ -133,7 +133,7 @@ def output_name(value: str, kind: str = "video") -> str:
 
 # ---- writing ---------------------------------------------------------------------------------------------------------
 
-PARTIAL_MARK = ".partial"  # every temporary output here and in engine.video is ".<name>.<random>.partial[...]"
+PARTIAL_MARK = ".partial"  # every temporary output here and in engine.media.mp4 is ".<name>.<random>.partial[...]"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

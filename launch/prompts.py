@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from k5.engine.pipeline import Request
+from k5.engine.pipelines.video import Request
 from k5.launch.outputs import OUTPUTS, output_name
 
 FIELDS: dict[str, type] = {
@@ -53,9 +53,9 @@ class Item:
     index: int  # position among the file's items (0-based): names the default output and deals it to a dp group
     line: int  # 1-based line in the file (0 for a --prompt given on the command line)
     source: str  # the file's name as given, for messages
-    request: Request  # or engine.image.ImageRequest (Image Lite)
+    request: Request  # or engine.pipelines.image_request.ImageRequest (Image Lite)
     output: str  # video (or image) file name inside the output directory
-    adapters: tuple = ()  # the item's LoRA adapters (k5.engine.lora.LoraAdapter), merged while it runs
+    adapters: tuple = ()  # the item's LoRA adapters (k5.engine.checkpoints.lora.LoraAdapter), merged while it runs
 
     @property
     def where(self) -> str:

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from k5.engine.chain import BRANCHES, Conditioning, StepCall, Velocity, combine_cfg, compose, uses_cfg
-from k5.engine.text import TextEmbeds
+from k5.engine.sampling.chain import BRANCHES, Conditioning, StepCall, Velocity, combine_cfg, compose, uses_cfg
+from k5.engine.encoders.text import TextEmbeds
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import LayoutError, ParallelDims
 
@@ -31,7 +31,7 @@ def check_cfg_parallel(guidance_scale: float) -> None:
 
 
 class CfgParallel:
-    """The guiding stage of the step chain (k5.engine.chain) under CFG parallelism: this half's branch, then one
+    """The guiding stage of the step chain (k5.engine.sampling.chain) under CFG parallelism: this half's branch, then one
     exchange. Put it first in ``sample(chain=[...])`` / ``Kandinsky5Pipeline.generate(chain=[...])``; the stages
     after it (the step cache) see this half's branch only."""
 

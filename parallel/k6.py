@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from k5.engine.chain import Conditioning, combine_cfg, uses_cfg
-from k5.engine.k6_dit import Kandinsky6DiT
-from k5.engine.k6_sampler import guided_forward
+from k5.engine.sampling.chain import Conditioning, combine_cfg, uses_cfg
+from k5.engine.model.k6_dit import Kandinsky6DiT
+from k5.engine.sampling.k6_sampler import guided_forward
 from k5.kernels.attention import dense_attention
 from k5.kernels.merge import merge_all
 from k5.parallel.cfg import COND, UNCOND
@@ -90,7 +90,7 @@ def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, devi
 
 
 class CfgParallel:
-    """CFG parallelism for ``engine.k6_sampler.sample(guided=...)``: cfg half 0 runs the conditional forward, half
+    """CFG parallelism for ``engine.sampling.k6_sampler.sample(guided=...)``: cfg half 0 runs the conditional forward, half
     1 the unconditional one; both streams' predictions travel in one all-gather, and both halves combine them with
     the sequential sampler's arithmetic, so the latents stay identical everywhere."""
 

@@ -9,7 +9,7 @@ Two stages, so that bad degrees fail before any weight is read:
   tiled parallel decode needs it everywhere) -> the I2V image encoded once per item group -> the CFG exchange.
 One process (all degrees 1) gets the plain single-device pipeline.
 
-Image Lite checkpoints (FLUX VAE; k5.engine.image_pipeline.pipeline_class tells) get an ImagePipeline on the same
+Image Lite checkpoints (FLUX VAE; k5.engine.pipelines.image.pipeline_class tells) get an ImagePipeline on the same
 layouts: the one-frame token grid is sharded like a video's (pad blocks when it does not divide), the edit prompt and
 its source image go to the text source rank, and the I2I source latent is encoded once per item group and broadcast.
 
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from k5.engine.config import DiTConfig
+from k5.engine.model.config import DiTConfig
 from k5.parallel.cfg import BranchText, CfgParallel, check_cfg_parallel
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import LayoutError, ParallelDims, check_tp_degree
@@ -130,10 +130,10 @@ def image_sharing(dims: ParallelDims, device):
 
 
 def _checkpoint(root, dit_path, config) -> tuple[Path, Path, DiTConfig]:
-    """(components root, DiT weights, DiT config) from a folder, or from a ``k5.engine.resolve.Resolved`` (a
+    """(components root, DiT weights, DiT config) from a folder, or from a ``k5.engine.catalogue.resolve.Resolved`` (a
     repo id, a single-file checkpoint with its variant's config)."""
-    from k5.engine.checkpoint import locate
-    from k5.engine.pipeline import check_components
+    from k5.engine.checkpoints.dit import locate
+    from k5.engine.pipelines.video import check_components
 
     if hasattr(root, "dit") and hasattr(root, "root"):  # a Resolved
         root, dit_path, config = root.root, dit_path or root.dit, config or root.config
@@ -148,17 +148,17 @@ def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloa
                    dit_path: str | Path | None = None, config: DiTConfig | None = None) -> ParallelSetup:
     """Everything a rank needs to generate on the planned ``dims`` (from ``plan_parallel``).
 
-    ``root``: a diffusers-layout folder, or what ``k5.engine.resolve.resolve_model`` returned. ``dit_path`` and
+    ``root``: a diffusers-layout folder, or what ``k5.engine.catalogue.resolve.resolve_model`` returned. ``dit_path`` and
     ``config``: the DiT's weights and config when they are not the folder's own (a single-file checkpoint, a
     variant's attention). ``keep_text``: keep the text encoders after the first encode (batch jobs encode again).
     ``expand``: load Qwen's lm_head for prompt expansion, run once per item on the item group's rank 0 and shared.
-    ``adapters``: LoRA adapters (k5.engine.lora.open_lora) merged while each rank reads its slices. ``offload``:
+    ``adapters``: LoRA adapters (k5.engine.checkpoints.lora.open_lora) merged while each rank reads its slices. ``offload``:
     where weights wait while unused (Kandinsky5Pipeline; "model" runs one process only). With more than one
     process torch.distributed must be initialized and its world size equal ``dims.world_size``.
     """
-    from k5.engine.image_pipeline import pipeline_class
-    from k5.engine.pipeline import make_expander
-    from k5.engine.text import TextEncoder
+    from k5.engine.pipelines.image import pipeline_class
+    from k5.engine.pipelines.video import make_expander
+    from k5.engine.encoders.text import TextEncoder
     from k5.parallel.text_share import share_expansion
 
     root, dit_path, config = _checkpoint(root, dit_path, config)

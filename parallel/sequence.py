@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from k5.engine.dit import Kandinsky5DiT, TokenGrid
+from k5.engine.model.dit import Kandinsky5DiT, TokenGrid
 from k5.kernels.nabla import NablaSpec
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.layout import SequenceLayout
@@ -40,7 +40,7 @@ class SequenceShards:
 
 
 class ShardedAttention:
-    """The DiT's visual self-attention op over sharded tokens (same interface as engine.dit.LocalAttention)."""
+    """The DiT's visual self-attention op over sharded tokens (same interface as engine.model.dit.LocalAttention)."""
 
     def __init__(self, attn: SequenceParallelAttention, shards: SequenceShards, nabla: NablaSpec | None):
         self.attn, self.shards, self.nabla = attn, shards, nabla

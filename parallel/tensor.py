@@ -25,9 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from k5.engine import checkpoint, lora
-from k5.engine.config import DiTConfig
-from k5.engine.dit import Kandinsky5DiT
+from k5.engine.checkpoints import dit as checkpoint
+from k5.engine.checkpoints import lora
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT
 from k5.parallel.comm_stats import CommStats, nbytes
 from k5.parallel.mesh import ParallelDims
 
@@ -179,7 +180,7 @@ def tp_reader(dims: ParallelDims) -> checkpoint.Reader:
 
 
 def lora_factor_reader(rank: int, size: int) -> lora.FactorReader:
-    """An ``engine.lora`` factor reader that reads only what tp rank ``rank``'s slice of the weight needs.
+    """An ``engine.checkpoints.lora`` factor reader that reads only what tp rank ``rank``'s slice of the weight needs.
 
     W + B @ A restricted to rows r of a column-parallel weight is W[r] + B[r] @ A, and to columns c of a row-parallel
     weight W[:, c] + B @ A[:, c]: B's rows or A's columns are cut along the weight's own split, the other factor
@@ -204,7 +205,7 @@ def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, devi
              reader: checkpoint.Reader | None = None, adapters=(),
              factor_reader: lora.FactorReader | None = None) -> tuple[Kandinsky5DiT, CommStats]:
     """Build the DiT on meta, cut it for this rank, fill it with this rank's slices only (mesh already built),
-    merging the LoRA ``adapters`` (engine.lora.open_lora) into those slices as they are read.
+    merging the LoRA ``adapters`` (engine.checkpoints.lora.open_lora) into those slices as they are read.
 
     ``reader`` / ``factor_reader`` default to ``tp_reader(dims)`` / ``tp_factor_reader(dims)`` (tests pass
     recording wrappers of them)."""
@@ -218,7 +219,7 @@ def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, devi
 def switch_dit_adapters(dit: Kandinsky5DiT, path, dims: ParallelDims, adapters,
                         reader: checkpoint.Reader | None = None,
                         factor_reader: lora.FactorReader | None = None) -> list[str]:
-    """``engine.lora.switch_adapters`` for a DiT loaded by ``load_dit``: each rank re-reads its own slices of the
+    """``engine.checkpoints.lora.switch_adapters`` for a DiT loaded by ``load_dit``: each rank re-reads its own slices of the
     touched base tensors and merges its slices of the new factors (no communication)."""
     return lora.switch_adapters(dit, path, adapters, reader or tp_reader(dims),
                                 factor_reader or tp_factor_reader(dims))

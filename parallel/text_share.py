@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from k5.engine.text import TextEmbeds
+from k5.engine.encoders.text import TextEmbeds
 from k5.parallel.comm_stats import CommStats, nbytes
 from k5.parallel.mesh import ParallelDims
 
@@ -26,7 +26,7 @@ def is_text_source(dims: ParallelDims) -> bool:
 
 
 class SharedText:
-    """``encode(prompts, fmt, images) -> TextEmbeds`` like engine.text.TextEncoder; runs the encoder on the group's rank 0 only.
+    """``encode(prompts, fmt, images) -> TextEmbeds`` like engine.encoders.text.TextEncoder; runs the encoder on the group's rank 0 only.
 
     ``encoder`` is the loaded TextEncoder on the source rank and None elsewhere; ``device`` is where receiving ranks
     put the embeddings (the DiT's device). With ``keep=False`` the encoder is released after the first encode.

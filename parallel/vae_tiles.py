@@ -26,7 +26,7 @@ import torch.distributed as dist
 from typing import TYPE_CHECKING
 
 from k5.engine.memory import PEAKS
-from k5.engine.vae import VideoVAE, frames_to_uint8, vae_input
+from k5.engine.vae.video import VideoVAE, frames_to_uint8, vae_input
 
 if TYPE_CHECKING:  # only annotations: importing this module needs no diffusers
     from diffusers import AutoencoderKLHunyuanVideo

@@ -15,12 +15,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture
 def no_loading(monkeypatch):
     """Any weight loading fails the test: a refusal must come before it."""
-    from k5.engine.dit import Kandinsky5DiT
-    from k5.engine.image_pipeline import ImagePipeline
-    from k5.engine.image_vae import ImageVAE
-    from k5.engine.pipeline import Kandinsky5Pipeline
-    from k5.engine.text import TextEncoder
-    from k5.engine.vae import VideoVAE
+    from k5.engine.model.dit import Kandinsky5DiT
+    from k5.engine.pipelines.image import ImagePipeline
+    from k5.engine.vae.image import ImageVAE
+    from k5.engine.pipelines.video import Kandinsky5Pipeline
+    from k5.engine.encoders.text import TextEncoder
+    from k5.engine.vae.video import VideoVAE
 
     def loaded(*a, **k):
         raise AssertionError("weights were loaded for a run that must be refused first")

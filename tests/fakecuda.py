@@ -54,7 +54,7 @@ _NOT_LINKED = "not linked with support for cuda devices"
 
 
 def k5_site(depth: int = 2) -> tuple[str, int]:
-    """("engine/sampler.py:sample", line) of the innermost k5 frame on the stack; ("", 0) when k5 is not on it."""
+    """("engine/sampling/sampler.py:sample", line) of the innermost k5 frame on the stack; ("", 0) when k5 is not on it."""
     frame = sys._getframe(depth)
     while frame is not None and not frame.f_code.co_filename.startswith(_K5_DIRS):
         frame = frame.f_back
@@ -353,7 +353,7 @@ class FakeCuda:
 
     def module(self, module: nn.Module, dtype: torch.dtype, fp32=lambda name: False) -> nn.Module:
         """``module`` (built on meta) with every parameter a fake tensor of this rank's device, in ``dtype`` except
-        where ``fp32(name)`` (the DiT's fp32 modulation: k5.engine.checkpoint.keeps_fp32); buffers keep their dtype."""
+        where ``fp32(name)`` (the DiT's fp32 modulation: k5.engine.checkpoints.dit.keeps_fp32); buffers keep their dtype."""
         for mname, m in module.named_modules():
             for pname, p in list(m._parameters.items()):
                 if p is not None:

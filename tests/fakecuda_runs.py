@@ -16,11 +16,11 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
 from fakecuda import COLLECTIVE, D2H, H2D, SYNC, FakeCuda, flex_calls, flex_tile_problems
-from k5.engine.checkpoint import keeps_fp32
-from k5.engine.config import PRESETS, DiTConfig
-from k5.engine.dit import Kandinsky5DiT
-from k5.engine.pipeline import rope_scale
-from k5.engine.sampler import Conditioning, initial_noise, sample
+from k5.engine.checkpoints.dit import keeps_fp32
+from k5.engine.model.config import PRESETS, DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT
+from k5.engine.pipelines.video import rope_scale
+from k5.engine.sampling.sampler import Conditioning, initial_noise, sample
 from k5.parallel.cfg import CfgParallel
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import LayoutError
@@ -29,7 +29,7 @@ from k5.parallel.sequence import apply_sequence_parallel
 from k5.parallel.tensor import apply_tensor_parallel
 
 WORLD = 8
-TEXT_TOKENS = 256  # the video prompt budget (engine/text.py)
+TEXT_TOKENS = 256  # the video prompt budget (engine/encoders/text.py)
 GUIDANCE = 5.0
 
 # The model shapes of the issue (kandinsky5-architecture.md 1.1, 5.x): preset, frames, height, width.
@@ -43,11 +43,11 @@ TECHNIQUES = ("dp", "cfg", "ring", "ulysses", "tp")
 
 # Host-to-device copies the first step of an item may make, once per shape or item (none is allowed later).
 FIRST_STEP_COPIES = {
-    "engine/sampler.py:sample": "the schedule's times, copied once per item before the loop",
-    "engine/dit.py:_device_freqs": "time-embedding frequencies, computed on the host as the original does, once "
-                                   "per device (engine.dit.DeviceTables)",
-    "engine/dit.py:_text_rope": "text RoPE table, once per text length",
-    "engine/dit.py:rope_angles_3d": "visual RoPE tables, once per token grid",
+    "engine/sampling/sampler.py:sample": "the schedule's times, copied once per item before the loop",
+    "engine/model/dit.py:_device_freqs": "time-embedding frequencies, computed on the host as the original does, once "
+                                   "per device (engine.model.dit.DeviceTables)",
+    "engine/model/dit.py:_text_rope": "text RoPE table, once per text length",
+    "engine/model/dit.py:rope_angles_3d": "visual RoPE tables, once per token grid",
 }
 # Collectives that take host memory on purpose (gloo groups), with why.
 HOST_COLLECTIVES = {
@@ -217,7 +217,7 @@ class StandInText:
         self.calls = 0
 
     def encode(self, prompts, **kwargs):
-        from k5.engine.text import TextEmbeds
+        from k5.engine.encoders.text import TextEmbeds
 
         self.calls += 1
         n = len(prompts)
@@ -231,10 +231,10 @@ class StandInText:
 
 def video_vae(fc: FakeCuda):
     """The HunyuanVideo VAE (diffusers' defaults are its configuration, kandinsky5-architecture.md 6.1), fp16 as
-    the pipeline loads it on a GPU, tiled as engine.vae.VideoVAE sets it."""
+    the pipeline loads it on a GPU, tiled as engine.vae.video.VideoVAE sets it."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    from k5.engine.vae import VideoVAE
+    from k5.engine.vae.video import VideoVAE
 
     with torch.device("meta"):
         ae = AutoencoderKLHunyuanVideo()
@@ -245,7 +245,7 @@ def image_vae(fc: FakeCuda):
     """The FLUX.1-dev VAE (AutoencoderKL, 16 latent channels), bf16 as ImagePipeline loads it on a GPU."""
     from diffusers import AutoencoderKL
 
-    from k5.engine.image_vae import ImageVAE
+    from k5.engine.vae.image import ImageVAE
 
     with torch.device("meta"):
         ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,

@@ -42,7 +42,7 @@ CASES = {
     "t2v-nabla-magcache": dict(model="tiny", task="t2v", attention="nabla", variant="t2v-lite-sft-5s", magcache=True,
                                request=dict(prompt="a lighthouse in a storm", height=128, width=128, num_frames=9,
                                             steps=5, guidance_scale=5.0, shift=5.0, seed=5)),
-    # Image Lite runs at its buckets only (engine.image.resolve snaps any other size): 640x1408 is the smallest.
+    # Image Lite runs at its buckets only (engine.pipelines.image_request.resolve snaps any other size): 640x1408 is the smallest.
     "t2i": dict(model="tiny-image", task="t2i", request=dict(prompt="a red fox in a snowy forest", height=640,
                                                                width=1408, steps=2, guidance_scale=3.5, seed=6)),
     "i2i": dict(model="tiny-image", task="i2i", request=dict(prompt="make it night", steps=2, guidance_scale=3.5,
@@ -112,10 +112,10 @@ def request_of(case: dict, images: dict[str, Path]):
     if "image" in fields:
         fields["image"] = str(images[fields["image"]])
     if case["model"] == "tiny-image":
-        from k5.engine.image import ImageRequest
+        from k5.engine.pipelines.image_request import ImageRequest
 
         return ImageRequest(**fields, task=case["task"])
-    from k5.engine.pipeline import Request
+    from k5.engine.pipelines.video import Request
 
     return Request(**fields)
 
@@ -123,8 +123,8 @@ def request_of(case: dict, images: dict[str, Path]):
 def run_case(name: str, degrees: dict, images: dict[str, Path]) -> torch.Tensor:
     """The final latents of case ``name`` on the layout ``degrees`` (torch.distributed initialized when they ask for
     more than one process), through the calls launch/generate.py's runtime makes."""
-    from k5.engine.magcache import MagCache
-    from k5.engine.resolve import resolve_model
+    from k5.engine.sampling.magcache import MagCache
+    from k5.engine.catalogue.resolve import resolve_model
     from k5.parallel.plan import build_parallel, plan_parallel
 
     case = CASES[name]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from k5.engine.pipeline import Request
+from k5.engine.pipelines.video import Request
 from k5.launch.batch import (MANIFEST, JobLock, check_resume, deal, is_sealed, prepare, read_manifest, seal,
                              settings, write_item)
 from k5.launch.outputs import append_line, sha256_file

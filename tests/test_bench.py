@@ -178,7 +178,7 @@ def test_mask_replay_runs_the_given_masks_and_counts_agreement():
     import torch
 
     from k5.bench.run import MaskReplay
-    from k5.engine.dit import TokenGrid
+    from k5.engine.model.dit import TokenGrid
     from k5.kernels.nabla import NablaSpec, block_sparse_attention, nabla_mask
 
     g = torch.Generator().manual_seed(0)
@@ -205,7 +205,7 @@ def test_compiled_nabla_is_checked_on_the_reference_masks():
 
     from k5.bench.run import MaskReplay, compiled_on_reference_masks, make_inputs, random_dit, reference_forward, rel_err
     from k5.engine import compile as k5_compile
-    from k5.engine.sampler import model_input
+    from k5.engine.sampling.sampler import model_input
     from k5.kernels.nabla import nabla_backend
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import json
 import re
 
 from k5.bench.magcache import main
-from k5.engine.variants import get
+from k5.engine.catalogue.variants import get
 from test_magcache import reference_skips
 
 

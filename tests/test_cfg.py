@@ -9,8 +9,8 @@ import zlib
 import torch
 
 from distributed import run_distributed
-from k5.engine.sampler import Conditioning, guided_velocity, sample
-from k5.engine.text import TextEmbeds
+from k5.engine.sampling.sampler import Conditioning, guided_velocity, sample
+from k5.engine.encoders.text import TextEmbeds
 from k5.parallel.cfg import BranchText, CfgParallel
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel
@@ -25,7 +25,7 @@ STEPS, SCALE = 3, 5.0
 
 
 class FakeEncoder:
-    """Deterministic per-prompt embeddings, shaped like engine.text.TextEncoder's; records what it encoded."""
+    """Deterministic per-prompt embeddings, shaped like engine.encoders.text.TextEncoder's; records what it encoded."""
 
     def __init__(self):
         self.seen, self.released = [], False

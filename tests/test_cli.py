@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from k5.engine import variants as V
+from k5.engine.catalogue import variants as V
 from k5.launch import catalogue, cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_public_api_loads_lazily_from_this_checkout():
 import sys, k5
 assert "torch" not in sys.modules, "import k5 alone must not import torch"
 from k5 import {", ".join(names)}
-import k5.engine.pipeline as p
+import k5.engine.pipelines.video as p
 print(k5.__file__, p.__file__, len(VARIANTS), get_variant("t2v-lite-sft-5s").steps, Kandinsky5Pipeline is p.Kandinsky5Pipeline)
 try:
     k5.no_such_name
@@ -52,7 +52,7 @@ print(sorted(set({names!r}) - set(dir(k5))))
     assert r.returncode == 0, r.stderr
     first, attr_error, missing = r.stdout.strip().splitlines()
     k5_file, pipeline_file, n, steps, same = first.split()
-    assert Path(k5_file) == ROOT / "k5" / "__init__.py" and Path(pipeline_file) == ROOT / "engine" / "pipeline.py"
+    assert Path(k5_file) == ROOT / "k5" / "__init__.py" and Path(pipeline_file) == ROOT / "engine" / "pipelines" / "video.py"
     assert (int(n), int(steps), same) == (len(V.VARIANTS), 50, "True")
     assert "no_such_name" in attr_error and missing == "[]"
 
@@ -123,7 +123,7 @@ def test_readme_python_example_runs(tmp_path):
     r = python("-c", code, cwd=tmp_path, env=checkout_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("t2v-lite-sft-5s {")
-    from k5.engine.video import probe
+    from k5.engine.media.mp4 import probe
 
     info = probe(tmp_path / "fox.mp4", count_frames=True)
     assert (info["frames"], info["width"], info["height"]) == (9, 128, 128)
@@ -150,7 +150,12 @@ def test_installed_wheel_has_the_k5_command(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert {"k5/__main__.py", "k5/launch/cli.py", "k5/launch/catalogue.py", "k5/engine/variants.py"} <= names
+    assert {"k5/__main__.py", "k5/launch/cli.py", "k5/launch/catalogue.py", "k5/engine/catalogue/variants.py"} <= names
+    # every module of the folders, subfolders (engine/'s rooms) included: a room missing from pyproject's packages
+    # would be left out of the wheel
+    modules = {f"k5/{p.relative_to(ROOT).as_posix()}" for folder in set(packages.values()) - {"k5"}
+               for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules and not modules - names, sorted(modules - names)
     assert not any(n.startswith("bench/") for n in names)
     assert re.search(r"\[console_scripts\]\s*k5 = k5\.launch\.cli:main", entry_points)
 

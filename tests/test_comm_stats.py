@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from k5.engine.config import DiTConfig
-from k5.engine.dit import Kandinsky5DiT, TokenGrid
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT, TokenGrid
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.ring import RingCounters

@@ -13,8 +13,8 @@ import torch
 from diffusers import Kandinsky5Transformer3DModel
 from safetensors.torch import load_file, save_file
 
-from k5.engine.config import PRESETS, DiTConfig, infer_config
-from k5.engine.dit import Kandinsky5DiT
+from k5.engine.model.config import PRESETS, DiTConfig, infer_config
+from k5.engine.model.dit import Kandinsky5DiT
 from numerics import rel_err
 
 SHAPES = {

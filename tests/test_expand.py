@@ -11,10 +11,10 @@ from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
 from distributed import run_distributed
-from k5.engine import expand
-from k5.engine.pipeline import Kandinsky5Pipeline, Request, make_expander
-from k5.engine.text import TextEncoder
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.encoders import expand
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Request, make_expander
+from k5.engine.encoders.text import TextEncoder
+from k5.engine.catalogue.tiny import tiny_checkpoint
 
 PROMPT = "a red fox running through snow"
 CHAT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n" \
@@ -124,10 +124,10 @@ class Processor(Qwen2_5_VLProcessor):
 
 def test_image_expansion_equals_reference_generate(encoder, reference, tiny):
     """I2V and I2I: messages with the image, processor, generate, as text_embedders.py / i2i_pipeline.py run them,
-    against k5's expansion with the vision tower of engine/vision.py (loaded on first use)."""
+    against k5's expansion with the vision tower of engine/encoders/vision.py (loaded on first use)."""
     from PIL import Image
 
-    from k5.engine.vision import load_image_processor
+    from k5.engine.encoders.vision import load_image_processor
 
     tok = encoder.qwen_tokenizer
     proc = Processor(image_processor=load_image_processor(tiny / "tokenizer"), tokenizer=tok,
@@ -174,8 +174,8 @@ def test_pipeline_encodes_the_expansion(tiny, encoder):
 def test_pipelines_expand_with_their_task(tiny, encoder, tmp_path):
     from PIL import Image
 
-    from k5.engine.image import ImageRequest
-    from k5.engine.image_pipeline import ImagePipeline
+    from k5.engine.pipelines.image_request import ImageRequest
+    from k5.engine.pipelines.image import ImagePipeline
 
     path = tmp_path / "frame.png"
     Image.fromarray((torch.rand(64, 96, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)

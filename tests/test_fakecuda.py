@@ -26,7 +26,7 @@ from PIL import Image
 from fakecuda import COLLECTIVE, D2H, H2D, FakeCuda
 from fakecuda_runs import (SHAPES, TECHNIQUES, Run, accepted_layouts, build_dit, counted_forwards, expect_ok, image_vae,
                            layout_name, model_config, parallel_text, run_rank, video_vae)
-from k5.engine.config import PRESETS
+from k5.engine.model.config import PRESETS
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.plan import plan_parallel
 
@@ -94,9 +94,9 @@ def test_i2v_pipeline_with_cfg_parallel_and_magcache(tmp_path):
     """Rank 0 of cfg2 x u4 (the CFG-cond half, text source, image encoder) through Kandinsky5Pipeline.generate:
     the I2V image encoded by the HunyuanVideo VAE and broadcast, the text shared, MagCache skipping forwards of its
     branch (steps 1 and 2 of 4, the i2v-lite-5s ratios), CfgParallel exchanging velocities."""
-    from k5.engine.magcache import MagCache
-    from k5.engine.pipeline import Kandinsky5Pipeline, Request
-    from k5.engine.variants import VARIANTS
+    from k5.engine.sampling.magcache import MagCache
+    from k5.engine.pipelines.video import Kandinsky5Pipeline, Request
+    from k5.engine.catalogue.variants import VARIANTS
     from k5.parallel.cfg import CfgParallel
     from k5.parallel.plan import image_sharing
 
@@ -111,7 +111,7 @@ def test_i2v_pipeline_with_cfg_parallel_and_magcache(tmp_path):
         counted_forwards(fc, run, pipe, steps=4)
         # Host reads once per item, outside the loop, with the values they would read: the prompt fills the text
         # budget (mask dropped), not truncated, and the image latent's header (5 dims, fp32) read back by its source.
-        fc.watch.answers.update({"engine/pipeline.py:encode": True, "parallel/cfg.py": 0,
+        fc.watch.answers.update({"engine/pipelines/video.py:encode": True, "parallel/cfg.py": 0,
                                  "parallel/vae_tiles.py:broadcast_image_latent": [5, 0]})
         magcache = MagCache(VARIANTS["i2v-lite-5s"].mag_ratios)
         with torch.inference_mode():
@@ -162,8 +162,8 @@ def test_vae_blend_on_the_receiving_rank():
 
 def test_image_pipeline_at_the_1024_bucket(tmp_path):
     """Image Lite T2I at 1024x1024 on rank 0 of cfg2 x r2 x u2, through ImagePipeline.generate and the FLUX decode."""
-    from k5.engine.image import ImageRequest
-    from k5.engine.image_pipeline import ImagePipeline
+    from k5.engine.pipelines.image_request import ImageRequest
+    from k5.engine.pipelines.image import ImagePipeline
     from k5.parallel.cfg import CfgParallel
 
     cfg = model_config("image-lite", 2)
@@ -173,7 +173,7 @@ def test_image_pipeline_at_the_1024_bucket(tmp_path):
         pipe = ImagePipeline(tmp_path, dit, parallel_text(fc, cfg, dims, stats, tokens=512), image_vae(fc), fc.device)
         run = Run(fc, (1, 1, 128, 128, 16))
         counted_forwards(fc, run, pipe, steps=2)
-        fc.watch.answers.update({"engine/pipeline.py:encode": False, "parallel/cfg.py": 0})  # a masked prompt
+        fc.watch.answers.update({"engine/pipelines/video.py:encode": False, "parallel/cfg.py": 0})  # a masked prompt
         with torch.inference_mode():
             result = pipe.generate(ImageRequest("a fox", height=1024, width=1024, steps=2), on_step=fc.watch.step_done,
                                    chain=[CfgParallel(dims, stats)])

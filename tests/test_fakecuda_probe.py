@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fakecuda import FakeCuda
-from k5.engine.config import PRESETS
+from k5.engine.model.config import PRESETS
 from k5.kernels import attention as attn
 from k5.kernels.attention import SMALL_CALL, AttentionCall, disagreement, resolve_dense_backend
 from k5.parallel.mesh import ParallelDims

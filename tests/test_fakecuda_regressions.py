@@ -73,7 +73,7 @@ def test_device_cuda_in_the_wrong_place(monkeypatch):
 
 
 def test_an_extra_item_in_the_step_loop(monkeypatch):
-    from k5.engine import dit
+    from k5.engine.model import dit
 
     real = dit.attention
 
@@ -87,7 +87,7 @@ def test_an_extra_item_in_the_step_loop(monkeypatch):
     # The read has no data on fake tensors: the run stops there (DataDependentOutputException), and says where.
     assert problems[0].startswith("DataDependentOutputException"), problems
     assert len(problems) == 2 and re.fullmatch(r"device-to-host sync in the step loop: device-to-host sync "
-                                               r"aten.item.default at engine/dit.py:forward:\d+ \(step 0, devices "
+                                               r"aten.item.default at engine/model/dit.py:forward:\d+ \(step 0, devices "
                                                r"\['cuda:7'\]\)", problems[1]), problems
 
 
@@ -116,15 +116,15 @@ def test_a_host_tensor_fed_to_a_collective(monkeypatch):
 
 
 def test_tables_rebuilt_from_host_data_at_every_forward(monkeypatch):
-    from k5.engine.dit import DeviceTables
+    from k5.engine.model.dit import DeviceTables
 
     case = ("lite-5s", {"cfg": 2, "ulysses": 4}, 7)
     monkeypatch.setattr(DeviceTables, "get", lambda self, key, build: build())
     run = run_rank(*case)
     late = [e for e in run.fc.watch.of(H2D, steady=True)]
     # Step 1, the CFG-cond half's one forward (cfg2): time frequencies, text RoPE, and the three visual RoPE axes.
-    assert sorted(e.site for e in late) == ["engine/dit.py:_device_freqs", "engine/dit.py:_text_rope"] + \
-        ["engine/dit.py:rope_angles_3d"] * 3
+    assert sorted(e.site for e in late) == ["engine/model/dit.py:_device_freqs", "engine/model/dit.py:_text_rope"] + \
+        ["engine/model/dit.py:rope_angles_3d"] * 3
     assert sum(p.startswith("host-to-device copy in a step after the first") for p in check(run)) == 5
 
 

@@ -11,9 +11,9 @@ import torch
 from distributed import run_distributed
 from hostsync import HostSyncs
 from k5.engine.compile import compile_blocks, graphs_compiled
-from k5.engine.config import DiTConfig
-from k5.engine.dit import Kandinsky5DiT
-from k5.engine.sampler import Conditioning, sample
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT
+from k5.engine.sampling.sampler import Conditioning, sample
 from k5.kernels.nabla import NablaSpec, nabla_backend
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.ring import _spans_with_work

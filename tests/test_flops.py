@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from k5.bench import flops
 from k5.bench.run import TINY, make_inputs, random_dit
-from k5.engine.config import PRESETS
-from k5.engine.sampler import model_input
+from k5.engine.model.config import PRESETS
+from k5.engine.sampling.sampler import model_input
 from k5.kernels.nabla import block_sparse_attention
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from k5.engine.tiny import tiny_checkpoint
-from k5.engine.video import probe
+from k5.engine.catalogue.tiny import tiny_checkpoint
+from k5.engine.media.mp4 import probe
 from k5.launch.generate import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from k5.engine import expand
-from k5.engine.pipeline import DEFAULT_NEGATIVE_PROMPT
-from k5.engine.text import TextEncoder
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.encoders import expand
+from k5.engine.pipelines.video import DEFAULT_NEGATIVE_PROMPT
+from k5.engine.encoders.text import TextEncoder
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.launch.batch import EXPANSIONS, MANIFEST, read_manifest
 from k5.launch.generate import main
 from numerics import rel_err

@@ -135,7 +135,7 @@ def test_batch_job_of_edits_data_parallel_resumes(tmp_path):
     ("video folder", ["--task", "t2i"], "x.mp4", r"--task t2i needs an Image Lite checkpoint"),
 ])  # fmt: skip
 def test_refused_before_loading(capsys, tmp_path, no_loading, model, args, output, match):
-    from k5.engine.tiny import tiny_checkpoint
+    from k5.engine.catalogue.tiny import tiny_checkpoint
 
     model = {"t2i folder": str(tiny_checkpoint(kind="t2i")), "video folder": str(tiny_checkpoint())}.get(model, model)
     out = tmp_path / "out"

@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from k5.engine.lora import sha256_file
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.checkpoints.lora import sha256_file
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.launch.batch import MANIFEST, read_manifest
 from k5.launch.generate import main
 from numerics import rel_err

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from k5.engine import variants as V
-from k5.engine.config import PRESETS
-from k5.engine.pipeline import Kandinsky5Pipeline, rope_scale
-from k5.engine.sampler import initial_noise
-from k5.engine.text import DEFAULT_NEGATIVE_PROMPT
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.catalogue import variants as V
+from k5.engine.model.config import PRESETS
+from k5.engine.pipelines.video import Kandinsky5Pipeline, rope_scale
+from k5.engine.sampling.sampler import initial_noise
+from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.launch.generate import main
 from numerics import rel_err
 from test_magcache import old_sample, reference_skips

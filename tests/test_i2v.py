@@ -7,10 +7,10 @@ import torch
 from diffusers import Kandinsky5I2VPipeline
 from PIL import Image
 
-from k5.engine.config import DiTConfig
-from k5.engine.i2v import encode_image, load_image, normalize_first_frame, prepare_image, size_for_area
-from k5.engine.pipeline import Request, check_request, frame_size
-from k5.engine.vae import VideoVAE
+from k5.engine.model.config import DiTConfig
+from k5.engine.sampling.i2v import encode_image, load_image, normalize_first_frame, prepare_image, size_for_area
+from k5.engine.pipelines.video import Request, check_request, frame_size
+from k5.engine.vae.video import VideoVAE
 from test_vae import SMALL_TILES, tiny_vae
 
 

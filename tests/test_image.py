@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from k5.engine.config import PRESETS
-from k5.engine.image import (BUCKETS, ImageRequest, check_task, fit_to_bucket, grid_tokens, image_size, load_source,
+from k5.engine.model.config import PRESETS
+from k5.engine.pipelines.image_request import (BUCKETS, ImageRequest, check_task, fit_to_bucket, grid_tokens, image_size, load_source,
                              nearest_bucket, qwen_image, reject_image_settings, reject_video_settings, resolve,
                              vae_input)
 
@@ -171,7 +171,7 @@ def test_original_single_file_config_is_inferred(preset):
     config give it back (head 128 -> axes 32/48/48; 33 input channels -> the I2I edit input)."""
     from diffusers import Kandinsky5Transformer3DModel
 
-    from k5.engine.config import infer_config
+    from k5.engine.model.config import infer_config
 
     want = PRESETS[preset].replace(num_visual_blocks=3)
     kwargs = {k: v for k, v in want.to_dict().items() if not k.startswith("_") and not k.startswith("attention")}

@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 from distributed import run_distributed
-from k5.engine.dit import Kandinsky5DiT
-from k5.engine.image import ImageRequest
-from k5.engine.image_pipeline import ImagePipeline
-from k5.engine.magcache import MagCache
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.model.dit import Kandinsky5DiT
+from k5.engine.pipelines.image_request import ImageRequest
+from k5.engine.pipelines.image import ImagePipeline
+from k5.engine.sampling.magcache import MagCache
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.parallel.layout import SequenceLayout
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.plan import build_parallel, plan_parallel, setup_parallel

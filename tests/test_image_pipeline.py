@@ -20,13 +20,13 @@ import torch
 from diffusers import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline, Kandinsky5Transformer3DModel
 from PIL import Image
 
-import k5.engine.dit as dit_module
-import k5.engine.sampler as sampler_module
-from k5.engine.dit import Kandinsky5DiT
-from k5.engine.image import ImageRequest, fit_to_bucket, load_source, qwen_image, vae_input
-from k5.engine.image_pipeline import ImagePipeline
-from k5.engine.text import IMAGE, IMAGE_EDIT
-from k5.engine.tiny import tiny_checkpoint
+import k5.engine.model.dit as dit_module
+import k5.engine.sampling.sampler as sampler_module
+from k5.engine.model.dit import Kandinsky5DiT
+from k5.engine.pipelines.image_request import ImageRequest, fit_to_bucket, load_source, qwen_image, vae_input
+from k5.engine.pipelines.image import ImagePipeline
+from k5.engine.encoders.text import IMAGE, IMAGE_EDIT
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from numerics import rel_err
 from test_image_text import processor
 
@@ -123,7 +123,7 @@ def test_t2i_latents_match_diffusers(t2i, monkeypatch, diffusers_rounding):
 
 def test_i2i_latents_match_diffusers(i2i, source, monkeypatch, diffusers_rounding):
     ref = Kandinsky5I2IPipeline.from_pretrained(i2i)
-    ref.tokenizer = processor(i2i)  # the real repos list Qwen2VLProcessor; the tiny a tokenizer (see engine/tiny.py)
+    ref.tokenizer = processor(i2i)  # the real repos list Qwen2VLProcessor; the tiny a tokenizer (see engine/catalogue/tiny.py)
     ref.prompt_template, ref.prompt_template_encode_start_idx = IMAGE_EDIT.template, IMAGE_EDIT.crop_start
     ref.set_progress_bar_config(disable=True)
     image = Image.open(source).convert("RGB")

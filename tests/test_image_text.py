@@ -22,9 +22,9 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from k5.engine.image import fit_to_bucket, qwen_image
-from k5.engine.text import IMAGE, IMAGE_EDIT, TextEncoder
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.pipelines.image_request import fit_to_bucket, qwen_image
+from k5.engine.encoders.text import IMAGE, IMAGE_EDIT, TextEncoder
+from k5.engine.catalogue.tiny import tiny_checkpoint
 
 PROMPTS = ["A cat walks on the grass", "Make the sky purple and add a red balloon over the city, keep the rest"]
 ATOL = 1e-5

@@ -1,6 +1,6 @@
-"""MP4 with an H.264 video stream and an AAC audio track (engine/av.py), checked with ffprobe run here directly:
+"""MP4 with an H.264 video stream and an AAC audio track (engine/media/av.py), checked with ffprobe run here directly:
 exactly one stream of each, the frame count, and an audio duration equal to the video's to within one AAC frame
-(1024 samples, 23 ms at 44.1 kHz: the encoder's granularity). Plus the publish rules of engine/video.py (no
+(1024 samples, 23 ms at 44.1 kHz: the encoder's granularity). Plus the publish rules of engine/media/mp4.py (no
 overwrite, nothing left behind on failure) and tiny-k6 end to end: sampler -> video and audio decode -> MP4.
 """
 
@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from k5.engine import k6_text
-from k5.engine.audio import AudioDecoder, fit_to_video
-from k5.engine.av import check_audio, write_av_mp4
-from k5.engine.k6_dit import Kandinsky6DiT
-from k5.engine.k6_sampler import audio_length, sample
-from k5.engine.k6_schedule import schedule_from_config
-from k5.engine.k6_tiny import k6_tiny_checkpoint
-from k5.engine.text import TextEncoder
-from k5.engine.vae import VideoVAE
-from k5.engine.video import UnplayableVideo, write_mp4
+from k5.engine.encoders import k6_text
+from k5.engine.vae.audio import AudioDecoder, fit_to_video
+from k5.engine.media.av import check_audio, write_av_mp4
+from k5.engine.model.k6_dit import Kandinsky6DiT
+from k5.engine.sampling.k6_sampler import audio_length, sample
+from k5.engine.sampling.k6_schedule import schedule_from_config
+from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
+from k5.engine.encoders.text import TextEncoder
+from k5.engine.vae.video import VideoVAE
+from k5.engine.media.mp4 import UnplayableVideo, write_mp4
 
 SR = 44_100
 

@@ -14,9 +14,9 @@ import torch
 from diffusers import Kandinsky6Transformer3DModel
 from safetensors.torch import load_file, save_file
 
-from k5.engine.k6_checkpoint import infer_config, model_name
-from k5.engine.k6_config import PRESETS, K6Config
-from k5.engine.k6_dit import Kandinsky6DiT, param_count
+from k5.engine.checkpoints.k6 import infer_config, model_name
+from k5.engine.model.k6_config import PRESETS, K6Config
+from k5.engine.model.k6_dit import Kandinsky6DiT, param_count
 from numerics import rel_err
 
 TOL = 1e-5

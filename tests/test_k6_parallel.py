@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from k5.engine.chain import Conditioning
-from k5.engine.k6_dit import Kandinsky6DiT
-from k5.engine.k6_sampler import sample, tail_frame_kwargs
-from k5.engine.k6_schedule import EulerSchedule
-from k5.engine.k6_tiny import k6_tiny_checkpoint
+from k5.engine.sampling.chain import Conditioning
+from k5.engine.model.k6_dit import Kandinsky6DiT
+from k5.engine.sampling.k6_sampler import sample, tail_frame_kwargs
+from k5.engine.sampling.k6_schedule import EulerSchedule
+from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
 from k5.kernels.nabla import NablaSpec
 from k5.parallel.k6 import CfgParallel, apply_sequence_parallel, load_dit
 from k5.parallel.mesh import LayoutError, ParallelDims
@@ -135,7 +135,7 @@ def test_cfg_parallel_x_ulysses_sampling_equals_sequential(root):
 
 
 def test_tp_must_cut_both_streams():
-    from k5.engine.k6_config import K6Config
+    from k5.engine.model.k6_config import K6Config
     from k5.parallel.k6 import check_tensor_parallel
 
     cfg = K6Config.from_json(k6_tiny_checkpoint(kind="sft") / "transformer" / "config.json")

@@ -8,7 +8,7 @@ Given to both sides: the same video and audio noise (diffusers takes them as ``l
 channels-first layout) and the schedule of the checkpoint's scheduler config. Deliberate differences, each handed
 over so that anything else would show:
 1. Text: the T2AV test lets diffusers encode the prompts itself (1024 padded tokens with a key mask); ours trims the
-   shared padding (engine/k6_text.py says why that is exact). The other tests give diffusers our embeddings
+   shared padding (engine/encoders/k6_text.py says why that is exact). The other tests give diffusers our embeddings
    (already trimmed, so no mask is needed), to keep them fast.
 2. I2AV's image latent is diffusers' own ``encode_image`` (VideoProcessor resize and crop, VAE posterior sample from
    the generator): our image preparation belongs to the pipeline integration that comes later. Both sides then
@@ -23,13 +23,13 @@ import torch
 from diffusers import Kandinsky6TI2VAPipeline
 from PIL import Image
 
-from k5.engine import k6_text
-from k5.engine.audio import AudioDecoder
-from k5.engine.k6_dit import Kandinsky6DiT
-from k5.engine.k6_sampler import audio_length, sample
-from k5.engine.k6_schedule import EulerSchedule, PiFlowSchedule, schedule_from_config
-from k5.engine.k6_tiny import k6_tiny_checkpoint
-from k5.engine.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
+from k5.engine.encoders import k6_text
+from k5.engine.vae.audio import AudioDecoder
+from k5.engine.model.k6_dit import Kandinsky6DiT
+from k5.engine.sampling.k6_sampler import audio_length, sample
+from k5.engine.sampling.k6_schedule import EulerSchedule, PiFlowSchedule, schedule_from_config
+from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
+from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
 from numerics import rel_err
 
 TOL = 1e-4

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, PiflowScheduler
 
-from k5.engine.k6_schedule import EulerSchedule, PiFlowSchedule, flow_sigmas, schedule_from_config
+from k5.engine.sampling.k6_schedule import EulerSchedule, PiFlowSchedule, flow_sigmas, schedule_from_config
 
 SHAPES = {"video": (2, 3, 4, 6, 16), "audio": (2, 11, 40)}
 

@@ -16,10 +16,10 @@ from diffusers import Kandinsky6SRTransformer3DModel
 from safetensors.torch import load_file, save_file
 
 import diffusers.models.transformers.transformer_kandinsky6_sr as reference_module
-from k5.engine.dit import LocalAttention
-from k5.engine.k6_checkpoint import sr_model_name
-from k5.engine.k6_config import SRConfig
-from k5.engine.k6_sr import Kandinsky6SR
+from k5.engine.model.dit import LocalAttention
+from k5.engine.checkpoints.k6 import sr_model_name
+from k5.engine.model.k6_config import SRConfig
+from k5.engine.model.k6_sr import Kandinsky6SR
 from k5.kernels.nabla import nabla_mask
 from numerics import rel_err
 

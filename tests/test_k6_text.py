@@ -11,10 +11,10 @@ import pytest
 import torch
 from diffusers import Kandinsky6TI2VAPipeline
 
-from k5.engine import k6_text
-from k5.engine.k6_dit import Kandinsky6DiT
-from k5.engine.k6_tiny import k6_tiny_checkpoint
-from k5.engine.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
+from k5.engine.encoders import k6_text
+from k5.engine.model.k6_dit import Kandinsky6DiT
+from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
+from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
 from numerics import rel_err
 
 

@@ -14,12 +14,12 @@ import torch
 from diffusers import (FlowMatchEulerDiscreteScheduler, Kandinsky6TI2VAPipeline, Kandinsky6Transformer3DModel,
                        MMAudioVAE, MMAudioVocoder, PiflowScheduler)
 
-from k5.engine.audio import AudioDecoder
-from k5.engine.k6_config import K6Config
-from k5.engine.k6_dit import Kandinsky6DiT
-from k5.engine.k6_schedule import EulerSchedule, PiFlowSchedule, schedule_from_config
-from k5.engine import k6_tiny
-from k5.engine.k6_tiny import build_k6_tiny_checkpoint, k6_tiny_checkpoint
+from k5.engine.vae.audio import AudioDecoder
+from k5.engine.model.k6_config import K6Config
+from k5.engine.model.k6_dit import Kandinsky6DiT
+from k5.engine.sampling.k6_schedule import EulerSchedule, PiFlowSchedule, schedule_from_config
+from k5.engine.catalogue import k6_tiny
+from k5.engine.catalogue.k6_tiny import build_k6_tiny_checkpoint, k6_tiny_checkpoint
 
 COMPONENTS = ["audio_vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer",
               "vae", "vocoder"]

@@ -4,9 +4,9 @@ import argparse
 
 import pytest
 
-from k5.engine import variants as V
-from k5.engine.pipeline import Request
-from k5.engine.resolve import resolve_model
+from k5.engine.catalogue import variants as V
+from k5.engine.pipelines.video import Request
+from k5.engine.catalogue.resolve import resolve_model
 from k5.launch import model
 from test_magcache import reference_skips
 

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distributed import run_distributed
-from k5.engine import lora
-from k5.engine.dit import Kandinsky5DiT
+from k5.engine.checkpoints import lora
+from k5.engine.model.dit import Kandinsky5DiT
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel
 from k5.parallel.tensor import load_dit, switch_dit_adapters, tp_factor_reader, tp_reader

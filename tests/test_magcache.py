@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from k5.engine import variants as V
-from k5.engine.chain import StepCall, compose
-from k5.engine.magcache import MagCache, forwards, skip_plan
-from k5.engine.sampler import Conditioning, combine_cfg, guided_velocity, model_input, sample, timesteps, uses_cfg
+from k5.engine.catalogue import variants as V
+from k5.engine.sampling.chain import StepCall, compose
+from k5.engine.sampling.magcache import MagCache, forwards, skip_plan
+from k5.engine.sampling.sampler import Conditioning, combine_cfg, guided_velocity, model_input, sample, timesteps, uses_cfg
 from k5.parallel.cfg import CfgParallel
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel
@@ -131,13 +131,13 @@ def test_skipped_forward_runs_text_blocks_and_out_layer_only():
         time_embed = model.time_embeddings(torch.tensor([800.0])) + model.pooled_text_embeddings(cond.pooled).float()
         by_hand = model.out_layer(seen["input"] + seen["residual"], time_embed)
         by_hand = by_hand.unflatten(1, (3, 3, 5))
-        from k5.engine.dit import unpatchify
+        from k5.engine.model.dit import unpatchify
         # Bitwise: the same modules on the same tensors as inside the skipped forward.
         assert torch.equal(skipped, unpatchify(by_hand, CFG.patch_size, CFG.out_visual_dim))
 
 
 def old_sample(velocity, noise, cond, uncond, steps, guidance_scale):
-    """The sampler loop as it was before the step chain (engine/sampler.py at 4335862), for bit-identity."""
+    """The sampler loop as it was before the step chain (engine/sampling/sampler.py at 4335862), for bit-identity."""
     ts = timesteps(steps)
     x = noise.float()
     for i in range(steps):

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from k5.engine import memory
-from k5.engine.config import PRESETS
+from k5.engine.model.config import PRESETS
 from k5.engine.memory import (Shape, Weights, block_bytes_per_token, check_memory, device_capacity,
                               dit_activation_bytes, estimate, nabla_mask_bytes)
-from k5.engine.pipeline import Kandinsky5Pipeline, Request
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Request
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.launch.generate import main
 
 GiB = 2**30
@@ -47,13 +47,13 @@ def _unique_bytes(*modules) -> int:
 def test_expansion_head_and_vision_tower_are_what_loading_allocates(kind):
     """Prompt expansion loads Qwen's lm_head, an image prompt its vision tower: the estimate counts exactly the bytes
     those loads allocate (none for a head tied to the embedding), and nothing when they are not used."""
-    from k5.engine.text import TextEncoder
-    from k5.engine.vision import _load_tower
+    from k5.engine.encoders.text import TextEncoder
+    from k5.engine.encoders.vision import _load_tower
 
     root = tiny_checkpoint() if kind == "video" else tiny_checkpoint(kind=kind)
     cfg = Kandinsky5Pipeline.read_config(root) if kind == "video" else None
     if cfg is None:
-        from k5.engine.image_pipeline import ImagePipeline
+        from k5.engine.pipelines.image import ImagePipeline
 
         cfg = ImagePipeline.read_config(root)
     base = Weights.of_checkpoint(root, cfg, torch.float32, "cpu")
@@ -404,7 +404,7 @@ def test_vae_gather_term_is_the_buffers_a_parallel_decode_allocates():
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from k5.engine.vae import VideoVAE
+    from k5.engine.vae.video import VideoVAE
     from k5.parallel.vae_tiles import parallel_decode, plan_tiles
 
     root = tiny_checkpoint()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from k5.engine.video import check_mp4
+from k5.engine.media.mp4 import check_mp4
 from k5.launch.batch import MANIFEST, read_manifest
 from k5.launch.outputs import check_writable, output_name, sha256_file, write_outputs
 from sandbox import can_mount, in_mount_namespace, limit_file_size
@@ -65,7 +65,7 @@ def test_check_writable_looks_above_a_folder_that_does_not_exist_yet(tmp_path):
 # ---- a read-only folder, refused before any weight loads ---------------------------------------------------------
 
 NO_LOADING = ("import sys; sys.path.insert(0, {root!r})\n"
-              "from k5.engine.pipeline import Kandinsky5Pipeline\n"
+              "from k5.engine.pipelines.video import Kandinsky5Pipeline\n"
               "def loaded(*a, **k):\n    raise SystemExit('weights were loaded for a run that must be refused')\n"
               "Kandinsky5Pipeline.from_pretrained = loaded\n"
               "from k5.launch.generate import main\nsys.exit(main(sys.argv[1:]))\n").format(root=str(ROOT))

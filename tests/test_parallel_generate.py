@@ -4,9 +4,9 @@ the TP reader; the guided hook) against Kandinsky5Pipeline.generate in one proce
 import torch
 
 from distributed import run_distributed
-from k5.engine.pipeline import Kandinsky5Pipeline, Request
-from k5.engine.resolve import resolve_model
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Request
+from k5.engine.catalogue.resolve import resolve_model
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.parallel.plan import setup_parallel
 from numerics import rel_err
 
@@ -41,7 +41,7 @@ def test_setup_parallel_generate_equals_single_process():
 
 
 def _i2v_worker(rank, world_size, root, image):
-    import k5.engine.i2v as i2v
+    import k5.engine.sampling.i2v as i2v
 
     calls = []
     encode = i2v.encode_image

@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from k5.engine.i2v import encode_image, load_image, normalize_first_frame, prepare_image
-from k5.engine.pipeline import Kandinsky5Pipeline, Request
-from k5.engine.sampler import timesteps
-from k5.engine.text import DEFAULT_NEGATIVE_PROMPT
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.sampling.i2v import encode_image, load_image, normalize_first_frame, prepare_image
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Request
+from k5.engine.sampling.sampler import timesteps
+from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT
+from k5.engine.catalogue.tiny import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_i2v_overwrites_first_latent_frame_every_step(pipe, monkeypatch, tmp_pat
     g = torch.Generator("cpu").manual_seed(req.seed)
     image_latent = encode_image(pipe.vae, prepare_image(load_image(path), 48, 80), generator=g).float()
     raw = []
-    monkeypatch.setattr("k5.engine.i2v.normalize_first_frame",
+    monkeypatch.setattr("k5.engine.sampling.i2v.normalize_first_frame",
                         lambda x, **kw: raw.append(x.clone()) or normalize_first_frame(x, **kw))
     calls = record_calls(pipe, monkeypatch)
     out = pipe.generate(req).latents

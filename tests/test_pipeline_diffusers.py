@@ -36,10 +36,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
 from PIL import Image
 
-import k5.engine.dit
-from k5.engine.pipeline import Kandinsky5Pipeline, Request, frame_size, hd_bucket
-from k5.engine.sampler import initial_noise, timesteps
-from k5.engine.tiny import tiny_checkpoint
+import k5.engine.model.dit
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Request, frame_size, hd_bucket
+from k5.engine.sampling.sampler import initial_noise, timesteps
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from numerics import rel_err
 from test_i2v import original_first_frame_image
 
@@ -64,8 +64,8 @@ def t2v(root):
 @pytest.fixture(autouse=True)
 def rope_rounded_like_diffusers(monkeypatch):
     """Difference 6: q and k rounded to bf16 after the rotation, as diffusers' apply_rotary does."""
-    apply_rope = k5.engine.dit.apply_rope
-    monkeypatch.setattr(k5.engine.dit, "apply_rope",
+    apply_rope = k5.engine.model.dit.apply_rope
+    monkeypatch.setattr(k5.engine.model.dit, "apply_rope",
                         lambda x, cos, sin: apply_rope(x, cos, sin).to(torch.bfloat16).to(x.dtype))
 
 

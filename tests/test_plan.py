@@ -5,10 +5,10 @@ build. The multi-process build runs in test_parallel_generate.py (setup_parallel
 import pytest
 import torch
 
-from k5.engine.config import DiTConfig
-from k5.engine.dit import LocalTokens
-from k5.engine.pipeline import Kandinsky5Pipeline
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import LocalTokens
+from k5.engine.pipelines.video import Kandinsky5Pipeline
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.parallel.cfg import check_cfg_parallel
 from k5.parallel.mesh import LayoutError, ParallelDims
 from k5.parallel.plan import build_parallel, check_layout, check_request, plan_layout, plan_parallel

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-import k5.engine.video as video_module
-from k5.engine.png import UnreadableImage, check_png, encode_png, write_png
+import k5.engine.media.mp4 as video_module
+from k5.engine.media.png import UnreadableImage, check_png, encode_png, write_png
 
 
 def image(h=24, w=40, seed=0):

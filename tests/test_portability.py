@@ -34,8 +34,8 @@ modules += ["k5.kernels." + p.stem for p in Path("kernels").glob("*.py") if p.st
 modules += ["k5.parallel." + p.stem for p in Path("parallel").glob("*.py") if p.stem != "__init__"]
 for m in modules:
     __import__(m)
-from k5.engine.config import DiTConfig
-from k5.engine.dit import Kandinsky5DiT
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT
 cfg = DiTConfig(in_text_dim=8, in_text_dim2=8, time_dim=16, model_dim=32, ff_dim=64, num_text_blocks=1,
                 num_visual_blocks=1, axes_dims=(4, 6, 6))
 out = Kandinsky5DiT(cfg)(torch.randn(1, 1, 4, 4, cfg.in_channels), torch.randn(1, 3, 8), torch.randn(1, 8),

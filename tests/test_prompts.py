@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from k5.engine.pipeline import Kandinsky5Pipeline, check_request
-from k5.engine.text import DEFAULT_NEGATIVE_PROMPT
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.pipelines.video import Kandinsky5Pipeline, check_request
+from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.launch.prompts import FIELDS, PromptFileError, read_prompts
 
 DEFAULTS = dict(negative_prompt=None, height=64, width=64, num_frames=1, steps=2, guidance_scale=5.0, shift=None,

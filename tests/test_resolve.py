@@ -13,11 +13,11 @@ import struct
 import pytest
 import torch
 
-from k5.engine import variants as V
-from k5.engine.checkpoint import keeps_fp32
-from k5.engine.config import PRESETS
-from k5.engine.dit import Kandinsky5DiT
-from k5.engine.resolve import OTHER_COMPONENTS, ResolveError, hub_cache, resolve_model, tiny_variant
+from k5.engine.catalogue import variants as V
+from k5.engine.checkpoints.dit import keeps_fp32
+from k5.engine.model.config import PRESETS
+from k5.engine.model.dit import Kandinsky5DiT
+from k5.engine.catalogue.resolve import OTHER_COMPONENTS, ResolveError, hub_cache, resolve_model, tiny_variant
 from k5.kernels.nabla import NablaSpec
 from numerics import rel_err
 from test_sharded_load import CFG, build_model, write_checkpoint
@@ -276,7 +276,7 @@ def test_tiny_model_takes_a_variants_sampling_settings():
 def test_tiny_image_is_one_checkpoint_per_task():
     t2i, i2i = resolve_model("tiny-image"), resolve_model("tiny-image", tiny_task="i2i")
     assert (t2i.task, t2i.config.visual_cond, i2i.task, i2i.config.visual_cond) == ("t2i", False, "i2i", True)
-    assert t2i.root != i2i.root and t2i.defaults() == {"steps": 4}  # sizes: the buckets (engine.image)
+    assert t2i.root != i2i.root and t2i.defaults() == {"steps": 4}  # sizes: the buckets (engine.pipelines.image_request)
     # a variant of its tasks gives its sampling settings (the reference image pipelines': 3.5, shift 3) and its task
     r = resolve_model("tiny-image", "i2i-lite-sft")
     assert (r.task, r.config.visual_cond) == ("i2i", True)

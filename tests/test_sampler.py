@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from k5.engine.sampler import Conditioning, combine_cfg, initial_noise, model_input, sample, timesteps
+from k5.engine.sampling.sampler import Conditioning, combine_cfg, initial_noise, model_input, sample, timesteps
 
 
 def test_schedule_by_hand():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from k5.engine.config import DiTConfig
-from k5.engine.dit import Kandinsky5DiT
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT
 from k5.kernels.nabla import NablaSpec
 from k5.parallel.plan import plan_layout
 from k5.parallel.sequence import apply_sequence_parallel

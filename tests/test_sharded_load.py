@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distributed import run_distributed
-from k5.engine.checkpoint import keeps_fp32
-from k5.engine.config import DiTConfig
-from k5.engine.dit import Kandinsky5DiT
+from k5.engine.checkpoints.dit import keeps_fp32
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.tensor import load_dit, parameter_bytes, tp_reader
 

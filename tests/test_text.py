@@ -19,14 +19,14 @@ from diffusers import Kandinsky5T2VPipeline
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextModel, Qwen2_5_VLForConditionalGeneration
 
-from k5.engine.pipeline import Kandinsky5Pipeline, Request
-from k5.engine.text import (
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Request
+from k5.engine.encoders.text import (
     DEFAULT_NEGATIVE_PROMPT,
     QWEN_MAX_LENGTH,
     VIDEO_PROMPT_TEMPLATE,
     TextEncoder,
 )
-from k5.engine.tiny import tiny_checkpoint
+from k5.engine.catalogue.tiny import tiny_checkpoint
 from numerics import rel_err
 
 PROMPTS = ["A cat walks on the grass", "A red fox jumps over the fence at sunset, cinematic lighting, 35mm film"]

@@ -15,9 +15,9 @@ from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler
 from diffusers import Kandinsky5Transformer3DModel
 from transformers import AutoTokenizer, CLIPTextModel, Qwen2_5_VLForConditionalGeneration
 
-import k5.engine.tiny as tiny_mod
-from k5.engine.text import VIDEO_TEMPLATE_PREFIX
-from k5.engine.tiny import build_tiny_checkpoint, tiny_checkpoint
+import k5.engine.catalogue.tiny as tiny_mod
+from k5.engine.encoders.text import VIDEO_TEMPLATE_PREFIX
+from k5.engine.catalogue.tiny import build_tiny_checkpoint, tiny_checkpoint
 
 COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLHunyuanVideo
 
-from k5.engine.vae import VideoVAE, frames_to_uint8
+from k5.engine.vae.video import VideoVAE, frames_to_uint8
 
 # Small tiles so that a latent of a few pixels already spans several spatial tiles and temporal windows:
 # latent tiles 4x4 with stride 3, windows of 3+1 latent frames with stride 2.

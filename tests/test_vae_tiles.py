@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_distributed
-from k5.engine.vae import VideoVAE
+from k5.engine.vae.video import VideoVAE
 from k5.parallel.vae_tiles import Tile, assign_tiles, broadcast_image_latent, parallel_decode, plan_tiles
 from test_vae import SMALL_TILES, tiny_vae
 

@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from k5.engine import memory
-from k5.engine import variants as V
-from k5.engine.config import PRESETS
+from k5.engine.catalogue import variants as V
+from k5.engine.model.config import PRESETS
 from k5.engine.memory import Shape, dit_activation_bytes
 
 REFERENCE = {
@@ -324,13 +324,13 @@ def test_image_rows_name_the_reference_repos_and_files(name):
 
 def test_image_rows_agree_with_diffusers_and_the_engine():
     """diffusers' image pipelines (installed: an oracle independent of the reference's YAML) and the defaults the
-    engine runs an image request with (k5.engine.image) give the same settings as the catalogue."""
+    engine runs an image request with (k5.engine.pipelines.image_request) give the same settings as the catalogue."""
     import inspect
 
     import diffusers.pipelines.kandinsky5.pipeline_kandinsky_i2i as d_i2i
     import diffusers.pipelines.kandinsky5.pipeline_kandinsky_t2i as d_t2i
 
-    from k5.engine import image
+    from k5.engine.pipelines import image_request as image
 
     for module, cls, task in ((d_t2i, d_t2i.Kandinsky5T2IPipeline, "t2i"), (d_i2i, d_i2i.Kandinsky5I2IPipeline, "i2i")):
         call = {k: p.default for k, p in inspect.signature(cls.__call__).parameters.items()}
@@ -416,7 +416,7 @@ def test_memory_from_parameter_counts_and_activations():
     embed = ((Tm * D + Tm) + (Tm * Tm + Tm)) * 4 + (D * 3584 + D + 2 * D) * 2 + (Tm * 768 + Tm + 2 * Tm) * 2 \
         + (D * 4 * 33 + D) * 2 + (2 * D * Tm + 2 * D) * 4 + (64 * D + 64) * 2
     assert V.dit_parameter_bytes(PRESETS["lite"]) == 32 * visual + 2 * text + embed
-    # Qwen2.5-VL-7B's text decoder as engine/text.py loads it (config: hidden 3584, 28 layers, MLP 18944, 4 KV heads
+    # Qwen2.5-VL-7B's text decoder as engine/encoders/text.py loads it (config: hidden 3584, 28 layers, MLP 18944, 4 KV heads
     # of 128, vocabulary 152064; no lm_head, no vision tower): q/k/v with biases, o, gate/up/down, two norms a layer.
     H, kv = 3584, 512
     layer = (H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * 18944 + 2 * H

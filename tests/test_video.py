@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from k5.engine.video import UnplayableVideo, probe, write_mp4
+from k5.engine.media.mp4 import UnplayableVideo, probe, write_mp4
 from sandbox import can_mount, in_mount_namespace, limit_file_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_a_disk_that_fills_during_the_trailer_is_an_error(tmp_path):
     torch.save(frames, tmp_path / "frames.pt")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); from k5.engine.video import encode_mp4\n"
+    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); from k5.engine.media.mp4 import encode_mp4\n"
             f"try:\n    encode_mp4(torch.load({str(tmp_path / 'frames.pt')!r}), {str(mnt / 'x.mp4')!r})\n"
             f"except Exception as e:\n    print('errno', getattr(e, 'errno', None), e)\nelse:\n    print('no error')\n")
     limit = (size - 8192) // 4096 * 4096

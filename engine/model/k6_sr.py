@@ -9,8 +9,8 @@ distilled checkpoint's output is PiFlow-widened (n_grid x 64 channels).
 Its self-attention is NABLA by default, as in every release: the tokens in 8x8-tile order (kernels/nabla.py, the
 same order as the reference's ``_local_patch``), each query tile attending to the key tiles that carry the top
 ``nabla_threshold`` of the pooled attention mass plus the sliding-tile window ``nabla_window`` (in tiles). Module
-names are the original's (engine/k6_checkpoint.py maps diffusers' time embedding and FFN names onto them), so the
-blocks are engine.dit's. ``model.tokens`` and ``model.visual_attention`` are the parallel hooks, as for the DiTs.
+names are the original's (engine/checkpoints/k6.py maps diffusers' time embedding and FFN names onto them), so the
+blocks are engine.model.dit's. ``model.tokens`` and ``model.visual_attention`` are the parallel hooks, as for the DiTs.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from torch import Tensor, nn
 
 from k5.kernels.nabla import NablaSpec, from_fractal, to_fractal
 
-from . import checkpoint, k6_checkpoint
-from .dit import (Attention, FeedForward, LocalAttention, LocalTokens, Modulation, OutLayer, TimeEmbeddings,
+from k5.engine.checkpoints import dit as checkpoint
+from k5.engine.checkpoints import k6 as k6_checkpoint
+from k5.engine.model.dit import (Attention, FeedForward, LocalAttention, LocalTokens, Modulation, OutLayer, TimeEmbeddings,
                   TokenGrid, VisualEmbeddings, apply_rope, gated_add, modulate, rope_angles_3d, unpatchify)
-from .k6_config import SRConfig
+from k5.engine.model.k6_config import SRConfig
 
 
 class SRBlock(nn.Module):

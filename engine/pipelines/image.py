@@ -1,6 +1,6 @@
 """Text to image and image editing (Kandinsky 5 Image Lite) on one device: text -> DiT sampling -> FLUX VAE decode.
 
-The same DiT, sampler and text encoders as video (engine.pipeline), on a one-frame latent [1, 1, H/8, W/8, 16] with
+The same DiT, sampler and text encoders as video (engine.pipelines.video), on a one-frame latent [1, 1, H/8, W/8, 16] with
 RoPE scale (1, 1, 1). What differs is the conditioning:
 - T2I: the "image" prompt template (512-token budget); the DiT of a T2I checkpoint takes the 16 latent channels.
 - I2I: the source image, fitted to the bucket, goes to Qwen (half size, as vision tokens in the "image_edit" template)
@@ -25,17 +25,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import check_weights, locate
-from .compile import sync
-from .config import DiTConfig
-from .dit import Kandinsky5DiT
-from .image import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, is_image_checkpoint, load_source,
+from k5.engine.checkpoints.dit import check_weights, locate
+from k5.engine.compile import sync
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT
+from k5.engine.pipelines.image_request import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, is_image_checkpoint, load_source,
                     qwen_image, resolve, vae_input)
-from .image_vae import ImageVAE
-from .memory import PEAKS
-from .pipeline import Kandinsky5Pipeline, Result, check_components, make_expander, scheduler_shift
-from .sampler import Conditioning, sample, uses_cfg
-from .text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
+from k5.engine.vae.image import ImageVAE
+from k5.engine.memory import PEAKS
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Result, check_components, make_expander, scheduler_shift
+from k5.engine.sampling.sampler import Conditioning, sample, uses_cfg
+from k5.engine.encoders.text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
 
 
 @dataclass
@@ -63,7 +63,7 @@ def check_image_checkpoint(root: str | Path, dit_path: str | Path | None = None)
 def refuse_magcache(chain) -> None:
     """Raise if the step chain caches steps: MagCache needs per-checkpoint ratios, and the reference has none for
     Image Lite (its configs config_t2i.yaml / config_i2i.yaml have no magcache section)."""
-    from .magcache import MagCache
+    from k5.engine.sampling.magcache import MagCache
 
     if any(isinstance(stage, MagCache) for stage in chain):
         raise ValueError("MagCache has no ratios for Image Lite (the reference calibrated it on the video models "
@@ -119,7 +119,7 @@ class ImagePipeline(Kandinsky5Pipeline):
     def encode(self, prompts: list[str], fmt: PromptFormat = IMAGE, image=None
                ) -> tuple[list[Conditioning], list[bool]]:
         """Kandinsky5Pipeline.encode (the encoders placed and offloaded as it does) in an image prompt format; an
-        edit's source image (as Qwen takes it, engine.image.qwen_image) goes with every prompt."""
+        edit's source image (as Qwen takes it, engine.pipelines.image_request.qwen_image) goes with every prompt."""
         images = None if image is None else [image] * len(prompts)
         return super().encode(prompts, fmt=fmt, images=images)
 
@@ -153,7 +153,7 @@ class ImagePipeline(Kandinsky5Pipeline):
     @torch.inference_mode()
     def generate(self, req: ImageRequest, on_step=None, guided=None, chain=(), prompt: str | None = None
                  ) -> ImageResult:
-        """Sample one request. ``chain``: stages of the step chain (k5.engine.chain; CfgParallel), ``guided``: the
+        """Sample one request. ``chain``: stages of the step chain (k5.engine.sampling.chain; CfgParallel), ``guided``: the
         former single hook, as in Kandinsky5Pipeline.generate. ``prompt``: the text to encode instead of
         ``req.prompt`` (its expansion, see ``expand_prompt``)."""
         if self.dit.nabla is not None:

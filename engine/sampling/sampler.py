@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 # The guidance math and the conditioning type live with the step chain; imported here for existing callers.
-from .chain import Conditioning, LegacyGuided, Stage, StepCall, Velocity, combine_cfg, compose, uses_cfg
+from k5.engine.sampling.chain import Conditioning, LegacyGuided, Stage, StepCall, Velocity, combine_cfg, compose, uses_cfg
 
 DEFAULT_SHIFT = 5.0
 
@@ -67,7 +67,7 @@ def sample(velocity: Velocity, noise: Tensor, cond: Conditioning, uncond: Condit
            guided: Callable | None = None, chain: Sequence[Stage] = ()) -> Tensor:
     """Integrate from noise [B,T,H,W,16] (fp32) to the final latent (fp32).
 
-    Each step's velocity comes from the step chain (k5.engine.chain): ``chain`` lists its stages (CFG parallel,
+    Each step's velocity comes from the step chain (k5.engine.sampling.chain): ``chain`` lists its stages (CFG parallel,
     the step cache, ...); ``Guidance`` is put in front when no stage guides. ``guided`` is the former single hook
     (a guiding stage or a function ``guided(velocity, inp, t, cond, uncond, guidance_scale)``).
     """

@@ -30,7 +30,7 @@ def _check_frames(frames) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames [F, H, W, 3] (RGB), got shape {frames.shape}; pass one video of a batch")
     if frames.dtype != np.uint8:
-        raise ValueError(f"expected uint8 frames, got {frames.dtype}; convert with engine.vae.frames_to_uint8")
+        raise ValueError(f"expected uint8 frames, got {frames.dtype}; convert with engine.vae.video.frames_to_uint8")
     num_frames, height, width, _ = frames.shape
     if num_frames == 0:
         raise ValueError("no frames to write")

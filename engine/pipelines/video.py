@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import check_weights, locate
-from .compile import sync
-from .config import DiTConfig
-from .dit import Kandinsky5DiT
-from .memory import OFFLOAD_MODES, PEAKS
-from .sampler import DEFAULT_SHIFT, Conditioning, initial_noise, sample, uses_cfg
-from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
-from .vae import VideoVAE
+from k5.engine.checkpoints.dit import check_weights, locate
+from k5.engine.compile import sync
+from k5.engine.model.config import DiTConfig
+from k5.engine.model.dit import Kandinsky5DiT
+from k5.engine.memory import OFFLOAD_MODES, PEAKS
+from k5.engine.sampling.sampler import DEFAULT_SHIFT, Conditioning, initial_noise, sample, uses_cfg
+from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
+from k5.engine.vae.video import VideoVAE
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 LATENT_CHANNELS = 16
@@ -62,7 +62,7 @@ def frame_size(req: Request, nabla: bool) -> tuple[int, int]:
     under NABLA (8x8 tiles of 16-pixel patches). The image is then resized to it with no crop."""
     if req.image is None:
         return req.height, req.width
-    from .i2v import image_size, size_for_area
+    from k5.engine.sampling.i2v import image_size, size_for_area
 
     step = 128 if nabla or hd_bucket(req.height, req.width) else 16
     return size_for_area(*image_size(req.image), req.height * req.width, step)
@@ -144,7 +144,7 @@ def make_expander(encoder: TextEncoder | None):
     there."""
 
     def expander(prompt: str, task: str, seed: int, image: str | None = None) -> str:
-        from .expand import IMAGE_TASKS, expand_prompt, expand_prompt_with_image
+        from k5.engine.encoders.expand import IMAGE_TASKS, expand_prompt, expand_prompt_with_image
 
         if encoder is None:
             raise RuntimeError("this rank holds no text encoder; prompt expansion runs on the item group's rank 0")
@@ -242,7 +242,7 @@ class Kandinsky5Pipeline:
 
         ``dit_path``: where the DiT weights are when not in ``root`` (an original single-file checkpoint), and
         ``config`` the DiT config to build (a catalogue variant's attention on a file that carries none); both come
-        from ``k5.engine.resolve.resolve_model`` (see ``from_resolved``)."""
+        from ``k5.engine.catalogue.resolve.resolve_model`` (see ``from_resolved``)."""
         root = Path(root)
         check_components(root, transformer=dit_path is None or Path(dit_path) == root)
         device = torch.device(device)
@@ -278,7 +278,7 @@ class Kandinsky5Pipeline:
 
     @classmethod
     def from_resolved(cls, resolved, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs) -> "Kandinsky5Pipeline":
-        """Load what ``k5.engine.resolve.resolve_model`` found: components from its root, the DiT from its file or
+        """Load what ``k5.engine.catalogue.resolve.resolve_model`` found: components from its root, the DiT from its file or
         folder with its config (the variant's attention applied). ``kwargs``: expand, adapters."""
         return cls.from_pretrained(resolved.root, dtype, device, dit_path=resolved.dit, config=resolved.config,
                                    **kwargs)
@@ -306,7 +306,7 @@ class Kandinsky5Pipeline:
     def first_frame(self, req: Request, size: tuple[int, int]) -> Tensor | None:
         if req.image is None:
             return None
-        from .i2v import encode_image, load_image, prepare_image
+        from k5.engine.sampling.i2v import encode_image, load_image, prepare_image
 
         def encode():
             img = prepare_image(load_image(req.image), *size)
@@ -323,7 +323,7 @@ class Kandinsky5Pipeline:
 
     @torch.inference_mode()
     def generate(self, req: Request, on_step=None, guided=None, chain=(), prompt: str | None = None) -> Result:
-        """Sample one request. ``chain``: stages of the step chain (k5.engine.chain: CfgParallel, MagCache, ...);
+        """Sample one request. ``chain``: stages of the step chain (k5.engine.sampling.chain: CfgParallel, MagCache, ...);
         ``guided``: the former single hook, taken as the guiding stage. ``prompt``: the text to encode instead of
         ``req.prompt`` (its expansion, see ``expand_prompt``)."""
         # Clocks are read after a device sync: CUDA queues work, so an unsynchronised clock measures the queueing.
@@ -350,7 +350,7 @@ class Kandinsky5Pipeline:
                 chain=chain,
             )
             if first is not None:
-                from .i2v import normalize_first_frame
+                from k5.engine.sampling.i2v import normalize_first_frame
 
                 latents = normalize_first_frame(latents, per_frame=True)  # the original repo: per frame
             sync(self.device)

@@ -7,8 +7,8 @@ time embedding). Every fused block then runs, per stream, a Kandinsky 5 visual b
 cross-modal attentions: video queries over the audio tokens (``va``) and audio queries over the video tokens
 (``av``). Their keys are the *other* stream's tokens as they entered its text cross-attention.
 
-Module names are the original checkpoint's (engine/k6_checkpoint.py maps the diffusers names onto them), so the
-per-stream blocks are engine.dit's own TextBlock and VisualBlock (the latter as a container of sub-layers: the fused
+Module names are the original checkpoint's (engine/checkpoints/k6.py maps the diffusers names onto them), so the
+per-stream blocks are engine.model.dit's own TextBlock and VisualBlock (the latter as a container of sub-layers: the fused
 block orchestrates them). Numerics as the Kandinsky 5 DiT and diffusers' Kandinsky 6: time embedding, modulation,
 norm-scale-shift and gated residuals in fp32; RoPE in fp32 (unlike Kandinsky 5's diffusers port, diffusers' K6
 keeps the rotated q/k in the compute dtype: no bf16 rounding in fp32).
@@ -34,11 +34,12 @@ from torch import Tensor, nn
 from k5.kernels.attention import attention
 from k5.kernels.nabla import NablaSpec, from_fractal, to_fractal
 
-from . import checkpoint, k6_checkpoint
-from .dit import (Attention, LocalAttention, LocalTokens, Modulation, OutLayer, TextBlock, TextEmbeddings,
+from k5.engine.checkpoints import dit as checkpoint
+from k5.engine.checkpoints import k6 as k6_checkpoint
+from k5.engine.model.dit import (Attention, LocalAttention, LocalTokens, Modulation, OutLayer, TextBlock, TextEmbeddings,
                   TimeEmbeddings, TokenGrid, VisualBlock, VisualEmbeddings, apply_rope, gated_add, get_freqs,
                   modulate, unpatchify)
-from .k6_config import K6Config, StreamDims
+from k5.engine.model.k6_config import K6Config, StreamDims
 
 Rope = tuple[Tensor, Tensor]  # cos, sin [S, head_dim/2] fp32
 

@@ -1,10 +1,10 @@
 """uint8 frames + a mono waveform -> MP4 with an H.264 video stream and an AAC audio stream.
 
-The sibling of engine/video.py for Kandinsky 6, on the same check-then-publish path (``write_published``): the file
+The sibling of engine/media/mp4.py for Kandinsky 6, on the same check-then-publish path (``write_published``): the file
 is encoded under a temporary name beside the destination, decoded again, and only then moved into place. The check
 adds the audio stream: exactly one, AAC, of the waveform's sample rate, whose decoded duration is the waveform's to
 within one AAC frame (the encoder works in frames of 1024 samples). A video without audio (``--no-audio``) is
-engine.video.write_mp4.
+engine.media.mp4.write_mp4.
 
 The waveform reaches ffmpeg as raw fp32 samples in a temporary file beside the output (the video frames take the
 one stdin pipe), so no 16-bit rounding happens before the AAC encoder.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .video import UnplayableVideo, _check_frames, _encoder_error, check_mp4, write_published
+from k5.engine.media.mp4 import UnplayableVideo, _check_frames, _encoder_error, check_mp4, write_published
 
 AAC_FRAME = 1024  # samples per AAC frame
 
@@ -44,7 +44,7 @@ def encode_av_mp4(frames, waveform, path: str | Path, fps: int = 24, sample_rate
                   audio_bitrate: str = "192k") -> dict:
     """Encode frames [F, H, W, 3] uint8 and a waveform [S] to exactly ``path`` (replacing it) and check the result.
 
-    Raises as engine.video.encode_mp4, and UnplayableVideo when the audio stream is not the one written."""
+    Raises as engine.media.mp4.encode_mp4, and UnplayableVideo when the audio stream is not the one written."""
     frames, waveform = _check_frames(frames), _check_waveform(waveform)
     path = Path(path)
     num_frames, height, width, _ = frames.shape
@@ -110,8 +110,8 @@ def check_audio(path: str | Path, samples: int, sample_rate: int) -> dict:
 def write_av_mp4(frames, waveform, path: str | Path, fps: int = 24, sample_rate: int = 44_100,
                  overwrite: bool = False, crf: int = 18) -> Path:
     """Write an MP4 with the video and its audio track at ``path`` through the check-then-publish path of
-    engine.video.write_published; return the path. The waveform should already last as long as the video
-    (engine.audio.fit_to_video)."""
+    engine.media.mp4.write_published; return the path. The waveform should already last as long as the video
+    (engine.vae.audio.fit_to_video)."""
     frames, waveform = _check_frames(frames), _check_waveform(waveform)
     return write_published(path, lambda tmp: encode_av_mp4(frames, waveform, tmp, fps=fps, sample_rate=sample_rate,
                                                            crf=crf), ".mp4", overwrite)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .text import (DEFAULT_NEGATIVE_PROMPT, IMAGE, IMAGE_EDIT, VIDEO_CROP_START, VIDEO_PROMPT_TEMPLATE,
+from k5.engine.encoders.text import (DEFAULT_NEGATIVE_PROMPT, IMAGE, IMAGE_EDIT, VIDEO_CROP_START, VIDEO_PROMPT_TEMPLATE,
                    VIDEO_TEMPLATE_PREFIX, quiet_progress_bars)
 
 TINY_VERSION = "2"  # bump when the folder content changes, so cached folders are rebuilt

@@ -5,7 +5,7 @@
 - a Hugging Face repo id (``kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers``, optionally ``@revision``),
   found in the local Hugging Face cache, never downloaded: a repo that is not there is an error naming the command
   that downloads it;
-- ``tiny`` (the built-in tiny model, engine/tiny.py): random weights in the real layout for a CPU; a variant of its
+- ``tiny`` (the built-in tiny model, engine/catalogue/tiny.py): random weights in the real layout for a CPU; a variant of its
   task gives it the variant's sampling settings (steps, guidance, shift, MagCache ratios) and nothing else;
 - an original single-file checkpoint (``kandinsky5lite_t2v_sft_10s.safetensors``, or an original-format repo or
   folder holding ``model/<name>.safetensors``). It carries no settings, so its variant (given, or recognised from
@@ -27,14 +27,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import locate
-from .config import DiTConfig
-from . import variants
-from .variants import Variant, VariantError
+from k5.engine.checkpoints.dit import locate
+from k5.engine.model.config import DiTConfig
+from k5.engine.catalogue import variants
+from k5.engine.catalogue.variants import Variant, VariantError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 DIFFUSERS_MARKERS = ("model_index.json", "transformer")
-# The built-in tiny models: ``--model`` name -> (engine.tiny.tiny_checkpoint kind, the tasks it runs, its own
+# The built-in tiny models: ``--model`` name -> (engine.catalogue.tiny.tiny_checkpoint kind, the tasks it runs, its own
 # request defaults: a size a CPU runs in seconds). "tiny-image" is two checkpoints, one per task (kind "t2i" or
 # "i2i", chosen by the task); its images take the buckets' sizes (1024-class: 4096 tokens, about 20 s an image with 4
 # steps on two CPU cores).
@@ -43,7 +43,7 @@ TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "
 # model_index.json ``_class_name`` of the diffusers pipelines -> the task of a -Diffusers checkpoint.
 PIPELINE_TASKS = {"Kandinsky5T2VPipeline": "t2v", "Kandinsky5I2VPipeline": "i2v", "Kandinsky5T2IPipeline": "t2i",
                   "Kandinsky5I2IPipeline": "i2i"}
-# What a single-file DiT needs from a diffusers-layout folder (engine.pipeline.COMPONENTS less the transformer).
+# What a single-file DiT needs from a diffusers-layout folder (engine.pipelines.video.COMPONENTS less the transformer).
 OTHER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
@@ -269,8 +269,8 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
 
 
 def _resolve_tiny(model: str, variant: str | None, attention: str, task: str | None = None) -> Resolved:
-    from .checkpoint import locate as _locate
-    from .tiny import tiny_checkpoint
+    from k5.engine.checkpoints.dit import locate as _locate
+    from k5.engine.catalogue.tiny import tiny_checkpoint
 
     kind, tasks, _ = TINY_MODELS[model]
     chosen = tiny_variant(variant, tasks, f"the tiny model --model {model}")

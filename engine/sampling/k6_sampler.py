@@ -1,7 +1,7 @@
 """Kandinsky 6 sampling: the video and the audio latent denoised together, one DiT forward per branch and step.
 
 Each step: the DiT predicts both streams from the current latents (with classifier-free guidance, the conditional and
-the unconditional forwards are combined per stream: v_u + w (v_c - v_u)); then the schedule (engine/k6_schedule.py:
+the unconditional forwards are combined per stream: v_u + w (v_c - v_u)); then the schedule (engine/sampling/k6_schedule.py:
 Euler for sft checkpoints, PiFlow for distilled ones) advances each latent with its own prediction.
 
 Image to video+audio (I2AV), as the reference pipeline does it: the image latent is appended to the video as one
@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .chain import Conditioning, combine_cfg, uses_cfg
-from .k6_schedule import PiFlowSchedule, Schedule
+from k5.engine.sampling.chain import Conditioning, combine_cfg, uses_cfg
+from k5.engine.sampling.k6_schedule import PiFlowSchedule, Schedule
 
 # (x, audio, text embeds, pooled, t*1000, text_mask=, visual_rope_pos=, visual_token_type_ids=) -> (video, audio)
 AVForward = Callable[..., tuple[Tensor, Tensor | None]]

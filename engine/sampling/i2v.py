@@ -19,7 +19,7 @@ from diffusers import AutoencoderKLHunyuanVideo
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image  # a dependency of diffusers, so always installed with it
 
-from .vae import VideoVAE
+from k5.engine.vae.video import VideoVAE
 
 
 def load_image(path: str | Path) -> torch.Tensor:

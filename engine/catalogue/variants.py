@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import PRESETS, DiTConfig
+from k5.engine.model.config import PRESETS, DiTConfig
 
 TASKS = ("t2v", "i2v", "t2i", "i2i")
 FAMILIES = ("lite", "pro", "image-lite")
@@ -264,8 +264,8 @@ class Variant:
         return {"steps": self.steps, "guidance_scale": self.guidance_scale, "shift": self.shift}
 
     def defaults(self) -> dict:
-        """Request defaults of a real checkpoint: sampling settings plus size and frames (an engine.pipeline.Request's
-        fields; an image variant's are an engine.image.ImageRequest's: no frames). An edit (i2i) leaves the size
+        """Request defaults of a real checkpoint: sampling settings plus size and frames (an engine.pipelines.video.Request's
+        fields; an image variant's are an engine.pipelines.image_request.ImageRequest's: no frames). An edit (i2i) leaves the size
         open: it follows the source image (its nearest bucket); ``height`` x ``width`` is the size without one."""
         if self.family == "image-lite":
             open_size = self.task == "i2i"
@@ -387,7 +387,7 @@ def check_magcache(variant: Variant) -> tuple[float, ...]:
 
 # ---- recommended layout and memory on 8 GPUs --------------------------------------------------------------------
 
-# Parameter counts of the other resident components, as engine/text.py and engine/vae.py load them (their configs):
+# Parameter counts of the other resident components, as engine/encoders/text.py and engine/vae/video.py load them (their configs):
 # Qwen2.5-VL-7B-Instruct's text decoder with its embeddings (8,292,166,656 in all, less the 544,997,376 of lm_head
 # and the 676,550,144 of the vision tower, which a video prompt does not load), CLIP ViT-L/14's text tower (fp32, as
 # the reference runs it), the HunyuanVideo VAE and the FLUX.1 VAE.
@@ -425,8 +425,8 @@ def dit_parameter_bytes(config: DiTConfig, dtype_bytes: int = 2) -> int:
     """Bytes of the DiT's parameters: fp32 for time embedding, modulation and q/k norms, ``dtype_bytes`` else."""
     import torch
 
-    from .checkpoint import keeps_fp32
-    from .dit import Kandinsky5DiT
+    from k5.engine.checkpoints.dit import keeps_fp32
+    from k5.engine.model.dit import Kandinsky5DiT
 
     with torch.device("meta"):
         model = Kandinsky5DiT(config)
@@ -443,7 +443,7 @@ def memory_per_gpu(variant: Variant, world_size: int = 8, offload: str = "text")
     of each replica also holds the text encoders while it encodes."""
     import torch
 
-    from .memory import Shape, Weights, estimate
+    from k5.engine.memory import Shape, Weights, estimate
 
     layout = recommended_layout(variant, world_size)
     config = variant.configure(PRESETS[variant.family])

@@ -8,7 +8,7 @@ fix_modulation, two token types for I2AV) and unequal stream widths, so a swappe
 "sft" (velocity output, Euler scheduler, shift 5) and "distill" (PiFlow-widened output, n_grid 10, PiflowScheduler).
 Same seed -> byte-identical folder.
 
-The text encoders, tokenizers and HunyuanVideo VAE are the Kandinsky 5 tiny checkpoint's (engine/tiny.py), copied:
+The text encoders, tokenizers and HunyuanVideo VAE are the Kandinsky 5 tiny checkpoint's (engine/catalogue/tiny.py), copied:
 Kandinsky 6 keeps that text path and VAE, and its tokenizer already gives the 129-token template prefix that both
 our encoder and diffusers' Kandinsky 6 pipeline crop.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import CLIP_HIDDEN, QWEN_HIDDEN, _quiet_saves, _reinit_, _write_json, tiny_checkpoint
+from k5.engine.catalogue.tiny import CLIP_HIDDEN, QWEN_HIDDEN, _quiet_saves, _reinit_, _write_json, tiny_checkpoint
 
 K6_TINY_VERSION = "1"
 KINDS = ("sft", "distill")

@@ -6,7 +6,7 @@ The instruction texts are the reference's constants, byte for byte (kandinskylab
 one user message (I2V: the image, then the text; I2I: the text, then the image) rendered with the Qwen2-VL chat
 template and a generation prompt, ``generate(max_new_tokens=256)`` with the checkpoint's generation settings, after
 ``transformers.set_seed(seed)`` with the item's seed, and the new tokens decoded without special tokens. The decoder
-is the text encoder's own (engine.text.TextEncoder.generate), so the 7B weights are held once.
+is the text encoder's own (engine.encoders.text.TextEncoder.generate), so the 7B weights are held once.
 
 The reference runs the expansion on rank 0 and broadcasts the text; k5 does the same per item
 (k5.parallel.text_share.share_expansion).
@@ -124,7 +124,7 @@ def expand_prompt_with_image(encoder, prompt: str, image, task: str = "i2v", see
                              max_new_tokens: int | None = None) -> str:
     """The reference's expansion for an image task: i2v (the image, then the instruction) or i2i (the instruction,
     then the image, shrunk first to a quarter of its width and height as the reference does). ``image``: a PIL
-    image (RGB) or an HxWx3 uint8 array. The encoder's vision tower (engine.vision) is loaded on first use."""
+    image (RGB) or an HxWx3 uint8 array. The encoder's vision tower (engine.encoders.vision) is loaded on first use."""
     from PIL import Image
 
     if task not in IMAGE_TASKS:

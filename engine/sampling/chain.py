@@ -7,7 +7,7 @@ Stages run outermost first; each does its part and calls ``next`` with a (possib
   unconditional forward one after the other and combines them (the reference's CFG); ``CfgParallel``
   (k5.parallel.cfg) runs only this cfg half's branch and exchanges velocities;
 - the stages after it see one branch at a time (``call.branch`` is "cond" or "uncond"): the step cache
-  (k5.engine.magcache.MagCache) and whatever comes later;
+  (k5.engine.sampling.magcache.MagCache) and whatever comes later;
 - the end of the chain is the model: ``velocity(inp, t, cond, **call.dit_kwargs)``.
 
 A chain without a guiding stage gets ``Guidance()`` in front, so a caller adds only what it changes. Before this

@@ -1,8 +1,8 @@
 """Where the Kandinsky 6 checkpoints' tensor names differ from the model's, and their configs.
 
-The models (engine/k6_dit.py, engine/k6_sr.py) name their modules as the original Kandinsky code does, as the
+The models (engine/model/k6_dit.py, engine/model/k6_sr.py) name their modules as the original Kandinsky code does, as the
 Kandinsky 5 DiT does, so they reuse its blocks. The diffusers layout renames a few families; the rules below map a
-stored name to the model's, and engine/checkpoint.py reads every tensor through them onto the meta-device model.
+stored name to the model's, and engine/checkpoints/dit.py reads every tensor through them onto the meta-device model.
 
 Sources of the rules (diffusers itself ships no conversion script for Kandinsky 6, so neither layout's mapping is
 documented there): the ComfyUI node of kandinskylab (`_DIFFUSERS_PREFIXES` / `_DIFFUSERS_INNER_NAMES`, "both the
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint
-from .k6_config import K6Config, SRConfig
+from k5.engine.checkpoints import dit as checkpoint
+from k5.engine.model.k6_config import K6Config, SRConfig
 
 # (stored, ours) substrings; prefixes first, then names inside a block.
 _PREFIXES = (("visual_transformer_blocks.", "visual_blocks."), ("audio_out_layer.", "audio_outLayer."))

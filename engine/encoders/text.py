@@ -7,8 +7,8 @@ padding="longest" without a mask, ftfy cleaning.
 
 Only the Qwen2.5-VL *text* decoder is loaded up front (the vision tower and lm_head of the 7B checkpoint are
 skipped), built on the meta device and filled straight from the safetensors, so loading never materialises random
-weights. The vision tower joins (engine/vision.py, same way) the first time a prompt carries an image: image editing.
-Prompt expansion (engine/expand.py) also needs the lm_head: ``from_pretrained(..., lm_head=True)`` loads it, and
+weights. The vision tower joins (engine/encoders/vision.py, same way) the first time a prompt carries an image: image editing.
+Prompt expansion (engine/encoders/expand.py) also needs the lm_head: ``from_pretrained(..., lm_head=True)`` loads it, and
 ``generate`` decodes with the same decoder module (no second copy of the 7B weights).
 """
 
@@ -257,7 +257,7 @@ class TextEncoder:
                  generation_config=None):
         self.qwen, self.qwen_tokenizer, self.clip, self.clip_tokenizer = qwen, qwen_tokenizer, clip, clip_tokenizer
         self.folder = folder  # the checkpoint, where the vision tower is read from when an image prompt comes
-        self.vision = None  # engine.vision.QwenVision, loaded on first use
+        self.vision = None  # engine.encoders.vision.QwenVision, loaded on first use
         # For generate(): the head on the decoder's final norm, and the checkpoint's generation settings.
         self.lm_head, self.generation_config = lm_head, generation_config
         self._generator = None
@@ -322,7 +322,7 @@ class TextEncoder:
 
     def _load_vision(self):
         if self.vision is None:
-            from .vision import QwenVision
+            from k5.engine.encoders.vision import QwenVision
 
             if self.folder is None:
                 raise RuntimeError("an image prompt needs the vision tower: build the encoder with from_pretrained")
@@ -333,7 +333,7 @@ class TextEncoder:
     @torch.inference_mode()
     def encode(self, prompts: list[str], fmt: PromptFormat = VIDEO, images: list | None = None) -> TextEmbeds:
         """Embed ``prompts`` in ``fmt``; formats with an image take one RGB image (uint8 [H, W, 3] or PIL) per
-        prompt, already at the size the original hands to Qwen (engine.image.qwen_image)."""
+        prompt, already at the size the original hands to Qwen (engine.pipelines.image_request.qwen_image)."""
         self._check_loaded()
         if isinstance(prompts, str):
             raise TypeError("encode() takes a list of prompts, got a single str; wrap it: encode([prompt])")
@@ -383,7 +383,7 @@ class TextEncoder:
             model.lm_head = self.lm_head
             model.generation_config = self.generation_config
             self._generator = model.eval()
-        # The vision tower once an image prompt has loaded it (engine.vision); until then an empty module, so that no
+        # The vision tower once an image prompt has loaded it (engine.encoders.vision); until then an empty module, so that no
         # meta parameter is left (the model's device is that of its first parameter).
         self._generator.model.visual = self.vision.tower if self.vision is not None else torch.nn.Module()
         return self._generator

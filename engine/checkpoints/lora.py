@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from k5.engine.checkpoints import dit as checkpoint
 
 # Files a folder may hold, in the order they are looked for: diffusers, peft, the official LoRA repos.
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "lora.safetensors")
@@ -290,7 +290,7 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def dit_linear_shapes(config) -> dict[str, tuple[int, int]]:
     """The full (unsliced) Linear shapes of a Kandinsky5DiT with ``config``, built on meta."""
-    from .dit import Kandinsky5DiT
+    from k5.engine.model.dit import Kandinsky5DiT
 
     with torch.device("meta"):
         return linear_shapes(Kandinsky5DiT(config))

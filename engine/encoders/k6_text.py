@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .chain import Conditioning
-from .text import VIDEO_PROMPT_TEMPLATE, PromptFormat, TextEmbeds, TextEncoder
+from k5.engine.sampling.chain import Conditioning
+from k5.engine.encoders.text import VIDEO_PROMPT_TEMPLATE, PromptFormat, TextEmbeds, TextEncoder
 
 MAX_PROMPT_TOKENS = 1024
 K6_PROMPT = PromptFormat("k6-video", VIDEO_PROMPT_TEMPLATE, None, MAX_PROMPT_TOKENS)

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 from k5.kernels.attention import attention
 from k5.kernels.nabla import NablaSpec, from_fractal, nabla_attention, to_fractal
 
-from . import checkpoint, lora
-from .config import DiTConfig
-from .lora import LoraAdapter
+from k5.engine.checkpoints import dit as checkpoint
+from k5.engine.checkpoints import lora
+from k5.engine.model.config import DiTConfig
+from k5.engine.checkpoints.lora import LoraAdapter
 
 
 def get_freqs(n: int, theta: float = 10000.0) -> Tensor:
@@ -287,7 +288,7 @@ class Kandinsky5DiT(nn.Module):
         self.out_layer = OutLayer(cfg)
         self.tokens = LocalTokens()
         self.visual_attention = LocalAttention(self.default_nabla())
-        self.lora_adapters: tuple[LoraAdapter, ...] = ()  # merged into the weights (engine.lora.switch_adapters)
+        self.lora_adapters: tuple[LoraAdapter, ...] = ()  # merged into the weights (engine.checkpoints.lora.switch_adapters)
         # RoPE cos/sin on the device: text ones per text length (an edit's two prompts differ), visual ones per grid.
         self.text_rope, self.visual_rope = DeviceTables(4), DeviceTables(2)
 
@@ -324,7 +325,7 @@ class Kandinsky5DiT(nn.Module):
 
         ``prepare(model)`` runs on the meta model before any tensor is read: tensor parallelism cuts the layers to
         this rank's shard there, and passes a ``reader`` that reads only that shard (and a ``factor_reader`` that
-        reads the matching part of each LoRA factor). ``adapters`` (engine.lora.open_lora) are merged into the
+        reads the matching part of each LoRA factor). ``adapters`` (engine.checkpoints.lora.open_lora) are merged into the
         weights as they are read.
         """
         files = checkpoint.locate(path)

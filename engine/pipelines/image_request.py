@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .config import DiTConfig
+from k5.engine.model.config import DiTConfig
 
 # (height, width) of the original's RESOLUTIONS[1024], in its order.
 BUCKETS = ((1024, 1024), (640, 1408), (1408, 640), (768, 1280), (1280, 768), (896, 1152), (1152, 896))

@@ -25,7 +25,7 @@ from typing import Sequence
 
 from torch import Tensor
 
-from .chain import BRANCHES, Next, StepCall
+from k5.engine.sampling.chain import BRANCHES, Next, StepCall
 
 THRESHOLD = 0.12  # magcache_thresh
 MAX_SKIPS = 2  # K: consecutive skips per branch

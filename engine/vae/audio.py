@@ -1,6 +1,6 @@
 """Kandinsky 6 audio decode: MMAudio VAE latents -> log-mel spectrogram -> BigVGAN vocoder -> 44.1 kHz waveform.
 
-A thin wrapper over diffusers' ``MMAudioVAE`` and ``MMAudioVocoder``, as engine/vae.py wraps the HunyuanVideo VAE,
+A thin wrapper over diffusers' ``MMAudioVAE`` and ``MMAudioVocoder``, as engine/vae/video.py wraps the HunyuanVideo VAE,
 rather than our own copy of them: the decode is a fixed stack of convolutions that runs once per video on one
 rank, with nothing for the engine to split, fuse or reorder, so a second implementation would only be a second
 place for the released weights' conventions (magnitude-preserving layers, anti-aliased Snake activations) to

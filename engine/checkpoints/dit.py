@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import DiTConfig, infer_config
+from k5.engine.model.config import DiTConfig, infer_config
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE = "diffusion_pytorch_model.safetensors"
@@ -56,7 +56,7 @@ def _open(path: Path):
         raise ValueError(f"cannot read safetensors file {path}: {e}") from e
 
 
-open_safetensors = _open  # for the LoRA files (engine/lora.py): the same error for a damaged file
+open_safetensors = _open  # for the LoRA files (engine/checkpoints/lora.py): the same error for a damaged file
 
 
 def _names_in(path: Path) -> list[str]:
@@ -71,7 +71,7 @@ def locate(path: str | Path, read_config: Callable[[Path], object] = DiTConfig.f
 
     The defaults describe the Kandinsky 5 DiT; another model passes how its config.json reads, how its config is
     inferred from the tensor shapes of a single file, and ``rename``: a file's tensor name -> the model's (the
-    Kandinsky 6 layouts name the same tensors differently, engine/k6_checkpoint.py).
+    Kandinsky 6 layouts name the same tensors differently, engine/checkpoints/k6.py).
     """
     path = Path(path)
     if not path.exists():

@@ -1,5 +1,5 @@
 """uint8 RGB image -> PNG, written under a temporary name and published only when complete and checked
-(engine.video.write_published): a crash or a full disk never leaves a truncated PNG under the final name, and a
+(engine.media.mp4.write_published): a crash or a full disk never leaves a truncated PNG under the final name, and a
 finished file is never replaced.
 
 The check (``check_png``) decodes the written file again: PNG is lossless, so it must hold exactly the pixels that
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .video import write_published
+from k5.engine.media.mp4 import write_published
 
 
 def _check_image(image) -> np.ndarray:
@@ -80,7 +80,7 @@ def write_png(image, path: str | Path, metadata: dict[str, str] | None = None, o
     """Write uint8 RGB [H, W, 3] to ``path`` as PNG; ``metadata`` goes into tEXt chunks (prompt, seed, ...).
 
     The image is written under a temporary name, checked (``encode_png``) and only then moved into place
-    (``engine.video.write_published``: an existing ``path`` is refused unless ``overwrite``).
+    (``engine.media.mp4.write_published``: an existing ``path`` is refused unless ``overwrite``).
     """
     image = _check_image(image)
     return write_published(path, lambda tmp: encode_png(image, tmp, metadata), ".png", overwrite)

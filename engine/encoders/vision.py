@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .text import fill_from_safetensors
+from k5.engine.encoders.text import fill_from_safetensors
 
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json, for checkpoints whose tokenizer folder has none.
 QWEN25_VL_MAX_PIXELS = 12845056
