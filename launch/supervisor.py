@@ -35,7 +35,6 @@ import torch.distributed as dist
 from k5.launch.channel import POLL_S, ROOT_CAUSE_ORDER, Channel, classify, exception_text, explain, find_hung
 from k5.launch.logs import Logs
 from k5.launch.signals import EXIT_FAILED, Stopped, StopSignals, signal_name
-from k5.launch.testhook import Injection
 from k5.launch.watchdog import Watchdog
 
 
@@ -81,7 +80,6 @@ class Supervisor:
         self.where = "starting"
         self.sync = 0  # synchronisation points (stop agreements) the main thread has entered
         self.state = "running"
-        self.injection = Injection.from_env()
         self.item: int | None = None
         self.first_item: int | None = None
         self.peer_signal: int | None = None  # a stop another rank received (from the watchdog)
@@ -168,13 +166,15 @@ class Supervisor:
         self.publish()
 
     def step(self, step: int) -> None:
-        """After denoising step ``step`` (0-based): progress for the heartbeat, the test hook, the stop agreement."""
-        self.where = f"{self.where.split(', after step')[0]}, after step {step + 1}"
-        self.publish()
-        if self.injection is not None:
-            self.injection.fire(self.rank, self.item, self.first_item, step + 1, stop=self.signals.event)
+        """After denoising step ``step`` (0-based): progress for the heartbeat, then the stop agreement."""
+        self.step_done(step)
         if self.agree_stop():
             raise Stopped()
+
+    def step_done(self, step: int) -> None:
+        """This rank finished denoising step ``step`` (0-based): the heartbeat says so at once."""
+        self.where = f"{self.where.split(', after step')[0]}, after step {step + 1}"
+        self.publish()
 
     def item_done(self) -> None:
         self.items_done += 1

@@ -30,6 +30,24 @@ def no_loading(monkeypatch):
 
 
 @pytest.fixture
+def inject_fault():
+    """``inject_fault(spec)``: tests/faults' injection (K5_TEST_FAIL syntax) in this process, for in-process runs;
+    returns its undo, which also runs after the test. Child processes get it with faults.k5_faults.child_env."""
+    from faults.k5_faults import install
+
+    undos = []
+
+    def inject(spec: str):
+        undo = install(spec)
+        undos.append(undo)
+        return undo
+
+    yield inject
+    for undo in reversed(undos):
+        undo()
+
+
+@pytest.fixture
 def seed():
     torch.manual_seed(0)
     return 0

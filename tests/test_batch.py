@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from faults.k5_faults import child_env
 from k5.engine.pipelines.video import Request
 from k5.launch.batch import (MANIFEST, JobLock, check_resume, deal, is_sealed, prepare, read_manifest, seal,
                              settings, write_item)
@@ -203,7 +204,7 @@ def hold(mark: Path) -> dict:
     """The test hook's gate: rank 1 holds after step 1 of item 5 until the job is asked to stop, and creates
     ``mark`` when it starts to. By then it has finished items 1 and 3, and items 5, 7, 9 and 11 cannot be finished
     before the signal: the job is stopped part-way whatever the machine's load."""
-    return {"K5_TEST_FAIL": f"rank=1,item=5,step=1,mode=gate,mark={mark}"}
+    return child_env(f"rank=1,item=5,step=1,mode=gate,mark={mark}")
 
 
 def wait_for_mark(mark: Path, proc, limit_s: float = 240.0) -> None:

@@ -17,33 +17,39 @@ import pytest
 import torch.distributed as dist
 
 from distributed import hosted_store, store_env
+from faults.k5_faults import Injection, child_env
 from k5.launch.batch import MANIFEST, read_manifest
 from k5.launch.channel import classify, dead_after, explain, find_hung
 from k5.launch.logs import Logs
 from k5.launch.signals import Stopped, StopSignals
 from k5.launch.supervisor import Supervisor
-from k5.launch.testhook import Injection
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ROOT / "launch" / "generate.py"
 SIZES = ["--height", "64", "--width", "64", "--num-frames", "1"]
 
 
-def test_test_hook_parses_and_fires_only_where_asked(monkeypatch):
-    monkeypatch.setenv("K5_TEST_FAIL", "rank=1,item=2,step=3")
-    inj = Injection.from_env()
+def test_test_hook_parses_and_fires_only_where_asked():
+    inj = Injection.parse("rank=1,item=2,step=3")
     assert inj == Injection(rank=1, item=2, step=3, mode="raise")
     inj.fire(rank=0, item=2, first_item=0, step=3)  # another rank
     inj.fire(rank=1, item=1, first_item=0, step=3)  # another item
     inj.fire(rank=1, item=2, first_item=0, step=2)  # another step
     with pytest.raises(RuntimeError, match=r"injected failure \(K5_TEST_FAIL\) at rank 1, item 2, after step 3"):
         inj.fire(rank=1, item=2, first_item=0, step=3)
-    monkeypatch.setenv("K5_TEST_FAIL", "rank=1")  # no item: the rank's first item; no step: after step 1
-    with pytest.raises(RuntimeError):
-        Injection.from_env().fire(rank=1, item=5, first_item=5, step=1)
-    monkeypatch.setenv("K5_TEST_FAIL", "rank=one")
+    with pytest.raises(RuntimeError):  # no item: the rank's first item; no step: after step 1
+        Injection.parse("rank=1").fire(rank=1, item=5, first_item=5, step=1)
     with pytest.raises(ValueError, match=r"must look like rank=1,item=0,step=1,mode=raise"):
-        Injection.from_env()
+        Injection.parse("rank=one")
+
+
+def test_the_shipped_code_has_no_test_hook():
+    """The injection lives in tests/faults and wraps the supervisor from outside: production code does not know it
+    (tests/test_imports.py checks that no production module reads a test variable)."""
+    import k5.launch.supervisor as supervisor
+
+    assert "K5_TEST_FAIL" not in Path(supervisor.__file__).read_text()
+    assert not (ROOT / "launch" / "testhook.py").exists()
 
 
 def test_classify_tells_consequences_from_causes():
@@ -94,8 +100,8 @@ def test_sigterm_sets_the_flag_and_the_exit_code():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_one_process_stops_at_the_next_step(tmp_path, monkeypatch):
-    monkeypatch.setenv("K5_TEST_FAIL", "rank=0,item=4,step=2")
+def test_one_process_stops_at_the_next_step(tmp_path, inject_fault):
+    inject_fault("rank=0,item=4,step=2")
     logs = Logs(0, tmp_path)
     signals = StopSignals()
     sup = Supervisor(0, 1, 60.0, logs, signals, device=__import__("torch").device("cpu"))
@@ -143,9 +149,8 @@ def launch_ranks(tmp_path, store, args, hook: str, world: int = 2):
     """The ranks as plain processes meeting at ``store`` (hosted by this test on a port the kernel picked)."""
     procs = []
     for rank in range(world):
-        env = {**os.environ, **store_env(store), "RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1",
-               "K5_TEST_FAIL": hook}
+        env = child_env(hook, {**os.environ, **store_env(store), "RANK": str(rank), "WORLD_SIZE": str(world),
+                               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
         out, err = open(tmp_path / f"rank{rank}.out", "w"), open(tmp_path / f"rank{rank}.err", "w")
         procs.append(subprocess.Popen([sys.executable, str(GENERATE), *args], env=env, stdout=out, stderr=err,
                                       cwd=ROOT, start_new_session=True))
@@ -298,7 +303,7 @@ def test_a_hung_rank_ends_every_rank_within_the_timeout_and_is_named(tmp_path):
 def test_ctrl_c_stops_a_single_process_run_with_130(tmp_path):
     out, mark = tmp_path / "out", tmp_path / "holding"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "K5_TEST_FAIL": f"rank=0,step=1,mode=gate,mark={mark}"}
+    env = child_env(f"rank=0,step=1,mode=gate,mark={mark}", {**os.environ, "OMP_NUM_THREADS": "1"})
     with open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, str(GENERATE), "--model", "tiny", "--prompt", "a cat", *SIZES,
                                  "--steps", "2", "--output", str(out / "cat.mp4")], env=env, stderr=err, cwd=ROOT,

@@ -49,7 +49,7 @@ def encoder_calls(monkeypatch):
     return calls
 
 
-def test_expansion_is_encoded_recorded_shared_and_reused(tmp_path, monkeypatch, encoder_calls):
+def test_expansion_is_encoded_recorded_shared_and_reused(tmp_path, monkeypatch, encoder_calls, inject_fault):
     fox = ITEMS[0]
     want = expand.expand_prompt(TextEncoder.from_pretrained(tiny_checkpoint(), torch.float32, lm_head=True),
                                 fox["prompt"], "t2v", fox["seed"])
@@ -61,7 +61,7 @@ def test_expansion_is_encoded_recorded_shared_and_reused(tmp_path, monkeypatch, 
     prompts, out = write_jsonl(tmp_path / "prompts.jsonl", ITEMS), tmp_path / "job"
     args = ["--model", "tiny", "--prompts", str(prompts), "--output-dir", str(out), "--lora", str(lora),
             "--expand-prompt", *SIZES, "--save-latents"]
-    monkeypatch.setenv("K5_TEST_FAIL", "rank=0,item=1,step=1,mode=raise")
+    undo = inject_fault("rank=0,item=1,step=1,mode=raise")
     assert main(args) == 1
     assert encoder_calls["generate"] == 2  # one expansion per item
     (record,) = read_manifest(out / MANIFEST).records
@@ -72,7 +72,7 @@ def test_expansion_is_encoded_recorded_shared_and_reused(tmp_path, monkeypatch, 
     assert kept["fox.mp4"]["expanded"] == want and kept["cat.mp4"]["key"]["seed"] == 4
 
     # The resumed job finishes item 1 with the recorded expansion: nothing is generated.
-    monkeypatch.delenv("K5_TEST_FAIL")
+    undo()
     encoder_calls.update(encode=[], generate=0)
     assert main(args) == 0
     assert encoder_calls["generate"] == 0

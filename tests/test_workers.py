@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from faults.k5_faults import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ROOT / "launch" / "generate.py"
 SIZES = ["--height", "64", "--width", "64", "--num-frames", "1", "--steps", "2"]
@@ -54,7 +56,7 @@ def test_workers_run_a_ulysses_video_and_report_its_metrics(tmp_path):
 def test_a_stopped_run_exits_with_the_workers_143(tmp_path):
     out, mark = tmp_path / "out", tmp_path / "holding"
     out.mkdir()
-    env = {**ENV, "K5_TEST_FAIL": f"rank=1,step=1,mode=gate,mark={mark}"}
+    env = child_env(f"rank=1,step=1,mode=gate,mark={mark}", ENV)
     with open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, str(GENERATE), "--nproc-per-node", "2", "--model", "tiny",
                                  "--prompt", "a red fox", *SIZES, "--ulysses-degree", "2", "--ring-degree", "1",
