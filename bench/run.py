@@ -36,6 +36,7 @@ from k5.engine.sampling.sampler import Conditioning, guided_velocity, model_inpu
 from k5.kernels.flex import FLEX_OPTIONS, check_compiled_flex, set_flex_options
 from k5.kernels.nabla import (NablaSpec, block_sparse_attention, nabla_backend, nabla_block_mask, nabla_mask,
                               pool_blocks, sta_block_mask)
+from k5.engine.checkpoints.dit import load_dit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The DiT of engine/catalogue/tiny.py's checkpoint (text widths of its tiny Qwen / CLIP encoders).
@@ -273,7 +274,7 @@ def load_model(args, cfg: DiTConfig, dtype, device) -> tuple[Kandinsky5DiT, Path
         box = [str(folder) if folder else None]
         dist.broadcast_object_list(box, src=0)
         folder = Path(box[0])
-    return Kandinsky5DiT.from_pretrained(folder, torch_dtype=dtype, device=device, config=cfg), folder
+    return load_dit(folder, dtype=dtype, device=device, config=cfg), folder
 
 
 @torch.no_grad()

@@ -50,7 +50,6 @@ CUBLAS_WORKSPACE = 32 * MiB + 1 * MiB
 # and NCCL_MAX_NCHANNELS scale them.
 NCCL_COMMUNICATOR = GiB
 NCCL_PEER = GiB // 2
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
 
 
 # ---- measured ------------------------------------------------------------------------------------------------
@@ -136,24 +135,6 @@ def format_peaks(report: dict) -> str:
 # ---- estimated -------------------------------------------------------------------------------------------------
 
 
-def _header_bytes(files, keep=lambda name: True, dtype_bytes: int | None = None) -> int:
-    """Bytes of the tensors named in safetensors headers (no data read), at ``dtype_bytes`` per element if given."""
-    from k5.engine.checkpoints.dit import open_safetensors
-
-    total = 0
-    for path in files:
-        with open_safetensors(path) as f:
-            for name in f.keys():
-                if keep(name):
-                    t = f.get_slice(name)
-                    total += math.prod(t.get_shape()) * (dtype_bytes or _DTYPE_BYTES.get(t.get_dtype(), 4))
-    return total
-
-
-def _safetensors(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("*.safetensors"))
-
-
 def dit_rank_bytes(dit, dtype_bytes: int, tp: int = 1) -> int:
     """Bytes of one tensor-parallel rank's DiT parameters: the fp32 ones (time embedding, modulation, q/k norms) at
     4 bytes, the rest at ``dtype_bytes``; a tensor the tp plan cuts (parallel/tensor.py) at 1/tp, the replicated
@@ -178,25 +159,25 @@ class Weights:
     vae: int
 
     @classmethod
-    def of_checkpoint(cls, root: Path, cfg, dtype: torch.dtype, device_type: str, tp: int = 1, lm_head: bool = False,
+    def of_checkpoint(cls, checkpoint, cfg, dtype: torch.dtype, device_type: str, tp: int = 1, lm_head: bool = False,
                       vision: bool = False) -> "Weights":
-        """``lm_head``: prompt expansion loads Qwen's language-model head (nothing more when the checkpoint ties it to
-        the embedding); ``vision``: an image prompt (an edit, or the expansion of an I2V/I2I item) loads its vision
-        tower."""
-        from k5.engine.model.dit import Kandinsky5DiT
+        """From a checked engine.checkpoints.files.Checkpoint (the headers it read; no file is opened again) or a
+        folder (opened here). ``lm_head``: prompt expansion loads Qwen's language-model head (nothing more when the
+        checkpoint ties it to the embedding); ``vision``: an image prompt (an edit, or the expansion of an I2V/I2I
+        item) loads its vision tower."""
+        from k5.engine.checkpoints.dit import open_checkpoint
+        from k5.engine.model.dit import meta_dit
 
+        checkpoint = open_checkpoint(checkpoint)
         b = torch.tensor([], dtype=dtype).element_size()
-        with torch.device("meta"):
-            dit = Kandinsky5DiT(cfg)
-        dit_bytes = dit_rank_bytes(dit, b, tp)
-        root = Path(root)
-        # Qwen2.5-VL's text decoder always (engine/encoders/text.py); its lm_head and vision tower only where they are used.
-        text = _header_bytes(_safetensors(root / "text_encoder"),
-                             lambda k: ("visual" not in k or vision) and ("lm_head" not in k or lm_head), b)
+        dit_bytes = dit_rank_bytes(meta_dit(cfg), b, tp)
+        # Qwen2.5-VL's text decoder always (engine/encoders/text.py); its lm_head and vision tower only where used.
+        text = checkpoint.bytes("text_encoder",
+                                lambda k: ("visual" not in k or vision) and ("lm_head" not in k or lm_head), b)
         # CLIP counted in fp32, as the reference runs it whatever the compute dtype.
-        text += _header_bytes(_safetensors(root / "text_encoder_2"), dtype_bytes=4)
+        text += checkpoint.bytes("text_encoder_2", dtype_bytes=4)
         vae_b = 2 if device_type == "cuda" else 4  # fp16 on a GPU as the original, fp32 on the CPU
-        vae = _header_bytes(_safetensors(root / "vae"), dtype_bytes=vae_b)
+        vae = checkpoint.bytes("vae", dtype_bytes=vae_b)
         return cls(dit_bytes, text, vae)
 
 
@@ -450,24 +431,18 @@ def refuse_if_too_big(est: Estimate, capacity: int, where: str, alternatives: di
     )
 
 
-def _video_vae(root: Path) -> bool:
-    """Whether the checkpoint decodes with the HunyuanVideo VAE (tiles that ranks share), not an image VAE."""
-    try:
-        return json.loads((Path(root) / "vae" / "config.json").read_text()).get("_class_name") == \
-            "AutoencoderKLHunyuanVideo"
-    except (OSError, ValueError):
-        return True
-
-
-def check_memory(root: Path, cfg, shapes: list[Shape], dtype: torch.dtype, device, offload: str, nabla: bool,
+def check_memory(checkpoint, cfg, shapes: list[Shape], dtype: torch.dtype, device, offload: str, nabla: bool,
                  lm_head: bool = False, vision: bool = False, **layout: int) -> Estimate:
     """Estimate this rank's peak for the largest of ``shapes`` and refuse (ValueError) a run that cannot fit the
-    device, naming the --offload setting or the frame count that would. Reads only headers and configs. ``layout``:
-    estimate's keywords (degrees, keep_text)."""
-    device = torch.device(device)
-    weights = Weights.of_checkpoint(root, cfg, dtype, device.type, tp=layout.get("tp", 1), lm_head=lm_head,
+    device, naming the --offload setting or the frame count that would. ``checkpoint``: the checked
+    engine.checkpoints.files.Checkpoint (its headers; configs are read). ``layout``: estimate's keywords (degrees,
+    keep_text)."""
+    from k5.engine.checkpoints.dit import open_checkpoint
+
+    device, checkpoint = torch.device(device), open_checkpoint(checkpoint)
+    weights = Weights.of_checkpoint(checkpoint, cfg, dtype, device.type, tp=layout.get("tp", 1), lm_head=lm_head,
                                     vision=vision)
-    image = not _video_vae(root)
+    root, image = checkpoint.root, checkpoint.image
 
     def at(mode: str, these: list[Shape]) -> Estimate:
         return estimate(weights, cfg, these, dtype, device.type, mode, nabla, root, image=image, **layout)

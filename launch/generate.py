@@ -321,10 +321,10 @@ class Runtime:
         if self.dims.world_size > 1:
             from k5.parallel.tensor import switch_dit_adapters
 
-            return switch_dit_adapters(self.pipe.dit, self.pipe.root, self.dims, adapters)
-        from k5.engine.checkpoints.lora import switch_adapters
+            return switch_dit_adapters(self.pipe.dit, self.pipe.checkpoint.dit, self.dims, adapters)
+        from k5.engine.checkpoints.dit import switch_adapters
 
-        return switch_adapters(self.pipe.dit, self.pipe.root, adapters)
+        return switch_adapters(self.pipe.dit, self.pipe.checkpoint.dit, adapters)
 
     def expand(self, req, reuse):
         """(the expansion of the request's prompt, the same on every rank of the item group; whether it was generated
@@ -363,8 +363,8 @@ def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
 
     # The resolved checkpoint: components from its root, the DiT from its folder or single file with the config
     # the variant gives it (a NABLA-trained file runs NABLA with the variant's P).
-    s = build_parallel(job.resolved, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text,
-                       expand=job.expand, adapters=job.adapters, offload=args.offload)
+    s = build_parallel(job.weights, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text,
+                       expand=job.expand, adapters=job.adapters, offload=args.offload, config=job.cfg)
     if env.world == 1 and not keep_text and args.offload != "none":
         s.pipeline.text_after_encode = "release"  # one video: the encoders are never needed again
     s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
@@ -421,6 +421,7 @@ class Job:
     adapters: tuple = ()  # --lora: merged at load (items with other adapters switch, k5.launch.job.prepare_item)
     expand: bool = False  # prompt expansion (loads Qwen's lm_head on the text-source ranks)
     resolved: object = None  # k5.engine.catalogue.resolve.Resolved: what --model / --variant name
+    weights: object = None  # k5.engine.checkpoints.files.Checkpoint: its files listed and headers read, once
     ratios: tuple | None = None  # --magcache: the variant's MagCache ratios
     checkpoint: dict = field(default_factory=dict)  # the variant, its source, MagCache: for records and summary
     image: bool = False  # an Image Lite checkpoint (ImageRequest items, PNG images)
@@ -428,8 +429,10 @@ class Job:
 
 def validate(args, env: Env) -> Job:
     """Everything that can be checked without loading a weight; raises ValueError (or OSError) with the message."""
-    from k5.engine.pipelines.image_request import is_image_checkpoint, resolve as resolve_image
-    from k5.engine.pipelines.image import pipeline_class
+    from k5.engine.checkpoints.lora import AdapterOpener
+    from k5.engine.checkpoints.qwen import check_lm_head
+    from k5.engine.pipelines.image import check_image_checkpoint
+    from k5.engine.pipelines.image_request import resolve as resolve_image
     from k5.engine.pipelines.video import Request, check_request
     from k5.launch import images
     from k5.launch.outputs import check_suffix, check_writable, folder_given, media_kind, refuse_existing
@@ -453,14 +456,15 @@ def validate(args, env: Env) -> Job:
     # against the weights' shapes (a tiny model is built once and cached, safe under torchrun).
     resolved = model_flags.resolve(args, tiny_task=images.tiny_task(args))
     root = resolved.root
-    image_model = is_image_checkpoint(root)  # Image Lite: the FLUX VAE
+    # Every weight file of every component listed and its header read, once for the whole run.
+    weights = resolved.open()
+    image_model = weights.image  # Image Lite: the FLUX VAE
     images.check_family(args, image_model)  # the other family's settings, before any default is filled in
     if image_model and args.output is not None and media != "image":
         check_suffix("image", args.output, "--output")  # an Image Lite model writes a PNG: the message says so
-    Pipeline = pipeline_class(root)
-    # Every component present, weights in readable safetensors (the DiT's from its own file for a single file).
-    Pipeline.read_config(root, dit_path=resolved.dit)
     cfg = resolved.config  # the variant's attention applied
+    if image_model:
+        check_image_checkpoint(weights, cfg)
     ratios = model_flags.magcache_ratios(args, resolved)
     # flag > variant > built-in (the family's), for the request and the items
     model_flags.request_defaults(args, resolved, images.IMAGE_BUILT_IN if image_model else model_flags.BUILT_IN)
@@ -473,9 +477,7 @@ def validate(args, env: Env) -> Job:
     open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
     adapters = tuple(open_adapter(spec) for spec in args.lora)
     if args.expand_prompt:
-        from k5.engine.encoders.text import check_lm_head
-
-        check_lm_head(root)
+        check_lm_head(weights)
 
     def check(req, settings_only: bool = False):
         """The request as it will run (images: resolved), or ValueError; ``settings_only``: the command line's
@@ -513,7 +515,7 @@ def validate(args, env: Env) -> Job:
                 "step_cache": "magcache" if ratios is not None else None}
     if args.expand_prompt:  # absent when off, so job folders made before expansion existed still resume
         settings["expand_prompt"] = True
-    found = dict(resolved=resolved, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios),
+    found = dict(resolved=resolved, weights=weights, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios),
                  image=image_model)
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     for path, flag in extra:
@@ -575,33 +577,6 @@ def note_changes(items: list, env: Env) -> None:
                 print(f"note: {line}", file=sys.stderr)
 
 
-class AdapterOpener:
-    """``opener(spec, folder=None, what="--lora") -> LoraAdapter`` for a ``PATH[:SCALE]``: each file's header is read
-    and hashed once, and checked against the DiT's Linear shapes (k5.engine.checkpoints.lora.check_fits) before any weight
-    loads; LoraError (a ValueError) otherwise. A relative PATH is taken in ``folder`` when one is given (a prompt
-    file's folder)."""
-
-    def __init__(self, cfg):
-        self.cfg, self.shapes, self.by_file = cfg, None, {}
-
-    def __call__(self, spec: str, folder: Path | None = None, what: str = "--lora"):
-        from k5.engine.checkpoints import lora
-
-        path, scale = lora.parse_lora_spec(spec, what)
-        path = path.expanduser()
-        if folder is not None and not path.is_absolute():
-            path = folder / path
-        key = path.resolve()
-        if key not in self.by_file:
-            adapter = lora.open_lora(path)
-            if self.shapes is None:
-                self.shapes = lora.dit_linear_shapes(self.cfg)
-            lora.check_fits([adapter], self.shapes)
-            self.by_file[key] = adapter
-        adapter = self.by_file[key]
-        return adapter if adapter.scale == scale else replace(adapter, scale=scale)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     launching = args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ
@@ -641,7 +616,7 @@ def check_memory(args, env: Env, job: Job):
     vision = any(it.request.image for it in job.items) and (job.image or job.expand)
     # Several items on several ranks: the text source keeps its encoders on the device (run_job's keep_text; the
     # items already finished are known only later, so all of them count here).
-    return estimate_and_check(job.root, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
+    return estimate_and_check(job.weights, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
                               lm_head=job.expand, vision=vision, sp=d.sp_size, ulysses=d.ulysses, ring=d.ring,
                               tp=d.tp, cfg_degree=d.cfg, dp=d.dp, keep_text=len(job.items) > 1)
 

@@ -6,7 +6,6 @@ the DiT forwards. Everything here runs before any weight loads and raises ValueE
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 # Without a variant: the original pipeline's defaults (512x768, 5 s at 24 fps, 50 steps, guidance 5).
 BUILT_IN = {"height": 512, "width": 768, "num_frames": 121, "steps": 50, "guidance_scale": 5.0}
@@ -44,15 +43,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 def resolve(args, tiny_task: str | None = None):
     """The checkpoint ``--model`` names (a k5.engine.catalogue.resolve.Resolved); VariantError / ResolveError otherwise.
     ``tiny_task``: which task's checkpoint a tiny model means (``--model tiny-image``: t2i or i2i)."""
-    from k5.engine.catalogue.resolve import TINY_MODELS, resolve_model
+    from k5.engine.catalogue.resolve import resolve_model
 
-    local = Path(args.model).expanduser()
-    if args.model not in TINY_MODELS and local.is_dir() and not (local / "model").is_dir():
-        # A folder that is no original-format release must be a diffusers-layout one: every component folder and
-        # weight file is checked first, so a missing or pickled component is named as such.
-        from k5.engine.pipelines.video import Kandinsky5Pipeline
-
-        Kandinsky5Pipeline.read_config(local)
     tiny_attention = "nabla" if getattr(args, "attention", None) == "nabla" else "regular"
     return resolve_model(args.model, args.variant, components=args.components, tiny_attention=tiny_attention,
                          tiny_task=tiny_task)

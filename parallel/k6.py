@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from k5.engine.sampling.chain import Conditioning, combine_cfg, uses_cfg
+from k5.engine.checkpoints.dit import load_k6_dit
 from k5.engine.model.k6_dit import Kandinsky6DiT
 from k5.engine.sampling.k6_sampler import guided_forward
 from k5.kernels.attention import dense_attention
@@ -77,8 +78,8 @@ def check_tensor_parallel(dit_config, tp: int) -> None:
         check_tp_degree(stream.num_heads, stream.ff_dim, tp)
 
 
-def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, device="cpu",
-             stats: CommStats | None = None) -> tuple[Kandinsky6DiT, CommStats]:
+def load_rank_k6_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                     stats: CommStats | None = None) -> tuple[Kandinsky6DiT, CommStats]:
     """Build on meta, cut both streams for this rank's tp shard, fill with this rank's slices only."""
     stats = stats if stats is not None else CommStats()
 
@@ -86,7 +87,7 @@ def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, devi
         check_tensor_parallel(model.config, dims.tp)
         apply_tensor_parallel(model, dims, stats)
 
-    return Kandinsky6DiT.from_pretrained(path, dtype, device, tp_reader(dims), prepare=prepare), stats
+    return load_k6_dit(path, dtype, device, reader=tp_reader(dims), prepare=prepare), stats
 
 
 class CfgParallel:

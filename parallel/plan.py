@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,7 +30,7 @@ from k5.parallel.cfg import BranchText, CfgParallel, check_cfg_parallel
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import LayoutError, ParallelDims, check_tp_degree
 from k5.parallel.sequence import apply_sequence_parallel
-from k5.parallel.tensor import format_parameter_bytes, load_dit, parameter_bytes
+from k5.parallel.tensor import format_parameter_bytes, load_rank_dit, parameter_bytes
 from k5.parallel.text_share import SharedText, is_text_source
 
 __all__ = ["LayoutError", "ParallelSetup", "build_parallel", "check_layout", "check_request", "image_sharing",
@@ -129,28 +128,24 @@ def image_sharing(dims: ParallelDims, device):
     return share
 
 
-def _checkpoint(root, dit_path, config) -> tuple[Path, Path, DiTConfig]:
-    """(components root, DiT weights, DiT config) from a folder, or from a ``k5.engine.catalogue.resolve.Resolved`` (a
-    repo id, a single-file checkpoint with its variant's config)."""
-    from k5.engine.checkpoints.dit import locate
-    from k5.engine.pipelines.video import check_components
+def _source(source, config: DiTConfig | None):
+    """(the checked Checkpoint, the DiT config to build) of a folder, a ``resolve_model`` result (with its variant's
+    config) or a Checkpoint."""
+    from k5.engine.checkpoints.dit import open_checkpoint
 
-    if hasattr(root, "dit") and hasattr(root, "root"):  # a Resolved
-        root, dit_path, config = root.root, dit_path or root.dit, config or root.config
-    root = Path(root)
-    dit_path = Path(dit_path) if dit_path is not None else root
-    check_components(root, transformer=dit_path == root)
-    return root, dit_path, config or locate(dit_path).config
+    checkpoint = open_checkpoint(source)
+    return checkpoint, config or getattr(source, "config", None) or checkpoint.dit.config
 
 
-def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
+def build_parallel(source, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
                    keep_text: bool = False, expand: bool = False, adapters=(), offload: str = "none",
-                   dit_path: str | Path | None = None, config: DiTConfig | None = None) -> ParallelSetup:
+                   config: DiTConfig | None = None) -> ParallelSetup:
     """Everything a rank needs to generate on the planned ``dims`` (from ``plan_parallel``).
 
-    ``root``: a diffusers-layout folder, or what ``k5.engine.catalogue.resolve.resolve_model`` returned. ``dit_path`` and
-    ``config``: the DiT's weights and config when they are not the folder's own (a single-file checkpoint, a
-    variant's attention). ``keep_text``: keep the text encoders after the first encode (batch jobs encode again).
+    ``source``: a diffusers-layout folder, what ``k5.engine.catalogue.resolve.resolve_model`` returned (its
+    variant's config), or a checked engine.checkpoints.files.Checkpoint. ``config``: the DiT config to build when not
+    the source's own (a variant's attention). ``keep_text``: keep the text encoders after the first encode (batch
+    jobs encode again).
     ``expand``: load Qwen's lm_head for prompt expansion, run once per item on the item group's rank 0 and shared.
     ``adapters``: LoRA adapters (k5.engine.checkpoints.lora.open_lora) merged while each rank reads its slices. ``offload``:
     where weights wait while unused (Kandinsky5Pipeline; "model" runs one process only). With more than one
@@ -161,12 +156,12 @@ def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloa
     from k5.engine.encoders.text import TextEncoder
     from k5.parallel.text_share import share_expansion
 
-    root, dit_path, config = _checkpoint(root, dit_path, config)
+    checkpoint, config = _source(source, config)
     device = torch.device(device)
-    Pipeline = pipeline_class(root)  # Image Lite (FLUX VAE) or video
+    Pipeline = pipeline_class(checkpoint)  # Image Lite (FLUX VAE) or video
     if dims.world_size == 1:
-        pipeline = Pipeline.from_pretrained(root, dtype, device, expand=expand, adapters=adapters, offload=offload,
-                                            dit_path=dit_path, config=config)
+        pipeline = Pipeline.from_pretrained(checkpoint, dtype, device, expand=expand, adapters=adapters,
+                                            offload=offload, config=config)
         return ParallelSetup(dims, pipeline, None, None, parameter_bytes(pipeline.dit))
     if not dist.is_initialized():
         raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized "
@@ -175,15 +170,16 @@ def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloa
     dims.build_mesh(device.type)
 
     stats = CommStats()
-    dit, _ = load_dit(dit_path, dims, dtype, device, stats, config, adapters=adapters)
+    dit, _ = load_rank_dit(checkpoint.dit, dims, dtype, device, stats, config, adapters=adapters)
     if dims.sp_size > 1:
         apply_sequence_parallel(dit, dims, stats)
-    encoder = (TextEncoder.from_pretrained(root, torch_dtype=dtype, device=device, lm_head=expand)
+    encoder = (TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=device, lm_head=expand)
                if is_text_source(dims) else None)
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if dims.cfg == 2:
         text = BranchText(text, dims)
-    pipeline = Pipeline.from_pretrained(root, dtype, device, dit=dit, text=text, offload=offload, dit_path=dit_path)
+    pipeline = Pipeline.from_pretrained(checkpoint, dtype, device, dit=dit, text=text, offload=offload,
+                                        config=config)
     pipeline.share_image = image_sharing(dims, device)
     if expand:
         pipeline.expander = make_expander(encoder)
@@ -192,15 +188,16 @@ def build_parallel(root, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloa
     return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))
 
 
-def setup_parallel(root, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
+def setup_parallel(source, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,
                    ulysses: int | None = None, ring: int | None = None, dtype: torch.dtype = torch.bfloat16,
                    device="cpu", keep_text: bool = False, expand: bool = False, adapters=(),
-                   dit_path: str | Path | None = None, config: DiTConfig | None = None) -> ParallelSetup:
+                   config: DiTConfig | None = None) -> ParallelSetup:
     """``plan_parallel`` for this process group's world size, then ``build_parallel`` (torch.distributed
-    initialized). ``root``: a diffusers-layout folder or a ``resolve_model`` result (see ``build_parallel``)."""
+    initialized). ``source``: a diffusers-layout folder, a ``resolve_model`` result or a Checkpoint (see
+    ``build_parallel``)."""
     if not dist.is_initialized():
         raise RuntimeError("setup_parallel needs torch.distributed initialized (torchrun / init_process_group)")
-    root, dit_path, config = _checkpoint(root, dit_path, config)
+    checkpoint, config = _source(source, config)
     dims = plan_parallel(dist.get_world_size(), config, tp, cfg_parallel, dp, ulysses, ring)
-    return build_parallel(root, dims, dtype=dtype, device=device, keep_text=keep_text, expand=expand,
-                          adapters=adapters, dit_path=dit_path, config=config)
+    return build_parallel(checkpoint, dims, dtype=dtype, device=device, keep_text=keep_text, expand=expand,
+                          adapters=adapters, config=config)

@@ -15,7 +15,7 @@ each: self-attn, cross-attn, FFN) and all-gathers once; a text block all-reduces
 
 Build order on a rank: model on meta -> ``apply_tensor_parallel`` (shrinks the Linears to the local shard) ->
 ``checkpoint.load_into`` with ``tp_reader`` (reads only this rank's rows/columns) -> sequence parallelism.
-``load_dit`` does the first three. ``apply_tensor_parallel`` also cuts an already filled model (tests).
+``load_rank_dit`` does the first three. ``apply_tensor_parallel`` also cuts an already filled model (tests).
 """
 
 from __future__ import annotations
@@ -200,29 +200,29 @@ def tp_factor_reader(dims: ParallelDims) -> lora.FactorReader:
     return lora_factor_reader(dims.rank("tp"), dims.tp)
 
 
-def load_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, device="cpu",
-             stats: CommStats | None = None, config: DiTConfig | None = None,
-             reader: checkpoint.Reader | None = None, adapters=(),
-             factor_reader: lora.FactorReader | None = None) -> tuple[Kandinsky5DiT, CommStats]:
-    """Build the DiT on meta, cut it for this rank, fill it with this rank's slices only (mesh already built),
-    merging the LoRA ``adapters`` (engine.checkpoints.lora.open_lora) into those slices as they are read.
+def load_rank_dit(path_or_files, dims: ParallelDims, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                  stats: CommStats | None = None, config: DiTConfig | None = None,
+                  reader: checkpoint.Reader | None = None, adapters=(),
+                  factor_reader: lora.FactorReader | None = None) -> tuple[Kandinsky5DiT, CommStats]:
+    """This rank's DiT: built on meta, cut for this rank, filled with this rank's slices only (mesh already built),
+    the LoRA ``adapters`` (engine.checkpoints.lora.open_lora) merged into those slices as they are read.
 
-    ``reader`` / ``factor_reader`` default to ``tp_reader(dims)`` / ``tp_factor_reader(dims)`` (tests pass
-    recording wrappers of them)."""
+    ``path_or_files``: a checkpoint folder or file, or its located ``DiTFiles``. ``reader`` / ``factor_reader``
+    default to ``tp_reader(dims)`` / ``tp_factor_reader(dims)`` (tests pass recording wrappers of them)."""
     stats = stats if stats is not None else CommStats()
-    dit = Kandinsky5DiT.from_pretrained(path, dtype, device, reader or tp_reader(dims), config,
-                                        prepare=lambda model: apply_tensor_parallel(model, dims, stats),
-                                        adapters=adapters, factor_reader=factor_reader or tp_factor_reader(dims))
+    dit = checkpoint.load_dit(path_or_files, dtype, device, config=config, reader=reader or tp_reader(dims),
+                              prepare=lambda model: apply_tensor_parallel(model, dims, stats), adapters=adapters,
+                              factor_reader=factor_reader or tp_factor_reader(dims))
     return dit, stats
 
 
-def switch_dit_adapters(dit: Kandinsky5DiT, path, dims: ParallelDims, adapters,
+def switch_dit_adapters(dit: Kandinsky5DiT, path_or_files, dims: ParallelDims, adapters,
                         reader: checkpoint.Reader | None = None,
                         factor_reader: lora.FactorReader | None = None) -> list[str]:
-    """``engine.checkpoints.lora.switch_adapters`` for a DiT loaded by ``load_dit``: each rank re-reads its own slices of the
-    touched base tensors and merges its slices of the new factors (no communication)."""
-    return lora.switch_adapters(dit, path, adapters, reader or tp_reader(dims),
-                                factor_reader or tp_factor_reader(dims))
+    """``engine.checkpoints.dit.switch_adapters`` for a DiT loaded by ``load_rank_dit``: each rank re-reads its own
+    slices of the touched base tensors and merges its slices of the new factors (no communication)."""
+    return checkpoint.switch_adapters(dit, path_or_files, adapters, reader or tp_reader(dims),
+                                      factor_reader or tp_factor_reader(dims))
 
 
 def parameter_bytes(model: nn.Module) -> dict[str, int]:

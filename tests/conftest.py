@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture
 def no_loading(monkeypatch):
     """Any weight loading fails the test: a refusal must come before it."""
-    from k5.engine.model.dit import Kandinsky5DiT
+    from k5.engine.checkpoints import dit as dit_checkpoint
     from k5.engine.pipelines.image import ImagePipeline
     from k5.engine.vae.image import ImageVAE
     from k5.engine.pipelines.video import Kandinsky5Pipeline
@@ -25,8 +25,9 @@ def no_loading(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("weights were loaded for a run that must be refused first")
 
-    for cls in (Kandinsky5Pipeline, ImagePipeline, Kandinsky5DiT, TextEncoder, VideoVAE, ImageVAE):
+    for cls in (Kandinsky5Pipeline, ImagePipeline, TextEncoder, VideoVAE, ImageVAE):
         monkeypatch.setattr(cls, "from_pretrained", loaded)
+    monkeypatch.setattr(dit_checkpoint, "load", loaded)  # every DiT is built there
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """k5's runs on fake CUDA (tests/fakecuda.py): one rank of a layout through the sampler, and what must hold after it.
 
-A rank is built as ``k5.parallel.tensor.load_dit`` and ``k5.parallel.plan.build_parallel`` build it, minus the file
+A rank is built as ``k5.parallel.tensor.load_rank_dit`` and ``k5.parallel.plan.build_parallel`` build it, minus the file
 reads: the DiT on meta, cut for tensor parallelism, sequence parallelism applied, then every parameter a fake tensor
 of the rank's device (bf16, the modulation fp32 as ``checkpoint.keeps_fp32`` says). The text conditioning is fake
 embeddings of the real shapes (a Qwen2.5-VL of 7B parameters adds nothing the DiT does not see as its input).
@@ -90,7 +90,7 @@ def model_config(preset: str, depth: int | None) -> DiTConfig:
 
 
 def build_dit(fc: FakeCuda, cfg: DiTConfig, dims) -> tuple[Kandinsky5DiT, CommStats]:
-    """This rank's DiT for ``dims`` (mesh already built), as load_dit + apply_sequence_parallel make it."""
+    """This rank's DiT for ``dims`` (mesh already built), as load_rank_dit + apply_sequence_parallel make it."""
     with torch.device("meta"):
         dit = Kandinsky5DiT(cfg)
     stats = CommStats()

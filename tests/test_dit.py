@@ -13,8 +13,9 @@ import torch
 from diffusers import Kandinsky5Transformer3DModel
 from safetensors.torch import load_file, save_file
 
-from k5.engine.model.config import PRESETS, DiTConfig, infer_config
-from k5.engine.model.dit import Kandinsky5DiT
+from k5.engine.checkpoints.state_dict import infer_k5_config
+from k5.engine.model.config import PRESETS, DiTConfig
+from k5.engine.checkpoints.dit import load_dit
 from numerics import rel_err
 
 SHAPES = {
@@ -78,7 +79,7 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("kind", list(SHAPES))
 def test_fp32_velocity_matches_diffusers(saved, kind):
     ref, folder = saved[kind]
-    ours = Kandinsky5DiT.from_pretrained(folder, torch_dtype=torch.float32)
+    ours = load_dit(folder, dtype=torch.float32)
     inp = inputs(SHAPES[kind], B=2)
     sf = (1.0, 2.0, 2.0)
     with torch.no_grad():
@@ -93,7 +94,7 @@ def test_fp32_velocity_matches_diffusers(saved, kind):
 def test_bf16_velocity_matches_diffusers(saved, kind):
     _, folder = saved[kind]
     ref = Kandinsky5Transformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
-    ours = Kandinsky5DiT.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    ours = load_dit(folder, dtype=torch.bfloat16)
     inp = inputs(SHAPES[kind])
     sf = (1.0, 3.16, 3.16)
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_text_mask_equals_dropping_padded_tokens(saved):
     """A padded text with its key mask gives the velocity of the unpadded text (diffusers has no mask: it is
     called with the unpadded text)."""
     ref, folder = saved["cond"]
-    ours = Kandinsky5DiT.from_pretrained(folder, torch_dtype=torch.float32)
+    ours = load_dit(folder, dtype=torch.float32)
     inp = inputs(SHAPES["cond"], L=5)
     padded = torch.cat([inp["text"], torch.randn(1, 4, inp["text"].shape[-1])], 1)
     mask = torch.tensor([[True] * 5 + [False] * 4])
@@ -130,9 +131,9 @@ def test_single_file_checkpoint_infers_config(saved, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     # head_dim 16 is no released model, so the original layout needs its config.json beside it
     with pytest.raises(ValueError, match="head_dim 16"):
-        Kandinsky5DiT.from_pretrained(single, torch_dtype=torch.float32)
+        load_dit(single, dtype=torch.float32)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    ours = Kandinsky5DiT.from_pretrained(single, torch_dtype=torch.float32)
+    ours = load_dit(single, dtype=torch.float32)
     assert ours.config == DiTConfig.from_dict(cfg)
     inp = inputs(SHAPES["cond"])
     with torch.no_grad():
@@ -145,7 +146,7 @@ def test_sharded_checkpoint(saved, tmp_path):
     folder = tmp_path / "transformer"
     ref.save_pretrained(folder, max_shard_size="20KB")
     assert (folder / "diffusion_pytorch_model.safetensors.index.json").exists()
-    ours = Kandinsky5DiT.from_pretrained(tmp_path, torch_dtype=torch.float32)  # pipeline root also works
+    ours = load_dit(tmp_path, dtype=torch.float32)  # pipeline root also works
     inp = inputs(SHAPES["plain"])
     with torch.no_grad():
         assert rel_err(ours(inp["x"], inp["text"], inp["pooled"], inp["t"]),
@@ -160,17 +161,17 @@ def test_infer_config_from_released_shapes(preset):
     kwargs = {k: v for k, v in want.to_dict().items() if not k.startswith("_") and not k.startswith("attention")}
     with torch.device("meta"):
         ref = Kandinsky5Transformer3DModel(**kwargs)
-    assert infer_config({k: tuple(v.shape) for k, v in ref.state_dict().items()}) == want
+    assert infer_k5_config({k: tuple(v.shape) for k, v in ref.state_dict().items()}) == want
 
 
 def test_bad_checkpoints(tmp_path, saved):
     _, folder = saved["cond"]
     with pytest.raises(ValueError, match="not a Kandinsky 5 checkpoint"):
-        Kandinsky5DiT.from_pretrained(tmp_path)
+        load_dit(tmp_path)
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="broken.safetensors"):
-        Kandinsky5DiT.from_pretrained(bad)
+        load_dit(bad)
     tensors = load_file(folder / "diffusion_pytorch_model.safetensors")
     cfg = (folder / "config.json").read_text()
     for name, change in [("missing", lambda t: t.pop("out_layer.out_layer.bias")),
@@ -183,4 +184,4 @@ def test_bad_checkpoints(tmp_path, saved):
         save_file(t, d / "diffusion_pytorch_model.safetensors")
         (d / "config.json").write_text(cfg)
         with pytest.raises(ValueError, match="out_layer.out_layer.bias|extra_weight"):
-            Kandinsky5DiT.from_pretrained(d.parent)
+            load_dit(d.parent)

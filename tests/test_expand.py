@@ -127,7 +127,7 @@ def test_image_expansion_equals_reference_generate(encoder, reference, tiny):
     against k5's expansion with the vision tower of engine/encoders/vision.py (loaded on first use)."""
     from PIL import Image
 
-    from k5.engine.encoders.vision import load_image_processor
+    from k5.engine.checkpoints.qwen import load_image_processor
 
     tok = encoder.qwen_tokenizer
     proc = Processor(image_processor=load_image_processor(tiny / "tokenizer"), tokenizer=tok,

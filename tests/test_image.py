@@ -171,10 +171,10 @@ def test_original_single_file_config_is_inferred(preset):
     config give it back (head 128 -> axes 32/48/48; 33 input channels -> the I2I edit input)."""
     from diffusers import Kandinsky5Transformer3DModel
 
-    from k5.engine.model.config import infer_config
+    from k5.engine.checkpoints.state_dict import infer_k5_config
 
     want = PRESETS[preset].replace(num_visual_blocks=3)
     kwargs = {k: v for k, v in want.to_dict().items() if not k.startswith("_") and not k.startswith("attention")}
     with torch.device("meta"):
         ref = Kandinsky5Transformer3DModel(**kwargs)
-    assert infer_config({k: tuple(v.shape) for k, v in ref.state_dict().items()}) == want
+    assert infer_k5_config({k: tuple(v.shape) for k, v in ref.state_dict().items()}) == want

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from distributed import run_distributed
-from k5.engine.model.dit import Kandinsky5DiT
 from k5.engine.pipelines.image_request import ImageRequest
 from k5.engine.pipelines.image import ImagePipeline
 from k5.engine.sampling.magcache import MagCache
@@ -29,7 +28,8 @@ from k5.parallel.layout import SequenceLayout
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.plan import build_parallel, plan_parallel, setup_parallel
 from k5.parallel.sequence import apply_sequence_parallel
-from k5.parallel.tensor import load_dit
+from k5.parallel.tensor import load_rank_dit
+from k5.engine.checkpoints.dit import load_dit, locate
 from numerics import rel_err
 
 GRIDS = [(64, 64), (80, 176)]
@@ -55,7 +55,7 @@ def velocities(model):
 def _worker(rank, world_size, path, ulysses, ring, tp):
     dims = ParallelDims(ulysses=ulysses, ring=ring, tp=tp)
     dims.build_mesh("cpu")
-    model, stats = load_dit(path, dims, torch.float32)
+    model, stats = load_rank_dit(path, dims, torch.float32)
     if dims.sp_size > 1:
         apply_sequence_parallel(model, dims, stats)
     return velocities(model), stats.summary()
@@ -70,7 +70,7 @@ def test_one_frame_layouts_pad_whole_blocks():
 @pytest.mark.parametrize("ulysses, ring, tp", [(2, 1, 1), (1, 2, 1)])
 def test_image_dit_parallel_equals_single_process(ulysses, ring, tp):
     path = tiny_checkpoint(kind="i2i")
-    want = velocities(Kandinsky5DiT.from_pretrained(path, torch_dtype=torch.float32))
+    want = velocities(load_dit(path, dtype=torch.float32))
     for got, summary in run_distributed(_worker, ulysses * ring * tp, str(path), ulysses, ring, tp):
         for g, w in zip(got, want):
             assert g.shape == w.shape and rel_err(g, w) <= 1e-4
@@ -133,7 +133,7 @@ def test_i2i_under_setup_parallel_equals_single_process(tmp_path, degrees):
 
 def test_one_process_builds_the_image_pipeline_and_magcache_is_refused():
     root = tiny_checkpoint(kind="t2i")
-    dims = plan_parallel(1, ImagePipeline.read_config(root))
+    dims = plan_parallel(1, locate(root).config)
     s = build_parallel(root, dims, dtype=torch.float32, device="cpu")
     assert isinstance(s.pipeline, ImagePipeline) and s.guided is None and s.stats is None
     with pytest.raises(ValueError, match="MagCache has no ratios for Image Lite .*drop --magcache"):

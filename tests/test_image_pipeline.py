@@ -22,11 +22,11 @@ from PIL import Image
 
 import k5.engine.model.dit as dit_module
 import k5.engine.sampling.sampler as sampler_module
-from k5.engine.model.dit import Kandinsky5DiT
 from k5.engine.pipelines.image_request import ImageRequest, fit_to_bucket, load_source, qwen_image, vae_input
-from k5.engine.pipelines.image import ImagePipeline
+from k5.engine.pipelines.image import ImagePipeline, check_image_checkpoint
 from k5.engine.encoders.text import IMAGE, IMAGE_EDIT
 from k5.engine.catalogue.tiny import tiny_checkpoint
+from k5.engine.checkpoints.dit import load_dit, open_checkpoint
 from numerics import rel_err
 from test_image_text import processor
 
@@ -90,7 +90,7 @@ def test_dit_velocity_matches_diffusers(kind, channels, monkeypatch):
     with torch.no_grad():
         ref = Kandinsky5Transformer3DModel.from_pretrained(folder).eval()
         want = diffusers_velocity(ref, inp, torch.float32)
-        ours = Kandinsky5DiT.from_pretrained(folder, torch_dtype=torch.float32)
+        ours = load_dit(folder, dtype=torch.float32)
         plain = ours(inp["x"], inp["text"], inp["pooled"], inp["t"], scale_factor=(1.0, 1.0, 1.0))
         monkeypatch.setattr(dit_module, "apply_rope", _apply_rope_bf16)
         got = ours(inp["x"], inp["text"], inp["pooled"], inp["t"], scale_factor=(1.0, 1.0, 1.0))
@@ -100,7 +100,7 @@ def test_dit_velocity_matches_diffusers(kind, channels, monkeypatch):
         assert rel_err(plain, want) <= 1e-3  # the bf16 rounding of q/k alone
 
         ref16 = Kandinsky5Transformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
-        ours16 = Kandinsky5DiT.from_pretrained(folder, torch_dtype=torch.bfloat16)
+        ours16 = load_dit(folder, dtype=torch.bfloat16)
         got16 = ours16(inp["x"], inp["text"], inp["pooled"], inp["t"], scale_factor=(1.0, 1.0, 1.0))
         assert got16.dtype == torch.bfloat16
         assert rel_err(got16.float(), diffusers_velocity(ref16, inp, torch.bfloat16)) <= 1e-2
@@ -214,4 +214,4 @@ def test_nabla_is_refused_for_images(i2i_pipe):
 
 def test_a_video_checkpoint_is_not_an_image_one():
     with pytest.raises(ValueError, match="not a Kandinsky 5 Image Lite checkpoint"):
-        ImagePipeline.read_config(tiny_checkpoint())
+        check_image_checkpoint(open_checkpoint(tiny_checkpoint()))

@@ -14,13 +14,13 @@ import torch
 from k5.engine.encoders import k6_text
 from k5.engine.vae.audio import AudioDecoder, fit_to_video
 from k5.engine.media.av import check_audio, write_av_mp4
-from k5.engine.model.k6_dit import Kandinsky6DiT
 from k5.engine.sampling.k6_sampler import audio_length, sample
 from k5.engine.sampling.k6_schedule import schedule_from_config
 from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
 from k5.engine.encoders.text import TextEncoder
 from k5.engine.vae.video import VideoVAE
 from k5.engine.media.mp4 import UnplayableVideo, write_mp4
+from k5.engine.checkpoints.dit import load_k6_dit
 
 SR = 44_100
 
@@ -96,7 +96,7 @@ def test_tiny_k6_end_to_end_to_mp4(tmp_path):
     root = k6_tiny_checkpoint(kind="distill")
     encoder = TextEncoder.from_pretrained(root, torch_dtype=torch.float32)
     (cond,), _ = k6_text.encode(encoder, ["a red fox barks in the snow"])
-    dit = Kandinsky6DiT.from_pretrained(root, torch_dtype=torch.float32)
+    dit = load_k6_dit(root, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     frames, fps = 5, 24
     video, audio = sample(dit, torch.randn(1, 2, 8, 8, 16, generator=g),

@@ -14,9 +14,10 @@ import torch
 from diffusers import Kandinsky6Transformer3DModel
 from safetensors.torch import load_file, save_file
 
-from k5.engine.checkpoints.k6 import infer_config, model_name
+from k5.engine.checkpoints.state_dict import infer_k6_config, k6_model_name
 from k5.engine.model.k6_config import PRESETS, K6Config
 from k5.engine.model.k6_dit import Kandinsky6DiT, param_count
+from k5.engine.checkpoints.dit import load_k6_dit
 from numerics import rel_err
 
 TOL = 1e-5
@@ -80,7 +81,7 @@ def assert_close(got, want):
 @pytest.mark.parametrize("kind", list(SHAPES))
 def test_video_and_audio_match_diffusers(saved, kind):
     ref, folder = saved[kind]
-    ours = Kandinsky6DiT.from_pretrained(folder, torch_dtype=torch.float32)
+    ours = load_k6_dit(folder, dtype=torch.float32)
     assert ours.config == K6Config.from_dict(json.loads((folder / "config.json").read_text()))
     inp = inputs(SHAPES[kind])
     mask = torch.ones(2, 7, dtype=torch.bool)
@@ -98,7 +99,7 @@ def test_video_and_audio_match_diffusers(saved, kind):
 def test_video_alone_matches_diffusers(saved):
     """Without audio the fused blocks run their video sub-layers only (diffusers' sample_audio=False)."""
     ref, folder = saved["released"]
-    ours = Kandinsky6DiT.from_pretrained(folder, torch_dtype=torch.float32)
+    ours = load_k6_dit(folder, dtype=torch.float32)
     inp = dict(inputs(SHAPES["released"]), audio=None)
     with torch.no_grad():
         want = reference_forward(ref, inp)
@@ -112,7 +113,7 @@ def test_video_alone_matches_diffusers(saved):
 def test_i2av_tail_frame_inputs_match_diffusers(saved):
     """I2AV's forward: a tail frame with token type 1 and RoPE time position 0 (the pipeline builds these)."""
     ref, folder = saved["released"]
-    ours = Kandinsky6DiT.from_pretrained(folder, torch_dtype=torch.float32)
+    ours = load_k6_dit(folder, dtype=torch.float32)
     inp = inputs(SHAPES["released"], T=4)
     types = torch.tensor([[0, 0, 0, 1]] * 2)
     pos = (torch.tensor([0, 1, 2, 0]), torch.arange(2), torch.arange(3))
@@ -126,16 +127,16 @@ def test_i2av_tail_frame_inputs_match_diffusers(saved):
 
 
 def test_original_single_file_layout(saved, tmp_path):
-    """The original layout (the diffusers names mapped by k6_checkpoint's rules) in one file with no config: the
+    """The original layout (the diffusers names mapped by engine/checkpoints/state_dict.py's K6 rules) in one file with no config: the
     config is inferred from the shapes with the release constants, which the "released" shape uses."""
     ref, folder = saved["released"]
     tensors = load_file(folder / "diffusion_pytorch_model.safetensors")
-    original = {model_name(k): v for k, v in tensors.items()}
+    original = {k6_model_name(k): v for k, v in tensors.items()}
     assert "visual_blocks.0.videoT.feed_forward.in_layer.weight" in original
     assert "video_time_embeddings.in_layer.weight" in original and "audio_outLayer.out_layer.weight" in original
     single = tmp_path / "kandinsky6_tiny.safetensors"
     save_file(original, single)
-    ours = Kandinsky6DiT.from_pretrained(single, torch_dtype=torch.float32)
+    ours = load_k6_dit(single, dtype=torch.float32)
     want_cfg = K6Config.from_dict(json.loads((folder / "config.json").read_text()))
     assert ours.config == want_cfg.replace(scale_factor=(1.0, 2.0, 2.0))
     inp = inputs(SHAPES["released"])
@@ -147,19 +148,19 @@ def test_sharded_checkpoint_and_mixed_layouts_refused(saved, tmp_path):
     ref, folder = saved["plain"]
     ref.save_pretrained(tmp_path / "transformer", max_shard_size="20KB")
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
-    ours = Kandinsky6DiT.from_pretrained(tmp_path, torch_dtype=torch.float32)  # the pipeline root works too
+    ours = load_k6_dit(tmp_path, dtype=torch.float32)  # the pipeline root works too
     inp = inputs(SHAPES["plain"])
     with torch.no_grad():
         assert_close(ours(inp["x"], inp["audio"], inp["text"], inp["pooled"], inp["t"]), reference_forward(ref, inp))
     tensors = load_file(folder / "diffusion_pytorch_model.safetensors")
     name = "visual_transformer_blocks.0.video_dec_block.feed_forward.net.2.weight"
-    tensors[model_name(name)] = tensors[name].clone()  # the same tensor under both layouts' names
+    tensors[k6_model_name(name)] = tensors[name].clone()  # the same tensor under both layouts' names
     mixed = tmp_path / "mixed" / "transformer"
     mixed.mkdir(parents=True)
     save_file(tensors, mixed / "diffusion_pytorch_model.safetensors")
     (mixed / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(ValueError, match="mixes two layouts"):
-        Kandinsky6DiT.from_pretrained(mixed)
+        load_k6_dit(mixed)
 
 
 def test_bad_inputs():
@@ -183,8 +184,8 @@ def test_presets_are_what_their_shapes_say(preset):
     kwargs = {k: v for k, v in want.to_dict().items() if not k.startswith("_") and not k.startswith("attention")}
     with torch.device("meta"):
         ref = Kandinsky6Transformer3DModel(**kwargs)
-    shapes = {model_name(k): tuple(v.shape) for k, v in ref.state_dict().items()}
-    assert infer_config(shapes) == want
+    shapes = {k6_model_name(k): tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert infer_k6_config(shapes) == want
     with torch.device("meta"):
         ours = Kandinsky6DiT(want)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == shapes
@@ -206,7 +207,7 @@ def test_bf16_matches_diffusers_in_bf16(saved):
     norm weights fp32): within 2e-2 relative (measured 6e-3)."""
     _, folder = saved["released"]
     ref = Kandinsky6Transformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
-    ours = Kandinsky6DiT.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    ours = load_k6_dit(folder, dtype=torch.bfloat16)
     assert ours.visual_blocks[0].va_modulation.out_layer.weight.dtype == torch.float32
     assert ours.audio_time_embeddings.in_layer.weight.dtype == torch.float32
     assert ours.visual_blocks[0].audioT.feed_forward.in_layer.weight.dtype == torch.bfloat16

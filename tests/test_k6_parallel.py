@@ -13,13 +13,13 @@ import torch
 
 from distributed import run_distributed
 from k5.engine.sampling.chain import Conditioning
-from k5.engine.model.k6_dit import Kandinsky6DiT
 from k5.engine.sampling.k6_sampler import sample, tail_frame_kwargs
 from k5.engine.sampling.k6_schedule import EulerSchedule
 from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
 from k5.kernels.nabla import NablaSpec
-from k5.parallel.k6 import CfgParallel, apply_sequence_parallel, load_dit
+from k5.parallel.k6 import CfgParallel, apply_sequence_parallel, load_rank_k6_dit
 from k5.parallel.mesh import LayoutError, ParallelDims
+from k5.engine.checkpoints.dit import load_k6_dit
 from numerics import rel_err
 
 TOL = 1e-5
@@ -80,7 +80,7 @@ def _worker(rank, world_size, root, layouts):
     for degrees in layouts:
         dims = ParallelDims(**degrees)
         dims.build_mesh("cpu")
-        model, stats = load_dit(root, dims, torch.float32)
+        model, stats = load_rank_k6_dit(root, dims, torch.float32)
         if dims.sp_size > 1:
             apply_sequence_parallel(model, dims, stats)
         if dims.cfg == 2:
@@ -97,7 +97,7 @@ WORLD2 = [dict(ulysses=2), dict(ring=2), dict(tp=2)]
 
 
 def test_two_process_layouts_equal_single_process(root):
-    model = Kandinsky6DiT.from_pretrained(root, torch_dtype=torch.float32)
+    model = load_k6_dit(root, dtype=torch.float32)
     want = run_cases(model)
     per_rank = run_distributed(_worker, 2, root, WORLD2)
     for i, degrees in enumerate(WORLD2):
@@ -125,7 +125,7 @@ def test_two_process_layouts_equal_single_process(root):
 
 
 def test_cfg_parallel_x_ulysses_sampling_equals_sequential(root):
-    model = Kandinsky6DiT.from_pretrained(root, torch_dtype=torch.float32)
+    model = load_k6_dit(root, dtype=torch.float32)
     want = run_sampler(model)
     results = [r[0]["sampled"] for r in run_distributed(_worker, 4, root, [dict(cfg=2, ulysses=2)])]
     for got in results:

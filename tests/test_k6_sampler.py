@@ -25,11 +25,11 @@ from PIL import Image
 
 from k5.engine.encoders import k6_text
 from k5.engine.vae.audio import AudioDecoder
-from k5.engine.model.k6_dit import Kandinsky6DiT
 from k5.engine.sampling.k6_sampler import audio_length, sample
 from k5.engine.sampling.k6_schedule import EulerSchedule, PiFlowSchedule, schedule_from_config
 from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
 from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
+from k5.engine.checkpoints.dit import load_k6_dit
 from numerics import rel_err
 
 TOL = 1e-4
@@ -87,7 +87,7 @@ def embeds_for(cond, prefix=""):
 @torch.no_grad()
 def test_t2av_sft_with_guidance_and_audio_decode(roots, pipes, encoder):
     root = roots["sft"]
-    dit = Kandinsky6DiT.from_pretrained(root, torch_dtype=torch.float32)
+    dit = load_k6_dit(root, dtype=torch.float32)
     (cond, uncond), truncated = k6_text.encode(encoder, [PROMPT, DEFAULT_NEGATIVE_PROMPT])
     assert truncated == [False, False] and cond.mask is None
     video, audio = noise(11)
@@ -111,7 +111,7 @@ def test_t2av_sft_with_guidance_and_audio_decode(roots, pipes, encoder):
 @torch.no_grad()
 def test_i2av_sft_matches_diffusers(roots, pipes, encoder):
     root, pipe = roots["sft"], pipes["sft"]
-    dit = Kandinsky6DiT.from_pretrained(root, torch_dtype=torch.float32)
+    dit = load_k6_dit(root, dtype=torch.float32)
     (cond, uncond), _ = k6_text.encode(encoder, ["the fox starts to run", DEFAULT_NEGATIVE_PROMPT])
     rgb = (np.random.default_rng(5).random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8)
     image = Image.fromarray(rgb)
@@ -133,7 +133,7 @@ def test_i2av_sft_matches_diffusers(roots, pipes, encoder):
 @torch.no_grad()
 def test_t2av_piflow_distilled_matches_diffusers(roots, pipes, encoder):
     root = roots["distill"]
-    dit = Kandinsky6DiT.from_pretrained(root, torch_dtype=torch.float32)
+    dit = load_k6_dit(root, dtype=torch.float32)
     assert dit.config.n_grid == 10
     (cond,), _ = k6_text.encode(encoder, [PROMPT])
     video, audio = noise(5)

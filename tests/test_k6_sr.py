@@ -17,10 +17,11 @@ from safetensors.torch import load_file, save_file
 
 import diffusers.models.transformers.transformer_kandinsky6_sr as reference_module
 from k5.engine.model.dit import LocalAttention
-from k5.engine.checkpoints.k6 import sr_model_name
+from k5.engine.checkpoints.state_dict import k6_sr_model_name
 from k5.engine.model.k6_config import SRConfig
 from k5.engine.model.k6_sr import Kandinsky6SR
 from k5.kernels.nabla import nabla_mask
+from k5.engine.checkpoints.dit import load_k6_sr
 from numerics import rel_err
 
 TOL = 1e-5
@@ -81,7 +82,7 @@ class Recording(LocalAttention):
 def test_nabla_forward_matches_diffusers(tmp_path, masked_reference_kernel):
     ref = make_reference()
     ref.save_pretrained(tmp_path / "transformer")
-    ours = Kandinsky6SR.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    ours = load_k6_sr(tmp_path, dtype=torch.float32)
     assert ours.config == SRConfig.from_dict(dict(ref.config)) and ours.nabla.P == 0.5
     ours.visual_attention = Recording(ours.nabla)
     g = torch.Generator().manual_seed(1)
@@ -102,7 +103,7 @@ def test_dense_attention_is_nabla_with_a_window_over_everything(tmp_path, masked
     """Our dense branch (raster order) against the reference with a sliding window that covers the whole grid."""
     ref = make_reference(nabla_window=(3, 5, 5))
     ref.save_pretrained(tmp_path / "transformer")
-    ours = Kandinsky6SR.from_pretrained(tmp_path, torch_dtype=torch.float32,
+    ours = load_k6_sr(tmp_path, dtype=torch.float32,
                                         config=SRConfig.from_dict(dict(ref.config, attention_type="regular")))
     assert ours.nabla is None
     x, t = torch.randn(2, 2, 16, 16, 9), torch.tensor([300.0, 900.0])
@@ -115,16 +116,16 @@ def test_original_layout_single_file(tmp_path, masked_reference_kernel):
     ref = make_reference()
     ref.save_pretrained(tmp_path / "transformer")
     tensors = load_file(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors")
-    original = {sr_model_name(k): v for k, v in tensors.items()}
+    original = {k6_sr_model_name(k): v for k, v in tensors.items()}
     assert "time_embeddings.in_layer.weight" in original
     assert "visual_transformer_blocks.1.feed_forward.out_layer.weight" in original
     save_file(original, tmp_path / "sr.safetensors")
-    ours = Kandinsky6SR.from_pretrained(tmp_path / "sr.safetensors", torch_dtype=torch.float32,
+    ours = load_k6_sr(tmp_path / "sr.safetensors", dtype=torch.float32,
                                         config=SRConfig.from_dict(dict(ref.config)))
     x, t = torch.randn(1, 1, 8, 16, 9), torch.tensor([500.0])
     assert rel_err(ours(x, t), ref(x, t, return_dict=False)[0]) <= TOL
     # without a config the shapes give the widths and depth; the NABLA settings are the release's
-    inferred = Kandinsky6SR.from_pretrained(tmp_path / "sr.safetensors", torch_dtype=torch.float32).config
+    inferred = load_k6_sr(tmp_path / "sr.safetensors", dtype=torch.float32).config
     assert (inferred.model_dim, inferred.num_visual_blocks, inferred.out_visual_dim, inferred.axes_dims) == \
         (64, 2, 12, (4, 6, 6))
 

@@ -12,9 +12,9 @@ import torch
 from diffusers import Kandinsky6TI2VAPipeline
 
 from k5.engine.encoders import k6_text
-from k5.engine.model.k6_dit import Kandinsky6DiT
 from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
 from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
+from k5.engine.checkpoints.dit import load_k6_dit
 from numerics import rel_err
 
 
@@ -77,7 +77,7 @@ def test_long_prompt_is_cut_at_1024_tokens_as_the_reference(pipe, encoder):
 @torch.no_grad()
 def test_trimming_does_not_change_the_dit(root, pipe, encoder):
     """The DiT on the reference's padded text with its key mask equals the DiT on our trimmed text."""
-    dit = Kandinsky6DiT.from_pretrained(root, torch_dtype=torch.float32)
+    dit = load_k6_dit(root, dtype=torch.float32)
     want, pooled, mask = reference(pipe, ["a red fox barks in the snow"])
     (cond,), _ = k6_text.encode(encoder, ["a red fox barks in the snow"])
     g = torch.Generator().manual_seed(0)

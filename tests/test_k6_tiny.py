@@ -16,10 +16,10 @@ from diffusers import (FlowMatchEulerDiscreteScheduler, Kandinsky6TI2VAPipeline,
 
 from k5.engine.vae.audio import AudioDecoder
 from k5.engine.model.k6_config import K6Config
-from k5.engine.model.k6_dit import Kandinsky6DiT
 from k5.engine.sampling.k6_schedule import EulerSchedule, PiFlowSchedule, schedule_from_config
 from k5.engine.catalogue import k6_tiny
 from k5.engine.catalogue.k6_tiny import build_k6_tiny_checkpoint, k6_tiny_checkpoint
+from k5.engine.checkpoints.dit import load_k6_dit
 
 COMPONENTS = ["audio_vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer",
               "vae", "vocoder"]
@@ -45,7 +45,7 @@ def test_layout_is_a_complete_diffusers_pipeline(kind, scheduler, schedule):
     assert cfg.ca_rope and cfg.cross_gates and cfg.fix_modulation and cfg.supports_image
     assert cfg.n_grid == (10 if kind == "distill" else 1)
     assert cfg.video.model_dim != cfg.audio.model_dim and cfg.video.time_dim != cfg.audio.time_dim
-    assert Kandinsky6DiT.from_pretrained(root, torch_dtype=torch.float32).config == cfg
+    assert load_k6_dit(root, dtype=torch.float32).config == cfg
     assert isinstance(schedule_from_config(root, 4), schedule)
 
     audio = AudioDecoder.from_pretrained(root)

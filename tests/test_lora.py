@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 
 from distributed import run_distributed
 from k5.engine.checkpoints import lora
-from k5.engine.model.dit import Kandinsky5DiT
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel
-from k5.parallel.tensor import load_dit, switch_dit_adapters, tp_factor_reader, tp_reader
+from k5.parallel.tensor import load_rank_dit, switch_dit_adapters, tp_factor_reader, tp_reader
+from k5.engine.checkpoints.dit import load_dit, switch_adapters
 from numerics import rel_err
 from test_dit import SHAPES, inputs, make_reference, reference_forward
 from test_sharded_load import RecordingSlice, check_reads, recording, split_dim
@@ -122,7 +122,7 @@ def test_merged_lora_gives_diffusers_velocity(setup, loras):
     assert rel_err(base, want) > 0.05  # the adapters matter
 
     adapters = [lora.open_lora(setup[name], scale) for name, scale in loras]
-    ours = Kandinsky5DiT.from_pretrained(setup["base"], torch.float32, adapters=adapters)
+    ours = load_dit(setup["base"], torch.float32, adapters=adapters)
     assert ours.lora_adapters == tuple(adapters)
     state = ours.state_dict()
     assert state.keys() == fused.keys()
@@ -190,10 +190,10 @@ def _alt_formats(setup, folder):
 
 
 def test_other_layouts_merge_the_same(setup, tmp_path):
-    want = Kandinsky5DiT.from_pretrained(setup["base"], torch.float32, adapters=[lora.open_lora(setup["a"], 0.8)])
+    want = load_dit(setup["base"], torch.float32, adapters=[lora.open_lora(setup["a"], 0.8)])
     for kind, path in _alt_formats(setup, tmp_path).items():
         ad = lora.open_lora(path, 0.8)
-        got = Kandinsky5DiT.from_pretrained(setup["base"], torch.float32, adapters=[ad])
+        got = load_dit(setup["base"], torch.float32, adapters=[ad])
         # The same factors, read from another file (another alignment of the views the GEMM B @ A reads): equal up to
         # rounding, as test_merged_lora_gives_diffusers_velocity's fp32 merges.
         for name, p in want.state_dict().items():
@@ -204,19 +204,19 @@ def test_other_layouts_merge_the_same(setup, tmp_path):
 
 def test_switching_restores_base_weights_exactly(setup):
     adapters = {"a": lora.open_lora(setup["a"], 0.9), "b": lora.open_lora(setup["b"], 1.1)}
-    fresh = {k: Kandinsky5DiT.from_pretrained(setup["base"], torch.float32, adapters=[v] if v else []).state_dict()
+    fresh = {k: load_dit(setup["base"], torch.float32, adapters=[v] if v else []).state_dict()
              for k, v in [("none", None), *adapters.items()]}
-    model = Kandinsky5DiT.from_pretrained(setup["base"], torch.float32, adapters=[adapters["a"]])
+    model = load_dit(setup["base"], torch.float32, adapters=[adapters["a"]])
     for step in ["none", "b", "a", "a"]:
-        touched = lora.switch_adapters(model, setup["base"], [adapters[step]] if step != "none" else [])
+        touched = switch_adapters(model, setup["base"], [adapters[step]] if step != "none" else [])
         state = model.state_dict()
         # Bitwise: the switch merges with the same addmm_ on the same factor views as the fresh load, then copies.
         assert all(torch.equal(state[k], v) for k, v in fresh[step].items()), step
     assert touched == []  # a -> a: nothing to do
     # bf16 weights too: re-read and cast, never "merged minus delta"
-    model = Kandinsky5DiT.from_pretrained(setup["base"], torch.bfloat16, adapters=[adapters["b"]])
-    lora.switch_adapters(model, setup["base"], [])
-    base16 = Kandinsky5DiT.from_pretrained(setup["base"], torch.bfloat16).state_dict()
+    model = load_dit(setup["base"], torch.bfloat16, adapters=[adapters["b"]])
+    switch_adapters(model, setup["base"], [])
+    base16 = load_dit(setup["base"], torch.bfloat16).state_dict()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base16.items())
 
 
@@ -256,7 +256,7 @@ def _tp_worker(rank, world_size, base, a_path, b_path, tp, ulysses):
     dims.build_mesh("cpu")
     a, b = lora.open_lora(a_path, 0.9), lora.open_lora(b_path, -0.6)
     log, flog = [], []
-    model, stats = load_dit(base, dims, torch.float32, adapters=[a, b], reader=recording(tp_reader(dims), log),
+    model, stats = load_rank_dit(base, dims, torch.float32, adapters=[a, b], reader=recording(tp_reader(dims), log),
                             factor_reader=recording_factors(tp_factor_reader(dims), flog))
     if dims.sp_size > 1:
         apply_sequence_parallel(model, dims, stats)
@@ -268,7 +268,7 @@ def _tp_worker(rank, world_size, base, a_path, b_path, tp, ulysses):
         slog, blog = [], []
         switch_dit_adapters(model, base, dims, ads, reader=recording(tp_reader(dims), blog),
                             factor_reader=recording_factors(tp_factor_reader(dims), slog))
-        fresh, _ = load_dit(base, dims, torch.float32, adapters=ads)
+        fresh, _ = load_rank_dit(base, dims, torch.float32, adapters=ads)
         out[f"equal_{key}"] = all(torch.equal(p, fresh.state_dict()[n]) for n, p in model.state_dict().items())
         out[f"slog_{key}"], out[f"blog_{key}"] = slog, blog
     switch_dit_adapters(model, base, dims, [a])
@@ -280,8 +280,8 @@ def _tp_worker(rank, world_size, base, a_path, b_path, tp, ulysses):
 def test_tensor_parallel_lora_equals_one_process(setup, tp, ulysses):
     a, b = lora.open_lora(setup["a"], 0.9), lora.open_lora(setup["b"], -0.6)
     inp = inputs(SHAPES[KIND], B=1)
-    want_ab = k5_forward(Kandinsky5DiT.from_pretrained(setup["base"], torch.float32, adapters=[a, b]), inp)
-    want_a = k5_forward(Kandinsky5DiT.from_pretrained(setup["base"], torch.float32, adapters=[a]), inp)
+    want_ab = k5_forward(load_dit(setup["base"], torch.float32, adapters=[a, b]), inp)
+    want_a = k5_forward(load_dit(setup["base"], torch.float32, adapters=[a]), inp)
     results = run_distributed(_tp_worker, tp * ulysses, setup["base"], setup["a"], setup["b"], tp, ulysses)
     for r in results:
         assert rel_err(r["ab"], want_ab) <= 1e-4
@@ -319,7 +319,7 @@ def _write(path, tensors, metadata=None):
 
 
 def _shapes(setup):
-    return lora.dit_linear_shapes(Kandinsky5DiT.from_pretrained(setup["base"], torch.float32).config)
+    return lora.dit_linear_shapes(load_dit(setup["base"], torch.float32).config)
 
 
 def test_bad_lora_files(setup, tmp_path):
@@ -387,7 +387,7 @@ def test_bad_lora_files(setup, tmp_path):
     wide = {f"transformer.{q}.lora_A.weight": torch.zeros(4, 96), f"transformer.{q}.lora_B.weight": torch.zeros(96, 4)}
     with pytest.raises(lora.LoraError, match=r"\[96, 96\] update .* the layer's weight is \[64, 64\]; the LoRA was "
                                              r"made for another model size"):
-        Kandinsky5DiT.from_pretrained(setup["base"], torch.float32,
+        load_dit(setup["base"], torch.float32,
                                       adapters=[lora.open_lora(_write(tmp_path / "wide" / "x.safetensors", wide))])
 
 

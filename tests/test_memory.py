@@ -11,6 +11,7 @@ from k5.engine.memory import (Shape, Weights, block_bytes_per_token, check_memor
 from k5.engine.pipelines.video import Kandinsky5Pipeline, Request
 from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.launch.generate import main
+from k5.engine.checkpoints.dit import locate
 
 GiB = 2**30
 
@@ -22,7 +23,7 @@ def _param_bytes(module) -> int:
 def test_weights_are_what_loading_allocates():
     """From headers and the config alone, the same bytes the loaded components hold (fp32 on the CPU)."""
     root = tiny_checkpoint()
-    cfg = Kandinsky5Pipeline.read_config(root)
+    cfg = locate(root).config
     w = Weights.of_checkpoint(root, cfg, torch.float32, "cpu")
     pipe = Kandinsky5Pipeline.from_pretrained(root, dtype=torch.float32, device="cpu")
     assert w.dit == _param_bytes(pipe.dit)
@@ -48,27 +49,26 @@ def test_expansion_head_and_vision_tower_are_what_loading_allocates(kind):
     """Prompt expansion loads Qwen's lm_head, an image prompt its vision tower: the estimate counts exactly the bytes
     those loads allocate (none for a head tied to the embedding), and nothing when they are not used."""
     from k5.engine.encoders.text import TextEncoder
-    from k5.engine.encoders.vision import _load_tower
+    from k5.engine.checkpoints.qwen import load_vision_tower
 
     root = tiny_checkpoint() if kind == "video" else tiny_checkpoint(kind=kind)
-    cfg = Kandinsky5Pipeline.read_config(root) if kind == "video" else None
+    cfg = locate(root).config if kind == "video" else None
     if cfg is None:
-        from k5.engine.pipelines.image import ImagePipeline
 
-        cfg = ImagePipeline.read_config(root)
+        cfg = locate(root).config
     base = Weights.of_checkpoint(root, cfg, torch.float32, "cpu")
     text = TextEncoder.from_pretrained(root, torch_dtype=torch.float32, lm_head=True)
     with_head = Weights.of_checkpoint(root, cfg, torch.float32, "cpu", lm_head=True)
     assert with_head.text == _unique_bytes(text.qwen, text.lm_head, text.clip)
     assert base.text == _unique_bytes(text.qwen, text.clip)
-    _, tower = _load_tower(root / "text_encoder", torch.float32, torch.device("cpu"))
+    _, tower = load_vision_tower(root / "text_encoder", torch.float32, torch.device("cpu"))
     with_tower = Weights.of_checkpoint(root, cfg, torch.float32, "cpu", vision=True)
     assert with_tower.text - base.text == _param_bytes(tower) > 0
 
 
 def test_estimate_phases_follow_offload():
     root = tiny_checkpoint()
-    cfg = Kandinsky5Pipeline.read_config(root)
+    cfg = locate(root).config
     w = Weights(dit=10 * GiB, text=16 * GiB, vae=1 * GiB)
     shape = [Shape(121, 512, 768)]
     by_mode = {m: estimate(w, cfg, shape, torch.bfloat16, "cuda", m, False, root) for m in memory.OFFLOAD_MODES}
@@ -197,7 +197,7 @@ def check_estimate(root, cfg, frames):
 
 def test_impossible_run_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     root = tiny_checkpoint()
-    frames = _impossible_frames(root, Kandinsky5Pipeline.read_config(root))
+    frames = _impossible_frames(root, locate(root).config)
 
     def no_loading(*a, **k):
         raise AssertionError("a weight was loaded before the memory check")
@@ -297,7 +297,7 @@ def test_the_launcher_on_the_cpu_still_refuses_an_impossible_run(tmp_path, monke
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(workers, "start_workers", lambda *a: pytest.fail("a worker was started"))
     root = tiny_checkpoint()
-    frames = _impossible_frames(root, Kandinsky5Pipeline.read_config(root))
+    frames = _impossible_frames(root, locate(root).config)
     out = tmp_path / "long.mp4"
     with pytest.raises(SystemExit) as e:
         main(["--nproc-per-node", "2", "--model", "tiny", "--prompt", "a cat", "--num-frames", str(frames),
@@ -310,7 +310,7 @@ def test_the_launcher_on_the_cpu_still_refuses_an_impossible_run(tmp_path, monke
 
 def test_check_memory_passes_an_ordinary_run():
     root = tiny_checkpoint()
-    cfg = Kandinsky5Pipeline.read_config(root)
+    cfg = locate(root).config
     est = check_memory(root, cfg, [Shape(9, 128, 128)], torch.float32, "cpu", "none", False)
     assert 0 < est.peak < GiB and est.peak_phase in est.phases
 
@@ -361,7 +361,7 @@ def test_text_source_keeps_the_encoders_through_a_parallel_batch():
     batch (keep=True). The denoise and decode phases differ by exactly the encoders' bytes, whatever --offload says;
     on one process --offload text keeps moving them off the device."""
     root = tiny_checkpoint()
-    cfg = Kandinsky5Pipeline.read_config(root)
+    cfg = locate(root).config
     w = Weights(dit=10 * GiB, text=16 * GiB, vae=1 * GiB)
     shape = [Shape(121, 512, 768)]
     layout = dict(sp=2, ulysses=2)
@@ -422,7 +422,7 @@ def test_vae_gather_term_is_the_buffers_a_parallel_decode_allocates():
     assert memory.vae_gather_bytes(root, shape, "cpu", 3) == stats.peak_bytes - video == 4 * stats.sent_bytes
     assert memory.vae_gather_bytes(root, shape, "cpu", 1) == 0
     # In the estimate: the decode phase of a parallel job holds them on top of the single-process decode.
-    cfg = Kandinsky5Pipeline.read_config(root)
+    cfg = locate(root).config
     w = Weights(dit=GiB, text=GiB, vae=GiB)
     par = estimate(w, cfg, [shape], torch.float32, "cpu", "text", False, root, sp=3, ulysses=3)
     alone = estimate(w, cfg, [shape], torch.float32, "cpu", "text", False, root)  # the decode: DiT and VAE alone
@@ -447,7 +447,7 @@ def test_cublas_and_nccl_terms_by_hand():
     assert memory.nccl_bytes(sp=2, ring=2) == 5 * C + P
     assert memory.nccl_bytes(dp=2) == C and memory.nccl_bytes() == 0
     root = tiny_checkpoint()
-    cfg = Kandinsky5Pipeline.read_config(root)
+    cfg = locate(root).config
     w = Weights(dit=GiB, text=GiB, vae=GiB)
     shape = [Shape(9, 128, 128)]
     for device_type, extra in (("cuda", memory.CUBLAS_WORKSPACE + 4 * C), ("cpu", 0)):

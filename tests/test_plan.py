@@ -12,6 +12,7 @@ from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.parallel.cfg import check_cfg_parallel
 from k5.parallel.mesh import LayoutError, ParallelDims
 from k5.parallel.plan import build_parallel, check_layout, check_request, plan_layout, plan_parallel
+from k5.engine.checkpoints.dit import locate
 from test_sharded_load import CFG  # 4 heads, ff_dim 128
 
 
@@ -93,7 +94,7 @@ def test_check_request_on_the_layout():
 
 def test_one_process_builds_the_plain_pipeline():
     root = tiny_checkpoint()
-    dims = plan_parallel(1, Kandinsky5Pipeline.read_config(root))
+    dims = plan_parallel(1, locate(root).config)
     s = build_parallel(root, dims, dtype=torch.float32, device="cpu")
     assert dims.world_size == 1 and dims.mesh is None  # no process group needed
     assert isinstance(s.pipeline, Kandinsky5Pipeline) and isinstance(s.pipeline.dit.tokens, LocalTokens)

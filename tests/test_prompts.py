@@ -12,6 +12,7 @@ from k5.engine.pipelines.video import Kandinsky5Pipeline, check_request
 from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT
 from k5.engine.catalogue.tiny import tiny_checkpoint
 from k5.launch.prompts import FIELDS, PromptFileError, read_prompts
+from k5.engine.checkpoints.dit import locate
 
 DEFAULTS = dict(negative_prompt=None, height=64, width=64, num_frames=1, steps=2, guidance_scale=5.0, shift=None,
                 seed=100, image=None)
@@ -19,7 +20,7 @@ DEFAULTS = dict(negative_prompt=None, height=64, width=64, num_frames=1, steps=2
 
 @pytest.fixture(scope="module")
 def check():
-    cfg = Kandinsky5Pipeline.read_config(tiny_checkpoint())  # config only: no weight is read
+    cfg = locate(tiny_checkpoint()).config  # config only: no weight is read
     return lambda req: check_request(req, cfg, nabla=False)
 
 

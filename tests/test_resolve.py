@@ -19,6 +19,7 @@ from k5.engine.model.config import PRESETS
 from k5.engine.model.dit import Kandinsky5DiT
 from k5.engine.catalogue.resolve import OTHER_COMPONENTS, ResolveError, hub_cache, resolve_model, tiny_variant
 from k5.kernels.nabla import NablaSpec
+from k5.engine.checkpoints.dit import load_dit
 from numerics import rel_err
 from test_sharded_load import CFG, build_model, write_checkpoint
 
@@ -229,7 +230,7 @@ def test_configured_single_file_runs_nabla(tmp_path):
     model = build_model(CFG)
     path = write_checkpoint(model.state_dict(), CFG, tmp_path, "original")
     configured = V.get("t2v-lite-sft-10s").configure(CFG)
-    dit = Kandinsky5DiT.from_pretrained(path, torch_dtype=torch.float32, config=configured)
+    dit = load_dit(path, dtype=torch.float32, config=configured)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, 64, 64, CFG.in_channels, generator=g)  # 32 x 32 tokens: 4 x 4 NABLA tiles, STA 3 x 3
     args = (x, torch.randn(1, 5, CFG.in_text_dim, generator=g), torch.randn(1, CFG.in_text_dim2, generator=g),

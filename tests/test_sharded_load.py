@@ -18,7 +18,7 @@ from k5.engine.checkpoints.dit import keeps_fp32
 from k5.engine.model.config import DiTConfig
 from k5.engine.model.dit import Kandinsky5DiT
 from k5.parallel.mesh import ParallelDims
-from k5.parallel.tensor import load_dit, parameter_bytes, tp_reader
+from k5.parallel.tensor import load_rank_dit, parameter_bytes, tp_reader
 
 CFG = DiTConfig(in_text_dim=24, in_text_dim2=12, time_dim=32, model_dim=64, ff_dim=128, num_text_blocks=1,
                 num_visual_blocks=2, axes_dims=(4, 6, 6))  # 4 heads
@@ -42,7 +42,7 @@ def build_model(cfg=CFG, seed=0):
 
 
 def write_checkpoint(tensors: dict, cfg: DiTConfig, folder: Path, layout: str) -> Path:
-    """Write ``tensors`` in one checkpoint layout; return what to pass to from_pretrained / load_dit.
+    """Write ``tensors`` in one checkpoint layout; return what to pass to load_dit / load_rank_dit.
 
     diffusers: transformer/ with config.json and one file; sharded: the same with two shards and the index;
     original: one .safetensors file (with config.json beside it: head_dim 16 is no released model).
@@ -119,7 +119,7 @@ def _load_worker(rank, world_size, paths):
     out = []
     for path in paths:
         log = []
-        model, _ = load_dit(path, dims, torch.float32, reader=recording(tp_reader(dims), log))
+        model, _ = load_rank_dit(path, dims, torch.float32, reader=recording(tp_reader(dims), log))
         out.append((log, {k: v.clone() for k, v in model.state_dict().items()}))
     return out
 
@@ -174,7 +174,7 @@ def _pro_worker(rank, world_size, path, probes):
     dims = ParallelDims(tp=world_size)
     dims.build_mesh("cpu")
     log = []
-    model, _ = load_dit(path, dims, torch.bfloat16, reader=recording(tp_reader(dims), log))
+    model, _ = load_rank_dit(path, dims, torch.bfloat16, reader=recording(tp_reader(dims), log))
     params = dict(model.named_parameters())
     corners = {name: params[name][:2, :8].float().clone() for name in probes}
     return log, parameter_bytes(model), {k: tuple(p.shape) for k, p in params.items()}, corners

@@ -7,7 +7,7 @@ from distributed import run_distributed
 from k5.kernels.nabla import NablaSpec
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel
-from k5.parallel.tensor import load_dit, parameter_bytes
+from k5.parallel.tensor import load_rank_dit, parameter_bytes
 from numerics import rel_err
 from test_sharded_load import CFG, build_model, write_checkpoint
 
@@ -33,7 +33,7 @@ def forward(model, inputs, nabla):
 def _tp_worker(rank, world_size, path, tp, ulysses, ring):
     dims = ParallelDims(tp=tp, ulysses=ulysses, ring=ring)
     dims.build_mesh("cpu")
-    model, stats = load_dit(path, dims, torch.float32)
+    model, stats = load_rank_dit(path, dims, torch.float32)
     if dims.sp_size > 1:
         apply_sequence_parallel(model, dims, stats)
     dense = forward(model, make_inputs(DENSE_SHAPE, 1), nabla=False)

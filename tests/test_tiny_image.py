@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, Kandinsky5I2IPipeline, Kandinsky5T2IPipelin
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from k5.engine.pipelines.image_request import is_image_checkpoint
+from k5.engine.checkpoints.files import is_image_checkpoint
 from k5.engine.catalogue.tiny import build_tiny_checkpoint, tiny_checkpoint
 
 

@@ -24,13 +24,14 @@ import difflib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from k5.engine.checkpoints.dit import locate
-from k5.engine.model.config import DiTConfig
 from k5.engine.catalogue import variants
 from k5.engine.catalogue.variants import Variant, VariantError
+from k5.engine.checkpoints.dit import DiTFiles, locate
+from k5.engine.checkpoints.files import OTHER_COMPONENTS, Checkpoint, check_components, missing_components
+from k5.engine.model.config import DiTConfig
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 DIFFUSERS_MARKERS = ("model_index.json", "transformer")
@@ -43,14 +44,6 @@ TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "
 # model_index.json ``_class_name`` of the diffusers pipelines -> the task of a -Diffusers checkpoint.
 PIPELINE_TASKS = {"Kandinsky5T2VPipeline": "t2v", "Kandinsky5I2VPipeline": "i2v", "Kandinsky5T2IPipeline": "t2i",
                   "Kandinsky5I2IPipeline": "i2i"}
-# What a single-file DiT needs from a diffusers-layout folder (engine.pipelines.video.COMPONENTS less the transformer).
-OTHER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-
-
-def _has_components(root: Path) -> list[str]:
-    return [c for c in OTHER_COMPONENTS if not (root / c).is_dir()]
-
-
 class ResolveError(ValueError):
     """--model or --variant names nothing usable; the message says what would be."""
 
@@ -118,7 +111,7 @@ def _components(variant: Variant | None, config: DiTConfig, given: str | Path | 
     """A diffusers-layout folder to take the VAE and text encoders from, for a single-file DiT."""
     if given is not None:
         root = Path(given)
-        missing = _has_components(root)
+        missing = missing_components(root, transformer=False)
         if missing:
             raise ResolveError(f"components folder {root} lacks {', '.join(m + '/' for m in missing)} (expected a "
                                f"Kandinsky 5 -Diffusers folder: {', '.join(OTHER_COMPONENTS)})")
@@ -130,7 +123,7 @@ def _components(variant: Variant | None, config: DiTConfig, given: str | Path | 
                    if v.diffusers_repo and (v.family == "image-lite") == image and v.diffusers_repo not in candidates]
     for repo in candidates:
         snap = cached_snapshot(repo, cache_dir)
-        if snap is not None and not _has_components(snap[0]):
+        if snap is not None and not missing_components(snap[0], transformer=False):
             return snap[0]
     suggest = candidates[0] if candidates else "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
     raise ResolveError(
@@ -154,13 +147,19 @@ class Resolved:
     model: str  # what was asked for
     kind: str  # "folder" (diffusers layout), "file" (original single file) or "tiny" (a built-in tiny model)
     root: Path  # diffusers-layout folder: the VAE, text encoders (and the DiT unless ``kind == "file"``)
-    dit: Path  # what Kandinsky5DiT.from_pretrained reads: ``root`` or the single file
+    dit: Path  # where the DiT is: ``root`` or the single file
     config: DiTConfig  # the DiT config to build with (the variant's attention applied)
     variant: Variant | None
     variant_from: str | None  # "given" or "recognised"
     repo: str | None = None  # the hub repo id, when --model was one
     revision: str | None = None  # its cached commit
     task: str | None = None  # t2v | i2v | t2i | i2i: the variant's, else the folder's model_index.json, else None
+    files: DiTFiles | None = field(default=None, compare=False, repr=False)  # the DiT located (read once)
+
+    def open(self) -> Checkpoint:
+        """Every weight file of the checkpoint listed and its header read (once per run: the loaders and the memory
+        estimate take what this finds)."""
+        return Checkpoint.open(self.root, self.files or locate(self.dit))
 
     def defaults(self) -> dict:
         """Request settings the variant sets (flags override them): steps, guidance, shift, and for a real
@@ -233,8 +232,9 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
     chosen, chosen_from = _choose_variant(variant, recognised, f"--model {model}")
 
     if path.is_dir() and any((path / m).exists() for m in DIFFUSERS_MARKERS):
-        config = locate(path).config
-        kind, root, dit = "folder", path, path
+        check_components(path)  # a missing or misplaced component is named as such, before the DiT is read
+        files = locate(path)
+        config, kind, root, dit = files.config, "folder", path, path
     else:
         if path.is_dir():
             single = _single_file_in(path, chosen)
@@ -265,11 +265,10 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
         variants.check_fits(chosen, config, f"--model {model}")
         config = chosen.configure(config)
     task = chosen.task if chosen is not None else checkpoint_task(root) if kind == "folder" else None
-    return Resolved(model, kind, root, dit, config, chosen, chosen_from, repo, revision, task)
+    return Resolved(model, kind, root, dit, config, chosen, chosen_from, repo, revision, task, files)
 
 
 def _resolve_tiny(model: str, variant: str | None, attention: str, task: str | None = None) -> Resolved:
-    from k5.engine.checkpoints.dit import locate as _locate
     from k5.engine.catalogue.tiny import tiny_checkpoint
 
     kind, tasks, _ = TINY_MODELS[model]
@@ -282,7 +281,10 @@ def _resolve_tiny(model: str, variant: str | None, attention: str, task: str | N
     if kind == "by task":  # one checkpoint per task (tiny-image: the I2I DiT has the edit-latent input)
         kind, attention = task, "regular"  # Image Lite is dense; a NABLA request is refused by the caller
     root = tiny_checkpoint(attention=attention, kind=kind)  # cached; built aside and renamed, safe under torchrun
-    return Resolved(model, "tiny", root, root, _locate(root).config, chosen, "given" if chosen else None, task=task)
+    check_components(root)
+    files = locate(root)
+    return Resolved(model, "tiny", root, root, files.config, chosen, "given" if chosen else None, task=task,
+                    files=files)
 
 
 def tiny_variant(name: str | None, tasks=("t2v", "i2v"), what: str = "the tiny model") -> Variant | None:

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from k5.engine.encoders.text import (DEFAULT_NEGATIVE_PROMPT, IMAGE, IMAGE_EDIT, VIDEO_CROP_START, VIDEO_PROMPT_TEMPLATE,
-                   VIDEO_TEMPLATE_PREFIX, quiet_progress_bars)
+from k5.engine.checkpoints.qwen import quiet_progress_bars
+from k5.engine.encoders.text import (DEFAULT_NEGATIVE_PROMPT, IMAGE, IMAGE_EDIT, VIDEO_CROP_START,
+                                     VIDEO_PROMPT_TEMPLATE, VIDEO_TEMPLATE_PREFIX)
 
 TINY_VERSION = "2"  # bump when the folder content changes, so cached folders are rebuilt
 QWEN_HIDDEN = 32

@@ -423,13 +423,10 @@ def layout_flags(layout: dict[str, int]) -> str:
 @functools.lru_cache(maxsize=8)
 def dit_parameter_bytes(config: DiTConfig, dtype_bytes: int = 2) -> int:
     """Bytes of the DiT's parameters: fp32 for time embedding, modulation and q/k norms, ``dtype_bytes`` else."""
-    import torch
-
     from k5.engine.checkpoints.dit import keeps_fp32
-    from k5.engine.model.dit import Kandinsky5DiT
+    from k5.engine.model.dit import meta_dit
 
-    with torch.device("meta"):
-        model = Kandinsky5DiT(config)
+    model = meta_dit(config)
     return sum(p.numel() * (4 if keeps_fp32(n) else dtype_bytes) for n, p in model.named_parameters())
 
 

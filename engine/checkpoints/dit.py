@@ -1,28 +1,33 @@
-"""Checkpoint files of the DiT: where they are and how their tensors reach a meta-device model.
+"""The DiT's checkpoint: where its files are, and how their tensors reach a model built on the meta device.
 
-The only module that knows the on-disk layouts:
+Layouts (the key names of each format: engine/checkpoints/state_dict.py):
 - diffusers: `<root>/transformer/` (or the folder itself) with config.json and either one
   `diffusion_pytorch_model.safetensors` or several shards listed in `diffusion_pytorch_model.safetensors.index.json`;
-- original: one `.safetensors` file with the same tensor names and no config (the config is inferred from the
-  shapes, or read from a config.json beside it).
-Tensor names are identical in both (kandinsky5-architecture.md section 2.9).
+- original: one `.safetensors` file with no config (the config is inferred from the shapes, or read from a
+  config.json beside it).
+
+Every DiT (Kandinsky 5, Kandinsky 6, the K6 SR model) is built the one way (``load``): on the meta device, cut by
+``prepare`` (tensor parallelism shrinks its layers to the rank's shard there), then filled one tensor at a time
+through a ``Reader`` (the whole tensor, or the rank's rows or columns) with the LoRA adapters merged in as each
+weight is read. The model classes know nothing of files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from k5.engine.model.config import DiTConfig, infer_config
+from k5.engine.checkpoints import lora
+from k5.engine.checkpoints.files import (DIT_INDEX, DIT_SINGLE, Checkpoint, TensorInfo, check_components,
+                                         open_safetensors, read_headers)
+from k5.engine.checkpoints.state_dict import K5, K6, K6_SR, DiTFormat
 
-INDEX = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE = "diffusion_pytorch_model.safetensors"
 
 # Parameters that stay fp32 whatever the compute dtype. Time embedding and modulation: the original runs them under
 # autocast(fp32) and diffusers keeps them fp32 (`_keep_in_fp32_modules`); bf16 modulation visibly degrades the
@@ -36,10 +41,13 @@ def keeps_fp32(name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class CheckpointFiles:
-    config: DiTConfig
+class DiTFiles:
+    """A located DiT: its config as stored (or inferred), which file holds each tensor, and every tensor's header."""
+
+    config: object  # DiTConfig, K6Config or SRConfig
     weight_map: dict[str, Path]  # tensor name (the model's) -> file holding it
     stored_names: dict[str, str] = field(default_factory=dict)  # model name -> name in the file, where they differ
+    tensors: dict[str, TensorInfo] = field(default_factory=dict, repr=False)  # stored name -> header entry
 
     def stored(self, name: str) -> str:
         return self.stored_names.get(name, name)
@@ -49,136 +57,53 @@ class CheckpointFiles:
         return sorted(set(self.weight_map.values()))
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises several types for a damaged or foreign file
-        raise ValueError(f"cannot read safetensors file {path}: {e}") from e
-
-
-open_safetensors = _open  # for the LoRA files (engine/checkpoints/lora.py): the same error for a damaged file
-
-
-def _names_in(path: Path) -> list[str]:
-    with _open(path) as f:
-        return list(f.keys())
-
-
-def locate(path: str | Path, read_config: Callable[[Path], object] = DiTConfig.from_json,
-           infer: Callable[[dict], object] = infer_config, rename: Callable[[str], str] | None = None,
-           what: str = "Kandinsky 5") -> CheckpointFiles:
-    """Find the DiT weights and config under ``path`` (pipeline root, transformer folder or single file).
-
-    The defaults describe the Kandinsky 5 DiT; another model passes how its config.json reads, how its config is
-    inferred from the tensor shapes of a single file, and ``rename``: a file's tensor name -> the model's (the
-    Kandinsky 6 layouts name the same tensors differently, engine/checkpoints/k6.py).
-    """
+def locate(path: str | Path, fmt: DiTFormat = K5) -> DiTFiles:
+    """Find the DiT weights and config under ``path`` (pipeline root, transformer folder or single file) and read
+    their headers (once: the ``Checkpoint`` keeps them). ``fmt``: the DiT's checkpoint format."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"{path} is not a .safetensors file; pass a {what} checkpoint folder or file")
-        with _open(path) as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        names = _renamed(list(shapes), rename, path)
+            raise ValueError(f"{path} is not a .safetensors file; pass a {fmt.name} checkpoint folder or file")
+        tensors = read_headers([path])
+        names = fmt.renamed(list(tensors), path)
         beside = path.with_name("config.json")
-        config = read_config(beside) if beside.exists() else infer({n: shapes[s] for n, s in names.items()})
-        return _files(config, {n: path for n in names}, names)
+        config = fmt.read_config(beside) if beside.exists() else fmt.infer_config(
+            {n: tensors[s].shape for n, s in names.items()})
+        return _files(config, {n: path for n in names}, names, tensors)
 
     folder = path / "transformer" if (path / "transformer").is_dir() else path
     if not (folder / "config.json").exists():
         raise ValueError(
-            f"{path} is not a {what} checkpoint: expected transformer/config.json (diffusers layout) "
+            f"{path} is not a {fmt.name} checkpoint: expected transformer/config.json (diffusers layout) "
             f"or a single .safetensors file"
         )
-    config = read_config(folder / "config.json")
-    if (folder / INDEX).exists():
+    config = fmt.read_config(folder / "config.json")
+    if (folder / DIT_INDEX).exists():
         try:
-            index = json.loads((folder / INDEX).read_text())["weight_map"]
+            index = json.loads((folder / DIT_INDEX).read_text())["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"cannot read the shard index {folder / INDEX}: {e}") from e
+            raise ValueError(f"cannot read the shard index {folder / DIT_INDEX}: {e}") from e
         weight_map = {k: folder / f for k, f in index.items()}
         for f in set(weight_map.values()):
             if not f.exists():
-                raise FileNotFoundError(f"shard {f} listed in {folder / INDEX} is missing")
-    elif (folder / SINGLE).exists():
-        weight_map = {k: folder / SINGLE for k in _names_in(folder / SINGLE)}
+                raise FileNotFoundError(f"shard {f} listed in {folder / DIT_INDEX} is missing")
+        tensors = read_headers(sorted(set(weight_map.values())))
+    elif (folder / DIT_SINGLE).exists():
+        tensors = read_headers([folder / DIT_SINGLE])
+        weight_map = {k: folder / DIT_SINGLE for k in tensors}
     else:
-        raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}")
-    names = _renamed(list(weight_map), rename, folder)
-    return _files(config, {n: weight_map[s] for n, s in names.items()}, names)
+        raise FileNotFoundError(f"no {DIT_SINGLE} or {DIT_INDEX} in {folder}")
+    names = fmt.renamed(list(weight_map), folder)
+    return _files(config, {n: weight_map[s] for n, s in names.items()}, names, tensors)
 
 
-def _renamed(stored: list[str], rename: Callable[[str], str] | None, where: Path) -> dict[str, str]:
-    """model name -> stored name; two stored tensors that land on one model name are refused."""
-    if rename is None:
-        return {s: s for s in stored}
-    names: dict[str, str] = {}
-    for s in stored:
-        n = rename(s)
-        if n in names:
-            raise ValueError(f"{where} holds both {names[n]} and {s}, two names of the one tensor {n}: "
-                             f"a checkpoint mixes two layouts")
-        names[n] = s
-    return names
+def _files(config, weight_map: dict[str, Path], names: dict[str, str], tensors) -> DiTFiles:
+    return DiTFiles(config, weight_map, {n: s for n, s in names.items() if n != s}, tensors)
 
 
-def _files(config, weight_map: dict[str, Path], names: dict[str, str]) -> CheckpointFiles:
-    return CheckpointFiles(config, weight_map, {n: s for n, s in names.items() if n != s})
-
-
-# ---- every component, before anything loads -------------------------------------------------------------------
-
-# The weight files of each component a pipeline loads (diffusers layout): one file, or shards listed in an index.
-WEIGHT_FILES = {
-    "transformer": (SINGLE, INDEX),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
-    "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
-    "text_encoder_2": ("model.safetensors", "model.safetensors.index.json"),
-}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def component_weights(folder: Path, single: str, index: str) -> list[Path]:
-    """The safetensors files of one component folder; ValueError naming the problem otherwise."""
-    if (folder / index).is_file():
-        try:
-            names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"cannot read the shard index {folder / index}: {e}") from e
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise ValueError(f"shard(s) {', '.join(missing)} listed in {folder / index} are missing")
-        return [folder / n for n in names]
-    if (folder / single).is_file():
-        return [folder / single]
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(
-            f"{folder} holds {', '.join(pickles)}, a pickle file, and no safetensors: k5 loads weights only from "
-            f"safetensors (unpickling a file can run any code in it); use the release's {single} (or convert the "
-            f"weights with safetensors.torch.save_file)")
-    raise ValueError(f"{folder} has no weights: expected {single} (or {index} with its shards)")
-
-
-def check_weights(root: str | Path, transformer: bool = True) -> None:
-    """Every component's weights are safetensors files whose headers read, before any weight loads.
-
-    Catches a missing, truncated or foreign file (a pickle .bin in place of the safetensors) in a second instead of
-    after minutes of loading the components before it. ``transformer=False``: the DiT comes from another file."""
-    root = Path(root)
-    for component, (single, index) in WEIGHT_FILES.items():
-        if component == "transformer" and not transformer:
-            continue
-        for path in component_weights(root / component, single, index):
-            with _open(path) as f:
-                if not list(f.keys()):
-                    raise ValueError(f"safetensors file {path} holds no tensors")
-
+# ---- building and filling a model -------------------------------------------------------------------------------
 
 # A reader returns the tensor a parameter should hold, given the checkpoint's lazy slice of it. The default reads
 # the whole tensor; tensor parallelism passes one that reads only the rank's rows or columns.
@@ -191,7 +116,7 @@ def read_whole(name: str, sl, shape: torch.Size) -> torch.Tensor:
 
 def load_into(
     model: nn.Module,
-    ckpt: CheckpointFiles,
+    ckpt: DiTFiles,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     reader: Reader = read_whole,
@@ -217,7 +142,7 @@ def load_into(
     for name, f in ckpt.weight_map.items():
         by_file.setdefault(f, []).append(name)
     for path, names in by_file.items():
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             for name in names:
                 param = params[name]
                 sl = f.get_slice(ckpt.stored(name))
@@ -234,7 +159,7 @@ def load_into(
                 module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def reload_into(model: nn.Module, ckpt: CheckpointFiles, names: list[str], reader: Reader = read_whole) -> None:
+def reload_into(model: nn.Module, ckpt: DiTFiles, names: list[str], reader: Reader = read_whole) -> None:
     """Read ``names`` again from the checkpoint into the model's parameters, in place.
 
     Each tensor goes through ``reader`` and the same cast as at load (the parameter keeps its dtype and device), so
@@ -256,3 +181,83 @@ def reload_into(model: nn.Module, ckpt: CheckpointFiles, names: list[str], reade
                         raise ValueError(f"tensor {name} in {path} read as {tuple(tensor.shape)}, the parameter is "
                                          f"{tuple(param.shape)}")
                     param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+
+def load(cls: type[nn.Module], files: DiTFiles, dtype: torch.dtype = torch.bfloat16, device="cpu", *,
+         config=None, reader: Reader = read_whole, prepare: Callable[[nn.Module], None] | None = None,
+         adapters: Sequence[lora.LoraAdapter] = (),
+         factor_reader: lora.FactorReader = lora.read_whole_factor) -> nn.Module:
+    """A ``cls`` DiT from ``files``: built on meta with ``config`` (default: the checkpoint's), ``prepare(model)``
+    run on the meta model before any tensor is read, then filled through ``reader`` with the LoRA ``adapters``
+    (engine.checkpoints.lora.open_lora; checked against the full, uncut shapes) merged as the weights are read
+    (``factor_reader``: the part of each factor this rank's slice needs). Returned in eval mode, no grad; the
+    adapters merged are ``model.lora_adapters``."""
+    with torch.device("meta"):
+        model = cls(config or files.config)
+    adapters = tuple(adapters)
+    lora.check_fits(adapters, lora.linear_shapes(model))  # before prepare: the full shapes
+    if prepare is not None:
+        prepare(model)
+    with lora.merging_reader(reader, adapters, factor_reader, device) as merged:
+        load_into(model, files, dtype, device, merged)
+    model.lora_adapters = adapters
+    return model.eval().requires_grad_(False)
+
+
+def _located(path_or_files, fmt: DiTFormat) -> DiTFiles:
+    return path_or_files if isinstance(path_or_files, DiTFiles) else locate(path_or_files, fmt)
+
+
+def load_dit(path_or_files, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs):
+    """The Kandinsky 5 DiT from a checkpoint folder, a single file or already located ``DiTFiles``; ``kwargs``
+    as ``load`` (config, reader, prepare, adapters, factor_reader)."""
+    from k5.engine.model.dit import Kandinsky5DiT
+
+    return load(Kandinsky5DiT, _located(path_or_files, K5), dtype, device, **kwargs)
+
+
+def load_k6_dit(path_or_files, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs):
+    """The Kandinsky 6 video/audio DiT (diffusers folder or original single file), as ``load_dit``."""
+    from k5.engine.model.k6_dit import Kandinsky6DiT
+
+    return load(Kandinsky6DiT, _located(path_or_files, K6), dtype, device, **kwargs)
+
+
+def load_k6_sr(path_or_files, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs):
+    """The Kandinsky 6 super-resolution DiT, as ``load_dit``."""
+    from k5.engine.model.k6_sr import Kandinsky6SR
+
+    return load(Kandinsky6SR, _located(path_or_files, K6_SR), dtype, device, **kwargs)
+
+
+def switch_adapters(model: nn.Module, path_or_files, adapters: Sequence[lora.LoraAdapter],
+                    reader: Reader = read_whole,
+                    factor_reader: lora.FactorReader = lora.read_whole_factor) -> list[str]:
+    """Make ``model`` (loaded from ``path_or_files``, a checkpoint or its located DiTFiles, with
+    ``model.lora_adapters`` merged) hold ``adapters``.
+
+    Every tensor the old or the new adapters touch is read again from the base checkpoint (through ``reader``, so a
+    tensor-parallel rank reads its slices only) and the new adapters are merged into it: the base weights come
+    back bit for bit, nothing is subtracted in low precision. Returns the names re-read (none if unchanged)."""
+    adapters = tuple(adapters)
+    old = tuple(getattr(model, "lora_adapters", ()))
+    if lora.same_adapters(old, adapters):
+        return []
+    lora.check_fits(adapters, lora.dit_linear_shapes(model.config))  # full shapes: a tp rank's are cut
+    touched = sorted({name for ad in (*old, *adapters) for name in ad.targets})
+    device = next(model.parameters()).device
+    with lora.merging_reader(reader, adapters, factor_reader, device) as merged:
+        reload_into(model, _located(path_or_files, K5), touched, merged)
+    model.lora_adapters = adapters
+    return touched
+
+
+def open_checkpoint(source) -> Checkpoint:
+    """The checked ``Checkpoint`` of a source: a Checkpoint itself, what ``resolve_model`` returned (its ``open``), or
+    a diffusers-layout folder (every component folder, then every header)."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        check_components(source)
+        return Checkpoint.open(source, locate(source))
+    return source.open()  # engine.catalogue.resolve.Resolved

@@ -17,7 +17,8 @@ assumes for a file without metadata. The user's scale multiplies it, like diffus
 Merging: W' = W + sum_i scale_i * s_i * B_i @ A_i in fp32, then cast to the parameter's dtype, while the weight is
 read: ``merging_reader`` wraps a checkpoint reader. Under tensor parallelism the factor reader hands each rank only
 the rows of B (column-parallel layers) or the columns of A (row-parallel layers) that its slice of W needs.
-Switching adapters re-reads the base tensors from the checkpoint (``switch_adapters``): nothing is subtracted.
+Switching adapters re-reads the base tensors from the checkpoint (engine.checkpoints.dit.switch_adapters): nothing is
+subtracted. The key conventions of each format are in engine/checkpoints/state_dict.py.
 """
 
 from __future__ import annotations
@@ -27,29 +28,21 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from k5.engine.checkpoints import dit as checkpoint
+from k5.engine.checkpoints.files import open_safetensors
+from k5.engine.checkpoints.state_dict import LORA_ALPHA, LORA_FACTOR, LORA_UNSUPPORTED, lora_module
 
 # Files a folder may hold, in the order they are looked for: diffusers, peft, the official LoRA repos.
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "lora.safetensors")
 CONFIG_NAMES = ("adapter_config.json", "config_lora.json")  # beside the file, when the header has no config
 HEADER_CONFIG = "lora_adapter_metadata"  # diffusers' header key (loaders/lora_base.py LORA_ADAPTER_METADATA_KEY)
-PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")
 PEFT_DEFAULT_R = PEFT_DEFAULT_ALPHA = 8  # LoraConfig's defaults, for a config that leaves them out
-
-_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<name>[^.]+))?\.weight$")
-_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
-_UNSUPPORTED = [
-    (re.compile(r"lora_magnitude_vector|dora_scale"), "DoRA (weight-decomposed LoRA)"),
-    (re.compile(r"\.lora_(B|up)(\.[^.]+)?\.bias$"), "LoRA with a bias on lora_B (lora_bias=True)"),
-    (re.compile(r"\.(lokr_|hada_|oft_)"), "LoKr / LoHa / OFT adapters"),
-]
 
 
 class LoraError(ValueError):
@@ -142,7 +135,7 @@ def _read_header(file: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], di
         raise LoraError(f"LoRA {file} is a pickle (torch.save) file; pickle files are never unpickled: convert it to "
                         f"safetensors (safetensors.torch.save_file) and pass that")
     try:
-        with checkpoint.open_safetensors(file) as f:
+        with open_safetensors(file) as f:
             info = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
             meta = f.metadata() or {}
     except ValueError as e:
@@ -194,7 +187,7 @@ def open_lora(path: str | Path, scale: float = 1.0) -> LoraAdapter:
     info, meta = _read_header(file)
     if not info:
         raise LoraError(f"LoRA {file} holds no tensors")
-    for pattern, what in _UNSUPPORTED:
+    for pattern, what in LORA_UNSUPPORTED:
         bad = sorted(k for k in info if pattern.search(k))
         if bad:
             raise _unmatched(file, bad, f"{what} is not supported, only plain LoRA (A/B factors); keys")
@@ -210,16 +203,14 @@ def open_lora(path: str | Path, scale: float = 1.0) -> LoraAdapter:
     alphas: dict[str, str] = {}
     names, unknown = set(), []
     for key in info:
-        bare = key
-        for prefix in PREFIXES:
-            bare = bare.removeprefix(prefix)
-        if m := _FACTOR.match(bare):
+        bare = lora_module(key)
+        if m := LORA_FACTOR.match(bare):
             which = "A" if m["kind"] in ("lora_A", "lora_down") else "B"
             other = factors.setdefault(m["module"], {}).setdefault(which, key)
             if other != key:
                 raise LoraError(f"LoRA {file}: {other} and {key} are both factor {which} of {m['module']}")
             names.add(m["name"])
-        elif m := _ALPHA.match(bare):
+        elif m := LORA_ALPHA.match(bare):
             alphas[m["module"]] = key
         else:
             unknown.append(key)
@@ -266,7 +257,7 @@ def open_lora(path: str | Path, scale: float = 1.0) -> LoraAdapter:
 def _read_alphas(file: Path, alphas: dict[str, str]) -> dict[str, float]:
     # Scalars, not weights: reading them is part of checking the file.
     out = {}
-    with checkpoint.open_safetensors(file) as f:
+    with open_safetensors(file) as f:
         for module, key in alphas.items():
             t = f.get_tensor(key)
             if t.numel() != 1:
@@ -289,11 +280,10 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def dit_linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """The full (unsliced) Linear shapes of a Kandinsky5DiT with ``config``, built on meta."""
-    from k5.engine.model.dit import Kandinsky5DiT
+    """The full (unsliced) Linear shapes of a Kandinsky5DiT with ``config`` (built on meta)."""
+    from k5.engine.model.dit import meta_dit
 
-    with torch.device("meta"):
-        return linear_shapes(Kandinsky5DiT(config))
+    return linear_shapes(meta_dit(config))
 
 
 def check_fits(adapters: Sequence[LoraAdapter], shapes: dict[str, tuple[int, int]]) -> None:
@@ -323,14 +313,15 @@ def read_whole_factor(weight: str, which: str, sl) -> Tensor:
 
 
 @contextlib.contextmanager
-def merging_reader(base: checkpoint.Reader, adapters: Sequence[LoraAdapter],
-                   factor_reader: FactorReader = read_whole_factor, device="cpu") -> Iterator[checkpoint.Reader]:
-    """A checkpoint reader that returns ``base``'s tensor with the adapters merged in (fp32, on ``device``).
+def merging_reader(base: Callable, adapters: Sequence[LoraAdapter], factor_reader: FactorReader = read_whole_factor,
+                   device="cpu") -> Iterator[Callable]:
+    """A checkpoint reader (engine.checkpoints.dit.Reader) that returns ``base``'s tensor with the adapters merged in
+    (fp32, on ``device``).
 
     Untouched tensors pass through unchanged; touched ones come back fp32 and are cast by the loader once."""
     device = torch.device(device)
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(checkpoint.open_safetensors(ad.path)) for ad in adapters]
+        files = [stack.enter_context(open_safetensors(ad.path)) for ad in adapters]
 
         def read(name: str, sl, shape: torch.Size) -> Tensor:
             tensor = base(name, sl, shape)
@@ -354,23 +345,26 @@ def same_adapters(a: Sequence[LoraAdapter], b: Sequence[LoraAdapter]) -> bool:
     return [x.key for x in a] == [x.key for x in b]
 
 
-def switch_adapters(model: nn.Module, path, adapters: Sequence[LoraAdapter],
-                    reader: checkpoint.Reader = checkpoint.read_whole,
-                    factor_reader: FactorReader = read_whole_factor) -> list[str]:
-    """Make ``model`` (loaded from checkpoint ``path`` with ``model.lora_adapters`` merged) hold ``adapters``.
+class AdapterOpener:
+    """``opener(spec, folder=None, what="--lora") -> LoraAdapter`` for a ``PATH[:SCALE]``: each file's header is read
+    and hashed once, and checked against the Linear shapes of the DiT of ``config`` (``check_fits``) before any
+    weight loads; LoraError (a ValueError) otherwise. A relative PATH is taken in ``folder`` when one is given (a
+    prompt file's folder)."""
 
-    Every tensor the old or the new adapters touch is read again from the base checkpoint (through ``reader``, so a
-    tensor-parallel rank reads its slices only) and the new adapters are merged into it: the base weights come
-    back bit for bit, nothing is subtracted in low precision. Returns the names re-read (none if unchanged)."""
-    adapters = tuple(adapters)
-    old = tuple(getattr(model, "lora_adapters", ()))
-    if same_adapters(old, adapters):
-        return []
-    ckpt = checkpoint.locate(path)
-    check_fits(adapters, dit_linear_shapes(model.config))  # full shapes: a tp rank's Linears are cut
-    touched = sorted({name for ad in (*old, *adapters) for name in ad.targets})
-    device = next(model.parameters()).device
-    with merging_reader(reader, adapters, factor_reader, device) as merged:
-        checkpoint.reload_into(model, ckpt, touched, merged)
-    model.lora_adapters = adapters
-    return touched
+    def __init__(self, config):
+        self.config, self.shapes, self.by_file = config, None, {}
+
+    def __call__(self, spec: str, folder: Path | None = None, what: str = "--lora") -> LoraAdapter:
+        path, scale = parse_lora_spec(spec, what)
+        path = path.expanduser()
+        if folder is not None and not path.is_absolute():
+            path = folder / path
+        key = path.resolve()
+        if key not in self.by_file:
+            adapter = open_lora(path)
+            if self.shapes is None:
+                self.shapes = dit_linear_shapes(self.config)
+            check_fits([adapter], self.shapes)
+            self.by_file[key] = adapter
+        adapter = self.by_file[key]
+        return adapter if adapter.scale == scale else replace(adapter, scale=scale)

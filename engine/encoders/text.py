@@ -7,21 +7,20 @@ padding="longest" without a mask, ftfy cleaning.
 
 Only the Qwen2.5-VL *text* decoder is loaded up front (the vision tower and lm_head of the 7B checkpoint are
 skipped), built on the meta device and filled straight from the safetensors, so loading never materialises random
-weights. The vision tower joins (engine/encoders/vision.py, same way) the first time a prompt carries an image: image editing.
-Prompt expansion (engine/encoders/expand.py) also needs the lm_head: ``from_pretrained(..., lm_head=True)`` loads it, and
-``generate`` decodes with the same decoder module (no second copy of the 7B weights).
+weights (engine/checkpoints/qwen.py reads every part). The vision tower joins (engine/encoders/vision.py) the first
+time a prompt carries an image: image editing. Prompt expansion (engine/encoders/expand.py) also needs the lm_head:
+``from_pretrained(..., lm_head=True)`` loads it, and ``generate`` decodes with the same decoder module (no second
+copy of the 7B weights).
 """
 
-import contextlib
 import gc
-import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from k5.engine.checkpoints import qwen as qwen_checkpoint
 
 # Byte-exact copy of the original template; "promt" and "scren" are in the checkpoint's training data.
 VIDEO_PROMPT_TEMPLATE = "\n".join(
@@ -57,9 +56,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "walking backwards"
 )
 
-COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-
-
 @dataclass(frozen=True)
 class PromptFormat:
     """How one family of models wraps, crops and budgets its prompts (the original's `type_of_content`)."""
@@ -86,170 +82,6 @@ class TextEmbeds:
     mask: torch.Tensor  # bool [B, L], True = real prompt token (key-padding mask)
     pooled: torch.Tensor  # [B, Dclip] CLIP pooler_output, fp32 (the DiT casts it at its input, as the original)
     truncated: list[bool]  # per prompt: did the prompt exceed the format's token budget
-
-
-def _component_dir(folder: Path, name: str) -> Path:
-    path = folder / name
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"component '{name}' missing: expected folder {path} in the diffusers-format checkpoint {folder} "
-            f"(a text pipeline needs {', '.join(COMPONENTS)})"
-        )
-    return path
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"component 'text_encoder' in {path.parent}: no *.safetensors file and no model.safetensors.index.json "
-            f"in {path}"
-        )
-    return files
-
-
-# Saved Qwen2_5_VLForConditionalGeneration checkpoints name the text decoder `model.language_model.*`
-# (transformers >= 4.52) or `model.*` next to `visual.*` (older saves, e.g. the Qwen2.5-VL-7B-Instruct release).
-_QWEN_TEXT_KEY = re.compile(r"^model\.(?:language_model\.)?(?!visual\.)(.+)$")
-
-
-def fill_from_safetensors(module: torch.nn.Module, path: Path, key: re.Pattern, dtype: torch.dtype,
-                          device: torch.device, what: str, hint: str) -> None:
-    """Fill ``module`` (built on the meta device) from the text encoder's safetensors in ``path``: every tensor whose
-    name matches ``key`` (group 1: the module's own name) and that the module has. Nothing else is read, so the
-    parts of the 7B checkpoint a caller does not build are never materialised. Raises ValueError naming the file or
-    the weights that are missing."""
-    expected = set(module.state_dict().keys())
-    state = {}
-    for file in _safetensors_files(path):
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    m = key.match(name)
-                    if m and m.group(1) in expected:
-                        state[m.group(1)] = f.get_tensor(name).to(dtype)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {file}: {e}") from e
-    missing = sorted(expected - state.keys())
-    if missing:
-        raise ValueError(f"component 'text_encoder' in {path.parent}: {len(missing)} {what} weights not found "
-                         f"(first: {missing[:3]}); {hint}")
-    module.load_state_dict(state, strict=False, assign=True)
-
-
-def _load_qwen_text_model(path: Path, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding, Qwen2_5_VLTextModel
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - re-raised with the component named
-        raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {path / 'config.json'}: {e}") from e
-    text_config = getattr(config, "text_config", None)
-    if text_config is None:
-        raise ValueError(
-            f"component 'text_encoder' in {path.parent}: config model_type={config.model_type!r} has no text_config; "
-            "expected a Qwen2_5_VLForConditionalGeneration checkpoint"
-        )
-    with torch.device("meta"):
-        model = Qwen2_5_VLTextModel(text_config)
-    fill_from_safetensors(model, path, _QWEN_TEXT_KEY, dtype, device, "text-decoder",
-                          "expected keys model.language_model.<name> or model.<name>")
-    # RoPE frequencies are non-persistent fp32 buffers: rebuild them for real instead of leaving them on meta.
-    model.rotary_emb = Qwen2_5_VLRotaryEmbedding(text_config).to(device)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    assert not left, f"text decoder tensors left unloaded on the meta device: {left}"
-    model.full_config = config  # the Qwen2_5_VLConfig (text + vision), for generation
-    return model.eval().requires_grad_(False)
-
-
-def _load_lm_head(path: Path, qwen, dtype: torch.dtype, device: torch.device) -> torch.nn.Linear:
-    """The language-model head: `lm_head.weight` of the checkpoint (Qwen2.5-VL-7B keeps it separate), or the input
-    embedding itself when the config ties them (the 3B) and the checkpoint has no head."""
-    config = qwen.full_config
-    head = torch.nn.Linear(qwen.config.hidden_size, qwen.config.vocab_size, bias=False, device="meta")
-    for file in _safetensors_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            if "lm_head.weight" in f.keys():
-                head.weight = torch.nn.Parameter(f.get_tensor("lm_head.weight").to(dtype), requires_grad=False)
-                return head
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(qwen.config, "tie_word_embeddings", False)
-    if not tied:
-        raise ValueError(
-            f"component 'text_encoder' in {path.parent}: no lm_head.weight in {path} and the config does not tie it "
-            "to the input embeddings; prompt expansion needs the language-model head (or use --no-expand-prompt)"
-        )
-    head.weight = qwen.embed_tokens.weight  # shared, not copied
-    return head
-
-
-def check_lm_head(folder: str | Path) -> None:
-    """Raise ValueError unless the checkpoint's text encoder can generate (prompt expansion): an ``lm_head.weight``
-    in its safetensors, or a config that ties the head to the input embeddings. Reads headers only."""
-    path = _component_dir(Path(folder), "text_encoder")
-    for file in _safetensors_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                if "lm_head.weight" in f.keys():
-                    return
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {file}: {e}") from e
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - re-raised with the component named
-        raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read {path / 'config.json'}: "
-                         f"{e}") from e
-    # The rule of _load_lm_head, on the same config
-    if not (getattr(config, "tie_word_embeddings", False)
-            or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False)):
-        raise ValueError(
-            f"component 'text_encoder' in {path.parent}: no lm_head.weight in {path} and the config does not tie it "
-            "to the input embeddings; prompt expansion needs the language-model head (or use --no-expand-prompt)"
-        )
-
-
-@contextlib.contextmanager
-def quiet_progress_bars():
-    """transformers' own progress bars off for the block (its "Loading weights" bar of every from_pretrained, its
-    "Writing model shards" bar of every save): a run shows the launcher's progress, not a library's."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _load_tokenizer(path: Path, name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        # Only the tokenizer of the Qwen2VLProcessor folder: the image/video processors are never needed.
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"component '{name}' in {path.parent}: cannot load a tokenizer from {path}: {e}") from e
-
-
-def _generation_config(path: Path, config):
-    """The checkpoint's generation_config.json (what transformers' from_pretrained loads for generate), else the
-    settings derived from the model config (greedy)."""
-    from transformers import GenerationConfig
-
-    if (path / "generation_config.json").is_file():
-        try:
-            return GenerationConfig.from_pretrained(path)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"component 'text_encoder' in {path.parent}: cannot read generation_config.json: {e}")
-    return GenerationConfig.from_model_config(config)
 
 
 class TextEncoder:
@@ -283,33 +115,21 @@ class TextEncoder:
     def from_pretrained(cls, folder, torch_dtype: torch.dtype = torch.bfloat16, device="cpu",
                         lm_head: bool = False) -> "TextEncoder":
         """``lm_head=True`` also loads the language-model head, for ``generate`` (prompt expansion)."""
-        from transformers import CLIPTextModel
-
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
         device = torch.device(device)
-        qwen_dir = _component_dir(folder, "text_encoder")
-        qwen = _load_qwen_text_model(qwen_dir, torch_dtype, device)
+        qwen_dir = qwen_checkpoint.component_dir(folder, "text_encoder")
+        qwen = qwen_checkpoint.load_text_decoder(qwen_dir, torch_dtype, device)
         head = generation_config = None
         if lm_head:
-            head = _load_lm_head(qwen_dir, qwen, torch_dtype, device)
-            generation_config = _generation_config(qwen_dir, qwen.full_config)
-        qwen_tokenizer = _load_tokenizer(_component_dir(folder, "tokenizer"), "tokenizer")
-        clip_dir = _component_dir(folder, "text_encoder_2")
-        try:
-            # fp32 whatever torch_dtype is: the original loads CLIP with from_pretrained's default (fp32) next to its
-            # bf16 Qwen, and its pooled vector reaches the DiT in fp32 (0.5 GB for ViT-L's text tower; in bf16 the
-            # pooled vector is off by ~1e-2 relative).
-            with quiet_progress_bars():
-                clip = CLIPTextModel.from_pretrained(clip_dir, dtype=torch.float32).to(device)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(
-                f"component 'text_encoder_2' in {folder}: cannot load CLIPTextModel from {clip_dir}: {e}"
-            ) from e
-        clip_tokenizer = _load_tokenizer(_component_dir(folder, "tokenizer_2"), "tokenizer_2")
-        return cls(qwen, qwen_tokenizer, clip.eval().requires_grad_(False), clip_tokenizer, folder, head,
-                   generation_config)
+            head = qwen_checkpoint.load_lm_head(qwen_dir, qwen, torch_dtype, device)
+            generation_config = qwen_checkpoint.load_generation_config(qwen_dir, qwen.full_config)
+        qwen_tokenizer = qwen_checkpoint.load_tokenizer(qwen_checkpoint.component_dir(folder, "tokenizer"), "tokenizer")
+        clip = qwen_checkpoint.load_clip(folder, device)
+        clip_tokenizer = qwen_checkpoint.load_tokenizer(qwen_checkpoint.component_dir(folder, "tokenizer_2"),
+                                                        "tokenizer_2")
+        return cls(qwen, qwen_tokenizer, clip, clip_tokenizer, folder, head, generation_config)
 
     @property
     def device(self) -> torch.device:

@@ -2,8 +2,8 @@
 
 The edit template ends with the source image's vision tokens; Qwen's vision tower turns the image into the embeddings
 that replace its `<|image_pad|>` tokens, and the decoder runs with Qwen's 3D (multimodal) RoPE positions. The tower
-is read from the same text_encoder checkpoint as the decoder, on the meta device and filled straight from the
-safetensors, and only when an image prompt comes: video and T2I runs never load it.
+is read from the same text_encoder checkpoint as the decoder (engine/checkpoints/qwen.py), on the meta device and
+filled straight from the safetensors, and only when an image prompt comes: video and T2I runs never load it.
 
 The image is preprocessed by transformers' Qwen2-VL image processor through its PIL backend
 (`Qwen2VLImageProcessorPil`), because torchvision, which the original's fast processor needs, is not a dependency
@@ -14,60 +14,15 @@ it against the processor itself.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from k5.engine.encoders.text import fill_from_safetensors
+from k5.engine.checkpoints.qwen import load_image_processor, load_vision_tower
 
-# Qwen2.5-VL-7B-Instruct's preprocessor_config.json, for checkpoints whose tokenizer folder has none.
-QWEN25_VL_MAX_PIXELS = 12845056
 IMAGE_PAD = "<|image_pad|>"
-
-# Legacy saves name the tower `visual.*`; transformers >= 4.52 saves `model.visual.*`.
-_QWEN_VISION_KEY = re.compile(r"^(?:model\.)?visual\.(.+)$")
-
-
-def load_image_processor(tokenizer_dir: Path):
-    """The checkpoint's Qwen2-VL image processor settings (tokenizer/preprocessor_config.json), PIL backend."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    if (tokenizer_dir / "preprocessor_config.json").is_file():
-        try:
-            return Qwen2VLImageProcessorPil.from_pretrained(tokenizer_dir)
-        except Exception as e:  # noqa: BLE001 - re-raised with the component named
-            raise ValueError(
-                f"component 'tokenizer' in {tokenizer_dir.parent}: cannot read {tokenizer_dir}/preprocessor_config.json"
-                f": {e}"
-            ) from e
-    return Qwen2VLImageProcessorPil(max_pixels=QWEN25_VL_MAX_PIXELS)
-
-
-def _load_tower(path: Path, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-        Qwen2_5_VisionTransformerPretrainedModel, Qwen2_5_VLVisionRotaryEmbedding)
-
-    config = AutoConfig.from_pretrained(path)
-    vision_config = getattr(config, "vision_config", None)
-    if vision_config is None:
-        raise ValueError(
-            f"component 'text_encoder' in {path.parent}: config model_type={config.model_type!r} has no vision_config; "
-            "image editing needs the Qwen2.5-VL vision tower (a Qwen2_5_VLForConditionalGeneration checkpoint)"
-        )
-    with torch.device("meta"):
-        tower = Qwen2_5_VisionTransformerPretrainedModel(vision_config)
-    fill_from_safetensors(tower, path, _QWEN_VISION_KEY, dtype, device, "vision-tower",
-                          "image editing needs the full Qwen2.5-VL checkpoint (keys visual.<name> or "
-                          "model.visual.<name>)")
-    # Non-persistent fp32 RoPE frequencies: rebuilt for real, as for the text decoder.
-    tower.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(vision_config).to(device)
-    left = [n for n, t in [*tower.named_parameters(), *tower.named_buffers()] if t.is_meta]
-    assert not left, f"vision tower tensors left unloaded on the meta device: {left}"
-    return config, tower.eval().requires_grad_(False)
 
 
 class QwenVision:
@@ -87,7 +42,7 @@ class QwenVision:
     @classmethod
     def from_pretrained(cls, folder: Path, decoder, dtype: torch.dtype, device: torch.device) -> "QwenVision":
         folder = Path(folder)
-        config, tower = _load_tower(folder / "text_encoder", dtype, device)
+        config, tower = load_vision_tower(folder / "text_encoder", dtype, device)
         return cls(config, tower, decoder, load_image_processor(folder / "tokenizer"))
 
     @property

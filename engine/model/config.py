@@ -1,4 +1,5 @@
-"""DiT hyper-parameters, read from a checkpoint's config.json or inferred from its tensors.
+"""DiT hyper-parameters, read from a checkpoint's config.json (or inferred from a single file's tensors:
+engine/checkpoints/state_dict.py).
 
 Field names are those of the checkpoint (`transformer/config.json` of the diffusers layout, `dit_params` of the
 original YAML), so a config round-trips without a translation table.
@@ -12,11 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CLASS_NAME = "Kandinsky5Transformer3DModel"
-
-# The original single-file checkpoints carry no config; the head dim is visible in the q/k norm weights and the
-# RoPE split of it is fixed per family (kandinsky5-architecture.md section 1.1).
-AXES_BY_HEAD_DIM = {64: (16, 24, 24), 128: (32, 48, 48)}
-
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -115,31 +111,3 @@ PRESETS: dict[str, DiTConfig] = {
     "image-lite-i2i": DiTConfig(model_dim=2560, ff_dim=10240, num_text_blocks=2, num_visual_blocks=50,
                                 axes_dims=(32, 48, 48), visual_cond=True),
 }
-
-
-def infer_config(shapes: dict[str, tuple[int, ...]]) -> DiTConfig:
-    """Rebuild the config of an original single-file checkpoint from its tensor shapes."""
-    try:
-        model_dim, in_text_dim = shapes["text_embeddings.in_layer.weight"]
-        time_dim, in_text_dim2 = shapes["pooled_text_embeddings.in_layer.weight"]
-        _, patch_in = shapes["visual_embeddings.in_layer.weight"]
-        out_features, _ = shapes["out_layer.out_layer.weight"]
-        ff_dim, _ = shapes["visual_transformer_blocks.0.feed_forward.in_layer.weight"]
-        (head_dim,) = shapes["visual_transformer_blocks.0.self_attention.query_norm.weight"]
-    except KeyError as e:
-        raise ValueError(f"not a Kandinsky 5 DiT checkpoint: tensor {e.args[0]} is missing") from None
-    if head_dim not in AXES_BY_HEAD_DIM:
-        raise ValueError(
-            f"head_dim {head_dim} matches no known Kandinsky 5 model (64: Lite, 128: Pro/Image); put a config.json "
-            f"with axes_dims beside the checkpoint"
-        )
-    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
-    patch = 4  # (1, 2, 2) in every released model
-    out_dim = out_features // patch
-    in_channels = patch_in // patch
-    return DiTConfig(
-        in_visual_dim=out_dim, out_visual_dim=out_dim, in_text_dim=in_text_dim, in_text_dim2=in_text_dim2,
-        time_dim=time_dim, model_dim=model_dim, ff_dim=ff_dim,
-        num_text_blocks=count("text_transformer_blocks"), num_visual_blocks=count("visual_transformer_blocks"),
-        axes_dims=AXES_BY_HEAD_DIM[head_dim], visual_cond=in_channels == 2 * out_dim + 1,
-    )

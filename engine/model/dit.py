@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +22,7 @@ from torch import Tensor, nn
 from k5.kernels.attention import attention
 from k5.kernels.nabla import NablaSpec, from_fractal, nabla_attention, to_fractal
 
-from k5.engine.checkpoints import dit as checkpoint
-from k5.engine.checkpoints import lora
 from k5.engine.model.config import DiTConfig
-from k5.engine.checkpoints.lora import LoraAdapter
 
 
 def get_freqs(n: int, theta: float = 10000.0) -> Tensor:
@@ -288,7 +284,7 @@ class Kandinsky5DiT(nn.Module):
         self.out_layer = OutLayer(cfg)
         self.tokens = LocalTokens()
         self.visual_attention = LocalAttention(self.default_nabla())
-        self.lora_adapters: tuple[LoraAdapter, ...] = ()  # merged into the weights (engine.checkpoints.lora.switch_adapters)
+        self.lora_adapters = ()  # LoRA adapters merged into the weights (engine/checkpoints/dit.py loads and switches)
         # RoPE cos/sin on the device: text ones per text length (an edit's two prompts differ), visual ones per grid.
         self.text_rope, self.visual_rope = DeviceTables(4), DeviceTables(2)
 
@@ -315,30 +311,6 @@ class Kandinsky5DiT(nn.Module):
     @property
     def nabla(self) -> NablaSpec | None:
         return self.visual_attention.nabla
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.bfloat16,
-                        device: torch.device | str = "cpu", reader: checkpoint.Reader = checkpoint.read_whole,
-                        config: DiTConfig | None = None, prepare=None, adapters: Sequence[LoraAdapter] = (),
-                        factor_reader: lora.FactorReader = lora.read_whole_factor) -> "Kandinsky5DiT":
-        """Build on the meta device and fill from safetensors (diffusers folder or original single file).
-
-        ``prepare(model)`` runs on the meta model before any tensor is read: tensor parallelism cuts the layers to
-        this rank's shard there, and passes a ``reader`` that reads only that shard (and a ``factor_reader`` that
-        reads the matching part of each LoRA factor). ``adapters`` (engine.checkpoints.lora.open_lora) are merged into the
-        weights as they are read.
-        """
-        files = checkpoint.locate(path)
-        with torch.device("meta"):
-            model = cls(config or files.config)
-        adapters = tuple(adapters)
-        lora.check_fits(adapters, lora.linear_shapes(model))  # before prepare: the full, uncut shapes
-        if prepare is not None:
-            prepare(model)
-        with lora.merging_reader(reader, adapters, factor_reader, device) as merged:
-            checkpoint.load_into(model, files, torch_dtype, device, merged)
-        model.lora_adapters = adapters
-        return model.eval().requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -417,3 +389,10 @@ class Kandinsky5DiT(nn.Module):
         else:
             out = out.unflatten(1, (grid.T, grid.H, grid.W))
         return unpatchify(out, cfg.patch_size, cfg.out_visual_dim)
+
+
+def meta_dit(config: DiTConfig) -> Kandinsky5DiT:
+    """The DiT of ``config`` on the meta device: its structure and shapes with no memory behind them (parameter
+    counts, LoRA shape checks, memory estimates)."""
+    with torch.device("meta"):
+        return Kandinsky5DiT(config)

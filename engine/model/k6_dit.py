@@ -7,7 +7,7 @@ time embedding). Every fused block then runs, per stream, a Kandinsky 5 visual b
 cross-modal attentions: video queries over the audio tokens (``va``) and audio queries over the video tokens
 (``av``). Their keys are the *other* stream's tokens as they entered its text cross-attention.
 
-Module names are the original checkpoint's (engine/checkpoints/k6.py maps the diffusers names onto them), so the
+Module names are the original checkpoint's (engine/checkpoints/state_dict.py maps the diffusers names onto them), so the
 per-stream blocks are engine.model.dit's own TextBlock and VisualBlock (the latter as a container of sub-layers: the fused
 block orchestrates them). Numerics as the Kandinsky 5 DiT and diffusers' Kandinsky 6: time embedding, modulation,
 norm-scale-shift and gated residuals in fp32; RoPE in fp32 (unlike Kandinsky 5's diffusers port, diffusers' K6
@@ -24,7 +24,6 @@ Parallelism is applied from outside through the model's attributes, as for Kandi
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,11 +33,9 @@ from torch import Tensor, nn
 from k5.kernels.attention import attention
 from k5.kernels.nabla import NablaSpec, from_fractal, to_fractal
 
-from k5.engine.checkpoints import dit as checkpoint
-from k5.engine.checkpoints import k6 as k6_checkpoint
-from k5.engine.model.dit import (Attention, LocalAttention, LocalTokens, Modulation, OutLayer, TextBlock, TextEmbeddings,
-                  TimeEmbeddings, TokenGrid, VisualBlock, VisualEmbeddings, apply_rope, gated_add, get_freqs,
-                  modulate, unpatchify)
+from k5.engine.model.dit import (Attention, LocalAttention, LocalTokens, Modulation, OutLayer, TextBlock,
+                                 TextEmbeddings, TimeEmbeddings, TokenGrid, VisualBlock, VisualEmbeddings, apply_rope,
+                                 gated_add, get_freqs, modulate, unpatchify)
 from k5.engine.model.k6_config import K6Config, StreamDims
 
 Rope = tuple[Tensor, Tensor]  # cos, sin [S, head_dim/2] fp32
@@ -209,20 +206,6 @@ class Kandinsky6DiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.visual_embeddings.in_layer.weight.dtype
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.bfloat16,
-                        device: torch.device | str = "cpu", reader: checkpoint.Reader = checkpoint.read_whole,
-                        config: K6Config | None = None, prepare=None) -> "Kandinsky6DiT":
-        """Build on the meta device and fill from safetensors (diffusers folder or original single file);
-        ``prepare(model)`` runs on the meta model first (tensor parallelism cuts the layers there)."""
-        files = k6_checkpoint.locate(path)
-        with torch.device("meta"):
-            model = cls(config or files.config)
-        if prepare is not None:
-            prepare(model)
-        checkpoint.load_into(model, files, torch_dtype, device, reader)
-        return model.eval().requires_grad_(False)
 
     def _text_branch(self, stream: str, text: Tensor, pooled: Tensor, timestep: Tensor, mask: Tensor | None):
         dims = getattr(self.config, stream)

@@ -9,23 +9,20 @@ distilled checkpoint's output is PiFlow-widened (n_grid x 64 channels).
 Its self-attention is NABLA by default, as in every release: the tokens in 8x8-tile order (kernels/nabla.py, the
 same order as the reference's ``_local_patch``), each query tile attending to the key tiles that carry the top
 ``nabla_threshold`` of the pooled attention mass plus the sliding-tile window ``nabla_window`` (in tiles). Module
-names are the original's (engine/checkpoints/k6.py maps diffusers' time embedding and FFN names onto them), so the
+names are the original's (engine/checkpoints/state_dict.py maps diffusers' time embedding and FFN names onto them), so the
 blocks are engine.model.dit's. ``model.tokens`` and ``model.visual_attention`` are the parallel hooks, as for the DiTs.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from k5.kernels.nabla import NablaSpec, from_fractal, to_fractal
 
-from k5.engine.checkpoints import dit as checkpoint
-from k5.engine.checkpoints import k6 as k6_checkpoint
-from k5.engine.model.dit import (Attention, FeedForward, LocalAttention, LocalTokens, Modulation, OutLayer, TimeEmbeddings,
-                  TokenGrid, VisualEmbeddings, apply_rope, gated_add, modulate, rope_angles_3d, unpatchify)
+from k5.engine.model.dit import (Attention, FeedForward, LocalAttention, LocalTokens, Modulation, OutLayer,
+                                 TimeEmbeddings, TokenGrid, VisualEmbeddings, apply_rope, gated_add, modulate,
+                                 rope_angles_3d, unpatchify)
 from k5.engine.model.k6_config import SRConfig
 
 
@@ -70,18 +67,6 @@ class Kandinsky6SR(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.visual_embeddings.in_layer.weight.dtype
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.bfloat16,
-                        device: torch.device | str = "cpu", reader: checkpoint.Reader = checkpoint.read_whole,
-                        config: SRConfig | None = None, prepare=None) -> "Kandinsky6SR":
-        files = k6_checkpoint.locate_sr(path)
-        with torch.device("meta"):
-            model = cls(config or files.config)
-        if prepare is not None:
-            prepare(model)
-        checkpoint.load_into(model, files, torch_dtype, device, reader)
-        return model.eval().requires_grad_(False)
 
     def forward(self, x: Tensor, timestep: Tensor) -> Tensor:
         """Prediction [B,T,H,W,out_visual_dim] for latent tiles x [B,T,H,W,2*in+1] at timesteps (sigma*1000) [B]."""

@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from k5.engine.checkpoints.dit import check_weights, locate
+from k5.engine.checkpoints.dit import load_dit, open_checkpoint
+from k5.engine.checkpoints.files import Checkpoint, is_image_checkpoint
 from k5.engine.compile import sync
 from k5.engine.model.config import DiTConfig
 from k5.engine.model.dit import Kandinsky5DiT
-from k5.engine.pipelines.image_request import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, is_image_checkpoint, load_source,
+from k5.engine.pipelines.image_request import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, load_source,
                     qwen_image, resolve, vae_input)
 from k5.engine.vae.image import ImageVAE
 from k5.engine.memory import PEAKS
-from k5.engine.pipelines.video import Kandinsky5Pipeline, Result, check_components, make_expander, scheduler_shift
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Result, make_expander, scheduler_shift
 from k5.engine.sampling.sampler import Conditioning, sample, uses_cfg
 from k5.engine.encoders.text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
 
@@ -43,20 +43,16 @@ class ImageResult(Result):
     request: ImageRequest | None = None  # the resolved request (task, bucket size, notes)
 
 
-def check_image_checkpoint(root: str | Path, dit_path: str | Path | None = None) -> DiTConfig:
-    """The DiT config of an Image Lite checkpoint (no weights read; every component there, its safetensors headers
-    readable); ValueError for anything else. ``dit_path``: the DiT's own file when not in ``root``."""
-    root = Path(root)
-    separate = dit_path is not None and Path(dit_path) != root
-    check_components(root, transformer=not separate)
-    if not is_image_checkpoint(root):
-        raise ValueError(f"{root} is not a Kandinsky 5 Image Lite checkpoint: its vae/ is not the FLUX AutoencoderKL "
-                         f"(a video checkpoint runs t2v/i2v)")
-    check_weights(root, transformer=not separate)
-    cfg = locate(dit_path if separate else root).config
+def check_image_checkpoint(checkpoint: Checkpoint, config: DiTConfig | None = None) -> DiTConfig:
+    """The DiT config of an Image Lite checkpoint (``config``: the one to build, default the checkpoint's);
+    ValueError for anything else. Reads config files only: the ``Checkpoint`` was checked when it was opened."""
+    if not checkpoint.image:
+        raise ValueError(f"{checkpoint.root} is not a Kandinsky 5 Image Lite checkpoint: its vae/ is not the FLUX "
+                         f"AutoencoderKL (a video checkpoint runs t2v/i2v)")
+    cfg = config or checkpoint.dit.config
     if cfg.uses_nabla:
-        raise ValueError(f"{root}: the DiT config asks for NABLA attention, which Image Lite does not use; fix "
-                         f"attention_type in transformer/config.json")
+        raise ValueError(f"{checkpoint.root}: the DiT config asks for NABLA attention, which Image Lite does not use; "
+                         f"fix attention_type in transformer/config.json")
     return cfg
 
 
@@ -70,9 +66,10 @@ def refuse_magcache(chain) -> None:
                          "only); drop --magcache")
 
 
-def pipeline_class(root: str | Path):
-    """The pipeline that runs a checkpoint folder: ImagePipeline for Image Lite (FLUX VAE), else Kandinsky5Pipeline.
-    Reads config files only."""
+def pipeline_class(source):
+    """The pipeline that runs a checkpoint (a folder or a Checkpoint): ImagePipeline for Image Lite (FLUX VAE), else
+    Kandinsky5Pipeline. Reads config files only."""
+    root = source.root if isinstance(source, Checkpoint) else source
     return ImagePipeline if is_image_checkpoint(root) else Kandinsky5Pipeline
 
 
@@ -80,29 +77,24 @@ class ImagePipeline(Kandinsky5Pipeline):
     """Kandinsky5Pipeline's loading, offloading, placement and prompt expansion, with the image conditioning,
     sampling and decode. ``vae`` is the FLUX ImageVAE."""
 
-    def __init__(self, root: Path, dit: Kandinsky5DiT, text, vae: ImageVAE, device, offload: str = "none"):
-        super().__init__(root, dit, text, vae, device, offload=offload)
-        self.default_shift = scheduler_shift(root, DEFAULT_SHIFT)  # the image pipelines' 3.0, not video's 5.0
-
-    @staticmethod
-    def read_config(root: str | Path, dit_path: str | Path | None = None) -> DiTConfig:
-        return check_image_checkpoint(root, dit_path)
+    def __init__(self, checkpoint: Checkpoint, dit: Kandinsky5DiT, text, vae: ImageVAE, device, offload: str = "none"):
+        super().__init__(checkpoint, dit, text, vae, device, offload=offload)
+        self.default_shift = scheduler_shift(checkpoint.root, DEFAULT_SHIFT)  # the image pipelines' 3.0, not video's
 
     @classmethod
-    def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
+    def from_pretrained(cls, source, dtype: torch.dtype = torch.bfloat16, device="cpu",
                         dit: Kandinsky5DiT | None = None, text=None, expand: bool = False, adapters=(),
-                        offload: str = "none", *, dit_path: str | Path | None = None,
-                        config: DiTConfig | None = None) -> "ImagePipeline":
+                        offload: str = "none", *, config: DiTConfig | None = None) -> "ImagePipeline":
         """As Kandinsky5Pipeline.from_pretrained, with the FLUX VAE (bf16 on GPU as the original runs it; fp32 on
         CPU, where half precision is slow and inexact)."""
-        root, device = Path(root), torch.device(device)
-        check_image_checkpoint(root, dit_path)
+        checkpoint, device = open_checkpoint(source), torch.device(device)
+        check_image_checkpoint(checkpoint, config)
         home = torch.device("cpu") if offload == "model" else device
-        dit = dit or Kandinsky5DiT.from_pretrained(dit_path or root, torch_dtype=dtype, device=home, config=config,
-                                                   adapters=adapters)
-        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=home, lm_head=expand)
-        vae = ImageVAE.from_pretrained(root, torch.bfloat16 if device.type == "cuda" else torch.float32, home)
-        pipe = cls(root, dit, text, vae, device, offload=offload)
+        dit = dit or load_dit(checkpoint.dit, dtype, home, config=config, adapters=adapters)
+        text = text or TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=home, lm_head=expand)
+        vae = ImageVAE.from_pretrained(checkpoint.root, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                       home)
+        pipe = cls(checkpoint, dit, text, vae, device, offload=offload)
         if expand and isinstance(text, TextEncoder):
             pipe.expander = make_expander(text)
         return pipe

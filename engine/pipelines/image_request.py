@@ -11,7 +11,6 @@ Everything here runs before any weight is loaded, so a bad request fails in a se
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +34,6 @@ DEFAULT_SHIFT = 3.0
 NEGATIVE_PROMPT = ""
 ROPE_SCALE = (1.0, 1.0, 1.0)
 TASKS = ("t2i", "i2i")
-IMAGE_VAE_CLASS = "AutoencoderKL"  # the FLUX.1-dev VAE; video checkpoints have AutoencoderKLHunyuanVideo
 
 
 def bucket_list() -> str:
@@ -45,14 +43,6 @@ def bucket_list() -> str:
 def nearest_bucket(height: int, width: int) -> tuple[int, int]:
     """The bucket with the closest aspect ratio h/w (the original's find_nearest; first one on a tie)."""
     return min(BUCKETS, key=lambda b: abs(b[0] / b[1] - height / width))
-
-
-def is_image_checkpoint(root: str | Path) -> bool:
-    """Whether a diffusers-format checkpoint folder is an Image Lite one: its VAE is the 2D FLUX AutoencoderKL."""
-    try:
-        return json.loads((Path(root) / "vae" / "config.json").read_text()).get("_class_name") == IMAGE_VAE_CLASS
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def checkpoint_task(cfg: DiTConfig) -> str:

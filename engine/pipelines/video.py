@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from k5.engine.checkpoints.dit import check_weights, locate
+from k5.engine.checkpoints.dit import load_dit, open_checkpoint
+from k5.engine.checkpoints.files import Checkpoint
 from k5.engine.compile import sync
 from k5.engine.model.config import DiTConfig
 from k5.engine.model.dit import Kandinsky5DiT
@@ -26,7 +27,6 @@ from k5.engine.sampling.sampler import DEFAULT_SHIFT, Conditioning, initial_nois
 from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
 from k5.engine.vae.video import VideoVAE
 
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 LATENT_CHANNELS = 16
 
 
@@ -109,21 +109,6 @@ def check_request(req: Request, cfg: DiTConfig, nabla: bool) -> None:
         warnings.warn(f"latent grid {T}x{H}x{W} exceeds the 128 positions per axis the model was trained with")
 
 
-def check_components(root: Path, transformer: bool = True) -> None:
-    """Raise ValueError unless ``root`` holds every component folder; ``transformer=False`` when the DiT comes from
-    elsewhere (an original single-file checkpoint: the folder then supplies only the VAE and text encoders)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"checkpoint {root} is not a folder; pass a Kandinsky 5 diffusers-format folder or 'tiny'")
-    needed = COMPONENTS if transformer else COMPONENTS[1:]
-    missing = [c for c in needed if not (root / c).is_dir()]
-    if missing:
-        raise ValueError(
-            f"{root} is not a complete Kandinsky 5 checkpoint: missing component folder(s) {', '.join(missing)} "
-            f"(expected {', '.join(needed)} as in the diffusers layout)"
-        )
-
-
 def scheduler_shift(root: Path, default: float = DEFAULT_SHIFT) -> float:
     path = Path(root) / "scheduler" / "scheduler_config.json"
     try:
@@ -184,11 +169,12 @@ class Kandinsky5Pipeline:
     the VAE), so a model whose parts fit the device one at a time runs on it.
     """
 
-    def __init__(self, root: Path, dit: Kandinsky5DiT, text: TextEncoder | None, vae: VideoVAE, device,
+    def __init__(self, checkpoint: Checkpoint, dit: Kandinsky5DiT, text: TextEncoder | None, vae: VideoVAE, device,
                  offload: str = "none"):
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
-        self.root, self.dit, self.text, self.vae = Path(root), dit, text, vae
+        self.checkpoint, self.dit, self.text, self.vae = checkpoint, dit, text, vae
+        self.root = root = checkpoint.root
         self.device = torch.device(device)
         self.offload = offload
         self.text_after_encode = "keep" if offload == "none" else "cpu"
@@ -221,40 +207,26 @@ class Kandinsky5Pipeline:
         elif isinstance(self.text, TextEncoder) and self.text.qwen is not None:
             self.text.to(device)
 
-    @staticmethod
-    def read_config(root: str | Path, dit_path: str | Path | None = None) -> DiTConfig:
-        """The DiT config alone (no weights), to validate requests before loading; checks that every component is
-        there and its weight files are safetensors whose headers read. ``dit_path``: the DiT's own file when it is
-        not in ``root`` (a single-file checkpoint; ``root`` then supplies the other components)."""
-        separate = dit_path is not None and Path(dit_path) != Path(root)
-        check_components(Path(root), transformer=not separate)
-        check_weights(root, transformer=not separate)
-        return locate(dit_path if separate else root).config
-
     @classmethod
-    def from_pretrained(cls, root: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
+    def from_pretrained(cls, source, dtype: torch.dtype = torch.bfloat16, device="cpu",
                         dit: Kandinsky5DiT | None = None, text=None, expand: bool = False, adapters=(),
-                        offload: str = "none", *, dit_path: str | Path | None = None,
-                        config: DiTConfig | None = None) -> "Kandinsky5Pipeline":
-        """Load every component; a ``dit`` or ``text`` encoder given by the caller (a tensor-parallel DiT, text
-        embeddings shared between ranks) is used instead of loading that component. ``expand``: also load the
-        Qwen2.5-VL lm_head for prompt expansion (``expand_prompt``); ``adapters``: LoRAs merged into the DiT.
-
-        ``dit_path``: where the DiT weights are when not in ``root`` (an original single-file checkpoint), and
-        ``config`` the DiT config to build (a catalogue variant's attention on a file that carries none); both come
-        from ``k5.engine.catalogue.resolve.resolve_model`` (see ``from_resolved``)."""
-        root = Path(root)
-        check_components(root, transformer=dit_path is None or Path(dit_path) == root)
+                        offload: str = "none", *, config: DiTConfig | None = None) -> "Kandinsky5Pipeline":
+        """Load every component of ``source`` (a diffusers-layout folder, what ``resolve_model`` returned, or a
+        checked engine.checkpoints.files.Checkpoint); a ``dit`` or ``text`` encoder given by the caller (a
+        tensor-parallel DiT, text embeddings shared between ranks) is used instead of loading that component.
+        ``expand``: also load the Qwen2.5-VL lm_head for prompt expansion (``expand_prompt``); ``adapters``: LoRAs
+        merged into the DiT; ``config``: the DiT config to build (a catalogue variant's attention on a file that
+        carries none; ``from_resolved`` passes it)."""
+        checkpoint = open_checkpoint(source)
         device = torch.device(device)
         # --offload model: everything is loaded into host memory and visits the device only while it runs.
         home = torch.device("cpu") if offload == "model" else device
-        dit = dit or Kandinsky5DiT.from_pretrained(dit_path or root, torch_dtype=dtype, device=home, config=config,
-                                                   adapters=adapters)
-        text = text or TextEncoder.from_pretrained(root, torch_dtype=dtype, device=home, lm_head=expand)
+        dit = dit or load_dit(checkpoint.dit, dtype, home, config=config, adapters=adapters)
+        text = text or TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=home, lm_head=expand)
         # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        vae = VideoVAE.from_pretrained(root, torch_dtype=vae_dtype, device=home)
-        pipe = cls(root, dit, text, vae, device, offload=offload)
+        vae = VideoVAE.from_pretrained(checkpoint.root, torch_dtype=vae_dtype, device=home)
+        pipe = cls(checkpoint, dit, text, vae, device, offload=offload)
         if expand and isinstance(text, TextEncoder):
             pipe.expander = make_expander(text)
         return pipe
@@ -280,8 +252,7 @@ class Kandinsky5Pipeline:
     def from_resolved(cls, resolved, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs) -> "Kandinsky5Pipeline":
         """Load what ``k5.engine.catalogue.resolve.resolve_model`` found: components from its root, the DiT from its file or
         folder with its config (the variant's attention applied). ``kwargs``: expand, adapters."""
-        return cls.from_pretrained(resolved.root, dtype, device, dit_path=resolved.dit, config=resolved.config,
-                                   **kwargs)
+        return cls.from_pretrained(resolved, dtype, device, config=resolved.config, **kwargs)
 
     def encode(self, prompts: list[str], **text_kwargs) -> tuple[list[Conditioning], list[bool]]:
         """``text_kwargs``: the encoder's (an image prompt format and its images: ImagePipeline)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from k5.engine.pipelines.image_request import IMAGE_VAE_CLASS
+from k5.engine.checkpoints.files import IMAGE_VAE_CLASS
 
 if TYPE_CHECKING:  # diffusers is imported where a VAE is built: the rest of the engine runs without it
     from diffusers import AutoencoderKL
