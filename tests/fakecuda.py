@@ -470,7 +470,7 @@ class FakeCuda:
         self._globals = {m: dict(vars(m)) for m in _k5_modules()}
         for module, names in self._globals.items():
             for name, value in names.items():
-                if hasattr(value, "_torchdynamo_orig_callable"):
+                if _compiled_callable(value):
                     setattr(module, name, None)
 
     def _restore_globals(self):
@@ -479,8 +479,14 @@ class FakeCuda:
         compiled = {id(c) for c in self._compiled}
         for module, before in self._globals.items():
             for name, value in list(vars(module).items()):
-                if id(value) in compiled or (value is None and hasattr(before.get(name), "_torchdynamo_orig_callable")):
+                if id(value) in compiled or (value is None and _compiled_callable(before.get(name))):
                     setattr(module, name, before.get(name))
+
+
+def _compiled_callable(value) -> bool:
+    """A torch.compile'd function, not a torch.compiler.disable'd one (both carry _torchdynamo_orig_callable; a
+    disabled function such as parallel/ring.py's _ring_loop is plain eager code and stays)."""
+    return hasattr(value, "_torchdynamo_orig_callable") and not getattr(value, "_torchdynamo_disable", False)
 
 
 @contextlib.contextmanager
@@ -543,3 +549,28 @@ def flex_tile_problems(call: FlexCall, capability: tuple[int, int]) -> list[str]
             bad.append(f"BLOCK_M {m} x BLOCK_N {n} does not divide the {call.q_block}x{call.kv_block} mask blocks "
                        f"(head dim {call.head_dim}, {call.dtype}, sm{capability[0]}{capability[1]})")
     return bad if len(bad) == len(configs) else []
+
+
+def _skip_dynamo_frames() -> None:
+    """Dynamo never compiles a frame of this harness (the shims, the factories, the watch): eager code that a
+    ``torch.compiler.disable(recursive=False)`` function runs (parallel/ring.py's _ring_loop) hands every frame it
+    calls to dynamo, and a shim traced by dynamo would take its non-fake branch (dynamo does not see a FakeTensor in
+    ``isinstance``) into the CPU build's CUDA check. Their callees are still traced as before."""
+    from torch._dynamo.eval_frame import skip_code
+
+    def codes(code):
+        yield code
+        for const in code.co_consts:
+            if isinstance(const, type(code)):
+                yield from codes(const)
+
+    for value in list(globals().values()):
+        functions = [value] if callable(value) and hasattr(value, "__code__") else (
+            [v for v in vars(value).values() if hasattr(v, "__code__")] if isinstance(value, type) else [])
+        for fn in functions:
+            if getattr(fn, "__module__", None) == __name__:
+                for code in codes(fn.__code__):
+                    skip_code(code)
+
+
+_skip_dynamo_frames()
