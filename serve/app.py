@@ -597,6 +597,10 @@ def create_app(ctx: Context) -> FastAPI:
             if row["spec"]["request"].get("image"):
                 Path(row["spec"]["request"]["image"]).unlink(missing_ok=True)
             board.settle(row["id"])
+        else:  # running: answer once its group has been told (it stops at the step boundary it reaches next)
+            told = board.cancel_waiter(row["id"])
+            board.wake.set()
+            await run_in_threadpool(told.wait, 10.0)
         board.wake.set()
         return {"id": row["id"], "object": "video.deleted", "deleted": True,
                 "k5": {"was": row["status"], "cancelling": what == "cancelling"}}

@@ -43,6 +43,7 @@ class Board:
     job_s: list = field(default_factory=list)  # the last jobs' run times, for Retry-After
     peaks: dict = field(default_factory=dict)  # rank -> {"bytes", "kind"}
     finished: dict = field(default_factory=dict)  # job id -> threading.Event, set when it leaves in_progress
+    told: dict = field(default_factory=dict)  # job id -> threading.Event, set when its group has heard of a DELETE
     lock: threading.Lock = field(default_factory=threading.Lock)
     wake: threading.Event = field(default_factory=threading.Event)
 
@@ -54,12 +55,23 @@ class Board:
         with self.lock:
             return self.finished.setdefault(job_id, threading.Event())
 
+    def cancel_waiter(self, job_id: str) -> threading.Event:
+        with self.lock:
+            return self.told.setdefault(job_id, threading.Event())
+
+    def told_group(self, job_id: str) -> None:
+        with self.lock:
+            event = self.told.pop(job_id, None)
+        if event is not None:
+            event.set()
+
     def settle(self, job_id: str) -> None:
         with self.lock:
             self.progress.pop(job_id, None)
-            event = self.finished.pop(job_id, None)
-        if event is not None:
-            event.set()
+            events = [self.finished.pop(job_id, None), self.told.pop(job_id, None)]
+        for event in events:
+            if event is not None:
+                event.set()
 
     def typical_job_s(self) -> float:
         with self.lock:
@@ -191,6 +203,7 @@ class Dispatcher:
             if job is not None and not job["cancel_sent"] and job["id"] in wanted:
                 self.mailbox.put(f"cancel/{job['id']}", True)
                 job["cancel_sent"] = True
+                self.board.told_group(job["id"])
                 log.info("job %s: cancel requested; its group stops at the next step", job["id"])
 
     def expire(self) -> None:
