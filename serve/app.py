@@ -510,8 +510,16 @@ def create_app(ctx: Context) -> FastAPI:
                    "guidance_scale": req["guidance_scale"], "variant": spec["variant"], "magcache": spec["magcache"],
                    "priority": row["priority"], "attempts": row["attempts"],
                    "queue_position": store.position(row["id"]) if status == "queued" else None,
-                   "lora": [Path(p).name for p, _ in spec["lora"]]},
+                   "lora": [lora_name(p) for p, _ in spec["lora"]]},
         }
+
+    def lora_name(path: str) -> str:
+        """An adapter as the request named it: its entry in --lora-dir (else, a --lora of the command line, its
+        file's name)."""
+        p = Path(path)
+        if ctx.lora_dir is not None and p.is_relative_to(ctx.lora_dir):
+            return p.relative_to(ctx.lora_dir).parts[0]
+        return p.name
 
     def poll_header(row: dict) -> dict:
         return {"openai-poll-after-ms": str(ctx.poll_after_ms)} if row["status"] in ("queued", "in_progress") else {}

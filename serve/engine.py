@@ -199,6 +199,7 @@ class Engine:
 
         item = self._item(spec, name)
         dest = self._job(spec, job_dir, item).dest
+        job_dir.mkdir(parents=True, exist_ok=True)  # a run killed before it made its folder left none
         try:
             plan = dest.start([item])
         finally:

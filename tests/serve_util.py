@@ -95,16 +95,17 @@ class Server:
             return 0
 
     def http(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 60,
-             chunked: bool = False) -> tuple[int, dict, object]:
+             chunked: bool = False, auth: bool = True) -> tuple[int, dict, object]:
         """A plain HTTP request (the standard library's client): (status, headers, JSON body or bytes). ``body``: a
-        dict (sent as JSON), bytes, or an iterable of bytes (``chunked``: no Content-Length)."""
+        dict (sent as JSON), bytes, or an iterable of bytes (``chunked``: no Content-Length). ``auth``: send the
+        server's API key unless ``headers`` has an Authorization of its own."""
         import http.client
         from urllib.parse import urlsplit
 
         u = urlsplit(self.url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
         headers = dict(headers or {})
-        if self.api_key and "Authorization" not in headers:
+        if auth and self.api_key and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {self.api_key}"
         if isinstance(body, dict):
             body, headers["Content-Type"] = json.dumps(body).encode(), "application/json"

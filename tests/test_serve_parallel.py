@@ -127,3 +127,71 @@ def test_sigkill_of_every_server_process_mid_job_then_restart(server, tmp_path):
     files_of(server, before.id)
     listed = [v.id for v in client.videos.list(limit=100)]
     assert len(listed) == len(set(listed))  # no job twice
+
+
+def stored(server, job_id: str) -> dict:
+    """The job's row, read from the state folder while the server is down."""
+    from k5.serve.store import JobStore
+
+    store = JobStore(server.state / "jobs.sqlite3", max_queue=1)
+    try:
+        return store.get(job_id)
+    finally:
+        store.close()
+
+
+def test_sigterm_stops_at_a_step_requeues_and_exits_143_on_every_rank(server):
+    import signal
+
+    client = server.client()
+    server.hold(2)
+    try:
+        running = client.videos.create(prompt=PROMPT, extra_body={"num_inference_steps": 4})
+        server.wait_progress(running.id, 100 * 2 // 5)
+        queued = client.videos.create(prompt="queued at the stop", extra_body={"num_inference_steps": 2})
+        server.procs[0].send_signal(signal.SIGTERM)  # rank 0 only: rank 1 hears of it through the store
+        wait_until(lambda: server.http("GET", "/health")[2] == {"status": "stopping"}, 60, "health: stopping",
+                   server.procs)
+        status, headers, body = server.http("POST", "/v1/videos", {"prompt": "too late"})
+        assert status == 503 and body["error"]["code"] == "server_stopping" and headers["retry-after"]
+        assert client.videos.retrieve(running.id).status == "in_progress"  # held mid-job
+        server.release()
+        codes = server.wait_exit(120)
+    finally:
+        server.release()
+    assert codes == [143, 143], server.output()
+    for rank in (0, 1):
+        assert f"job {running.id}: stopped (the server is stopping)" in server.log(rank)
+    row = stored(server, running.id)
+    assert row["status"] == "queued" and row["attempts"] == 0  # a clean stop does not count as an attempt
+    assert stored(server, queued.id)["status"] == "queued"
+    assert not list((server.state / "jobs" / running.id).glob("*.mp4"))
+    server.start().wait_ready()
+    for job in (running, queued):
+        assert server.wait_status(job.id).status == "completed"
+    assert server.client().videos.retrieve(running.id).k5["attempts"] == 1
+    files_of(server, running.id)
+
+
+def test_a_rank_that_dies_ends_the_server_with_its_job_queued(server):
+    import signal
+
+    client = server.client()
+    server.hold(2)
+    try:
+        running = client.videos.create(prompt=PROMPT, extra_body={"num_inference_steps": 4})
+        server.wait_progress(running.id, 100 * 2 // 5)
+        os.kill(server.procs[1].pid, signal.SIGKILL)
+        server.release()  # rank 0 goes on to the step's agreement and finds rank 1 gone
+        codes = server.wait_exit(120)
+    finally:
+        server.release()
+    assert codes == [1, -signal.SIGKILL], server.output()
+    row = stored(server, running.id)
+    assert row["status"] == "queued" and row["error"]["code"] == "server_error", row
+    assert row["error"]["message"].startswith("rank 1 died at item 0 (request "), row["error"]
+    assert "error: rank 1 died" in server.output()
+    server.start().wait_ready()
+    done = server.wait_status(running.id)
+    assert done.status == "completed" and done.error is None and done.k5["attempts"] == 2
+    files_of(server, running.id)
