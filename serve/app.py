@@ -510,7 +510,9 @@ def create_app(ctx: Context) -> FastAPI:
                    "guidance_scale": req["guidance_scale"], "variant": spec["variant"], "magcache": spec["magcache"],
                    "priority": row["priority"], "attempts": row["attempts"],
                    "queue_position": store.position(row["id"]) if status == "queued" else None,
-                   "lora": [lora_name(p) for p, _ in spec["lora"]]},
+                   "lora": [lora_name(p) for p, _ in spec["lora"]],
+                   # the job's own time on its ranks (text, denoising, decode, checked write), once completed
+                   "generate_s": ((row["result"] or {}).get("metrics") or {}).get("total_s")},
         }
 
     def lora_name(path: str) -> str:

@@ -251,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     retention_s = args.retention_hours * 3600 if args.retention_hours > 0 else None
     try:
         check_args(args)
-        state.mkdir(parents=True, exist_ok=True)
-        lock = StateLock(state).acquire() if rank == 0 else None
         from k5.serve.engine import Engine
 
-        engine = Engine.prepare(flags, jobs_dir)
+        engine = Engine.prepare(flags, jobs_dir)  # nothing is made before the flags are known to be good
+        state.mkdir(parents=True, exist_ok=True)
+        lock = StateLock(state).acquire() if rank == 0 else None
         sock = bind(args.host, args.port) if rank == 0 else None
     except (ValueError, OSError) as e:  # every rank checks the same; rank 0 says why
         if rank == 0:
