@@ -220,6 +220,14 @@ def lora_choice(value, lora_dir: Path | None) -> tuple | None:
     return tuple(out)
 
 
+def copy_upload(upload: Path, i: int) -> Path:
+    import shutil
+
+    copy = upload.with_name(f"{upload.stem}_{i}{upload.suffix}")
+    shutil.copyfile(upload, copy)
+    return copy
+
+
 # ---- the app -------------------------------------------------------------------------------------------------------
 
 def create_app(ctx: Context) -> FastAPI:
@@ -330,8 +338,23 @@ def create_app(ctx: Context) -> FastAPI:
         loras = lora_choice(fields.get("lora"), ctx.lora_dir)
         variant = text_value(fields, "variant")
         magcache = bool_value(fields, "magcache")
+        uploads = [upload] + [copy_upload(upload, i) for i in range(1, n)] if upload is not None else [None] * n
+        try:
+            rows = commit(kind, base, from_text, uploads, task, priority, loras, variant, magcache)
+        except BaseException:
+            for copy in uploads[1:]:  # the first is the caller's to delete
+                if copy is not None:
+                    copy.unlink(missing_ok=True)
+            raise
+        board.count("accepted", len(rows))
+        board.wake.set()
+        return rows
+
+    def commit(kind: str, base: dict, from_text: bool, uploads: list, task, priority: int, loras, variant,
+               magcache) -> list[dict]:
+        """One checked spec per job (seed, seed+1, ... for several images), then all committed or none."""
         specs = []
-        for i in range(n):
+        for i, upload in enumerate(uploads):
             job_id = f"{'video' if kind == 'video' else 'img'}_{secrets.token_hex(12)}"
             item_fields = dict(base)
             if i:
@@ -348,15 +371,12 @@ def create_app(ctx: Context) -> FastAPI:
                 raise APIError(400, str(e)) from None
             specs.append((job_id, spec))
         try:
-            rows = store.add_many([(job_id, kind, spec, priority) for job_id, spec in specs])
+            return store.add_many([(job_id, kind, spec, priority) for job_id, spec in specs])
         except QueueFull as e:
             board.count("rejected_queue_full")
             retry = max(1, math.ceil(board.typical_job_s()))
             raise APIError(429, f"{e}; try again in about {retry} s", "queue_full", kind="rate_limit_error",
                            headers={"Retry-After": str(retry)}) from None
-        board.count("accepted", len(rows))
-        board.wake.set()
-        return rows
 
     async def save_upload(upload: UploadFile, name: str, what: str) -> Path:
         """The uploaded image under a server-made name, checked to be an image Pillow can read (the CLI's check)."""
@@ -587,6 +607,11 @@ def create_app(ctx: Context) -> FastAPI:
         return FileResponse(path, media_type=types.get(path.suffix, "application/octet-stream"),
                             filename=entry["name"])
 
+    @app.post("/v1/videos/{video_id}/remix")
+    async def remix(video_id: str):
+        raise APIError(400, "k5 does not remix videos; send a new POST /v1/videos with the prompt you want",
+                       "unsupported", "video_id")
+
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str):
         return await delete(video_id, "video")
@@ -603,9 +628,7 @@ def create_app(ctx: Context) -> FastAPI:
         if what in ("removed", "finished"):
             if what == "finished":
                 await run_in_threadpool(store.remove, row["id"])
-            await run_in_threadpool(remove_files, ctx.jobs_dir, ctx.uploads_dir, row["id"])
-            if row["spec"]["request"].get("image"):
-                Path(row["spec"]["request"]["image"]).unlink(missing_ok=True)
+            await run_in_threadpool(remove_files, ctx.jobs_dir, ctx.uploads_dir, row)
             board.settle(row["id"])
         else:  # running: answer once its group has been told (it stops at the step boundary it reaches next)
             told = board.cancel_waiter(row["id"])

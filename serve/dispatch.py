@@ -182,7 +182,7 @@ class Dispatcher:
                 board.step_s_count += len(m["step_s"])
                 board.forwards_run += m["dit_forwards"]["run"]
                 board.forwards_skipped += m["dit_forwards"]["skipped"]
-                board.job_s.append(seconds)
+                board.job_s = board.job_s[-99:] + [seconds]
         elif status == "cancelled":
             self.store.fail(job_id, "cancelled", report["message"], self.retention_s)
             board.count("cancelled")
@@ -208,13 +208,16 @@ class Dispatcher:
 
     def expire(self) -> None:
         for job_id in self.store.expired():
-            remove_files(self.jobs_dir, self.uploads_dir, job_id)
+            row = self.store.get(job_id)
+            if row is not None:
+                remove_files(self.jobs_dir, self.uploads_dir, row)
             self.store.remove(job_id)
             log.info("job %s: expired (retention time over); its files are removed", job_id)
 
 
-def remove_files(jobs_dir: Path, uploads_dir: Path, job_id: str) -> None:
-    """A job's folder and upload (ids are made by the server: plain names, never paths from a request)."""
-    shutil.rmtree(Path(jobs_dir) / job_id, ignore_errors=True)
-    for upload in Path(uploads_dir).glob(f"{job_id}.*"):
-        upload.unlink(missing_ok=True)
+def remove_files(jobs_dir: Path, uploads_dir: Path, row: dict) -> None:
+    """A job's folder and its upload (both named by the server, never from a request's fields)."""
+    shutil.rmtree(Path(jobs_dir) / row["id"], ignore_errors=True)
+    image = row["spec"]["request"].get("image")
+    if image is not None and Path(image).parent == Path(uploads_dir):
+        Path(image).unlink(missing_ok=True)

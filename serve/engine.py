@@ -120,8 +120,9 @@ class Engine:
         the checkpoint's rules: sizes, 4k+1 frames, the image, the layout); returns the spec every rank runs.
 
         ``fields``: prompt-file fields (FIELDS), strings when ``from_text`` (a multipart form); ``image``: the saved
-        upload (I2V, or the source of an edit); ``loras``: (path, scale) pairs inside the server's LoRA folder (None: the server's --lora; empty: none);
-        ``task``: t2i or i2i for an image server; ``output``: the file name in the job's folder."""
+        upload (I2V, or the source of an edit); ``loras``: (path, scale) pairs inside the server's LoRA folder
+        (None: the server's --lora; empty: none); ``task``: t2i or i2i for an image server; ``output``: the file
+        name in the job's folder."""
         from k5.engine.image import resolve as resolve_image
         from k5.engine.pipeline import check_request, frame_size
         from k5.launch import images, model as model_flags

@@ -1,7 +1,9 @@
 """The server's job store: one SQLite database in the state folder, the jobs' files beside it.
 
-A request is accepted only once its row is committed (WAL journal, ``synchronous=FULL``: the commit is on disk when
-the client gets its id), so a crash right after the answer loses nothing. A row goes
+A request is accepted only once its row is committed (WAL journal, ``synchronous=FULL`` for that commit: it is on
+disk when the client gets its id), so a crash right after the answer loses nothing. The other transitions commit
+with ``synchronous=NORMAL`` (safe from any process crash; a power loss may undo the last of them, which a restart
+handles like a crash: a job back to queued runs again, a completed one is found by its record). A row goes
 
     queued -> in_progress -> completed | failed          (DELETE of a queued job removes its row)
                   |
@@ -61,15 +63,16 @@ class JobStore:
         self.lock = threading.Lock()
         with self.lock:
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears "accepted"
             self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         with self.lock:
             self.db.close()
 
-    def _tx(self, fn):
+    def _tx(self, fn, durable: bool = False):
+        """``fn(db)`` in one transaction; ``durable``: on disk (fsync'ed) when this returns."""
         with self.lock:
+            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 out = fn(self.db)
@@ -99,7 +102,7 @@ class JobStore:
                            "(?, ?, 'queued', ?, ?, ?)", (job_id, kind, priority, now, json.dumps(spec)))
             return [row(db, job_id) for job_id, *_ in jobs]
 
-        return self._tx(add)
+        return self._tx(add, durable=True)  # the client hears "accepted" only once the rows are on disk
 
     # ---- reading ------------------------------------------------------------------------------------------------
 
@@ -107,7 +110,8 @@ class JobStore:
         with self.lock:
             return row(self.db, job_id)
 
-    def list(self, kind: str | None = None, after: str | None = None, limit: int = 20, order: str = "desc") -> list[dict]:
+    def list(self, kind: str | None = None, after: str | None = None, limit: int = 20,
+             order: str = "desc") -> list[dict]:
         """Jobs in arrival order (``desc``: newest first), after the job ``after`` (a cursor, as OpenAI's lists)."""
         op, direction = ("<", "DESC") if order == "desc" else (">", "ASC")
         where, args = [], []
@@ -136,8 +140,9 @@ class JobStore:
             me = self.db.execute("SELECT priority, seq, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if me is None or me["status"] != "queued":
                 return None
-            return self.db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > ? OR "
-                                   "(priority = ? AND seq < ?))", (me["priority"], me["priority"], me["seq"])).fetchone()[0]
+            ahead = self.db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > ? OR "
+                                    "(priority = ? AND seq < ?))", (me["priority"], me["priority"], me["seq"]))
+            return ahead.fetchone()[0]
 
     # ---- running ------------------------------------------------------------------------------------------------
 

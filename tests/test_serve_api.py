@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
-from serve_util import TINY, Server, wait_until
+from serve_util import TINY, Server
 
 PROMPT = "a red fox running through snow"
 
@@ -72,6 +72,25 @@ def test_sdk_create_and_poll_then_download_gives_the_clis_video(server, tmp_path
     (record,) = [json.loads(line) for line in (job / "manifest.jsonl").read_text().splitlines()]
     assert record["settings"]["request"]["seed"] == 7 and record["files"]["video"]["name"] == f"{video.id}.mp4"
     assert json.loads((job / "metrics.json").read_text())["per_item"][0]["steps"] == 3
+
+
+def test_a_variant_and_magcache_per_request(server, tmp_path):
+    # the tiny model takes a preset's sampling settings and MagCache ratios, as `k5 generate --variant --magcache`
+    before = server.metrics()
+    client = server.client()
+    video = client.videos.create_and_poll(prompt=PROMPT, extra_body={"seed": 5, "variant": "t2v-lite-sft-5s",
+                                                                     "magcache": True})
+    assert video.status == "completed" and video.k5["steps"] == 50 and video.k5["magcache"], video
+    served = load(client.videos.download_content(video.id, variant="latents").content)["latents"]
+    reference, _ = cli_latents(tmp_path, "--seed", "5", "--variant", "t2v-lite-sft-5s", "--magcache", "--steps", "50")
+    assert torch.equal(served, reference)
+    record = json.loads((server.state / "jobs" / video.id / "manifest.jsonl").read_text())
+    run, skipped = record["dit_forwards"]["run"], len(record["dit_forwards"]["skipped"])
+    assert run + skipped == 100 and skipped > 0 and record["checkpoint"]["variant"] == "t2v-lite-sft-5s"
+    after = server.metrics()
+    assert after['k5_dit_forwards_total{kind="run"}'] - before['k5_dit_forwards_total{kind="run"}'] == run
+    assert after['k5_dit_forwards_total{kind="skipped"}'] - before['k5_dit_forwards_total{kind="skipped"}'] == skipped
+    assert after["k5_step_seconds_count"] - before["k5_step_seconds_count"] == 50
 
 
 def test_progress_is_the_share_of_steps_done(server):
@@ -170,8 +189,8 @@ def test_bad_inputs_get_their_4xx_and_the_server_goes_on(server, capsys):
     assert e.value.status_code == 413 and e.value.body["code"] == "upload_too_large"
 
     def chunks():  # no Content-Length: the server counts the body as it streams
-        yield b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n--b\r\nContent-Disposition: form-data; " \
-              b"name=\"input_reference\"; filename=\"big.png\"\r\nContent-Type: image/png\r\n\r\n"
+        yield (b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n--b\r\nContent-Disposition: "
+               b"form-data; name=\"input_reference\"; filename=\"big.png\"\r\nContent-Type: image/png\r\n\r\n")
         for _ in range(40):
             yield bytes(16 * 1024)
         yield b"\r\n--b--\r\n"

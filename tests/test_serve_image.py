@@ -41,12 +41,19 @@ def recorded_png(server, job_dir_name: str) -> bytes:
 
 def test_images_generate_and_edit(server, tmp_path):
     client = server.client()
-    made = client.images.generate(prompt="a red fox", size="1024x1024", extra_body={"seed": 3})
-    assert len(made.data) == 1 and made.size == "1024x1024"
-    image = decoded(made.data[0].b64_json)
-    assert image.format == "PNG" and image.size == (1024, 1024) and image.mode == "RGB"
-    (job,) = [p.name for p in (server.state / "jobs").iterdir() if p.name.startswith("img_")]
-    assert base64.b64decode(made.data[0].b64_json) == recorded_png(server, job)  # the file the CLI's path wrote
+    made = client.images.generate(prompt="a red fox", size="1024x1024", n=2, extra_body={"seed": 3})
+    assert len(made.data) == 2 and made.size == "1024x1024"
+    for entry in made.data:
+        image = decoded(entry.b64_json)
+        assert image.format == "PNG" and image.size == (1024, 1024) and image.mode == "RGB"
+    jobs = [p.name for p in (server.state / "jobs").iterdir()]
+    records = {job: json.loads((server.state / "jobs" / job / "manifest.jsonl").read_text()) for job in jobs}
+    assert sorted(r["settings"]["request"]["seed"] for r in records.values()) == [3, 4]  # n images: seed, seed+1
+    by_seed = {r["settings"]["request"]["seed"]: job for job, r in records.items()}
+    for entry, seed in zip(made.data, (3, 4)):  # in order, each the file the CLI's checked path wrote
+        assert base64.b64decode(entry.b64_json) == recorded_png(server, by_seed[seed])
+    assert made.data[0].b64_json != made.data[1].b64_json
+    job = by_seed[3]
 
     source = tmp_path / "wide.png"  # the edit's size follows the source's nearest bucket: 1408x640 for 2.2:1
     Image.new("RGB", (440, 200), (200, 40, 40)).save(source)
@@ -54,7 +61,7 @@ def test_images_generate_and_edit(server, tmp_path):
         edited = client.images.edit(image=f, prompt="make it night", extra_body={"seed": 4})
     out = decoded(edited.data[0].b64_json)
     assert out.size == (1408, 640) and edited.size == "1408x640"
-    edit_job = [p.name for p in (server.state / "jobs").iterdir() if p.name != job][0]
+    (edit_job,) = [p.name for p in (server.state / "jobs").iterdir() if p.name not in jobs]
     record = json.loads((server.state / "jobs" / edit_job / "manifest.jsonl").read_text())
     assert record["settings"]["request"]["task"] == "i2i" and record["settings"]["request"]["steps"] == 1
 

@@ -105,7 +105,8 @@ def test_recover_completes_requeues_fails_and_cleans(tmp_path):
     done = store.get("done")
     assert done["status"] == "completed" and done["result"]["files"] == record["files"] and done["attempts"] == 1
     half = store.get("half")
-    assert half["status"] == "queued" and sorted(p.name for p in (jobs / "half").iterdir()) == [".k5-job.lock", "manifest.jsonl"]
+    assert half["status"] == "queued"
+    assert sorted(p.name for p in (jobs / "half").iterdir()) == [".k5-job.lock", "manifest.jsonl"]
     tired = store.get("tired")
     assert tired["status"] == "failed" and tired["error"]["code"] == "server_error"
     assert "the server ended 3 times while running this job" in tired["error"]["message"]
