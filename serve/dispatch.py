@@ -23,7 +23,7 @@ from k5.launch.logs import LOGGER
 
 log = logging.getLogger(LOGGER)
 ROUND_S = 0.01  # the longest a round waits for news when nothing wakes it
-EXPIRE_EVERY_S = 30.0
+EXPIRE_EVERY_S = 1.0  # a query on the store; results go within a second of their expires_at
 
 
 @dataclass

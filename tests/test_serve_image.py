@@ -53,7 +53,6 @@ def test_images_generate_and_edit(server, tmp_path):
     for entry, seed in zip(made.data, (3, 4)):  # in order, each the file the CLI's checked path wrote
         assert base64.b64decode(entry.b64_json) == recorded_png(server, by_seed[seed])
     assert made.data[0].b64_json != made.data[1].b64_json
-    job = by_seed[3]
 
     source = tmp_path / "wide.png"  # the edit's size follows the source's nearest bucket: 1408x640 for 2.2:1
     Image.new("RGB", (440, 200), (200, 40, 40)).save(source)

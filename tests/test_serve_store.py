@@ -3,11 +3,12 @@ requeue at the old place, cancel transitions, cursors), the restart rules (k5.se
 folder written by the CLI's checked path), and the request-field rules of the HTTP layer."""
 
 import math
+import time
 
 import pytest
 import torch
 
-from k5.serve.app import APIError, bool_value, int_value, lora_choice, parse_size
+from k5.serve.fields import APIError, bool_value, int_value, lora_choice, parse_size
 from k5.serve.store import JobStore, QueueFull
 
 SPEC = {"request": {"steps": 2, "prompt": "x", "image": None}}
@@ -141,3 +142,31 @@ def test_request_field_rules(tmp_path):
             lora_choice(bad, tmp_path)
     with pytest.raises(APIError, match="finite"):
         lora_choice(f"camera:{math.inf}", tmp_path)
+
+
+def test_expired_jobs_lose_their_files_and_rows(tmp_path):
+    """The dispatcher's retention round: a job past its expires_at is removed with its folder and its upload; one
+    that is not yet is left alone."""
+    from types import SimpleNamespace
+
+    from k5.serve.dispatch import Board, Dispatcher
+    from k5.serve.ranks import LocalMailbox
+
+    jobs, uploads = tmp_path / "jobs", tmp_path / "uploads"
+    store = JobStore(tmp_path / "jobs.sqlite3", max_queue=8)
+    for name in ("old", "new"):
+        upload = uploads / f"upload_{name}.png"
+        upload.parent.mkdir(exist_ok=True)
+        upload.write_bytes(b"png")
+        (jobs / name).mkdir(parents=True)
+        (jobs / name / f"{name}.mp4").write_bytes(b"mp4")
+        store.add(name, "video", {"request": {"steps": 1, "prompt": "x", "image": str(upload)}})
+        store.claim_next()
+    store.complete("old", {"files": {}}, retention_s=10, now=time.time() - 60)  # expired 50 s ago
+    store.complete("new", {"files": {}}, retention_s=3600)
+    sup = SimpleNamespace(stop_requested=False)
+    Dispatcher(store, LocalMailbox(), Board(), sup, 1, jobs, uploads, 3600, 1).expire()
+    assert store.get("old") is None and not (jobs / "old").exists() and not (uploads / "upload_old.png").exists()
+    assert store.get("new")["status"] == "completed" and (jobs / "new" / "new.mp4").exists()
+    assert (uploads / "upload_new.png").exists()
+    store.close()
