@@ -482,6 +482,10 @@ def create_app(ctx: Context) -> FastAPI:
             told = board.cancel_waiter(row["id"])
             board.wake.set()
             await run_in_threadpool(told.wait, 10.0)
+            now = await run_in_threadpool(store.get, row["id"])
+            if now is not None and now["status"] == "completed":  # it finished before the cancel reached it: kept
+                return {"id": row["id"], "object": "video.deleted", "deleted": False,
+                        "k5": {"was": row["status"], "cancelling": False, "completed": True}}
         board.wake.set()
         return {"id": row["id"], "object": "video.deleted", "deleted": True,
                 "k5": {"was": row["status"], "cancelling": what == "cancelling"}}

@@ -59,8 +59,8 @@ class Engine:
         """``flags``: the generate command's model, layout and default-request flags. Everything `k5 generate`
         checks before loading is checked here (it runs that very code on a placeholder request into ``jobs_dir``);
         raises ValueError / OSError with its message. An edit-capable Image Lite server (an I2I checkpoint, or
-        ``--model tiny-image`` unless ``--task t2i``) is checked with a placeholder source image, as its requests
-        may bring one."""
+        ``--model tiny-image`` unless ``--task t2i``) and a ``--task i2v`` server are checked with a placeholder
+        image, as their requests bring one."""
         from k5.launch import generate
 
         def parse(extra):
@@ -69,7 +69,7 @@ class Engine:
         gargs = parse([])
         edits = serves_edits(gargs)
         with tempfile.TemporaryDirectory(prefix="k5-serve-") as scratch:
-            if edits:
+            if edits or gargs.task == "i2v":
                 from PIL import Image
 
                 probe = Path(scratch) / "probe.png"

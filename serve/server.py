@@ -12,7 +12,7 @@ The state folder (``--state-dir``)::
     jobs.sqlite3          the job store (k5.serve.store): every accepted request, its status and its files
     jobs/<id>/            a job's files, written by the CLI's checked path: <id>.mp4 (or .png; <id>.safetensors
                           with --save-latents), manifest.jsonl (its record), metrics.json, expansions.jsonl
-    uploads/<id>.<ext>    uploaded images (I2V, edits), named by the server
+    uploads/upload_<random>.<ext>    uploaded images (I2V, edits), named by the server
     logs/rank<r>.log      every rank's log
     server.json           where the running server listens: {"url", "host", "port", "pid", ...}
     .k5-serve.lock        held by rank 0 while it runs: one server per state folder
@@ -91,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared = p.add_argument_group("the model, its layout and the defaults of its requests (as `k5 generate`)")
     for action in generate_parser()._actions:
         if action.dest in SHARED:
-            shared._group_actions.append(action)
-            p._add_action(action)
+            shared._add_action(action)  # the same Action: its flags, type checks and help
     return p
 
 

@@ -65,3 +65,28 @@ def test_slurm_script_runs_k5_serve(tmp_path):
     assert cmd[:2] == ["srun", "--nodes=2"] and "--nproc-per-node=4" in cmd
     assert cmd[-9:] == ["-m", "k5", "serve", "--model", "/models/lite", "--state-dir", "/shared/serve", "--host",
                         "0.0.0.0"]
+
+
+def test_servers_that_take_images_are_checked_with_one(tmp_path, no_loading):
+    """`--task i2v` and an edit-capable Image Lite server are checked at start with a placeholder image (generate
+    refuses them without one); their requests then need their own."""
+    from PIL import Image
+
+    from k5.serve.engine import Engine
+
+    source = tmp_path / "cat.png"
+    Image.new("RGB", (96, 64), (10, 20, 30)).save(source)
+    i2v = Engine.prepare(["--model", "tiny", "--task", "i2v", "--height", "64", "--width", "64"], tmp_path / "a")
+    with pytest.raises(ValueError, match="--task i2v needs an image to animate"):
+        i2v.check({"prompt": "a cat"}, from_text=False, output="x.mp4")
+    spec = i2v.check({"prompt": "a cat"}, from_text=False, image=str(source), output="x.mp4")
+    assert spec["request"]["image"] == str(source) and spec["size"] == "80x48"  # the image's aspect, area 64x64
+    edits = Engine.prepare(["--model", "tiny-image"], tmp_path / "b")
+    assert edits.edits and edits.model_id == "tiny-image/i2i"
+    assert edits.check({"prompt": "night"}, from_text=False, image=str(source), task="i2i",
+                       output="x.png")["request"]["task"] == "i2i"
+    assert edits.check({"prompt": "a fox"}, from_text=False, task="t2i", output="y.png")["size"] == "1024x1024"
+    text_only = Engine.prepare(["--model", "tiny-image", "--task", "t2i"], tmp_path / "c")
+    assert not text_only.edits and text_only.model_id == "tiny-image/t2i"
+    with pytest.raises(ValueError, match="cannot edit"):
+        text_only.check({"prompt": "night"}, from_text=False, image=str(source), task="i2i", output="x.png")
