@@ -5,7 +5,7 @@
     k5 serve --model M --state-dir DIR                              (an HTTP server: OpenAI videos/images API)
     torchrun --nproc_per_node=8 -m k5 serve --model M ...           (the server on any parallel layout)
     k5 variants [--markdown|--json] [--world-size N]               (the catalogue of official checkpoints)
-    k5 bench [dit|attention|magcache|mask|syncs|project|plot|summary] ...   (= python -m k5.bench ...; a checkout)
+    k5 bench [dit|attention|magcache|mask|serve|syncs|project|plot|summary] ...   (= python -m k5.bench ...; a checkout)
 """
 
 from __future__ import annotations
