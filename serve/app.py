@@ -115,7 +115,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if board.stopping:
+        if board.stopping or ctx.stopping():
             return JSONResponse({"status": "stopping"}, 503)
         if not board.ready:
             return JSONResponse({"status": "loading", "model": engine.model_id}, 503)
