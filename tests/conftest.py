@@ -35,6 +35,7 @@ def seed():
     return 0
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist's default distribution: the tests of one server module (tests/test_serve_*.py) go to one
     worker, so they share the server its module-scoped fixture starts instead of each worker starting its own; every
