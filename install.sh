@@ -35,7 +35,7 @@ if [ "${1:-}" = "--relock" ]; then
     UPGRADE=(); [ "${2:-}" = "--upgrade" ] && UPGRADE=(--upgrade)
     CUSTOM_COMPILE_COMMAND="./install.sh --relock" $TOOLS/bin/pip-compile --quiet "${UPGRADE[@]}" \
         --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-        --extra test --extra bench --build-deps-for wheel -c constraints.txt -o "$LOCK" pyproject.toml
+        --extra test --extra bench --extra serve --build-deps-for wheel -c constraints.txt -o "$LOCK" pyproject.toml
     echo "# inputs-sha256: $("$PYTHON" .ci/lock.py digest)" >> "$LOCK"
     # the transformers of the compatibility test (tests/test_install.py), one wheel, hashed
     rm -rf $TOOLS/compat && $TOOLS/bin/python -m pip download "${PIPQ[@]}" --no-deps --only-binary=:all: \
@@ -48,10 +48,15 @@ if [ "${1:-}" = "--relock" ]; then
     exit 0
 fi
 
-if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then
+# System packages: ffmpeg writes and checks the videos; chromium is the headless browser that tests/test_serve_page.py
+# drives the server's web page with (Debian's build, through Playwright: no browser is ever downloaded).
+APT=()
+command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || APT+=(ffmpeg)
+command -v chromium >/dev/null || APT+=(chromium)
+if [ ${#APT[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${APT[@]}" >/dev/null
 fi
 
 if [ "${K5_DEPS:-locked}" = latest ]; then
@@ -60,7 +65,7 @@ if [ "${K5_DEPS:-locked}" = latest ]; then
     PIP=("$VENV/bin/python" -m pip install "${PIPQ[@]}")
     "${PIP[@]}" -c constraints.txt torch==2.13.0
     # deepspeed is a test peer only; DS_BUILD_OPS=0 keeps its install pure Python (no C++ build).
-    DS_BUILD_OPS=0 "${PIP[@]}" -c constraints.txt --upgrade --upgrade-strategy eager -e ".[test,bench]"
+    DS_BUILD_OPS=0 "${PIP[@]}" -c constraints.txt --upgrade --upgrade-strategy eager -e ".[test,bench,serve]"
     "$VENV/bin/python" -m pip check
     "$VENV/bin/python" .ci/lock.py compare "$LOCK" "$VENV/bin/python" --drift
     exit 0

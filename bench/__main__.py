@@ -1,7 +1,8 @@
 """`python -m k5.bench [dit|attention] ...` times the engine; `python -m k5.bench magcache ...` counts and times the DiT
 forwards of a preset with and without MagCache (magcache.py); `python -m k5.bench syncs ...` looks for device-to-host
 syncs in the denoising step on a GPU (syncs.py); `python -m k5.bench mask ...` times NABLA's mask build beside its
-attention (mask.py); `python -m k5.bench project|plot|summary ...` post-processes."""
+attention (mask.py); `python -m k5.bench serve ...` compares requests to a running `k5 serve` with separate CLI runs
+(serve.py); `python -m k5.bench project|plot|summary ...` post-processes."""
 
 import sys
 
@@ -19,9 +20,11 @@ if __name__ == "__main__":
         from k5.bench.summary import main
     elif what == "mask":
         from k5.bench.mask import main
+    elif what == "serve":
+        from k5.bench.serve import main
     else:
         from k5.bench.run import main
-    if what in ("project", "plot", "magcache", "syncs", "summary", "mask"):
+    if what in ("project", "plot", "magcache", "syncs", "summary", "mask", "serve"):
         sys.argv.pop(1)
     code = main()
     sys.exit(code if isinstance(code, int) else 0)  # the commands that judge (syncs) return their exit status

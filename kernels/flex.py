@@ -200,9 +200,9 @@ def _tile_dividing_choices():
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    # get_device_properties is constant-folded by dynamo, so this is no graph break inside a compiled block
-    props = torch.cuda.get_device_properties(device)
-    return props.major, props.minor
+    # get_device_capability reads get_device_properties, which dynamo constant-folds: no graph break inside a
+    # compiled block
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 # ---- compiled, or refused ----------------------------------------------------------------------------------------

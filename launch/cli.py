@@ -2,8 +2,10 @@
 
     k5 generate --model M --prompt "a cat" --output cat.mp4        (= python launch/generate.py ...)
     torchrun --nproc_per_node=8 -m k5 generate --model M ...        (any parallel layout, as generate.py)
+    k5 serve --model M --state-dir DIR                              (an HTTP server: OpenAI videos/images API)
+    torchrun --nproc_per_node=8 -m k5 serve --model M ...           (the server on any parallel layout)
     k5 variants [--markdown|--json] [--world-size N]               (the catalogue of official checkpoints)
-    k5 bench [dit|attention|magcache|mask|syncs|project|plot|summary] ...   (= python -m k5.bench ...; a checkout)
+    k5 bench [dit|attention|magcache|mask|serve|syncs|project|plot|summary] ...   (= python -m k5.bench ...; a checkout)
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 
 COMMANDS = {
     "generate": "generate videos (MP4) and images (PNG): one prompt or a batch job (`k5 generate --help`)",
+    "serve": "an HTTP server that keeps the model loaded: OpenAI-compatible videos and images API, a web page "
+             "(`k5 serve --help`)",
     "variants": "the catalogue of official checkpoints and their settings (`k5 variants --help`)",
     "bench": "benchmarks (bench/; only in a checkout of the repository: `k5 bench --help`)",
 }
@@ -72,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             return generate(rest)
         finally:
             sys.argv[0] = saved
+    if command == "serve":
+        from k5.serve.server import main as serve
+
+        return serve(rest)
     if command == "variants":
         from k5.launch.catalogue import main as variants
 

@@ -91,6 +91,22 @@ class RingComm:
         self._reqs = []
 
 
+def _run_steps(q, k, v, group, steps: list, stats, counters):
+    """The ring's steps: inline when the ring is one rank (Ulysses alone: nothing rotates, and a compiled block stays
+    one graph), else through the eager loop."""
+    if dist.get_world_size(group) > 1:
+        return _ring_loop(q, k, v, group, steps, stats, counters)
+    if len(steps) != 1:
+        raise ValueError(f"the ring of 1 rank needs one step; got {len(steps)}")
+    counters.count(skipped=steps[0] is None)
+    if steps[0] is None:
+        B, S, H, _ = q.shape
+        return q.new_zeros(q.shape, dtype=torch.float32), torch.full((B, H, S), float("-inf"), device=q.device)
+    fn, *extra = steps[0]
+    out, lse = fn(q, k, v, *extra)
+    return out.float(), lse
+
+
 @torch.compiler.disable(recursive=False)
 def _ring_loop(q, k, v, group, steps: list, stats, counters):
     """Rotate K/V around the ring; ``steps[src]`` is what to do with span src's keys: None (nothing to attend), or
@@ -140,6 +156,7 @@ def ring_dense_attention(q, k, v, group, padding: Padding | None = None, stats=N
     counters = counters if counters is not None else RingCounters()
     B, L = k.shape[:2]
     R = dist.get_world_size(group)
+    spans = None  # bound before the closure below reads it (dynamo refuses an unset cell)
     if padding is not None:
         if tuple(padding.mask.shape) != (R * L,) or not 0 <= padding.valid <= R * L:
             raise ValueError(f"padding must describe the padded sequence of ring * span = {R * L} positions; got "
@@ -153,7 +170,7 @@ def ring_dense_attention(q, k, v, group, padding: Padding | None = None, stats=N
             return None
         return dense_attention, spans[src].expand(B, L)
 
-    return _ring_loop(q, k, v, group, [step(src) for src in range(R)], stats, counters)
+    return _run_steps(q, k, v, group, [step(src) for src in range(R)], stats, counters)
 
 
 def _spans_with_work(rows, R: int) -> list[bool]:
@@ -197,5 +214,6 @@ def ring_nabla_attention(q, k, v, group, P, sta_rows, k_valid: int | None = None
 
     steps = [None if nonempty is not None and not nonempty[src] else
              (block_sparse_attention, rows[..., src * nbl : (src + 1) * nbl]) for src in range(R)]
-    out, lse = _ring_loop(q, k, v, group, steps, stats, counters)
+    out, lse = _run_steps(q, k, v, group, steps, stats, counters)
     return out, lse, rows
+

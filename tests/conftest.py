@@ -52,3 +52,21 @@ def inject_fault():
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist's default distribution: the tests of one server module (tests/test_serve_*.py) go to one
+    worker, so they share the server its module-scoped fixture starts instead of each worker starting its own; every
+    other test is a unit of its own, dealt to whichever worker is free. (xdist's own `--dist loadgroup` marks tests
+    by rewriting their node ids, which pytest 9 no longer allows.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerPerServer(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if os.path.basename(module).startswith("test_serve_") else nodeid
+
+    return OneWorkerPerServer(config, log)

@@ -32,6 +32,7 @@ from the fake mode) unless the test gave a stand-in for its site (``Watch.answer
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import sys
 from collections import Counter
@@ -403,6 +404,13 @@ class FakeCuda:
             def patch(obj, name, value):
                 stack.enter_context(_patched(obj, name, value))
 
+            # torch.device(...) as a context caches its set of factory functions on first use: one made in here
+            # would hold the torch.tensor shim below, and later real runs under ``with torch.device("meta")`` (how
+            # transformers builds a model) would make torch.tensor's tensors on the CPU. Cleared on both sides.
+            from torch.utils._device import _device_constructors
+
+            _device_constructors.cache_clear()
+            stack.callback(_device_constructors.cache_clear)  # runs last: after every patch below is undone
             cuda = torch.cuda
             patch(cuda, "is_available", lambda: True)
             patch(cuda, "device_count", lambda: self.world)
@@ -421,6 +429,7 @@ class FakeCuda:
             patch(torch, "tensor", _factory(torch.tensor))
             patch(torch, "as_tensor", _factory(torch.as_tensor))
             patch(torch, "compile", self._compile(torch.compile))
+            stack.enter_context(_sequence_slots_kept(torch.Tensor))  # undone after the shims below
             for name in SHIMMED:
                 patch(torch.Tensor, name, _shim(name, getattr(torch.Tensor, name)))
             self._set_aside_compiled()
@@ -470,7 +479,7 @@ class FakeCuda:
         self._globals = {m: dict(vars(m)) for m in _k5_modules()}
         for module, names in self._globals.items():
             for name, value in names.items():
-                if hasattr(value, "_torchdynamo_orig_callable"):
+                if _compiled_callable(value):
                     setattr(module, name, None)
 
     def _restore_globals(self):
@@ -479,8 +488,33 @@ class FakeCuda:
         compiled = {id(c) for c in self._compiled}
         for module, before in self._globals.items():
             for name, value in list(vars(module).items()):
-                if id(value) in compiled or (value is None and hasattr(before.get(name), "_torchdynamo_orig_callable")):
+                if id(value) in compiled or (value is None and _compiled_callable(before.get(name))):
                     setattr(module, name, before.get(name))
+
+
+def _compiled_callable(value) -> bool:
+    """A torch.compile'd function, not a torch.compiler.disable'd one (both carry _torchdynamo_orig_callable; a
+    disabled function such as parallel/ring.py's _ring_loop is plain eager code and stays)."""
+    return hasattr(value, "_torchdynamo_orig_callable") and not getattr(value, "_torchdynamo_disable", False)
+
+
+@contextlib.contextmanager
+def _sequence_slots_kept(cls: type):
+    """Puts back ``cls``'s C sequence slots as they were. Setting ``__getitem__``/``__setitem__`` on a class fills
+    both the mapping and the sequence slot (CPython's update_slot), and setting the original back, or deleting it,
+    leaves the sequence slot filled: every tensor would then pass PySequence_Check for the rest of the process, and
+    ``torch.tensor([t0, t1])`` of 0-d tensors fails with "len() of a 0-d tensor" (what transformers' Qwen2.5-VL
+    rope index does). The slots are restored by value: tp_as_sequence is the 14th pointer of PyTypeObject and
+    PySequenceMethods holds 10 pointers (CPython 3.8 to 3.13)."""
+    if sys.implementation.name != "cpython":
+        raise RuntimeError("the fake-CUDA harness restores CPython type slots")
+    table = ctypes.c_void_p.from_address(id(cls) + 13 * ctypes.sizeof(ctypes.c_void_p)).value
+    slots = (ctypes.c_void_p * 10).from_address(table)
+    before = list(slots)
+    try:
+        yield
+    finally:
+        slots[:] = before
 
 
 @contextlib.contextmanager
@@ -543,3 +577,28 @@ def flex_tile_problems(call: FlexCall, capability: tuple[int, int]) -> list[str]
             bad.append(f"BLOCK_M {m} x BLOCK_N {n} does not divide the {call.q_block}x{call.kv_block} mask blocks "
                        f"(head dim {call.head_dim}, {call.dtype}, sm{capability[0]}{capability[1]})")
     return bad if len(bad) == len(configs) else []
+
+
+def _skip_dynamo_frames() -> None:
+    """Dynamo never compiles a frame of this harness (the shims, the factories, the watch): eager code that a
+    ``torch.compiler.disable(recursive=False)`` function runs (parallel/ring.py's _ring_loop) hands every frame it
+    calls to dynamo, and a shim traced by dynamo would take its non-fake branch (dynamo does not see a FakeTensor in
+    ``isinstance``) into the CPU build's CUDA check. Their callees are still traced as before."""
+    from torch._dynamo.eval_frame import skip_code
+
+    def codes(code):
+        yield code
+        for const in code.co_consts:
+            if isinstance(const, type(code)):
+                yield from codes(const)
+
+    for value in list(globals().values()):
+        functions = [value] if callable(value) and hasattr(value, "__code__") else (
+            [v for v in vars(value).values() if hasattr(v, "__code__")] if isinstance(value, type) else [])
+        for fn in functions:
+            if getattr(fn, "__module__", None) == __name__:
+                for code in codes(fn.__code__):
+                    skip_code(code)
+
+
+_skip_dynamo_frames()

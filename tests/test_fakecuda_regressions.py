@@ -139,3 +139,24 @@ def test_the_shims_indexing_matches_torch(index):
         got = fake[idx]
         fake[idx] = 1.0
     assert got.shape == real[index].shape and got.device == fc.gpu
+
+
+def test_the_harness_leaves_torch_as_it_found_it():
+    """What a FakeCuda context changes in torch is undone at its exit, so the tests that share its process run as in
+    a fresh one (both leaks below broke transformers' Qwen2.5-VL and CLIP in later tests of the same xdist worker):
+
+    - Tensor's C sequence slot, filled by the ``__getitem__`` shim: afterwards ``torch.tensor`` of a list of 0-d
+      tensors raised "len() of a 0-d tensor" (transformers' rope index builds one);
+    - torch.device's cached set of factory functions, built in here with the ``torch.tensor`` shim in it:
+      afterwards ``torch.tensor`` under ``with torch.device("meta")`` made CPU tensors, and transformers left CLIP's
+      position ids unset (from_pretrained builds on meta and fills only what it moved off meta).
+    """
+    with FakeCuda(1, 2) as fc:
+        x = torch.arange(6, device=fc.device)
+        x[1:3] = x[3:5]  # both shims
+        with torch.device("meta"):
+            torch.tensor([1.0])  # the device context's factory set is made here, if not before
+    assert torch.tensor([torch.tensor(1), torch.tensor(2)]).tolist() == [1, 2]
+    with torch.device("meta"):
+        assert torch.tensor([1.0]).device.type == "meta"
+        assert torch.as_tensor([1.0]).device.type == "meta"

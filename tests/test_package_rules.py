@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("k5", "engine", "parallel", "kernels", "launch")  # the folders the wheel holds (pyproject's package-dir)
+SHIPPED = ("k5", "engine", "parallel", "kernels", "launch", "serve")  # the folders the wheel holds (pyproject's package-dir)
 TEST_ONLY = re.compile(r"K5_(TEST|FAKECUDA|SERVE_GATE)")
 # What the package reads from the environment, and why (README: "Running a real checkpoint", "Batch jobs").
 PRODUCTION = {
@@ -21,6 +21,7 @@ PRODUCTION = {
     "HF_HOME", "XDG_CACHE_HOME",  # the Hugging Face cache (with HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE below)
     "K5_TINY_CACHE",  # where the tiny checkpoints are built
     "OMP_NUM_THREADS",  # --nproc-per-node: the workers share the machine's cores
+    "K5_API_KEY",  # k5 serve: the default of --api-key (README: "Serving over HTTP")
 }
 # Reads whose name is computed: (file, function) -> the names it may read.
 COMPUTED = {("engine/catalogue/resolve.py", "hub_cache"): {"HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"}}

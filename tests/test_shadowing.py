@@ -1,9 +1,9 @@
 """The checkout never shadows an installed package, whatever is on sys.path and wherever a command starts.
 
-Regular packages named kernels, engine, parallel, launch and bench are put on PYTHONPATH, each with a MARKER (the
+Regular packages named kernels, engine, parallel, launch, bench and serve are put on PYTHONPATH, each with a MARKER (the
 `kernels` one is the real Hugging Face package that transformers 5.25 imports, with a marker added). The README's
 commands then run from the checkout root (where Python puts the root first on sys.path) and from another folder;
-a sitecustomize in the same folder reports, at every process's exit, what each of the five names imports as. Every
+a sitecustomize in the same folder reports, at every process's exit, what each of the six names imports as. Every
 command must work and every process must see the installed packages, never the checkout's folders.
 
 The same quick start also runs under transformers 5.24 (the release before the `kernels` dependency), with the
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-NAMES = ("kernels", "engine", "parallel", "launch", "bench")
+NAMES = ("kernels", "engine", "parallel", "launch", "bench", "serve")
 
 SITECUSTOMIZE = '''
 import atexit, importlib, json, os
