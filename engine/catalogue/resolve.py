@@ -231,8 +231,10 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
         recognised = _recognise_file(path)
     chosen, chosen_from = _choose_variant(variant, recognised, f"--model {model}")
 
-    if path.is_dir() and any((path / m).exists() for m in DIFFUSERS_MARKERS):
-        check_components(path)  # a missing or misplaced component is named as such, before the DiT is read
+    # A folder that is no original-format release (model/*.safetensors) must be a diffusers-layout one: its
+    # component folders are checked first, so a missing or misplaced component is named as such.
+    if path.is_dir() and (any((path / m).exists() for m in DIFFUSERS_MARKERS) or not (path / "model").is_dir()):
+        check_components(path)
         files = locate(path)
         config, kind, root, dit = files.config, "folder", path, path
     else:

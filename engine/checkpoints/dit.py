@@ -25,7 +25,7 @@ from torch import nn
 
 from k5.engine.checkpoints import lora
 from k5.engine.checkpoints.files import (DIT_INDEX, DIT_SINGLE, Checkpoint, TensorInfo, check_components,
-                                         open_safetensors, read_headers)
+                                         open_safetensors, read_headers, weight_files)
 from k5.engine.checkpoints.state_dict import K5, K6, K6_SR, DiTFormat
 
 
@@ -94,6 +94,7 @@ def locate(path: str | Path, fmt: DiTFormat = K5) -> DiTFiles:
         tensors = read_headers([folder / DIT_SINGLE])
         weight_map = {k: folder / DIT_SINGLE for k in tensors}
     else:
+        weight_files(folder, DIT_SINGLE, DIT_INDEX)  # a pickle file in place of the safetensors is named as such
         raise FileNotFoundError(f"no {DIT_SINGLE} or {DIT_INDEX} in {folder}")
     names = fmt.renamed(list(weight_map), folder)
     return _files(config, {n: weight_map[s] for n, s in names.items()}, names, tensors)
