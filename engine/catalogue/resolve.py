@@ -40,7 +40,14 @@ DIFFUSERS_MARKERS = ("model_index.json", "transformer")
 # "i2i", chosen by the task); its images take the buckets' sizes (1024-class: 4096 tokens, about 20 s an image with 4
 # steps on two CPU cores).
 TINY_MODELS = {"tiny": ("video", ("t2v", "i2v"), {"height": 128, "width": 128, "num_frames": 9, "steps": 4}),
-               "tiny-image": ("by task", ("t2i", "i2i"), {"steps": 4})}
+               "tiny-image": ("by task", ("t2i", "i2i"), {"steps": 4}),
+               # Kandinsky 6 (engine/catalogue/k6_tiny.py): video with audio; an image makes it I2AV. sft: Euler
+               # with guidance (the released sft default 5.0); distill: PiFlow at guidance 1.
+               "tiny-k6": ("sft", ("t2av",), {"height": 64, "width": 64, "num_frames": 9, "steps": 4,
+                                               "guidance_scale": 5.0}),
+               "tiny-k6-distill": ("distill", ("t2av",), {"height": 64, "width": 64, "num_frames": 9, "steps": 2,
+                                                          "guidance_scale": 1.0})}
+K6_TINY = ("tiny-k6", "tiny-k6-distill")
 # model_index.json ``_class_name`` of the diffusers pipelines -> the task of a -Diffusers checkpoint.
 PIPELINE_TASKS = {"Kandinsky5T2VPipeline": "t2v", "Kandinsky5I2VPipeline": "i2v", "Kandinsky5T2IPipeline": "t2i",
                   "Kandinsky5I2IPipeline": "i2i"}
@@ -153,8 +160,15 @@ class Resolved:
     variant_from: str | None  # "given" or "recognised"
     repo: str | None = None  # the hub repo id, when --model was one
     revision: str | None = None  # its cached commit
-    task: str | None = None  # t2v | i2v | t2i | i2i: the variant's, else the folder's model_index.json, else None
+    task: str | None = None  # t2v | i2v | t2i | i2i | t2av: the variant's, else the folder's, else None
     files: DiTFiles | None = field(default=None, compare=False, repr=False)  # the DiT located (read once)
+
+    @property
+    def k6(self) -> bool:
+        """A Kandinsky 6 video+audio checkpoint (engine.pipelines.k6)."""
+        from k5.engine.model.k6_config import K6Config
+
+        return isinstance(self.config, K6Config)
 
     def open(self) -> Checkpoint:
         """Every weight file of the checkpoint listed and its header read (once per run: the loaders and the memory
@@ -167,6 +181,11 @@ class Resolved:
         of None leaves the folder's scheduler config in charge. Empty for a checkpoint without a variant."""
         if self.kind == "tiny":
             return {**TINY_MODELS[self.model][2], **(self.variant.sampling() if self.variant else {})}
+        if self.k6 and self.variant is None:
+            from k5.engine.catalogue import k6_variants
+
+            known = k6_variants.recognise(self.repo or self.root.name)
+            return known.defaults() if known else {}
         return self.variant.defaults() if self.variant else {}
 
     @property
@@ -199,6 +218,8 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
     ``tiny_attention`` ("regular" or "nabla"): which tiny checkpoint ``--model tiny`` means (built on first use);
     ``tiny_task``: which of a tiny model's tasks is asked for (``tiny-image``: its t2i or its i2i checkpoint;
     default: the variant's task, else the model's first)."""
+    if model in K6_TINY:
+        return _resolve_k6_tiny(model, variant)
     if model in TINY_MODELS:
         return _resolve_tiny(model, variant, tiny_attention, tiny_task)
     path, repo, revision, recognised = Path(model).expanduser(), None, None, None
@@ -223,7 +244,11 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
                                f"{download_hint(model.partition('@')[0])}")
         path, revision = snap
         repo = model.partition("@")[0]
+        if _is_k6(path):
+            return _resolve_k6(model, path, variant, repo, revision)
         recognised = variants.recognise(repo)
+    elif path.is_dir() and _is_k6(path):
+        return _resolve_k6(model, path, variant)
     elif path.is_dir():
         snapshot_of = next((p.name for p in path.resolve().parents if p.name.startswith("models--")), None)
         recognised = variants.recognise(path.name) or (variants.recognise(snapshot_of) if snapshot_of else None)
@@ -268,6 +293,40 @@ def resolve_model(model: str, variant: str | None = None, *, components: str | P
         config = chosen.configure(config)
     task = chosen.task if chosen is not None else checkpoint_task(root) if kind == "folder" else None
     return Resolved(model, kind, root, dit, config, chosen, chosen_from, repo, revision, task, files)
+
+
+def _is_k6(path: Path) -> bool:
+    from k5.engine.pipelines.k6 import is_k6_checkpoint
+
+    return is_k6_checkpoint(path)
+
+
+def _resolve_k6(model: str, path: Path, variant: str | None, repo: str | None = None,
+                revision: str | None = None) -> Resolved:
+    """A Kandinsky 6 -Diffusers folder (or cached repo): its own scheduler and sizes; Kandinsky 5 variants do not
+    apply (the catalogue's Kandinsky 6 rows give the settings of a recognised repo, engine/catalogue/k6_variants.py)."""
+    from k5.engine.checkpoints.state_dict import K6
+
+    if variant is not None:
+        raise VariantError(f"--variant {variant}: the catalogue's variants are Kandinsky 5 settings; --model {model} "
+                           f"is a Kandinsky 6 checkpoint, which runs with its own scheduler and the settings of its "
+                           f"repo: drop --variant")
+    check_components(path)
+    files = locate(path, K6)
+    return Resolved(model, "folder", path, path, files.config, None, None, repo, revision, "t2av", files)
+
+
+def _resolve_k6_tiny(model: str, variant: str | None) -> Resolved:
+    from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
+    from k5.engine.checkpoints.state_dict import K6
+
+    if variant is not None:
+        raise VariantError(f"--variant {variant}: --model {model} is the tiny Kandinsky 6 model, which the Kandinsky 5 "
+                           f"variants do not apply to; drop --variant (its steps and guidance are flags)")
+    root = k6_tiny_checkpoint(kind=TINY_MODELS[model][0])  # cached; built aside and renamed, safe under torchrun
+    check_components(root)
+    files = locate(root, K6)
+    return Resolved(model, "tiny", root, root, files.config, None, None, task="t2av", files=files)
 
 
 def _resolve_tiny(model: str, variant: str | None, attention: str, task: str | None = None) -> Resolved:

@@ -40,5 +40,5 @@ def conditionings(text: TextEmbeds) -> list[Conditioning]:
 
 def encode(encoder: TextEncoder, prompts: list[str]) -> tuple[list[Conditioning], list[bool]]:
     """Each prompt's conditioning, and whether it exceeded the 1024-token budget (cut at its end)."""
-    text = encoder.encode(list(prompts), K6_PROMPT)
+    text = encoder.encode(list(prompts), fmt=K6_PROMPT)  # keyword: SharedText / BranchText pass it on
     return conditionings(text), text.truncated
