@@ -32,7 +32,8 @@ from k5.bench import fast, flops, peers, report
 from k5.engine.checkpoints.dit import keeps_fp32
 from k5.engine.model.config import PRESETS, DiTConfig
 from k5.engine.model.dit import Kandinsky5DiT, TokenGrid
-from k5.engine.sampling.sampler import Conditioning, guided_velocity, model_input
+from k5.engine.sampling.chain import StepCall, compose
+from k5.engine.sampling.sampler import Conditioning, model_input
 from k5.kernels.flex import FLEX_OPTIONS, check_compiled_flex, set_flex_options
 from k5.kernels.nabla import (NablaSpec, block_sparse_attention, nabla_backend, nabla_block_mask, nabla_mask,
                               pool_blocks, sta_block_mask)
@@ -164,7 +165,8 @@ def plan(args, world_size: int, cfg: DiTConfig):
 def apply_layout(dit: Kandinsky5DiT, dims, device: torch.device):
     """Build the mesh and apply each technique with a degree above 1 to the built model, as the launcher does.
 
-    Returns the CommStats every collective adds to and the CFG combiner (``guided_velocity``'s signature).
+    Returns the CommStats every collective adds to and the guiding stages of the step chain (CfgParallel, or none:
+    the chain's sequential Guidance).
     """
     from k5.parallel.cfg import CfgParallel
     from k5.parallel.comm_stats import CommStats
@@ -177,8 +179,7 @@ def apply_layout(dit: Kandinsky5DiT, dims, device: torch.device):
         apply_tensor_parallel(dit, dims, stats)
     if dims.sp_size > 1:
         apply_sequence_parallel(dit, dims, stats)
-    guided = CfgParallel(dims, stats).guided if dims.cfg > 1 else guided_velocity
-    return stats, guided
+    return stats, [CfgParallel(dims, stats)] if dims.cfg > 1 else []
 
 
 # ---- distributed helpers ------------------------------------------------------------------------------------------
@@ -377,7 +378,8 @@ def run_dit(args) -> dict:
         peer = diffusers_peer(args, folder, dtype, device, P, inputs, reference, checks)
         timing["diffusers_compiled"] = args.peer_compile
 
-    stats, guided = apply_layout(dit, dims, device) if dims else (None, guided_velocity)
+    stats, stages = apply_layout(dit, dims, device) if dims else (None, [])
+    guided = compose(stages, lambda x, tt, c: dit(x, c.embeds, c.pooled, tt))
     result["config"]["attention_backend"] = fast.use_attention_backend(args.attention_backend, device, dtype,
                                                                        cfg.head_dim)
     count = flops.forward_flops(cfg, tokens, args.text_tokens, density=density)
@@ -413,7 +415,7 @@ def run_dit(args) -> dict:
                 checks["compiled_rel_err"] = err
 
         def step():
-            v = guided(lambda x, tt, c: dit(x, c.embeds, c.pooled, tt), inp, t, cond, uncond, GUIDANCE)
+            v = guided(StepCall(inp, t, 0, 1, GUIDANCE, cond, uncond))
             return state + (-0.02) * v  # one Euler step: x + (t_next - t) * v
 
         if device.type == "cuda":

@@ -1,4 +1,5 @@
-"""The GPU path as the CLI sets it up: which device, which dense attention kernel, compiled or not, and the summary.
+"""The GPU path as the CLI sets it up: which dense attention kernel, compiled or not, and the summary (the device
+itself is chosen by k5.launch.env.resolve_device).
 
 ``setup_fast_path`` is what launch/generate.py calls on a built DiT; ``run_summary`` returns the facts of the run's
 end-of-run line (compiled or not and the recompile count, the attention kernel, peak memory over the whole run with
@@ -13,36 +14,6 @@ import torch
 
 from k5.engine.compile import CompileWatch, allow_variants, compile_blocks
 from k5.engine.memory import PEAKS, format_peaks
-
-
-def resolve_device(spec: str | None, local_rank: int, ranks_here: int = 1) -> torch.device:
-    """The device a rank runs on: ``--device cuda`` (no index) is ``cuda:LOCAL_RANK``, as torchrun numbers
-    a node's GPUs; no ``--device`` is the same when CUDA is available, else the CPU. Raises ValueError (before
-    anything loads) for CUDA where there is none, and for ``cuda:N`` when ``ranks_here`` > 1 processes of the job
-    run on this machine: every one of them would take GPU N, and NCCL refuses that only after the weights load."""
-    if spec is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and device.index is not None and ranks_here > 1:
-        raise ValueError(f"--device {spec} puts all {ranks_here} ranks on this machine on GPU {device.index} (NCCL "
-                         f"fails with 'Duplicate GPU detected'); use --device cuda, which is cuda:LOCAL_RANK on "
-                         f"each rank")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise ValueError(f"--device {spec}: CUDA is not available here ({why}, torch {torch.__version__}); "
-                             f"use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or --device cuda under torchrun")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {spec}: k5 runs on cpu or cuda; use one of those")
-    return device
 
 
 @dataclass

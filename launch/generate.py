@@ -34,19 +34,15 @@ if __package__ in (None, ""):  # run as a script (python/torchrun launch/generat
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from k5.launch.channel import exception_text
-from k5.launch.logs import Logs
-from k5.launch.signals import EXIT_FAILED, EXIT_USAGE, StopSignals
-from k5.launch.supervisor import Supervisor, init_distributed
+from k5.launch.env import DTYPES, Env, detect_env
+from k5.launch.signals import EXIT_USAGE
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def finite_float(text: str) -> float:
@@ -214,43 +210,6 @@ def fail(message: str, code: int = EXIT_USAGE, show: bool = True) -> None:
     sys.exit(code)
 
 
-def comm_summary(stats) -> str:
-    """Bytes this rank sent in the last denoising step, by collective (Runtime.generate closes a record per step;
-    the first step also carries the text broadcast, so the last one is the steady state)."""
-    if not stats.steps:
-        return stats.format()
-    return "; ".join(f"{kind} {v['bytes'] / 2**20:.3f} MiB in {v['calls']} calls" for kind, v in stats.steps[-1].items())
-
-
-@dataclass
-class Env:
-    world: int
-    rank: int
-    local_rank: int
-    device: torch.device
-    estimate: object = None  # engine.memory.Estimate of this rank's peak, made before loading
-
-
-def detect_env(args) -> Env:
-    """World, rank and device; raises ValueError for a device this machine does not have (before anything loads)."""
-    from k5.engine.fastpath import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    # The job's processes on this machine: torchrun's LOCAL_WORLD_SIZE (else the world), or the workers to start.
-    ranks_here = max(int(os.environ.get("LOCAL_WORLD_SIZE", world)), args.nproc_per_node or 1)
-    device = resolve_device(args.device, local_rank, ranks_here)
-    # The fast path's defaults depend on the device: compiled and text encoders off the GPU with CUDA.
-    if args.compile is None:
-        args.compile = device.type == "cuda"
-    if args.offload is None:
-        args.offload = "text" if device.type == "cuda" else "none"
-    if args.offload == "model" and max(world, args.nproc_per_node or 1) > 1:
-        raise ValueError("--offload model runs one process; with several GPUs split the DiT with --tp-degree instead")
-    return Env(world, rank, local_rank, device)
-
-
 # =====================================================================================================================
 # PARALLEL LAYOUT: k5.parallel.plan turns the degree flags into a ParallelDims (plan_parallel, before any weight) and
 # builds the parallel pipeline on its mesh (build_parallel). The launcher builds no process group of its own: the
@@ -266,149 +225,6 @@ def plan_dims(args, cfg, world: int):
 
 
 @dataclass
-class Runtime:
-    pipe: object  # Kandinsky5Pipeline, parallel where the layout says so
-    dims: object  # ParallelDims with its mesh
-    guided: object  # pipeline.generate(guided=...) for CFG parallel, else None
-    stats: object  # CommStats of every collective, None on one process
-    group: object  # the process group of the ranks that share an item (None: this process alone)
-    group_rank: int
-    dp_rank: int
-    describe: str
-    device: torch.device = torch.device("cpu")
-    decode_report: list = field(default_factory=list)  # per-rank lines of the last split decode (group rank 0)
-    dit_forwards: int = 0  # DiT forwards that ran the visual blocks on this rank (counted by a forward hook)
-    fast: object = None  # engine.fastpath.FastPath: attention kernel and compile watch
-    estimate: object = None  # engine.memory.Estimate made before loading
-    ratios: tuple | None = None  # --magcache: the variant's ratios (the step cache is a stage of the step chain)
-    chain: list = field(default_factory=list)
-    image: bool = False  # an Image Lite pipeline: images are decoded on the group's rank 0
-
-    @property
-    def group_size(self) -> int:
-        return 1 if self.group is None else dist.get_world_size(self.group)
-
-    def forwards(self) -> int:
-        return self.dit_forwards
-
-    def comm_steps(self) -> list:
-        """Bytes sent by collective, one record per denoising step so far (none on one process)."""
-        return [] if self.stats is None else self.stats.steps
-
-    def count_forwards(self) -> None:
-        def hook(module, args):
-            self.dit_forwards += 1
-
-        # The first visual block: a forward that MagCache skips still calls the DiT (text blocks, output layer)
-        # but not its visual blocks.
-        self.pipe.dit.visual_transformer_blocks[0].register_forward_pre_hook(hook)
-
-    def generate(self, req, on_step, prompt=None):
-        def step(i):
-            if self.stats is not None:
-                self.stats.end_step()  # one record of bytes sent per denoising step
-            on_step(i)
-
-        from k5.launch.model import forwards
-
-        result = self.pipe.generate(req, on_step=step, guided=self.guided, prompt=prompt, chain=self.chain)
-        result.forwards = forwards(self.ratios, req)  # the whole item's, both branches: the plan decides them
-        return result
-
-    def switch_adapters(self, adapters) -> list[str]:
-        """The DiT with ``adapters`` merged (every rank of the item group calls it; each re-reads its own slices of
-        the base weights the old or new adapters touch, no communication). Returns the weights re-read."""
-        if self.dims.world_size > 1:
-            from k5.parallel.tensor import switch_dit_adapters
-
-            return switch_dit_adapters(self.pipe.dit, self.pipe.checkpoint.dit, self.dims, adapters)
-        from k5.engine.checkpoints.dit import switch_adapters
-
-        return switch_adapters(self.pipe.dit, self.pipe.checkpoint.dit, adapters)
-
-    def expand(self, req, reuse):
-        """(the expansion of the request's prompt, the same on every rank of the item group; whether it was generated
-        (True) or reused (False) on the rank that expands, None on the others)."""
-        reused = []
-
-        def ask():
-            text = reuse()
-            reused.append(text is not None)
-            return text
-
-        text = self.pipe.expand_prompt(req, reuse=ask)
-        return text, (not reused[0]) if reused else None
-
-    def decode(self, latents):
-        """uint8 frames [F, H, W, 3] on the group's rank 0, None on the others."""
-        if self.group is None:
-            return self.pipe.decode(latents)
-        if self.image:
-            # One 2D image: the group's rank 0 decodes it whole (the FLUX VAE decodes a 1024-class image in well under
-            # a second on a GPU; tiles and their exchange would cost more than they save). The others go on.
-            return self.pipe.decode(latents) if self.group_rank == 0 else None
-        from k5.parallel.vae_tiles import parallel_decode
-
-        frames, stats = parallel_decode(self.pipe.vae.vae, latents, group=self.group, dst=0)
-        # One small gather after the decode, so the writing rank can report every rank's tiles, time and peak.
-        lines = [None] * dist.get_world_size(self.group) if self.group_rank == 0 else None
-        dist.gather_object(stats.summary(), lines, group=self.group, group_dst=0)
-        self.decode_report = lines or []
-        return None if frames is None else frames[0]
-
-
-def build_runtime(args, job, env: Env, keep_text: bool) -> Runtime:
-    from k5.engine.fastpath import setup_fast_path
-    from k5.parallel.plan import build_parallel
-
-    # The resolved checkpoint: components from its root, the DiT from its folder or single file with the config
-    # the variant gives it (a NABLA-trained file runs NABLA with the variant's P).
-    s = build_parallel(job.weights, job.dims, dtype=DTYPES[args.dtype], device=env.device, keep_text=keep_text,
-                       expand=job.expand, adapters=job.adapters, offload=args.offload, config=job.cfg)
-    if env.world == 1 and not keep_text and args.offload != "none":
-        s.pipeline.text_after_encode = "release"  # one video: the encoders are never needed again
-    s.pipeline.dit.set_attention(args.attention, args.nabla_threshold)
-    rt = Runtime(s.pipeline, s.dims, s.guided, s.stats, s.item_group, s.item_rank, s.dp_rank,
-                 s.describe() if env.world > 1 else "", env.device, estimate=env.estimate, ratios=job.ratios,
-                 image=job.image)
-    if job.ratios is not None:
-        from k5.engine.sampling.magcache import MagCache
-
-        # After the guiding stage (Guidance, or CfgParallel: each cfg half follows its own branch's accumulator).
-        rt.chain = [MagCache(job.ratios)]
-    shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
-    rt.fast = setup_fast_path(rt.pipe.dit, env.device, args.compile, args.attention_backend, len(shapes),
-                              ring=s.dims.ring, attention_calls=attention_calls(rt, shapes))
-    rt.count_forwards()
-    return rt
-
-
-def attention_calls(rt, shapes) -> list:
-    """This rank's dense attention calls at the job's sizes, which the kernels are probed on before the first step:
-    text self-attention and cross-attention (with and without the text mask: a prompt that fills the budget has
-    none) and the visual self-attention unless NABLA runs it (a ring chunk's, masked where the sequence is padded)."""
-    from k5.kernels.attention import AttentionCall
-    from k5.parallel.layout import SequenceLayout
-
-    cfg, d = rt.pipe.dit.config, rt.dims
-    heads, text = cfg.num_heads // d.tp, 512 if rt.image else 256
-    calls = []
-    for frames, height, width in shapes:
-        tokens = ((frames - 1) // 4 + 1) * ((height or 1024) // 16) * ((width or 1024) // 16)  # image: a 1024 bucket
-        layout = SequenceLayout(tokens, d.sp_size)
-        local = layout.shard_len if d.sp_size > 1 else tokens
-        for masked in (False, True):
-            calls += [AttentionCall(text, text, heads, masked), AttentionCall(local, text, heads, masked)]
-        if rt.pipe.dit.nabla is None and d.sp_size == 1:
-            calls.append(AttentionCall(tokens, tokens, heads))
-        elif rt.pipe.dit.nabla is None:
-            span = local * d.ulysses  # a ring chunk: one span's tokens after the all-to-all, the rank's heads
-            calls += [AttentionCall(span, span, heads // d.ulysses, masked, lse=True)
-                      for masked in ((False, True) if layout.pad else (False,))]
-    return calls
-
-
-@dataclass
 class Job:
     root: Path
     cfg: object  # DiTConfig
@@ -416,7 +232,7 @@ class Job:
     dims: object  # ParallelDims (no mesh yet)
     items: list  # the items (k5.launch.prompts.Item): one for a single video
     settings: dict  # what decides the outputs besides each request; a resumed job must repeat it
-    dest: object  # k5.launch.job.OutputFiles or k5.launch.batch.JobFolder
+    dest: object  # a k5.launch.destination.Destination: OutputFiles or k5.launch.batch.JobFolder
     needs_frames: bool  # decode the latents (a video, an image or frames are written)
     adapters: tuple = ()  # --lora: merged at load (items with other adapters switch, k5.launch.job.prepare_item)
     expand: bool = False  # prompt expansion (loads Qwen's lm_head on the text-source ranks)
@@ -522,7 +338,7 @@ def validate(args, env: Env) -> Job:
         if path.is_dir():
             raise ValueError(folder_given(path, flag, {"metrics.json": "the summary"}))
     if single:
-        from k5.launch.job import OutputFiles
+        from k5.launch.destination import OutputFiles
 
         if dims.dp > 1:
             raise ValueError(f"--dp-degree {dims.dp}: one video runs on one group of ranks; data parallelism over "
@@ -602,7 +418,9 @@ def main(argv=None) -> int:
         from k5.launch.workers import start_workers
 
         return start_workers(args.nproc_per_node, sys.argv if argv is None else [sys.argv[0], *argv])
-    return run(args, env, job)
+    from k5.launch.job import run_command
+
+    return run_command(args, env, job)
 
 
 def check_memory(args, env: Env, job: Job):
@@ -619,96 +437,6 @@ def check_memory(args, env: Env, job: Job):
     return estimate_and_check(job.weights, job.cfg, shapes, DTYPES[args.dtype], env.device, args.offload, job.nabla,
                               lm_head=job.expand, vision=vision, sp=d.sp_size, ulysses=d.ulysses, ring=d.ring,
                               tp=d.tp, cfg_degree=d.cfg, dp=d.dp, keep_text=len(job.items) > 1)
-
-
-def run(args, env: Env, job: Job) -> int:
-    from k5.launch.job import run_job
-
-    if env.world > 1:
-        init_distributed(args.timeout, env.device)
-    logs = Logs(env.rank, job.dest.log_dir)
-    signals = StopSignals()
-    signals.install()
-    sup = None
-    written: list[str] = []
-    t_start = time.perf_counter()
-    try:
-        sup = Supervisor(env.rank, env.world, args.timeout, logs, signals, env.device)
-        sup.written_note = lambda: written_note(job, written, sup.job_items_done())
-        result = run_job(job, sup, env.rank, lambda keep_text: build_runtime(args, job, env, keep_text), written)
-        if env.rank == 0:
-            report_end(args, job, result, time.perf_counter() - t_start, written)
-        code = result.code
-    except Exception as e:
-        if sup is not None and env.world > 1:
-            sup.fail(e)  # tells the other ranks and ends this process
-        logs.log.error("error: %s", exception_text(e), exc_info=e)
-        logs.log.error(written_note(job, written, 0 if sup is None else sup.job_items_done()))
-        code = EXIT_FAILED
-    finally:
-        signals.restore()
-        if sup is not None:
-            sup.close()
-        job.dest.close()
-        logs.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
-
-
-def written_note(job: Job, written: list[str], items_done: int) -> str:
-    """The last line of a failed run: what it wrote before it failed (finished files are kept)."""
-    out_dir = getattr(job.dest, "out_dir", None)
-    if out_dir is not None:
-        return (f"{items_done} item(s) finished in this run; every finished item stays in {out_dir}; run the same "
-                f"command again to resume")
-    return f"written before the failure (kept): {', '.join(written)}" if written else "nothing was written"
-
-
-def report_end(args, job: Job, result, wall_s: float, written: list[str]) -> None:
-    """Rank 0: the summary line, the metrics JSON, and the last line, which names the files written."""
-    import logging
-
-    from k5.launch.job import last_line
-    from k5.launch.logs import LOGGER
-    from k5.launch.metrics import format_bytes, summary, write_json
-
-    log = logging.getLogger(LOGGER)
-    rt, outcome = result.runtime, result.outcome
-    metrics_files = []
-    if outcome is not None and outcome.reports is not None and result.status in ("done", "stopped"):
-        dims = rt.dims if rt is not None else job.dims  # stopped before loading: the planned layout
-        layout = {"world": dims.world_size, **dims.degrees}
-        files = written + [str(p) for p in (args.metrics_json, job.dest.metrics_path) if p]
-        doc = summary(args=args, job=job, layout=layout, plan=result.plan, outcome=outcome, status=result.status,
-                      exit_code=result.code, wall_s=wall_s, files=files)
-        items = doc["per_item"]
-        if result.status == "done" and items:
-            steps = [s for it in items for s in it["step_s"]]
-            peak = max((r["peak_memory"]["bytes"] for r in doc["ranks"] if r.get("peak_memory")), default=None)
-            fw = doc["dit_forwards"]
-            line = (f"summary: {len(items)} item(s) in {wall_s:.1f} s, {sum(steps) / len(steps):.3f} s/step, "
-                    f"decode {doc['times']['stages']['decode_s']:.2f} s, peak memory {format_bytes(peak)} "
-                    f"(highest rank), variant {doc['variant'] or 'none'}, DiT forwards {fw['run']} run, "
-                    f"{fw['skipped']} skipped" + (" (MagCache)" if doc["magcache"] else ""))
-            rank0 = next((r for r in doc["ranks"] if r["rank"] == 0 and r.get("compile")), None)
-            if rank0 is not None:
-                from k5.engine.fastpath import format_summary
-
-                line += "; rank 0: " + format_summary(rank0)
-            if rt.stats is not None:
-                line += f", sent per denoising step: {comm_summary(rt.stats)}"
-            log.info(line)
-            for decode_line in rt.decode_report:
-                log.info(decode_line)
-        for path in (job.dest.metrics_path, args.metrics_json):
-            if path:
-                write_json(path, doc)
-                metrics_files.append(str(path))
-    line = last_line(job, result)
-    if metrics_files and result.status == "done":
-        line += f"; metrics: {', '.join(metrics_files)}"
-    log.info(line)
 
 
 if __name__ == "__main__":

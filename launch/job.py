@@ -1,7 +1,7 @@
 """The one job loop: a single video and a batch job run through the same code.
 
 A run is a list of items and a destination. ``--prompt ... --output x.mp4`` is a one-item job whose destination is
-the explicit paths (``OutputFiles``: no manifest, no resume, no log folder); ``--prompts FILE --output-dir DIR``
+the explicit paths (k5.launch.destination.OutputFiles: no manifest, no resume, no log folder); ``--prompts FILE --output-dir DIR``
 (or ``--prompt ... --output-dir DIR``) is a job folder (``k5.launch.batch.JobFolder``: lock, manifest, resume).
 Everything else is shared: the plan (rank 0 makes it, every rank gets it), one stop agreement before loading and at
 every denoising step, the deal of items to dp groups, failure handling, progress, writing (checked, then
@@ -21,66 +21,17 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from k5.launch.batch import Plan, deal, settings
+from k5.launch.batch import deal, settings
 from k5.launch.logs import LOGGER
-from k5.launch.outputs import write_outputs
+from k5.launch.destination import Destination
+from k5.launch.engine import Cancelled
 from k5.launch.prompts import Item
 from k5.launch.signals import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Stopped, signal_name, stop_exit_code
 from k5.launch.supervisor import Supervisor
 
 log = logging.getLogger(LOGGER)
-
-
-class OutputFiles:
-    """A single run's explicit paths (``--output``, ``--save-latents PATH``, ``--save-frames PATH``) as the
-    destination of the job loop: no manifest, no resume, no log folder."""
-
-    log_dir = None
-    metrics_path = None
-    shared_plan = False  # every rank knows the plan: the one item
-
-    def __init__(self, paths: dict[str, Path]):
-        self.paths = paths
-
-    def start(self, items: list[Item]) -> Plan:
-        return Plan([item.index for item in items], 0)
-
-    def targets(self, item: Item) -> dict[str, Path]:
-        return dict(self.paths)
-
-    def write(self, item: Item, data: dict, record: dict) -> dict:
-        return {**record, "files": write_outputs(self.paths, {k: data[k] for k in self.paths})}
-
-    def describe(self, done: int, before: int) -> str:
-        return ", ".join(str(p) for p in self.paths.values())
-
-    def recorded_expansion(self, item: Item) -> str | None:
-        return None  # nothing to resume: the expansion goes to the summary (metrics) only
-
-    def record_expansion(self, item: Item, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class Worker:
-    """What the launcher provides for one dp group: every rank of the group calls these together."""
-
-    generate: Callable  # (Request, on_step, prompt=None) -> engine.pipelines.video.Result; prompt: the text to encode
-    decode: Callable  # latents -> uint8 frames on the group's leader, None elsewhere
-    leader: bool  # this rank writes the group's files and records
-    forwards: Callable[[], int] = lambda: 0  # DiT forwards that ran the visual blocks on this rank so far
-    comm_steps: Callable[[], list] = lambda: []  # per denoising step: bytes sent by collective (CommStats.steps)
-    # (adapters) -> names of the DiT weights re-read: the item's LoRA adapters into the DiT ([] if unchanged)
-    switch_adapters: Callable[[tuple], list] = lambda adapters: []
-    # (Request, reuse) -> (expanded text, generated: True/False on the rank that expands, None elsewhere); None: no
-    # prompt expansion. reuse() -> a recorded expansion or None, asked on the rank that expands.
-    expand: Callable | None = None
 
 
 class Progress:
@@ -171,7 +122,7 @@ def adapter_lines(adapters: tuple) -> list[str]:
             f"layer{'' if len(a.targets) == 1 else 's'})" for a in adapters]
 
 
-def prepare_item(item: Item, worker: Worker, dest) -> tuple[str | None, dict, dict]:
+def prepare_item(item: Item, engine, dest: Destination, expand: bool) -> tuple[str | None, dict, dict]:
     """Every rank of the item's group, before its denoising: the item's LoRA adapters into the DiT (the base weights
     re-read where the adapters change, nothing when they stay) and, with prompt expansion, the text to encode.
 
@@ -180,19 +131,19 @@ def prepare_item(item: Item, worker: Worker, dest) -> tuple[str | None, dict, di
     leader records a generated one at once. Returns (the text, or None for the item's own prompt; what the item's
     manifest record and metrics note; the seconds spent, by part)."""
     t0 = time.perf_counter()
-    touched = worker.switch_adapters(item.adapters)
+    touched = engine.switch_adapters(item.adapters)
     t1 = time.perf_counter()
     notes = {"lora": [a.record() for a in item.adapters]} if item.adapters else {}
     if touched:
         names = ", ".join(f"{a.path.name}:{a.scale:g}" for a in item.adapters) or "none (base weights)"
         log.info("item %d: LoRA %s (%d weights re-read from the checkpoint)", item.index, names, len(touched))
     times = {"lora_switch_s": t1 - t0}
-    if worker.expand is None:
+    if not expand:
         return None, notes, times
-    expanded, generated = worker.expand(item.request, lambda: dest.recorded_expansion(item))
+    expanded, generated = engine.expand(item.request, lambda: dest.recorded_expansion(item))
     times["expand_s"] = time.perf_counter() - t1
     prompt = "".join(a.trigger or "" for a in item.adapters) + expanded
-    if worker.leader:
+    if engine.leader:
         if generated:
             dest.record_expansion(item, expanded)
         log.info("item %d: expanded prompt (%s): %s", item.index, "generated" if generated else "recorded, reused",
@@ -211,13 +162,18 @@ def trigger_notes(items: list[Item], expand: bool) -> list[str]:
             for a in adapters.values()]
 
 
-def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_base: dict, job_settings: dict,
-              needs_frames: bool, on_step: Callable[[Item, int], None] | None = None,
-              on_item: Callable[[Item, dict], None] | None = None) -> tuple[list[dict], bool]:
-    """Run this group's items in order; return (the metrics of the items this rank wrote, whether the group stopped).
+def run_items(items: list[Item], engine, sup: Supervisor, dest: Destination, record_base: dict,
+              job_settings: dict, needs_frames: bool, expand: bool = False,
+              on_step: Callable[[Item, int, int], None] | None = None,
+              on_item: Callable[[Item, dict], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> tuple[list[dict], bool]:
+    """Run this group's items in order through ``engine`` (k5.launch.engine.Engine, joined to ``sup``); return (the
+    metrics of the items this rank wrote, whether the group stopped).
 
-    Every rank of the group calls ``sup.agree_stop`` at the same points (before each item, after each step, before
-    the decode), so the group stops together; a stopped item's files are never published.
+    Every rank of the group agrees on stopping at the same points (before each item here; after each step and
+    before the decode in Engine.run), so the group stops together; a stopped item's files are never published.
+    ``on_step(item, done, total)``: Engine.run's on_step for the item; ``should_stop``: its cancel check (a Cancelled
+    item ends the loop with the exception, unpublished). ``expand``: prompt expansion is on.
     """
     finished = []
     for item in items:
@@ -226,38 +182,31 @@ def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_b
         sup.begin_item(item.index, f"item {item.index} ({item.where})")
         t0 = time.perf_counter()
         log.info("item %d (%s): %r, seed %d", item.index, item.where, item.request.prompt[:80], item.request.seed)
-        marks: list[float] = []
-        forwards0, comm0 = worker.forwards(), len(worker.comm_steps())
-
-        def step(i: int) -> None:
-            marks.append(time.perf_counter())
-            if on_step is not None:
-                on_step(item, i)
-            sup.step(i)
+        forwards0, comm0 = engine.forwards(), len(engine.comm_steps())
+        step = None if on_step is None else (lambda done, total, item=item: on_step(item, done, total))
 
         try:
-            prompt, notes, prep_times = prepare_item(item, worker, dest)
+            prompt, notes, prep_times = prepare_item(item, engine, dest, expand)
             t_gen = time.perf_counter()
-            result = worker.generate(item.request, step, prompt=prompt)
-            if sup.agree_stop():
-                raise Stopped()
-            t1 = time.perf_counter()
-            frames = worker.decode(result.latents) if needs_frames else None
+            result = engine.run(item.request, on_step=step, should_stop=should_stop, prompt=prompt,
+                                decode=needs_frames)
+            frames, marks = result.frames, result.step_ends
+            decode_s = result.timings.pop("decode_s", 0.0)
             t2 = time.perf_counter()
-            if worker.leader:
+            if engine.leader:
                 text_s = result.timings.get("text_s", 0.0)
                 metrics = {
                     "item": item.index, "where": item.where, "output": item.output, "rank": sup.rank,
                     "steps": item.request.steps, "text_s": text_s, "denoise_s": result.timings.get("denoise_s"),
-                    "step_s": [b - a for a, b in zip([t_gen + text_s] + marks[:-1], marks)], "decode_s": t2 - t1,
+                    "step_s": [b - a for a, b in zip([t_gen + text_s] + marks[:-1], marks)], "decode_s": decode_s,
                     # The item's forwards (both guidance branches) as the runtime knows them, else this rank's count.
-                    "dit_forwards": result.forwards or {"run": worker.forwards() - forwards0, "skipped": []},
+                    "dit_forwards": result.forwards or {"run": engine.forwards() - forwards0, "skipped": []},
                     # Measured: the forwards that ran the visual blocks on this (writing) rank (its own branch only
                     # under CFG parallel); a skipped forward runs only the text blocks and the output layer.
-                    "visual_stack_runs_on_rank": worker.forwards() - forwards0,
-                    "comm_per_step": worker.comm_steps()[comm0:], **prep_times, **notes,
+                    "visual_stack_runs_on_rank": engine.forwards() - forwards0,
+                    "comm_per_step": engine.comm_steps()[comm0:], **prep_times, **notes,
                 }
-                timings = {**prep_times, **result.timings, "decode_s": t2 - t1, "total_s": t2 - t0}  # write excluded
+                timings = {**prep_times, **result.timings, "decode_s": decode_s, "total_s": t2 - t0}  # write excluded
                 record = {**record_base, "item": item.index, "source": item.source, "line": item.line,
                           "output": item.output, "settings": settings(item, job_settings), "truncated": result.truncated,
                           "timings": timings, "dit_forwards": metrics["dit_forwards"], **notes}
@@ -272,8 +221,11 @@ def run_items(items: list[Item], worker: Worker, sup: Supervisor, dest, record_b
                                 "image 512) and was truncated", item.where)
                 if on_item is not None:
                     on_item(item, record)
-            if worker.leader:
+            if engine.leader:
                 sup.item_done()
+        except Cancelled:
+            log.info("item %d (%s) discarded: cancelled", item.index, item.where)
+            raise
         except Stopped:
             log.info("item %d (%s) discarded: stopping", item.index, item.where)
             return finished, True
@@ -338,7 +290,8 @@ def make_plan(dest, items: list[Item], sup: Supervisor, rank: int) -> dict:
 def run_job(job, sup: Supervisor, rank: int, load: Callable[[bool], object], written: list[str]) -> RunResult:
     """Plan, load, run this rank's items, wait for every rank; return the exit code and what rank 0 reports.
 
-    ``load(keep_text)`` builds the runtime (generate.Runtime); ``written`` collects the files this process wrote.
+    ``load(keep_text)`` builds the engine (k5.launch.engine.Engine); ``written`` collects the files this process
+    wrote.
     """
     dest, items = job.dest, job.items
     plan = make_plan(dest, items, sup, rank)
@@ -365,7 +318,7 @@ def run_job(job, sup: Supervisor, rank: int, load: Callable[[bool], object], wri
         log.info(rt.describe)
     for line in adapter_lines(getattr(job, "adapters", ())):
         log.info(line)
-    sup.set_group(rt.group, rt.group_size, rt.dp_rank)
+    rt.join(sup)
     mine = [items[i] for i in deal(pending, rt.dims.dp, rt.dp_rank)]
     if rt.dims.dp > 1:
         log.info("dp group %d of %d: %d item(s)", rt.dp_rank, rt.dims.dp, len(mine))
@@ -382,11 +335,13 @@ def run_job(job, sup: Supervisor, rank: int, load: Callable[[bool], object], wri
     if rank == 0:
         for note in trigger_notes(items, getattr(job, "expand", False)):
             log.info(note)
-    worker = Worker(generate=rt.generate, decode=rt.decode, leader=rt.group_rank == 0, forwards=rt.forwards,
-                    comm_steps=rt.comm_steps, switch_adapters=rt.switch_adapters,
-                    expand=rt.expand if getattr(job, "expand", False) else None)
-    finished, _ = run_items(mine, worker, sup, dest, record_base(job, rt), job.settings, job.needs_frames,
-                            on_step=progress.step, on_item=on_item)
+
+    def on_step(item: Item, done: int, total: int) -> None:
+        if done <= item.request.steps:  # the decode's count is not a denoising step
+            progress.step(item, done - 1)
+
+    finished, _ = run_items(mine, rt, sup, dest, record_base(job, rt), job.settings, job.needs_frames,
+                            expand=getattr(job, "expand", False), on_step=on_step, on_item=on_item)
     from k5.launch.metrics import rank_report
 
     outcome = sup.finish(rank_report(rank, rt.device, rt, load_s, finished))
@@ -414,8 +369,52 @@ def last_line(job, result: RunResult) -> str:
         return f"done: wrote {dest.describe(done, plan['finished'])}"
     signal = signal_name(result.outcome.stop_signal if result.outcome is not None else None)
     if result.status == "stopped":
-        if isinstance(dest, OutputFiles):
+        if dest.out_dir is None:  # explicit paths: the one item was not written
             return f"stopped by {signal} before the video was finished; nothing was written"
         return (f"stopped by {signal}: {done} item(s) finished in this run, {len(plan['pending']) - done} remain in "
                 f"{dest.out_dir}; run the same command again to resume")
     return f"failed: {done} item(s) finished in this run"
+
+
+def run_command(args, env, job) -> int:
+    """``k5 generate``'s run once its inputs are checked (k5.launch.generate.validate): the process group, logs and
+    signals, the supervisor, the job loop with the engine built once, the report; returns the exit code."""
+    from k5.launch.channel import exception_text
+    from k5.launch.engine import Engine, EngineOptions
+    from k5.launch.logs import Logs
+    from k5.launch.metrics import report_end, written_note
+    from k5.launch.signals import StopSignals
+    from k5.launch.supervisor import init_distributed
+
+    if env.world > 1:
+        init_distributed(args.timeout, env.device)
+    logs = Logs(env.rank, job.dest.log_dir)
+    signals = StopSignals()
+    signals.install()
+    sup = None
+    written: list[str] = []
+    t_start = time.perf_counter()
+    try:
+        sup = Supervisor(env.rank, env.world, args.timeout, logs, signals, env.device)
+        sup.written_note = lambda: written_note(job, written, sup.job_items_done())
+        result = run_job(job, sup, env.rank, lambda keep_text: Engine.load(job, env, EngineOptions.from_args(args), keep_text), written)
+        if env.rank == 0:
+            report_end(args, job, result, time.perf_counter() - t_start, written)
+        code = result.code
+    except Exception as e:
+        if sup is not None and env.world > 1:
+            sup.fail(e)  # tells the other ranks and ends this process
+        logs.log.error("error: %s", exception_text(e), exc_info=e)
+        logs.log.error(written_note(job, written, 0 if sup is None else sup.job_items_done()))
+        code = EXIT_FAILED
+    finally:
+        signals.restore()
+        if sup is not None:
+            sup.close()
+        job.dest.close()
+        logs.close()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code

@@ -104,3 +104,67 @@ def write_json(path: str | Path, document: dict) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(path, json.dumps(document, indent=1, sort_keys=False) + "\n")
+
+
+# ---- the end of a run (rank 0) --------------------------------------------------------------------------------------
+
+def comm_summary(stats) -> str:
+    """Bytes this rank sent in the last denoising step, by collective (Engine.run closes a record per step;
+    the first step also carries the text broadcast, so the last one is the steady state)."""
+    if not stats.steps:
+        return stats.format()
+    return "; ".join(f"{kind} {v['bytes'] / 2**20:.3f} MiB in {v['calls']} calls" for kind, v in stats.steps[-1].items())
+
+
+def written_note(job, written: list[str], items_done: int) -> str:
+    """The last line of a failed run: what it wrote before it failed (finished files are kept)."""
+    out_dir = job.dest.out_dir
+    if out_dir is not None:
+        return (f"{items_done} item(s) finished in this run; every finished item stays in {out_dir}; run the same "
+                f"command again to resume")
+    return f"written before the failure (kept): {', '.join(written)}" if written else "nothing was written"
+
+
+def report_end(args, job, result, wall_s: float, written: list[str]) -> None:
+    """Rank 0: the summary line, the metrics JSON, and the last line, which names the files written."""
+    import logging
+
+    from k5.launch.job import last_line
+    from k5.launch.logs import LOGGER
+
+    log = logging.getLogger(LOGGER)
+    rt, outcome = result.runtime, result.outcome
+    metrics_files = []
+    if outcome is not None and outcome.reports is not None and result.status in ("done", "stopped"):
+        dims = rt.dims if rt is not None else job.dims  # stopped before loading: the planned layout
+        layout = {"world": dims.world_size, **dims.degrees}
+        files = written + [str(p) for p in (args.metrics_json, job.dest.metrics_path) if p]
+        doc = summary(args=args, job=job, layout=layout, plan=result.plan, outcome=outcome, status=result.status,
+                      exit_code=result.code, wall_s=wall_s, files=files)
+        items = doc["per_item"]
+        if result.status == "done" and items:
+            steps = [s for it in items for s in it["step_s"]]
+            peak = max((r["peak_memory"]["bytes"] for r in doc["ranks"] if r.get("peak_memory")), default=None)
+            fw = doc["dit_forwards"]
+            line = (f"summary: {len(items)} item(s) in {wall_s:.1f} s, {sum(steps) / len(steps):.3f} s/step, "
+                    f"decode {doc['times']['stages']['decode_s']:.2f} s, peak memory {format_bytes(peak)} "
+                    f"(highest rank), variant {doc['variant'] or 'none'}, DiT forwards {fw['run']} run, "
+                    f"{fw['skipped']} skipped" + (" (MagCache)" if doc["magcache"] else ""))
+            rank0 = next((r for r in doc["ranks"] if r["rank"] == 0 and r.get("compile")), None)
+            if rank0 is not None:
+                from k5.engine.fastpath import format_summary
+
+                line += "; rank 0: " + format_summary(rank0)
+            if rt.stats is not None:
+                line += f", sent per denoising step: {comm_summary(rt.stats)}"
+            log.info(line)
+            for decode_line in rt.decode_report:
+                log.info(decode_line)
+        for path in (job.dest.metrics_path, args.metrics_json):
+            if path:
+                write_json(path, doc)
+                metrics_files.append(str(path))
+    line = last_line(job, result)
+    if metrics_files and result.status == "done":
+        line += f"; metrics: {', '.join(metrics_files)}"
+    log.info(line)

@@ -84,6 +84,7 @@ class Supervisor:
         self.first_item: int | None = None
         self.peer_signal: int | None = None  # a stop another rank received (from the watchdog)
         self.agreed_signal: int | None = None  # the signal of the last agreement that said stop
+        self.agreed_cancel = False  # the last agreement's: some rank of the group answered should_stop with yes
         self.items_done = 0  # this process's finished items (the job-wide count is on the store)
         self.written_note = None  # callable -> str: what the job has written so far, for the last line of a failure
         self._fatal = threading.Lock()
@@ -143,18 +144,25 @@ class Supervisor:
         self.peer_signal = signum
         self.signals.event.set()
 
-    def agree_stop(self) -> bool:
+    def agree_stop(self, cancel: bool | None = None) -> bool:
         """Whether any rank of this item's group was asked to stop; every rank of the group must call this at the
-        same points, so the group stops together (never leaving a peer in a collective), with the same signal."""
+        same points, so the group stops together (never leaving a peer in a collective), with the same signal.
+
+        ``cancel``: this rank's answer to a front-end's should_stop (k5.launch.engine), agreed in the same
+        collective; ``agreed_cancel`` then says whether any rank of the group said yes. None: no such question (the
+        CLI), and the agreement stays one number."""
         self.sync += 1
         self.publish()
         local = (self.stop_signal or 15) if self.stop_requested else 0
+        flags = [local] if cancel is None else [local, int(cancel)]
         if self.group_size > 1:
             # Before set_group (once per job, before loading) the world agrees over the default group, on its device.
             group, device = (self.agreement, "cpu") if self.agreement is not None else (self.group, self.comm_device)
-            flag = torch.tensor([local], dtype=torch.int32, device=device)
+            flag = torch.tensor(flags, dtype=torch.int32, device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            local = int(flag.item())
+            flags = [int(flag.item())] if len(flags) == 1 else [int(v) for v in flag.tolist()]
+        local = flags[0]
+        self.agreed_cancel = len(flags) > 1 and bool(flags[1])
         if local:
             self.agreed_signal = local
         return bool(local)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from k5.engine.sampling.chain import BRANCHES, Conditioning, StepCall, Velocity, combine_cfg, compose, uses_cfg
+from k5.engine.sampling.chain import BRANCHES, StepCall, combine_cfg, uses_cfg
 from k5.engine.encoders.text import TextEmbeds
 from k5.parallel.comm_stats import CommStats
 from k5.parallel.mesh import LayoutError, ParallelDims
@@ -52,19 +52,13 @@ class CfgParallel:
         self.stats.all_gather(own, 2)
         return combine_cfg(parts[COND], parts[UNCOND], call.guidance_scale)
 
-    def guided(self, velocity: Velocity, inp: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
-               guidance_scale: float) -> Tensor:
-        """The former ``guided=`` hook's signature, for its callers: this stage alone in front of ``velocity``
-        (``sample(guided=...)`` puts it in front of the rest of the chain)."""
-        return compose([self], velocity)(StepCall(inp, t, 0, 1, guidance_scale, cond, uncond))
-
 
 class BranchText:
     """Wraps a text encoder (TextEncoder or SharedText) so that each cfg half encodes only its own prompt.
 
     Asked for [prompt, negative_prompt] (what Kandinsky5Pipeline.generate and ImagePipeline.generate ask; an image
     edit gives the source image with each), it encodes the one of this half and returns both rows; the other half's
-    row is NaN (embeddings and pooled vector), never evaluated by ``CfgParallel.guided``, and any accidental use
+    row is NaN (embeddings and pooled vector), never evaluated by ``CfgParallel``, and any accidental use
     turns the output into NaN instead of a plausible wrong video. Rows of image-edit prompts are as long as this
     half's own prompt (unpadded), which is all the DiT of this half sees.
     The truncation flags are exchanged, so both halves know whether the prompt was truncated.

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -92,7 +91,7 @@ def check_request(dims: ParallelDims, guidance_scale: float) -> None:
 class ParallelSetup:
     dims: ParallelDims  # with its mesh when world_size > 1
     pipeline: object  # Kandinsky5Pipeline or ImagePipeline (by checkpoint) with the parallel DiT and text encoder
-    guided: Callable | None  # pass to pipeline.generate(req, guided=...); None without CFG parallelism
+    stages: list  # the layout's step-chain stages (CfgParallel under CFG parallelism): generate(req, chain=stages)
     stats: CommStats | None  # bytes sent by every collective (DiT, CFG exchange, text broadcast); None on one process
     parameter_bytes: dict[str, int]  # this rank's DiT parameters (k5.parallel.tensor.parameter_bytes)
 
@@ -162,7 +161,7 @@ def build_parallel(source, dims: ParallelDims, *, dtype: torch.dtype = torch.bfl
     if dims.world_size == 1:
         pipeline = Pipeline.from_pretrained(checkpoint, dtype, device, expand=expand, adapters=adapters,
                                             offload=offload, config=config)
-        return ParallelSetup(dims, pipeline, None, None, parameter_bytes(pipeline.dit))
+        return ParallelSetup(dims, pipeline, [], None, parameter_bytes(pipeline.dit))
     if not dist.is_initialized():
         raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized "
                            f"(torchrun / init_process_group)")
@@ -184,8 +183,8 @@ def build_parallel(source, dims: ParallelDims, *, dtype: torch.dtype = torch.bfl
     if expand:
         pipeline.expander = make_expander(encoder)
         pipeline.share_text = share_expansion(dims, device)
-    guided = CfgParallel(dims, stats).guided if dims.cfg == 2 else None
-    return ParallelSetup(dims, pipeline, guided, stats, parameter_bytes(dit))
+    stages = [CfgParallel(dims, stats)] if dims.cfg == 2 else []
+    return ParallelSetup(dims, pipeline, stages, stats, parameter_bytes(dit))
 
 
 def setup_parallel(source, *, tp: int = 1, cfg_parallel: bool = False, dp: int | None = None,

@@ -6,11 +6,11 @@
     engine.load(sup)                            # every rank, once: the runtime of the parallel layout
     done = engine.run(spec, job_dir, sup, on_step, should_stop)   # every rank of the item group
 
-It is built on the launch machinery as it is today (k5.launch.generate: parse_args, validate, build_runtime; the job
-loop k5.launch.job.run_items with its stop agreement and checked writing; k5.launch.batch.JobFolder's manifest;
-k5.launch.metrics' summary), reused, not copied: a job runs as a one-item batch job into its own folder, so it gets
-the CLI's checks, files, manifest record and metrics document. The engine API of the issue "One engine under every
-front-end" replaces those pieces; then this module is the one to change.
+It runs on the engine every front-end uses (k5.launch.engine.Engine: loaded once, one request after another, with
+on_step and should_stop agreed over the item group) and on the CLI's pieces around it (k5.launch.generate: parse_args,
+validate; the job loop k5.launch.job.run_items with its checked writing; k5.launch.batch.JobFolder's manifest as the
+Destination; k5.launch.metrics' summary), reused, not copied: a job runs as a one-item batch job into its own folder,
+so it gets the CLI's checks, files, manifest record and metrics document.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+# Cancelled: every rank of the item group agreed at a step boundary that the job was cancelled (DELETE).
+from k5.launch.engine import Cancelled  # noqa: F401 - k5.serve.ranks catches it from here
+
 PLACEHOLDER = "(k5 serve: the request defaults)"
 # torch.compile keeps a compiled variant for this many distinct request shapes; more fall back to eager blocks
 SHAPES = 8
 FIELDS = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames", "steps", "guidance_scale", "shift")
 
 
-class Cancelled(Exception):
-    """Every rank of the item group agreed at a step boundary that the job was cancelled (DELETE)."""
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Engine:
         self.model_id = job.settings["model"]
         self.variant = job.resolved.variant.name if job.resolved.variant else None
         self.open_adapter = AdapterOpener(job.cfg)
-        self.rt = self.sup = self.worker = None
+        self.rt = self.sup = None
 
     # ---- before any weight loads ------------------------------------------------------------------------------
 
@@ -214,19 +215,15 @@ class Engine:
     def load(self, sup) -> None:
         """Build the runtime once (the CLI's build_runtime, text encoders kept between requests) and join its item
         group; ``sup``: this rank's k5.launch.supervisor.Supervisor."""
-        from k5.launch.generate import build_runtime
-        from k5.launch.job import Worker
+        from k5.launch.engine import Engine, EngineOptions
 
         self.sup = sup
-        rt = self.rt = build_runtime(self.gargs, self.job, self.env, keep_text=True)
+        rt = self.rt = Engine.load(self.job, self.env, EngineOptions.from_args(self.gargs), keep_text=True)
         if self.gargs.compile:
             from k5.engine.compile import allow_variants
 
             allow_variants(SHAPES, rt.dims.ring)
-        sup.set_group(rt.group, rt.group_size, rt.dp_rank)
-        self.worker = Worker(generate=rt.generate, decode=rt.decode, leader=rt.group_rank == 0, forwards=rt.forwards,
-                             comm_steps=rt.comm_steps, switch_adapters=rt.switch_adapters,
-                             expand=rt.expand if self.job.expand else None)
+        rt.join(sup)
 
     @property
     def describe(self) -> str:
@@ -244,7 +241,7 @@ class Engine:
     @property
     def leader(self) -> bool:
         """This rank writes its group's files and reports its jobs."""
-        return self.rt.group_rank == 0
+        return self.rt.leader
 
     def peak_memory(self) -> dict:
         from k5.launch.metrics import peak_memory
@@ -256,9 +253,10 @@ class Engine:
         """Run one job on every rank of this item group; the leader returns Done, the others None.
 
         ``on_step(done, total)`` after each denoising step (``total``: the steps plus one for the decode);
-        ``should_stop()`` is asked on every rank after each step and the group agrees (one all-reduce): when any
-        rank says yes, every rank raises Cancelled at that same step. A stop (SIGTERM, here or on any rank) raises
-        k5.launch.signals.Stopped on every rank of the group; nothing of the job is published then."""
+        ``should_stop()`` is asked on every rank after each step and the group agrees (in the supervisor's stop
+        agreement, k5.launch.engine): when any rank says yes, every rank raises Cancelled at that same step. A stop
+        (SIGTERM, here or on any rank) raises k5.launch.signals.Stopped on every rank of the group; nothing of the
+        job is published then."""
         from k5.launch.job import record_base, run_items
         from k5.launch.signals import Stopped
 
@@ -266,29 +264,18 @@ class Engine:
         item = self._item(spec, name)
         job = self._job(spec, job_dir, item)
         rt.ratios = job.ratios  # the step chain of this request: MagCache or nothing
-        if job.ratios is not None:
-            from k5.engine.sampling.magcache import MagCache
-
-            rt.chain = [MagCache(job.ratios)]
-        else:
-            rt.chain = []
         if self.leader:
             job_dir.mkdir(parents=True, exist_ok=True)
-        total = item.request.steps + 1  # the decode counts as one more
-        cancelled = []
 
-        def step(it, i: int) -> None:
-            on_step(i + 1, total)
-            if self._agree(should_stop()):
-                cancelled.append(i + 1)
-                raise Cancelled(f"cancelled after step {i + 1} of {item.request.steps}")
+        def step(it, done: int, total: int) -> None:
+            if done <= item.request.steps:  # the denoising steps; the job is complete once its files are published
+                on_step(done, total)
 
         records: list[dict] = []
         t0 = time.perf_counter()
-        finished, stopped = run_items([item], self.worker, sup, job.dest, record_base(job, rt), job.settings, True,
-                                      on_step=step, on_item=lambda it, record: records.append(record))
-        if cancelled:  # a stop that came at the same step swallowed the exception: the cancel still stands
-            raise Cancelled(f"cancelled after step {cancelled[0]} of {item.request.steps}")
+        finished, stopped = run_items([item], rt, sup, job.dest, record_base(job, rt), job.settings, True,
+                                      expand=self.job.expand, on_step=step, should_stop=should_stop,
+                                      on_item=lambda it, record: records.append(record))
         if stopped:
             raise Stopped()
         if not self.leader:
@@ -297,17 +284,6 @@ class Engine:
             raise Stopped()
         self._write_metrics(job, job_dir, finished, time.perf_counter() - t0)
         return Done(records[0]["files"], records[0], finished[0])
-
-    def _agree(self, flag: bool) -> bool:
-        group = self.rt.group
-        if group is None or self.rt.group_size == 1:
-            return bool(flag)
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=self.sup.comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return bool(t.item())
 
     def _write_metrics(self, job, job_dir: Path, finished: list[dict], wall_s: float) -> None:
         """The job's metrics.json: the CLI's summary document for a one-item run, from the leader's report."""

@@ -333,7 +333,7 @@ class FakeCuda:
     """``with FakeCuda(rank, world) as fc:`` runs the body as rank ``rank`` of a ``world``-GPU node on fake CUDA.
 
     The process starts as a real one does: current device 0, then generate.py's device rule
-    (``k5.engine.fastpath.resolve_device("cuda", LOCAL_RANK)``) and ``torch.cuda.set_device``: ``fc.device`` is what
+    (``k5.launch.env.resolve_device("cuda", LOCAL_RANK)``) and ``torch.cuda.set_device``: ``fc.device`` is what
     that gives, the device the body builds on; ``fc.gpu`` is the GPU this rank owns (cuda:<local rank>, one node),
     where every output and collective must be. A tensor made on another GPU fails with the fake mode's
     device-mismatch error at its first op. With ``world`` > 1 the default process group is torch's fake one
@@ -458,9 +458,9 @@ class FakeCuda:
 
     def _start_rank(self) -> torch.device:
         """What launch/generate.py does with --device cuda on this rank before anything else."""
-        from k5.engine import fastpath
+        from k5.launch import env as launch_env
 
-        device = fastpath.resolve_device("cuda", self.rank, ranks_here=self.world)
+        device = launch_env.resolve_device("cuda", self.rank, ranks_here=self.world)
         torch.cuda.set_device(device)
         return device
 

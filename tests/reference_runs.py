@@ -137,7 +137,7 @@ def run_case(name: str, degrees: dict, images: dict[str, Path]) -> torch.Tensor:
     setup = build_parallel(resolved, dims, dtype=torch.float32, device="cpu")
     setup.pipeline.dit.set_attention(attention, None)
     chain = [MagCache(resolved.mag_ratios)] if case.get("magcache") else []
-    return setup.pipeline.generate(request_of(case, images), guided=setup.guided, chain=chain).latents
+    return setup.pipeline.generate(request_of(case, images), chain=[*setup.stages, *chain]).latents
 
 
 def two_process_worker(rank: int, world_size: int, runs: list, folder: str) -> dict:

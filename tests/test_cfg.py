@@ -9,7 +9,8 @@ import zlib
 import torch
 
 from distributed import run_distributed
-from k5.engine.sampling.sampler import Conditioning, guided_velocity, sample
+from k5.engine.sampling.chain import Guidance
+from k5.engine.sampling.sampler import Conditioning, sample
 from k5.engine.encoders.text import TextEmbeds
 from k5.parallel.cfg import BranchText, CfgParallel
 from k5.parallel.mesh import ParallelDims
@@ -53,31 +54,36 @@ def noise():
     return torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
 
 
-def run_sampler(model, cond, uncond, guided=None, log=None):
+def run_sampler(model, cond, uncond, guiding, log=None):
     def velocity(inp, t, c):
         if log is not None:
             log.append("cond" if torch.equal(c.embeds, cond.embeds) else "uncond")
         return model(inp, c.embeds, c.pooled, t, text_mask=c.mask)
 
     with torch.no_grad():
-        return sample(velocity, noise(), cond, uncond, steps=STEPS, guidance_scale=SCALE, guided=guided)
+        return sample(velocity, noise(), cond, uncond, steps=STEPS, guidance_scale=SCALE, chain=[guiding])
 
 
-def capture_first(guided, out: list):
-    def wrapped(*args):
-        v = guided(*args)
-        if not out:
-            out.append(v)
+class capture_first:
+    """The guiding stage ``inner`` of the step chain, keeping the first step's combined velocity in ``out``."""
+
+    guides = True
+
+    def __init__(self, inner, out: list):
+        self.inner, self.out = inner, out
+
+    def __call__(self, call, next):
+        v = self.inner(call, next)
+        if not self.out:
+            self.out.append(v)
         return v
-
-    return wrapped
 
 
 def reference():
     """Sequential single-process run: one encoder call for both prompts, both branches every step."""
     cond, uncond = conditionings(FakeEncoder().encode([PROMPT, NEGATIVE]))
     first = []
-    latents = run_sampler(build_model(), cond, uncond, capture_first(guided_velocity, first))
+    latents = run_sampler(build_model(), cond, uncond, capture_first(Guidance(), first))
     return latents, first[0]
 
 
@@ -93,7 +99,7 @@ def _cfg_worker(rank, world_size, degrees):
     e = text.encode([PROMPT, NEGATIVE])
     cond, uncond = conditionings(e)
     first, log = [], []
-    latents = run_sampler(model, cond, uncond, capture_first(CfgParallel(dims, stats).guided, first), log)
+    latents = run_sampler(model, cond, uncond, capture_first(CfgParallel(dims, stats), first), log)
     other = 1 - dims.rank("cfg")  # the row this half did not encode
     placeholder_nan = bool(torch.isnan(e.embeds[other]).all() and torch.isnan(e.pooled[other]).all())
     return dict(cfg_rank=dims.rank("cfg"), log=log, latents=latents, v0=first[0], truncated=e.truncated,

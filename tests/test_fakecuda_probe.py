@@ -95,9 +95,9 @@ def test_a_failing_masked_call_is_refused_at_setup(monkeypatch):
 
 
 def test_the_launchers_calls_for_a_layout():
-    """launch/generate.attention_calls for Pro 5 s SD on ring 2 x ulysses 4 (dense): 47,616 tokens in 744 blocks,
+    """launch/engine.attention_calls for Pro 5 s SD on ring 2 x ulysses 4 (dense): 47,616 tokens in 744 blocks,
     93 per rank (5,952 tokens), a ring chunk of 4 ranks' shards (23,808) with 32 / 4 heads, no padding."""
-    from k5.launch.generate import attention_calls
+    from k5.launch.engine import attention_calls
 
     cfg = PRESETS["pro"]
     rt = SimpleNamespace(pipe=SimpleNamespace(dit=SimpleNamespace(config=cfg, nabla=None)),

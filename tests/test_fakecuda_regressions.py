@@ -62,11 +62,11 @@ def test_the_flex_tile_rule_against_inductors_tables():
 
 
 def test_device_cuda_in_the_wrong_place(monkeypatch):
-    from k5.engine import fastpath
+    from k5.launch import env as launch_env
 
     case = ("pro-5s-sd", {"cfg": 2, "ring": 2, "tp": 2}, 5)
     assert problems_with(*case) == []
-    monkeypatch.setattr(fastpath, "resolve_device", lambda spec, local_rank, ranks_here=1: torch.device(spec))
+    monkeypatch.setattr(launch_env, "resolve_device", lambda spec, local_rank, ranks_here=1: torch.device(spec))
     problems = problems_with(*case)
     assert any(p.startswith("latents") and p.endswith("float32 on cuda:5") and "on cuda:0" in p for p in problems)
     assert any("a collective got tensors not on this rank's GPU cuda:5" in p for p in problems), problems

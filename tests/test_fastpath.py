@@ -159,7 +159,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from k5.engine.fastpath import format_summary, resolve_device, run_summary, setup_fast_path  # noqa: E402
+from k5.engine.fastpath import format_summary, run_summary, setup_fast_path  # noqa: E402
+from k5.launch.env import resolve_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -100,7 +100,7 @@ def _pipeline_worker(rank, world_size, root, degrees, request):
         inner = shared.encoder.encode
         shared.encoder.encode = lambda prompts, **kw: texts.append((list(prompts), kw.get("images") is not None)) \
             or inner(prompts, **kw)
-    result = par.pipeline.generate(ImageRequest(**request), guided=par.guided)
+    result = par.pipeline.generate(ImageRequest(**request), chain=par.stages)
     return dict(latents=result.latents, encodes=len(calls), texts=texts, pipeline=type(par.pipeline).__name__,
                 describe=par.describe(), sent=par.stats.summary(), split=par.parameter_bytes["split"])
 
@@ -135,6 +135,6 @@ def test_one_process_builds_the_image_pipeline_and_magcache_is_refused():
     root = tiny_checkpoint(kind="t2i")
     dims = plan_parallel(1, locate(root).config)
     s = build_parallel(root, dims, dtype=torch.float32, device="cpu")
-    assert isinstance(s.pipeline, ImagePipeline) and s.guided is None and s.stats is None
+    assert isinstance(s.pipeline, ImagePipeline) and s.stages == [] and s.stats is None
     with pytest.raises(ValueError, match="MagCache has no ratios for Image Lite .*drop --magcache"):
         s.pipeline.generate(ImageRequest(**REQUEST), chain=[MagCache([1.0] * 98)])

@@ -7,9 +7,9 @@ import torch
 
 from distributed import run_distributed
 from k5.engine.catalogue import variants as V
-from k5.engine.sampling.chain import StepCall, compose
+from k5.engine.sampling.chain import Guidance, StepCall, compose
 from k5.engine.sampling.magcache import MagCache, forwards, skip_plan
-from k5.engine.sampling.sampler import Conditioning, combine_cfg, guided_velocity, model_input, sample, timesteps, uses_cfg
+from k5.engine.sampling.sampler import Conditioning, combine_cfg, model_input, sample, timesteps, uses_cfg
 from k5.parallel.cfg import CfgParallel
 from k5.parallel.mesh import ParallelDims
 from k5.parallel.sequence import apply_sequence_parallel
@@ -171,12 +171,12 @@ class _PassThrough:
         return next(call.with_dit_kwargs(visual_stack=lambda v, run: run(v)))
 
 
-def magcache_sample(model, chain_front=(), guided=None, cache=None):
+def magcache_sample(model, chain_front=(), cache=None):
     cond, uncond = conditionings()
     cache = cache or MagCache(RATIOS)
     with torch.no_grad():
         latents = sample(velocity_of(model), noise(), cond, uncond, steps=STEPS, guidance_scale=SCALE,
-                         chain=[*chain_front, cache], guided=guided)
+                         chain=[*chain_front, cache])
     return latents, cache
 
 
@@ -190,8 +190,8 @@ def test_magcache_stage_skips_the_plan_and_changes_the_result():
     with torch.no_grad():
         plain = sample(velocity_of(model), noise(), cond, uncond, steps=STEPS, guidance_scale=SCALE)
     assert 1e-6 < rel_err(latents, plain) < 0.5  # skipping changed the result, but not into something else
-    # The same stage on a second item starts afresh; the former single hook (a guided function) composes with it.
-    again, cache2 = magcache_sample(model, guided=guided_velocity, cache=cache)
+    # The same stage on a second item starts afresh, after an explicit Guidance stage as after the implicit one.
+    again, cache2 = magcache_sample(model, [Guidance()], cache=cache)
     assert torch.equal(again, latents) and set(cache2.skipped) == plan and len(cache2.ran) == 10
 
 
@@ -210,9 +210,7 @@ def _worker(rank, world_size, degrees):
     if dims.sp_size > 1:
         apply_sequence_parallel(model, dims)
     latents, cache = magcache_sample(model, [CfgParallel(dims)])
-    # The launcher's former hook (ParallelSetup.guided = CfgParallel(...).guided) in front of the step cache.
-    legacy, _ = magcache_sample(model, guided=CfgParallel(dims).guided)
-    return dict(cfg_rank=dims.rank("cfg"), latents=latents, legacy=legacy, skipped=list(cache.skipped),
+    return dict(cfg_rank=dims.rank("cfg"), latents=latents, skipped=list(cache.skipped),
                 ran=list(cache.ran))
 
 
@@ -227,4 +225,3 @@ def test_cfg_parallel_x_ulysses_equals_one_process():
         assert {b for _, b in r["ran"]} == {branch}
         assert rel_err(r["latents"], want) <= 1e-4
         assert torch.equal(r["latents"], results[0]["latents"])  # every rank steps with the same gathered tensors
-        assert torch.equal(r["legacy"], r["latents"])

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("k5", "engine", "parallel", "kernels", "launch", "serve")  # the folders the wheel holds (pyproject's package-dir)
+SHIPPED = ("k5", "engine", "parallel", "kernels", "launch", "serve")  # the wheel's folders (pyproject's package-dir)
 TEST_ONLY = re.compile(r"K5_(TEST|FAKECUDA|SERVE_GATE)")
 # What the package reads from the environment, and why (README: "Running a real checkpoint", "Batch jobs").
 PRODUCTION = {

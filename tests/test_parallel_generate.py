@@ -1,5 +1,5 @@
 """setup_parallel end to end on the tiny checkpoint (real text encoders, one per CFG half; the DiT loaded through
-the TP reader; the guided hook) against Kandinsky5Pipeline.generate in one process, fp32 latents, rel err <= 1e-4."""
+the TP reader; the CfgParallel stage) against Kandinsky5Pipeline.generate in one process, fp32 latents, rel err <= 1e-4."""
 
 import torch
 
@@ -18,7 +18,7 @@ def _generate_worker(rank, world_size, root, degrees):
     text = par.pipeline.text
     shared = getattr(text, "inner", text)  # SharedText, under BranchText with --cfg-parallel
     loaded = shared.encoder is not None
-    result = par.pipeline.generate(Request(**REQUEST), guided=par.guided)
+    result = par.pipeline.generate(Request(**REQUEST), chain=par.stages)
     return dict(latents=result.latents, describe=par.describe(), bytes=par.parameter_bytes,
                 loaded_encoder=loaded, holds_encoder_after=shared.encoder is not None,
                 coords={d: par.dims.rank(d) for d in ("cfg", "ring", "ulysses", "tp")})
@@ -86,7 +86,7 @@ def single_file_checkpoint(tmp_path):
 
 def _resolved_worker(rank, world_size, resolved, degrees):
     par = setup_parallel(resolved, dtype=torch.float32, device="cpu", **degrees)
-    return dict(latents=par.pipeline.generate(Request(**REQUEST), guided=par.guided).latents,
+    return dict(latents=par.pipeline.generate(Request(**REQUEST), chain=par.stages).latents,
                 describe=par.describe())
 
 

@@ -98,5 +98,5 @@ def test_one_process_builds_the_plain_pipeline():
     s = build_parallel(root, dims, dtype=torch.float32, device="cpu")
     assert dims.world_size == 1 and dims.mesh is None  # no process group needed
     assert isinstance(s.pipeline, Kandinsky5Pipeline) and isinstance(s.pipeline.dit.tokens, LocalTokens)
-    assert s.guided is None and s.stats is None and s.item_group is None and (s.item_rank, s.dp_rank) == (0, 0)
+    assert s.stages == [] and s.stats is None and s.item_group is None and (s.item_rank, s.dp_rank) == (0, 0)
     assert s.parameter_bytes["split"] == 0 and s.parameter_bytes["total"] > 0

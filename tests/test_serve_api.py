@@ -51,7 +51,7 @@ def cli_latents(tmp_path, *flags) -> tuple[torch.Tensor, Path]:
 
 
 def test_sdk_create_and_poll_then_download_gives_the_clis_video(server, tmp_path):
-    from k5.engine.video import check_mp4
+    from k5.engine.media.mp4 import check_mp4
 
     client = server.client()
     video = client.videos.create_and_poll(prompt=PROMPT, size="64x64",

@@ -46,7 +46,7 @@ def cli_latents(tmp_path, *flags) -> torch.Tensor:
 
 
 def test_sdk_on_two_ranks_gives_the_two_rank_clis_latents(server, tmp_path):
-    from k5.engine.video import check_mp4
+    from k5.engine.media.mp4 import check_mp4
 
     client = server.client()
     video = client.videos.create_and_poll(prompt=PROMPT, extra_body={"seed": 11, "num_inference_steps": 3})
@@ -96,7 +96,7 @@ def files_of(server, job_id: str) -> dict:
 
 
 def test_sigkill_of_every_server_process_mid_job_then_restart(server, tmp_path):
-    from k5.engine.video import check_mp4
+    from k5.engine.media.mp4 import check_mp4
 
     client = server.client()
     before = client.videos.create_and_poll(prompt="finished before the kill", extra_body={"num_inference_steps": 1})

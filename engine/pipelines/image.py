@@ -143,11 +143,10 @@ class ImagePipeline(Kandinsky5Pipeline):
         return self.share_image(encode)
 
     @torch.inference_mode()
-    def generate(self, req: ImageRequest, on_step=None, guided=None, chain=(), prompt: str | None = None
-                 ) -> ImageResult:
-        """Sample one request. ``chain``: stages of the step chain (k5.engine.sampling.chain; CfgParallel), ``guided``: the
-        former single hook, as in Kandinsky5Pipeline.generate. ``prompt``: the text to encode instead of
-        ``req.prompt`` (its expansion, see ``expand_prompt``)."""
+    def generate(self, req: ImageRequest, on_step=None, chain=(), prompt: str | None = None) -> ImageResult:
+        """Sample one request. ``chain``: stages of the step chain (k5.engine.sampling.chain; CfgParallel,
+        ParallelSetup.stages). ``prompt``: the text to encode instead of ``req.prompt`` (its expansion, see
+        ``expand_prompt``)."""
         if self.dit.nabla is not None:
             raise ValueError("NABLA attention is for video; Image Lite runs dense attention (--attention dense)")
         refuse_magcache(chain)
@@ -176,7 +175,7 @@ class ImagePipeline(Kandinsky5Pipeline):
             latents = sample(
                 lambda inp, t, c, **kw: self.velocity(inp, t, c, extra, **kw), noise, cond, uncond, steps=req.steps,
                 guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift, visual_cond=False,
-                on_step=on_step, guided=guided, chain=chain,
+                on_step=on_step, chain=chain,
             )
             sync(self.device)
         t2 = time.perf_counter()

@@ -157,6 +157,8 @@ class Result:
     timings: dict = field(default_factory=dict)
     truncated: bool = False
     forwards: dict | None = None  # DiT forwards {"run": N, "skipped": [[step, branch], ...]}, where the caller knows
+    frames: Tensor | None = None  # uint8 [F, H, W, 3], decoded by the engine (k5.launch.engine) on the group's leader
+    step_ends: list = field(default_factory=list)  # perf_counter() at the end of each denoising step (the engine's)
 
 
 class Kandinsky5Pipeline:
@@ -293,9 +295,9 @@ class Kandinsky5Pipeline:
         return self.share_image(encode)
 
     @torch.inference_mode()
-    def generate(self, req: Request, on_step=None, guided=None, chain=(), prompt: str | None = None) -> Result:
+    def generate(self, req: Request, on_step=None, chain=(), prompt: str | None = None) -> Result:
         """Sample one request. ``chain``: stages of the step chain (k5.engine.sampling.chain: CfgParallel, MagCache, ...);
-        ``guided``: the former single hook, taken as the guiding stage. ``prompt``: the text to encode instead of
+        ``prompt``: the text to encode instead of
         ``req.prompt`` (its expansion, see ``expand_prompt``)."""
         # Clocks are read after a device sync: CUDA queues work, so an unsynchronised clock measures the queueing.
         sync(self.device)
@@ -317,7 +319,7 @@ class Kandinsky5Pipeline:
             latents = sample(
                 lambda inp, t, c, **kw: self.velocity(inp, t, c, sf, **kw), noise, cond, uncond, steps=req.steps,
                 guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
-                visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step, guided=guided,
+                visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step,
                 chain=chain,
             )
             if first is not None:

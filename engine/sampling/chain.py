@@ -10,8 +10,8 @@ Stages run outermost first; each does its part and calls ``next`` with a (possib
   (k5.engine.sampling.magcache.MagCache) and whatever comes later;
 - the end of the chain is the model: ``velocity(inp, t, cond, **call.dit_kwargs)``.
 
-A chain without a guiding stage gets ``Guidance()`` in front, so a caller adds only what it changes. Before this
-chain the sampler took one ``guided`` replacement, and every feature that wanted to change a step overwrote it.
+A chain without a guiding stage gets ``Guidance()`` in front, so a caller adds only what it changes. The chain is
+the only way a sampler feature changes a step: a new feature is one more stage.
 """
 
 from __future__ import annotations
@@ -96,25 +96,6 @@ class Guidance:
         if not call.guided:
             return v
         return combine_cfg(v, next(call.branch_call("uncond")), call.guidance_scale)
-
-
-class LegacyGuided:
-    """A ``guided(velocity, inp, t, cond, uncond, guidance_scale)`` function (the sampler's former single hook) as
-    a guiding stage. The branch of each forward it asks for is told by the identity of the conditioning."""
-
-    guides = True
-
-    def __init__(self, guided: Callable):
-        self.guided = guided
-
-    def __call__(self, call: StepCall, next: Next) -> Tensor:
-        def velocity(inp: Tensor, t: Tensor, c: Conditioning) -> Tensor:
-            branch = "cond" if c is call.cond else "uncond" if c is call.uncond else None
-            if branch is None:
-                raise ValueError("a guided function passed a conditioning that is neither of the step's two")
-            return next(dataclasses.replace(call.branch_call(branch), inp=inp, t=t))
-
-        return self.guided(velocity, call.inp, call.t, call.cond, call.uncond, call.guidance_scale)
 
 
 def model_end(velocity: Velocity) -> Next:

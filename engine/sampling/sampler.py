@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 # The guidance math and the conditioning type live with the step chain; imported here for existing callers.
-from k5.engine.sampling.chain import Conditioning, LegacyGuided, Stage, StepCall, Velocity, combine_cfg, compose, uses_cfg
+from k5.engine.sampling.chain import Conditioning, Stage, StepCall, Velocity, combine_cfg, compose, uses_cfg
 
 DEFAULT_SHIFT = 5.0
 
@@ -44,34 +44,16 @@ def model_input(x: Tensor, visual_cond: bool, first_frame: Tensor | None) -> Ten
     return torch.cat([x, torch.zeros_like(x), mask], -1)
 
 
-def guided_velocity(velocity: Velocity, inp: Tensor, t: Tensor, cond: Conditioning,
-                    uncond: Conditioning | None, guidance_scale: float) -> Tensor:
-    """One step's velocity through the default chain (sequential CFG); kept for callers of the former hook."""
-    return compose([], velocity)(StepCall(inp, t, 0, 1, guidance_scale, cond, uncond))
-
-
-def step_chain(chain: Sequence[Stage] = (), guided: Callable | None = None) -> list[Stage]:
-    """The stages of a step: ``guided`` (the former single hook: a stage, or a function of the old signature)
-    becomes the guiding stage in front of ``chain``."""
-    stages = list(chain)
-    if guided is not None:
-        owner = getattr(guided, "__self__", None)  # CfgParallel(...).guided: its stage
-        stage = guided if getattr(guided, "guides", False) else owner if getattr(owner, "guides", False) else None
-        stages.insert(0, stage or LegacyGuided(guided))
-    return stages
-
-
 def sample(velocity: Velocity, noise: Tensor, cond: Conditioning, uncond: Conditioning | None, *, steps: int,
            guidance_scale: float, shift: float = DEFAULT_SHIFT, visual_cond: bool = True,
            first_frame: Tensor | None = None, on_step: Callable[[int], None] | None = None,
-           guided: Callable | None = None, chain: Sequence[Stage] = ()) -> Tensor:
+           chain: Sequence[Stage] = ()) -> Tensor:
     """Integrate from noise [B,T,H,W,16] (fp32) to the final latent (fp32).
 
     Each step's velocity comes from the step chain (k5.engine.sampling.chain): ``chain`` lists its stages (CFG parallel,
-    the step cache, ...); ``Guidance`` is put in front when no stage guides. ``guided`` is the former single hook
-    (a guiding stage or a function ``guided(velocity, inp, t, cond, uncond, guidance_scale)``).
+    the step cache, ...); ``Guidance`` is put in front when no stage guides.
     """
-    run = compose(step_chain(chain, guided), velocity)
+    run = compose(chain, velocity)
     ts = timesteps(steps, shift)
     x = noise.float()
     # The DiT's times, copied to the device once, before the loop: a copy from pageable host memory at every step
