@@ -33,7 +33,12 @@ RING_STEP_VARIANTS = 2  # a ring step's attention: plain, or with the key mask o
 
 def compile_blocks(dit: nn.Module, dynamic: bool = False, mode: str | None = None) -> int:
     """Compile every transformer block of ``dit`` in place; returns the number of blocks compiled."""
-    blocks = [*dit.text_transformer_blocks, *dit.visual_transformer_blocks]
+    from k5.engine.model.k6_dit import Kandinsky6DiT
+
+    if isinstance(dit, Kandinsky6DiT):  # one text branch per stream, then the fused video/audio blocks
+        blocks = [*dit.video_text_transformer_blocks, *dit.audio_text_transformer_blocks, *dit.visual_blocks]
+    else:
+        blocks = [*dit.text_transformer_blocks, *dit.visual_transformer_blocks]
     for block in blocks:
         block.compile(dynamic=dynamic, mode=mode)
     return len(blocks)

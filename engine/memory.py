@@ -168,9 +168,17 @@ class Weights:
         from k5.engine.checkpoints.dit import open_checkpoint
         from k5.engine.model.dit import meta_dit
 
+        from k5.engine.model.k6_config import K6Config
+
         checkpoint = open_checkpoint(checkpoint)
         b = torch.tensor([], dtype=dtype).element_size()
-        dit_bytes = dit_rank_bytes(meta_dit(cfg), b, tp)
+        if isinstance(cfg, K6Config):  # Kandinsky 6: both streams' blocks (its audio decoder runs after the DiT)
+            from k5.engine.model.k6_dit import Kandinsky6DiT
+
+            with torch.device("meta"):
+                dit_bytes = dit_rank_bytes(Kandinsky6DiT(cfg), b, tp)
+        else:
+            dit_bytes = dit_rank_bytes(meta_dit(cfg), b, tp)
         # Qwen2.5-VL's text decoder always (engine/encoders/text.py); its lm_head and vision tower only where used.
         text = checkpoint.bytes("text_encoder",
                                 lambda k: ("visual" not in k or vision) and ("lm_head" not in k or lm_head), b)

@@ -70,6 +70,7 @@ class Engine:
     estimate: object = None  # engine.memory.Estimate made before loading
     ratios: tuple | None = None  # MagCache: the variant's ratios (the step cache is a stage of the step chain)
     image: bool = False  # an Image Lite pipeline: images are decoded on the group's rank 0
+    k6: bool = False  # a Kandinsky 6 pipeline (video with audio: engine/pipelines/k6.py)
     supervisor: object = None  # k5.launch.supervisor.Supervisor once joined: its stop agreement and heartbeat
 
     # ---- building --------------------------------------------------------------------------------------------------
@@ -83,15 +84,21 @@ class Engine:
 
         # The resolved checkpoint: components from its root, the DiT from its folder or single file with the config
         # the variant gives it (a NABLA-trained file runs NABLA with the variant's P).
-        s = build_parallel(job.weights, job.dims, dtype=DTYPES[options.dtype], device=env.device,
-                           keep_text=keep_text, expand=job.expand, adapters=job.adapters, offload=options.offload,
-                           config=job.cfg)
-        if env.world == 1 and not keep_text and options.offload != "none":
+        if job.k6:
+            from k5.parallel.k6 import build_k6_parallel
+
+            s = build_k6_parallel(job.weights, job.dims, dtype=DTYPES[options.dtype], device=env.device,
+                                  keep_text=keep_text, audio=job.audio, config=job.cfg)
+        else:
+            s = build_parallel(job.weights, job.dims, dtype=DTYPES[options.dtype], device=env.device,
+                               keep_text=keep_text, expand=job.expand, adapters=job.adapters,
+                               offload=options.offload, config=job.cfg)
+        if env.world == 1 and not keep_text and options.offload != "none" and not job.k6:
             s.pipeline.text_after_encode = "release"  # one video: the encoders are never needed again
         s.pipeline.dit.set_attention(options.attention, options.nabla_threshold)
         engine = cls(s.pipeline, s.dims, s.stages, s.stats, s.item_group, s.item_rank, s.dp_rank,
                      s.describe() if env.world > 1 else "", env.device, estimate=env.estimate, ratios=job.ratios,
-                     image=job.image)
+                     image=job.image, k6=job.k6)
         shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
         engine.fast = setup_fast_path(engine.pipe.dit, env.device, options.compile, options.attention_backend,
                                       len(shapes), ring=s.dims.ring, attention_calls=attention_calls(engine, shapes))
@@ -136,7 +143,8 @@ class Engine:
 
         # The first visual block: a forward that MagCache skips still calls the DiT (text blocks, output layer)
         # but not its visual blocks.
-        self.pipe.dit.visual_transformer_blocks[0].register_forward_pre_hook(hook)
+        blocks = self.pipe.dit.visual_blocks if self.k6 else self.pipe.dit.visual_transformer_blocks
+        blocks[0].register_forward_pre_hook(hook)
 
     def run(self, request, *, on_step: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] | None = None, prompt: str | None = None, decode: bool = True):
@@ -166,9 +174,16 @@ class Engine:
         result.forwards = forwards(self.ratios, request)  # the whole item's, both branches: the plan decides them
         result.step_ends = step_ends
         self._boundary(should_stop, request.steps, request.steps)  # before the decode: a stop while the last step ran is not decoded
+        # Kandinsky 6: the audio latents (None: no audio, or Kandinsky 5) and, decoded on the leader, the waveform
+        # with its sample rate for the video's audio track.
+        result.audio_latents = result.audio if self.k6 else None
+        result.audio_track = None
         if decode:
             t0 = time.perf_counter()
             result.frames = self.decode(result.latents)
+            if result.audio_latents is not None and self.leader:
+                wave = self.pipe.decode_audio(result.audio_latents, request.num_frames)
+                result.audio_track = (wave, self.pipe.audio.sample_rate)
             result.timings["decode_s"] = time.perf_counter() - t0
             if on_step is not None:
                 on_step(total, total)

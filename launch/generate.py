@@ -160,6 +160,9 @@ def build_parser() -> Parser:
     from k5.launch.model import add_flags
 
     add_flags(p)  # --variant, --list-variants, --magcache, --components
+    from k5.launch import k6
+
+    k6.add_flags(p)  # --no-audio, --upscale
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="check the inputs once, then start N workers on this machine (torchrun --standalone); "
                         "default: run in this process (or as the torchrun worker it is)")
@@ -173,6 +176,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from k5.engine.catalogue.resolve import TINY_MODELS
 
     tiny = args.model in TINY_MODELS
+    args.expand_prompt_given = args.expand_prompt is not None  # Kandinsky 6 refuses it given, ignores the default
     for k, v in dict(dtype="fp32" if tiny else "bf16", expand_prompt=not tiny).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -241,6 +245,8 @@ class Job:
     ratios: tuple | None = None  # --magcache: the variant's MagCache ratios
     checkpoint: dict = field(default_factory=dict)  # the variant, its source, MagCache: for records and summary
     image: bool = False  # an Image Lite checkpoint (ImageRequest items, PNG images)
+    k6: bool = False  # a Kandinsky 6 checkpoint (video with audio, k5.launch.k6)
+    audio: bool = False  # Kandinsky 6: sample and write the audio track (not --no-audio)
 
 
 def validate(args, env: Env) -> Job:
@@ -275,6 +281,15 @@ def validate(args, env: Env) -> Job:
     # Every weight file of every component listed and its header read, once for the whole run.
     weights = resolved.open()
     image_model = weights.image  # Image Lite: the FLUX VAE
+    from k5.launch import k6 as k6_flags
+
+    k6 = resolved.k6
+    if k6:
+        k6_flags.check_flags(args, resolved)
+        if media != "video":
+            check_suffix("video", args.output, "--output")  # Kandinsky 6 writes an MP4: the message says so
+    else:
+        k6_flags.refuse_on_k5(args, args.model)
     images.check_family(args, image_model)  # the other family's settings, before any default is filled in
     if image_model and args.output is not None and media != "image":
         check_suffix("image", args.output, "--output")  # an Image Lite model writes a PNG: the message says so
@@ -290,6 +305,10 @@ def validate(args, env: Env) -> Job:
 
         check_compiled_flex()  # NABLA runs flex on CUDA: with dynamo off it would compute dense attention
     dims = plan_dims(args, cfg, env.world)
+    if k6:
+        from k5.parallel.k6 import check_tensor_parallel
+
+        check_tensor_parallel(cfg, dims.tp)  # both streams' heads and FFN widths cut into tp parts
     open_adapter = AdapterOpener(cfg)  # headers and sha256 of each LoRA file once, checked against the DiT
     adapters = tuple(open_adapter(spec) for spec in args.lora)
     if args.expand_prompt:
@@ -300,6 +319,11 @@ def validate(args, env: Env) -> Job:
         defaults for a prompt file's items, whose lines bring their own images."""
         if image_model:
             req = resolve_image(req, cfg)  # the task, the bucket (a size snapped with a note), the source image
+        elif k6:
+            from k5.engine.pipelines.k6 import check_request as check_k6_request, check_schedule
+
+            check_k6_request(req, cfg, nabla)
+            check_schedule(root, req.guidance_scale)  # a PiFlow checkpoint samples at guidance 1
         else:
             check_request(req, cfg, nabla)
             if not settings_only:
@@ -331,8 +355,10 @@ def validate(args, env: Env) -> Job:
                 "step_cache": "magcache" if ratios is not None else None}
     if args.expand_prompt:  # absent when off, so job folders made before expansion existed still resume
         settings["expand_prompt"] = True
+    if k6:  # absent for Kandinsky 5, so their job folders still resume
+        settings.update(k6_flags.settings(args))
     found = dict(resolved=resolved, weights=weights, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios),
-                 image=image_model)
+                 image=image_model, k6=k6, audio=k6 and not args.no_audio)
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     for path, flag in extra:
         if path.is_dir():

@@ -27,6 +27,7 @@ from k5.launch.batch import deal, settings
 from k5.launch.logs import LOGGER
 from k5.launch.destination import Destination
 from k5.launch.engine import Cancelled
+from k5.launch.outputs import AudioVideo
 from k5.launch.prompts import Item
 from k5.launch.signals import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Stopped, signal_name, stop_exit_code
 from k5.launch.supervisor import Supervisor
@@ -211,7 +212,11 @@ def run_items(items: list[Item], engine, sup: Supervisor, dest: Destination, rec
                           "output": item.output, "settings": settings(item, job_settings), "truncated": result.truncated,
                           "timings": timings, "dit_forwards": metrics["dit_forwards"], **notes}
                 # An image is one frame: the "image" output (PNG) takes the same uint8 [1, H, W, 3].
-                data = {"video": frames, "image": frames, "frames": frames, "latents": result.latents}
+                # Kandinsky 6: the video carries its audio track, the latents file the audio latents too.
+                video = frames if result.audio_track is None else AudioVideo(frames, *result.audio_track)
+                latents = result.latents if result.audio_latents is None else {
+                    "latents": result.latents, "audio_latents": result.audio_latents}
+                data = {"video": video, "image": frames, "frames": frames, "latents": latents}
                 record = dest.write(item, data, record)
                 metrics.update(write_s=time.perf_counter() - t2, total_s=time.perf_counter() - t0,
                                files=[str(p) for p in dest.targets(item).values()])

@@ -32,12 +32,32 @@ FPS = 24
 
 # ---- the kinds of output -------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class AudioVideo:
+    """A video with its audio track (Kandinsky 6): uint8 frames [F, H, W, 3] and a mono waveform [S] at
+    ``sample_rate``, already as long as the video (engine.vae.audio.fit_to_video)."""
+
+    frames: Any
+    waveform: Any
+    sample_rate: int
+
+
 def _write_video(frames, path: Path) -> dict:
+    if isinstance(frames, AudioVideo):  # H.264 + AAC, checked: the frames, and one AAC track of the waveform's length
+        from k5.engine.media.av import encode_av_mp4
+
+        found = encode_av_mp4(frames.frames, frames.waveform, path, fps=FPS, sample_rate=frames.sample_rate)
+        found["audio"].update(samples=int(frames.waveform.shape[-1]))
+        return found
     return encode_mp4(frames, path, fps=FPS)  # checked: decodes to these frames and size
 
 
 def _check_video(path: Path, expect: dict) -> None:
     check_mp4(path, expect["frames"], expect["width"], expect["height"])
+    if "audio" in expect:  # a Kandinsky 6 video: its AAC track must still be there, as long as it was
+        from k5.engine.media.av import check_audio
+
+        check_audio(path, expect["audio"]["samples"], expect["audio"]["sample_rate"])
 
 
 def _write_image(image, path: Path) -> dict:
@@ -50,9 +70,14 @@ def _check_image(path: Path, expect: dict) -> None:
 
 def _tensor_writer(key: str) -> Callable[[Any, Path], dict]:
     def write(tensor, path: Path) -> dict:
-        tensor = tensor.detach().contiguous().cpu()
-        save_file({key: tensor}, str(path))
-        expect = {"key": key, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        # A dict holds ``key`` and more tensors of the same item (Kandinsky 6: "audio_latents" beside "latents").
+        tensors = tensor if isinstance(tensor, dict) else {key: tensor}
+        tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+        save_file(tensors, str(path))
+        main = tensors[key]
+        expect = {"key": key, "shape": list(main.shape), "dtype": str(main.dtype).removeprefix("torch.")}
+        if len(tensors) > 1:
+            expect["more"] = {k: list(t.shape) for k, t in tensors.items() if k != key}
         _check_tensors(path, expect)
         return expect
 
@@ -66,8 +91,10 @@ def _check_tensors(path: Path, expect: dict) -> None:
             shape = list(f.get_slice(expect["key"]).get_shape()) if expect["key"] in keys else None
     except Exception as e:  # safetensors raises several types for a damaged file
         raise OSError(f"{path} is not a readable safetensors file: {e}") from e
-    if keys != [expect["key"]] or shape != expect["shape"]:
-        raise OSError(f"{path} holds {keys} {shape}, not {expect['key']!r} of shape {expect['shape']}")
+    more = expect.get("more", {})
+    if sorted(keys) != sorted([expect["key"], *more]) or shape != expect["shape"]:
+        raise OSError(f"{path} holds {keys} {shape}, not {expect['key']!r} of shape {expect['shape']}"
+                      + (f" and {', '.join(more)}" if more else ""))
 
 
 @dataclass(frozen=True)

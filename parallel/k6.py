@@ -93,7 +93,8 @@ def load_rank_k6_dit(path, dims: ParallelDims, dtype: torch.dtype = torch.bfloat
 class CfgParallel:
     """CFG parallelism for ``engine.sampling.k6_sampler.sample(guided=...)``: cfg half 0 runs the conditional forward, half
     1 the unconditional one; both streams' predictions travel in one all-gather, and both halves combine them with
-    the sequential sampler's arithmetic, so the latents stay identical everywhere."""
+    the sequential sampler's arithmetic, so the latents stay identical everywhere. The object itself is the stage
+    Kandinsky6Pipeline.generate takes in its ``chain`` (calling it is ``guided``)."""
 
     def __init__(self, dims: ParallelDims, stats: CommStats | None = None):
         if dims.cfg != 2:
@@ -116,3 +117,49 @@ class CfgParallel:
 
         (vc, ac), (vu, au) = split(parts[COND]), split(parts[UNCOND])
         return combine_cfg(vc, vu, guidance_scale), (combine_cfg(ac, au, guidance_scale) if a is not None else None)
+
+    __call__ = guided
+
+
+def build_k6_parallel(checkpoint, dims: ParallelDims, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                      keep_text: bool = False, audio: bool = True, config=None):
+    """Everything a rank needs to generate Kandinsky 6 on the planned ``dims`` (k5.parallel.plan.plan_parallel), as
+    k5.parallel.plan.build_parallel does for Kandinsky 5: the mesh, this rank's DiT slices (tp over both streams),
+    the video tokens split over ring x ulysses with the audio replicated, the text encoders on one rank per replica
+    (its embeddings broadcast; per cfg half with CFG parallelism), the VAE on every rank (the tiled decode), the
+    I2AV image encoded once per item group, and the audio decoder on the item group's rank 0 only (it writes the
+    file). ``checkpoint``: a checked Checkpoint of a Kandinsky 6 folder. Returns a k5.parallel.plan.ParallelSetup."""
+    from k5.engine.encoders.text import TextEncoder
+    from k5.engine.pipelines.k6 import Kandinsky6Pipeline
+    from k5.parallel.cfg import BranchText
+    from k5.parallel.plan import ParallelSetup, image_sharing
+    from k5.parallel.tensor import parameter_bytes
+    from k5.parallel.text_share import SharedText, is_text_source
+
+    device = torch.device(device)
+    if dims.world_size == 1:
+        pipe = Kandinsky6Pipeline.from_pretrained(checkpoint, dtype, device, audio=audio, config=config)
+        return ParallelSetup(dims, pipe, [], None, parameter_bytes(pipe.dit))
+    if not dist.is_initialized():
+        raise RuntimeError(f"a layout of {dims.world_size} ranks needs torch.distributed initialized")
+    check_tensor_parallel(config or checkpoint.dit.config, dims.tp)
+    dims.check_heads((config or checkpoint.dit.config).num_heads // dims.tp)
+    dims.build_mesh(device.type)
+    stats = CommStats()
+
+    def prepare(model: Kandinsky6DiT) -> None:
+        apply_tensor_parallel(model, dims, stats)
+
+    dit = load_k6_dit(checkpoint.dit, dtype, device, config=config, reader=tp_reader(dims), prepare=prepare)
+    if dims.sp_size > 1:
+        apply_sequence_parallel(dit, dims, stats)
+    encoder = TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=device) \
+        if is_text_source(dims) else None
+    text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
+    if dims.cfg == 2:
+        text = BranchText(text, dims)
+    pipe = Kandinsky6Pipeline.from_pretrained(checkpoint, dtype, device, dit=dit, text=text, audio=audio,
+                                              audio_decoder=dims.rank("item") == 0)
+    pipe.share_image = image_sharing(dims, device)
+    stages = [CfgParallel(dims, stats)] if dims.cfg == 2 else []
+    return ParallelSetup(dims, pipe, stages, stats, parameter_bytes(dit))

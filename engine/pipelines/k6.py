@@ -4,7 +4,8 @@ audio decode.
 The sibling of engine/pipelines/video.py, on the same parts: the Kandinsky 5 text encoders with Kandinsky 6's
 1024-token budget (engine/encoders/k6_text.py), the HunyuanVideo VAE (its decode is replaced by the per-rank tiled
 decode in parallel runs, exactly as for Kandinsky 5), the video request (engine.pipelines.video.Request), and the
-hooks the parallel layouts set (``share_image``; the text encoder may be a SharedText / BranchText; ``guided``).
+hooks the parallel layouts set (``share_image``; the text encoder may be a SharedText / BranchText; a guiding
+stage in ``chain``).
 What is Kandinsky 6's own: the audio latent sampled with the video (engine/sampling/k6_sampler.py), the schedule of
 the checkpoint (Euler for sft, PiFlow for distilled ones: engine/sampling/k6_schedule.py), I2AV's image as a masked
 tail frame, and the audio decode (MMAudio VAE + vocoder, engine/vae/audio.py), which runs on one rank.
@@ -210,11 +211,13 @@ class Kandinsky6Pipeline:
         return (1, audio_length(req.num_frames, self.fps, rate, hop), self.dit.config.in_audio_dim)
 
     @torch.inference_mode()
-    def generate(self, req: Request, on_step=None, guided=None, prompt: str | None = None, chain=()) -> AVResult:
-        """Sample one request: the final video latents and (with audio) audio latents. ``guided``: how one step's
-        predictions are made (CFG parallel's exchange; default: both branches here)."""
-        if chain:
-            raise ValueError("Kandinsky 6 has no step chain (MagCache is calibrated for Kandinsky 5 checkpoints)")
+    def generate(self, req: Request, on_step=None, prompt: str | None = None, chain=()) -> AVResult:
+        """Sample one request: the final video latents and (with audio) audio latents. ``chain``: at most one stage,
+        the one that makes a step's guided predictions (k5.parallel.k6.CfgParallel: the CFG exchange; default both
+        branches here, engine.sampling.k6_sampler.guided_forward). MagCache has no Kandinsky 6 calibration."""
+        if len(chain) > 1:
+            raise ValueError(f"a Kandinsky 6 step takes one guiding stage (CFG parallel), got {len(chain)} stages")
+        guided = chain[0] if chain else guided_forward
         sync(self.device)
         t0 = time.perf_counter()
         with PEAKS.phase("text", self.device):
@@ -231,7 +234,7 @@ class Kandinsky6Pipeline:
             latents, audio = sample(self.dit, video, audio, cond, uncond, schedule,
                                     guidance_scale=req.guidance_scale, patch_size=self.dit.config.patch_size,
                                     visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step,
-                                    guided=guided or guided_forward)
+                                    guided=guided)
             sync(self.device)
         t2 = time.perf_counter()
         return AVResult(latents, audio, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
