@@ -1,0 +1,144 @@
+"""`k5 generate` on Kandinsky 6 (tiny-k6): the MP4 with its AAC track, --no-audio, bad input, and every parallel
+layout through the CLI against the one-process run.
+
+- One process: ffprobe (run here directly) shows one H.264 stream of the frames asked for and one AAC stream, mono
+  44.1 kHz, lasting num_frames / 24 s to within one AAC frame (1024 samples: the encoder's granularity); the latents
+  the CLI saved (video and audio) are Kandinsky6Pipeline.generate's on the same request (the same code path on the
+  same tensors: equal).
+- Layouts (torchrun, fp32): Ulysses 2, ring 2, TP 2 and CFG x Ulysses 2 (4 ranks) give the one-process video and
+  audio latents within 1e-5 relative, dense and, for ring 2 (ring attention over NABLA masks) and Ulysses 2,
+  NABLA; the written MP4 has its AAC track in every layout (the audio decoded on one rank).
+- Bad input: one message, exit 2, before the engine loads any weight (Engine.load is made to fail the test), and
+  nothing written.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
+from k5.engine.pipelines.k6 import Kandinsky6Pipeline
+from k5.engine.pipelines.video import Request
+from numerics import rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATE = ROOT / "launch" / "generate.py"
+PROMPT = "a red fox barks in the snow"
+SR, FPS = 44_100, 24
+TOL = 1e-5
+DENSE = ["--height", "64", "--width", "96", "--num-frames", "9", "--steps", "2", "--seed", "4"]
+NABLA = ["--height", "128", "--width", "128", "--num-frames", "5", "--steps", "2", "--seed", "4",
+         "--attention", "nabla", "--nabla-threshold", "0.5"]
+
+
+def streams(path):
+    out = subprocess.run(["ffprobe", "-v", "error", "-show_entries",
+                          "stream=codec_type,codec_name,nb_frames,duration,sample_rate,channels", "-of", "json",
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["streams"]
+
+
+def assert_av(path, frames):
+    s = streams(path)
+    video = [x for x in s if x["codec_type"] == "video"]
+    audio = [x for x in s if x["codec_type"] == "audio"]
+    assert len(s) == 2 and len(video) == 1 and len(audio) == 1, s
+    assert video[0]["codec_name"] == "h264" and int(video[0]["nb_frames"]) == frames
+    assert audio[0]["codec_name"] == "aac" and int(audio[0]["sample_rate"]) == SR and audio[0]["channels"] == 1
+    assert abs(float(audio[0]["duration"]) - frames / FPS) <= 1024 / SR
+
+
+def generate(tmp_path, name, nproc, *args, model="tiny-k6"):
+    out = tmp_path / name
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    r = subprocess.run([*launcher, str(GENERATE), "--model", model, "--prompt", PROMPT, *args,
+                        "--output", str(out.with_suffix(".mp4")), "--save-latents", str(out.with_suffix(".safetensors"))],
+                       capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_file(out.with_suffix(".safetensors")), out.with_suffix(".mp4"), r.stderr
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    return {"dense": generate(tmp, "dense", 1, *DENSE)[0], "nabla": generate(tmp, "nabla", 1, *NABLA)[0]}
+
+
+def test_one_process_writes_h264_and_aac_and_the_pipelines_latents(tmp_path, single):
+    saved, mp4, log = generate(tmp_path, "fox", 1, *DENSE)
+    assert_av(mp4, 9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.mp4", "fox.safetensors"]  # no temporary left
+    assert torch.equal(saved["latents"], single["dense"]["latents"])  # the same run twice: deterministic
+    pipe = Kandinsky6Pipeline.from_pretrained(k6_tiny_checkpoint(kind="sft"), torch.float32)
+    want = pipe.generate(Request(PROMPT, height=64, width=96, num_frames=9, steps=2, guidance_scale=5.0, seed=4))
+    assert torch.equal(saved["latents"], want.latents) and torch.equal(saved["audio_latents"], want.audio)
+    assert "DiT forwards 4 run" in log  # 2 steps x 2 guidance branches
+
+
+def test_no_audio_leaves_the_track_out(tmp_path):
+    saved, mp4, _ = generate(tmp_path, "quiet", 1, "--no-audio", *DENSE[:6], model="tiny-k6-distill")
+    s = streams(mp4)
+    assert [x["codec_type"] for x in s] == ["video"] and int(s[0]["nb_frames"]) == 9
+    assert list(saved) == ["latents"]
+
+
+@pytest.mark.parametrize("case, nproc, flags", [
+    ("dense", 2, ["--ulysses-degree", "2"]),
+    ("dense", 2, ["--ring-degree", "2"]),
+    ("dense", 2, ["--tp-degree", "2"]),
+    ("dense", 4, ["--cfg-parallel", "--ulysses-degree", "2"]),
+    ("nabla", 2, ["--ring-degree", "2"]),
+    ("nabla", 2, ["--ulysses-degree", "2"]),
+])
+def test_layout_gives_the_one_process_latents(tmp_path, single, case, nproc, flags):
+    sizes = DENSE if case == "dense" else NABLA
+    saved, mp4, _ = generate(tmp_path, "layout", nproc, *sizes, *flags)
+    for key in ("latents", "audio_latents"):
+        assert rel_err(saved[key], single[case][key]) < TOL, key
+    assert_av(mp4, 9 if case == "dense" else 5)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    from k5.launch.engine import Engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded for an input that should have been refused")
+
+    monkeypatch.setattr(Engine, "load", refuse)
+
+
+@pytest.mark.parametrize("model, flags, message", [
+    ("tiny", ["--no-audio"], "--no-audio: --model tiny is a Kandinsky 5 checkpoint"),
+    ("tiny", ["--upscale", "1080p"], "--upscale 1080p: --model tiny is a Kandinsky 5 checkpoint"),
+    ("tiny-k6-distill", ["--guidance-scale", "5"], "use --guidance-scale 1"),
+    ("tiny-k6", ["--magcache"], "--magcache: --model tiny-k6 is a Kandinsky 6 checkpoint"),
+    ("tiny-k6", ["--height", "72"], "height 72 is not a positive multiple of 16"),
+    ("tiny-k6", ["--task", "t2v"], "--task t2v: --model tiny-k6 is a Kandinsky 6 checkpoint"),
+    ("tiny-k6", ["--upscale", "1080p"], "the super-resolution stage is not wired"),
+    ("tiny-k6", ["--variant", "t2v-lite-sft-5s"], "drop --variant"),
+])
+def test_bad_input_is_refused_before_loading(tmp_path, capsys, no_loading, model, flags, message):
+    from k5.launch.generate import main
+
+    out = tmp_path / "x.mp4"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", model, "--prompt", PROMPT, "--output", str(out), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_output_is_refused_for_kandinsky6(tmp_path, capsys, no_loading):
+    from k5.launch.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tiny-k6", "--prompt", PROMPT, "--output", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and ".mp4" in capsys.readouterr().err
