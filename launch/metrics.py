@@ -84,6 +84,8 @@ def summary(*, args, job, layout: dict, plan: dict, outcome, status: str, exit_c
         "dtype": args.dtype,
         "attention": args.attention,
         "expand_prompt": bool(getattr(job, "expand", False)),
+        # Kandinsky 6: whether the videos carry an audio track (None: a Kandinsky 5 model, which has none)
+        "audio": job.audio if job.k6 else None,
         "lora": list({a.key: a.record() for item in job.items for a in item.adapters}.values()),
         "layout": layout,
         "items": {"in_job": len(job.items), "to_do": len(plan["pending"]), "finished_before": plan["finished"],

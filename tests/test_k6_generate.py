@@ -53,10 +53,11 @@ def assert_av(path, frames):
     assert abs(float(audio[0]["duration"]) - frames / FPS) <= 1024 / SR
 
 
-def generate(tmp_path, name, nproc, *args, model="tiny-k6"):
+def generate(tmp_path, name, nproc, *args, model="tiny-k6", metrics=False):
     out = tmp_path / name
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
         if nproc > 1 else [sys.executable]
+    args += ("--metrics-json", str(out.with_suffix(".json"))) if metrics else ()
     r = subprocess.run([*launcher, str(GENERATE), "--model", model, "--prompt", PROMPT, *args,
                         "--output", str(out.with_suffix(".mp4")), "--save-latents", str(out.with_suffix(".safetensors"))],
                        capture_output=True, text=True, timeout=400, cwd=ROOT)
@@ -82,10 +83,13 @@ def test_one_process_writes_h264_and_aac_and_the_pipelines_latents(tmp_path, sin
 
 
 def test_no_audio_leaves_the_track_out(tmp_path):
-    saved, mp4, _ = generate(tmp_path, "quiet", 1, "--no-audio", *DENSE[:6], model="tiny-k6-distill")
+    saved, mp4, _ = generate(tmp_path, "quiet", 1, "--no-audio", *DENSE[:6], model="tiny-k6-distill",
+                             metrics=True)
     s = streams(mp4)
     assert [x["codec_type"] for x in s] == ["video"] and int(s[0]["nb_frames"]) == 9
     assert list(saved) == ["latents"]
+    metrics = json.loads((tmp_path / "quiet.json").read_text())
+    assert metrics["audio"] is False and metrics["model"] == "tiny-k6-distill/t2av"
 
 
 @pytest.mark.parametrize("case, nproc, flags", [
