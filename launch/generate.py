@@ -70,8 +70,9 @@ def build_parser() -> Parser:
     p.add_argument("--model", required=True,
                    help="a Hugging Face repo id from the local cache (kandinskylab/Kandinsky-5.0-...), a checkpoint "
                         "folder (diffusers layout), an original single-file .safetensors (with --variant), 'tiny' "
-                        "(built-in random video model) or 'tiny-image' (built-in random Image Lite pair, t2i and "
-                        "i2i); required")
+                        "(built-in random video model), 'tiny-image' (built-in random Image Lite pair, t2i and "
+                        "i2i) or 'tiny-k6' / 'tiny-k6-distill' (built-in random Kandinsky 6, video with audio); "
+                        "required")
     p.add_argument("--prompt", default=None, help="one prompt (or give --prompts FILE); default: none")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="batch job: .jsonl (one object per line), .csv with a header, or plain text (one prompt a "
