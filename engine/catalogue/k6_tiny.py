@@ -25,7 +25,7 @@ import torch
 from k5.engine.catalogue.tiny import CLIP_HIDDEN, QWEN_HIDDEN, _quiet_saves, _reinit_, _write_json, tiny_checkpoint
 
 K6_TINY_VERSION = "1"
-KINDS = ("sft", "distill")
+KINDS = ("sft", "distill", "sr")
 N_GRID = 10
 SHARED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 AUDIO_SCALING = 0.417  # MMAudioVAE's default; the ComfyUI node gives 0.417 (distilled) and 0.5302 (released sft)
@@ -65,6 +65,46 @@ def _vocoder(seed: int):
                                    resblock_dilation_sizes=((1, 3, 5),)), seed)
 
 
+# The super-resolution model (kind "sr"): the SR DiT at tiny widths with the real PiFlow output (n_grid 10), NABLA
+# on, one trained tile size of 128x128 pixels (an 8x8 latent tile: one NABLA tile), and the K-VAE at tiny widths with
+# its real compression (16x spatially, 4x in time).
+SR_LATENT = 8
+SR_TRANSFORMER = dict(in_visual_dim=SR_LATENT, out_visual_dim=SR_LATENT * N_GRID, time_dim=32, model_dim=64, ff_dim=128,
+                      num_visual_blocks=2, axes_dims=(4, 6, 6), nabla_threshold=0.5, nabla_window=(1, 1, 3),
+                      tile_sizes=((128, 128),))
+
+
+def _sr_transformer(seed: int):
+    from diffusers import Kandinsky6SRTransformer3DModel
+
+    model = _reinit_(Kandinsky6SRTransformer3DModel(**SR_TRANSFORMER), seed)
+    return model
+
+
+def _sr_vae(seed: int):
+    from diffusers import Kandinsky6SRVAE
+
+    return _reinit_(Kandinsky6SRVAE(latent_channels=SR_LATENT, encoder_block_out_channels=(8,) * 5,
+                                    decoder_block_out_channels=(8,) * 5, layers_per_block=1), seed)
+
+
+def build_k6_sr_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
+    import diffusers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet_saves():
+        _sr_transformer(seed * 16 + 13).save_pretrained(folder / "transformer")
+        _sr_vae(seed * 16 + 14).save_pretrained(folder / "vae")
+    scheduler = _scheduler_config("distill")
+    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    _write_json(folder / "model_index.json", {
+        "_class_name": "Kandinsky6SRPipeline", "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", scheduler["_class_name"]],
+        "transformer": ["diffusers", "Kandinsky6SRTransformer3DModel"], "vae": ["diffusers", "Kandinsky6SRVAE"],
+    })
+    return folder
+
+
 def _scheduler_config(kind: str) -> dict:
     if kind == "distill":
         return {"_class_name": "PiflowScheduler", "num_train_timesteps": 1000, "shift": 5.0, "n_grid": N_GRID,
@@ -81,6 +121,8 @@ def build_k6_tiny_checkpoint(folder, seed: int = 0, kind: str = "sft", cache_dir
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty; build the tiny-k6 checkpoint into a new or empty folder")
+    if kind == "sr":
+        return build_k6_sr_tiny_checkpoint(folder, seed)
     folder.mkdir(parents=True, exist_ok=True)
     shared = tiny_checkpoint(cache_dir, seed=seed)
     for name in SHARED:
