@@ -71,6 +71,8 @@ class Engine:
     ratios: tuple | None = None  # MagCache: the variant's ratios (the step cache is a stage of the step chain)
     image: bool = False  # an Image Lite pipeline: images are decoded on the group's rank 0
     k6: bool = False  # a Kandinsky 6 pipeline (video with audio: engine/pipelines/k6.py)
+    sr: object = None  # Kandinsky 6 --upscale: the super-resolution stage (engine.pipelines.k6_sr.SRStage)
+    upscale: str | None = None  # its target
     supervisor: object = None  # k5.launch.supervisor.Supervisor once joined: its stop agreement and heartbeat
 
     # ---- building --------------------------------------------------------------------------------------------------
@@ -99,6 +101,11 @@ class Engine:
         engine = cls(s.pipeline, s.dims, s.stages, s.stats, s.item_group, s.item_rank, s.dp_rank,
                      s.describe() if env.world > 1 else "", env.device, estimate=env.estimate, ratios=job.ratios,
                      image=job.image, k6=job.k6)
+        if job.upscale is not None:
+            from k5.engine.pipelines.k6_sr import SRStage
+
+            engine.sr, engine.upscale = SRStage.from_pretrained(job.sr_root, DTYPES[options.dtype], env.device), \
+                job.upscale
         shapes = {(item.request.num_frames, item.request.height, item.request.width) for item in job.items}
         engine.fast = setup_fast_path(engine.pipe.dit, env.device, options.compile, options.attention_backend,
                                       len(shapes), ring=s.dims.ring, attention_calls=attention_calls(engine, shapes))
@@ -181,6 +188,10 @@ class Engine:
         if decode:
             t0 = time.perf_counter()
             result.frames = self.decode(result.latents)
+            if self.sr is not None:
+                t1 = time.perf_counter()
+                result.frames = self.super_resolve(result.frames, request)
+                result.timings["upscale_s"] = time.perf_counter() - t1
             if result.audio_latents is not None and self.leader:
                 wave = self.pipe.decode_audio(result.audio_latents, request.num_frames)
                 result.audio_track = (wave, self.pipe.audio.sample_rate)
@@ -232,6 +243,23 @@ class Engine:
 
         text = self.pipe.expand_prompt(req, reuse=ask)
         return text, (not reused[0]) if reused else None
+
+    def super_resolve(self, frames, request):
+        """The SR stage at its own layout: the item group's ranks deal the tiles (tile i to group rank i mod n), each
+        refines and decodes its own, and the windowed tiles are summed onto the group's rank 0, which blends them.
+        ``frames``: the decoded video on rank 0 (None elsewhere); returns the upscaled frames there, None elsewhere."""
+        sr, n, me = self.sr, self.group_size, self.group_rank
+        plan = sr.plan(request.height, request.width, self.upscale)
+        if n > 1:  # the low-resolution frames to every rank of the group (uint8: 1/4 of the fp32 canvas)
+            shape = ((request.num_frames, request.height, request.width, 3))
+            buf = frames.contiguous().to(self.device) if me == 0 else torch.empty(shape, dtype=torch.uint8,
+                                                                                   device=self.device)
+            dist.broadcast(buf, group_src=0, group=self.group)
+            frames = buf
+        acc = sr.canvas(sr.to_input(frames, plan), plan, request.seed, range(me, len(plan.grid), n))
+        if n > 1:
+            dist.reduce(acc, group_dst=0, group=self.group)
+        return sr.finish(acc, plan) if me == 0 else None
 
     def decode(self, latents):
         """uint8 frames [F, H, W, 3] on the group's rank 0, None on the others."""

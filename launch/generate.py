@@ -248,6 +248,8 @@ class Job:
     image: bool = False  # an Image Lite checkpoint (ImageRequest items, PNG images)
     k6: bool = False  # a Kandinsky 6 checkpoint (video with audio, k5.launch.k6)
     audio: bool = False  # Kandinsky 6: sample and write the audio track (not --no-audio)
+    upscale: str | None = None  # Kandinsky 6 --upscale: the SR stage's target
+    sr_root: Path | None = None  # its super-resolution checkpoint folder
 
 
 def validate(args, env: Env) -> Job:
@@ -285,8 +287,10 @@ def validate(args, env: Env) -> Job:
     from k5.launch import k6 as k6_flags
 
     k6 = resolved.k6
+    sr_root = None
     if k6:
         k6_flags.check_flags(args, resolved)
+        sr_root = k6_flags.sr_checkpoint(args, resolved)
         if media != "video":
             check_suffix("video", args.output, "--output")  # Kandinsky 6 writes an MP4: the message says so
     else:
@@ -325,6 +329,8 @@ def validate(args, env: Env) -> Job:
 
             check_k6_request(req, cfg, nabla)
             check_schedule(root, req.guidance_scale)  # a PiFlow checkpoint samples at guidance 1
+            if sr_root is not None:
+                k6_flags.check_upscale(sr_root, req, args.upscale)  # the video fits the SR model's tiles
         else:
             check_request(req, cfg, nabla)
             if not settings_only:
@@ -359,7 +365,8 @@ def validate(args, env: Env) -> Job:
     if k6:  # absent for Kandinsky 5, so their job folders still resume
         settings.update(k6_flags.settings(args))
     found = dict(resolved=resolved, weights=weights, ratios=ratios, checkpoint=model_flags.describe(resolved, ratios),
-                 image=image_model, k6=k6, audio=k6 and not args.no_audio)
+                 image=image_model, k6=k6, audio=k6 and not args.no_audio, upscale=args.upscale if k6 else None,
+                 sr_root=sr_root)
     extra = [(Path(args.metrics_json), "--metrics-json")] if args.metrics_json else []
     for path, flag in extra:
         if path.is_dir():

@@ -71,6 +71,38 @@ class TilePlan:
         return self.size[0] * self.tiling_scale, self.size[1] * self.tiling_scale
 
 
+def plan_tiles(height: int, width: int, target: str, tile_sizes, snap: int = 16,
+               min_overlap: float = 0.2) -> TilePlan:
+    """The tiles of a ``height`` x ``width`` video (diffusers' rules); ValueError for a video the trained tiles
+    (``tile_sizes``, pixels at the output) do not fit."""
+    scale = TARGETS[target]
+    tiling_scale, pre = (2, 1.125) if scale == 2.25 else (int(scale), 1.0)
+    size = (round(height * pre / snap) * snap, round(width * pre / snap) * snap) if pre != 1.0 else (height, width)
+    h, w = size
+    base = tuple(min(tile_sizes, key=lambda hw: abs(hw[1] / hw[0] - w / h)))
+    if base[0] % (snap * tiling_scale) or base[1] % (snap * tiling_scale):
+        raise ValueError(f"the SR tile size {base} is not a multiple of {snap * tiling_scale} pixels")
+    tile = (base[0] // tiling_scale, base[1] // tiling_scale)
+    if h < tile[0] or w < tile[1]:
+        raise ValueError(f"--upscale {target}: the video is {height}x{width}; the SR model's tiles need at least "
+                         f"{math.ceil(tile[0] / pre)}x{math.ceil(tile[1] / pre)} pixels")
+    tops = tile_positions(h, tile[0], min_overlap, snap)
+    lefts = tile_positions(w, tile[1], min_overlap, snap)
+    return TilePlan(scale, tiling_scale, size, base, tile, tuple((t, l) for t in tops for l in lefts))
+
+
+def checkpoint_tiles(root: str | Path) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(the trained tile sizes, the K-VAE's spatial factor) from an SR folder's configs, without loading it."""
+    import json
+
+    root = Path(root)
+    dit = json.loads((root / "transformer" / "config.json").read_text())
+    vae = json.loads((root / "vae" / "config.json").read_text())
+    tiles = tuple(tuple(t) for t in dit.get("tile_sizes", ((512, 512), (512, 768), (768, 512))))
+    levels = len(vae.get("encoder_block_out_channels", (16, 128, 256, 512, 1024)))
+    return tiles, 2 ** (levels - 1)
+
+
 class SRStage:
     """The SR DiT, the K-VAE and the schedule of a Kandinsky-6.0-VSR-*-Diffusers folder, on ``device``."""
 
@@ -96,21 +128,7 @@ class SRStage:
 
     def plan(self, height: int, width: int, target: str = "1080p") -> TilePlan:
         """The tiles of a ``height`` x ``width`` video; ValueError for a video the trained tiles do not fit."""
-        scale = TARGETS[target]
-        tiling_scale, pre = (2, 1.125) if scale == 2.25 else (int(scale), 1.0)
-        snap = self.snap
-        size = (round(height * pre / snap) * snap, round(width * pre / snap) * snap) if pre != 1.0 else (height, width)
-        h, w = size
-        base = min(self.tile_sizes, key=lambda hw: abs(hw[1] / hw[0] - w / h))
-        if base[0] % (snap * tiling_scale) or base[1] % (snap * tiling_scale):
-            raise ValueError(f"the SR tile size {base} is not a multiple of {snap * tiling_scale} pixels")
-        tile = (base[0] // tiling_scale, base[1] // tiling_scale)
-        if h < tile[0] or w < tile[1]:
-            raise ValueError(f"--upscale {target}: the video is {height}x{width}; the SR model's tiles need at least "
-                             f"{math.ceil(tile[0] / pre)}x{math.ceil(tile[1] / pre)} pixels")
-        tops = tile_positions(h, tile[0], self.min_overlap, snap)
-        lefts = tile_positions(w, tile[1], self.min_overlap, snap)
-        return TilePlan(scale, tiling_scale, size, base, tile, tuple((t, l) for t in tops for l in lefts))
+        return plan_tiles(height, width, target, self.tile_sizes, self.snap, self.min_overlap)
 
     def to_input(self, frames: Tensor, plan: TilePlan) -> Tensor:
         """uint8 [F, H, W, 3] -> [1, 3, F, h, w] in [-1, 1] at the pre-upscaled size (fp32)."""
