@@ -200,3 +200,16 @@ def setup_parallel(source, *, tp: int = 1, cfg_parallel: bool = False, dp: int |
     dims = plan_parallel(dist.get_world_size(), config, tp, cfg_parallel, dp, ulysses, ring)
     return build_parallel(checkpoint, dims, dtype=dtype, device=device, keep_text=keep_text, expand=expand,
                           adapters=adapters, config=config)
+
+
+def recommended_layout(variant, world_size: int = 8) -> dict[str, int]:
+    """Degrees for ``world_size`` GPUs: CFG parallel when the variant guides (one latent-sized exchange a step, the
+    cheapest split), then as much Ulysses as the heads allow, the rest ring. No tensor parallelism: every released
+    DiT fits one 80 GB GPU in bf16 (see k5.launch.catalogue.memory_per_gpu). ``variant``: a catalogue Variant."""
+    from k5.engine.catalogue.variants import PRESETS
+
+    heads = PRESETS[variant.family].num_heads
+    cfg = 2 if abs(variant.guidance_scale - 1.0) > 1e-6 and world_size % 2 == 0 else 1
+    sp = world_size // cfg
+    ulysses = max(u for u in range(1, sp + 1) if sp % u == 0 and heads % u == 0)
+    return {"dp": 1, "cfg": cfg, "ring": sp // ulysses, "ulysses": ulysses, "tp": 1}
