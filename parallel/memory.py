@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from k5.engine.memory import GiB, OFFLOAD_MODES  # noqa: F401 - OFFLOAD_MODES: the modes estimated here
+from k5.engine.memory import GiB, OFFLOAD_MODES
+from k5.engine.vae.video import vae_dtype
 
 _FRAGMENTATION = 1.15  # the caching allocator's blocks round up and fragment: activations need some headroom
 MiB = 2**20
@@ -84,14 +85,14 @@ class Weights:
         from k5.engine.model.dit import meta_dit
 
         checkpoint = open_checkpoint(checkpoint)
-        b = torch.tensor([], dtype=dtype).element_size()
+        b = dtype.itemsize
         dit_bytes = dit_rank_bytes(meta_dit(cfg), b, tp)
         # Qwen2.5-VL's text decoder always (engine/encoders/text.py); its lm_head and vision tower only where used.
         text = checkpoint.bytes("text_encoder",
                                 lambda k: ("visual" not in k or vision) and ("lm_head" not in k or lm_head), b)
         # CLIP counted in fp32, as the reference runs it whatever the compute dtype.
         text += checkpoint.bytes("text_encoder_2", dtype_bytes=4)
-        vae_b = 2 if device_type == "cuda" else 4  # fp16 on a GPU as the original, fp32 on the CPU
+        vae_b = vae_dtype(device_type).itemsize
         vae = checkpoint.bytes("vae", dtype_bytes=vae_b)
         return cls(dit_bytes, text, vae)
 
@@ -112,7 +113,7 @@ def block_bytes_per_token(cfg, dtype: torch.dtype, ulysses: int = 1, ring: int =
     columns): q, k, v and the attention output, the FFN hidden pair, and the sequence-parallel buffers, which carry
     q/k/v or K/V and the attention output.
     """
-    b = torch.tensor([], dtype=dtype).element_size()
+    b = dtype.itemsize
     D, Dt, Ft = cfg.model_dim, cfg.model_dim // tp, cfg.ff_dim // tp
     full = 2 * D * b + 4 * D * 4
     split = 4 * Dt * b + 2 * Ft * b
@@ -181,7 +182,7 @@ def dit_activation_bytes(cfg, shape: Shape, dtype: torch.dtype, nabla: bool, sp:
 def decode_bytes(root: Path | None, shape: Shape, device_type: str) -> int:
     """Peak bytes of a tiled VAE decode on the device: the decoded video, its uint8 conversion (two fp32
     temporaries and the result) and one tile's decoder activations at full resolution."""
-    vae_b = 2 if device_type == "cuda" else 4
+    vae_b = vae_dtype(device_type).itemsize
     video = 3 * shape.frames * shape.height * shape.width
     channels, tile, tile_frames = 128, 256, 16
     if root is not None:
@@ -226,7 +227,7 @@ def vae_gather_bytes(root: Path | None, shape: Shape, device_type: str, ranks: i
     tiles = plan_tiles(((shape.frames - 1) // tr + 1, shape.height // sr, shape.width // sr), ae)
     numel = [math.prod(decoded_shape(t, ae, 1)) for t in tiles]
     capacity = max(sum(numel[i] for i in ids) for ids in assign_tiles(tiles, ranks))
-    return (ranks + 1) * capacity * (2 if device_type == "cuda" else 4)
+    return (ranks + 1) * capacity * vae_dtype(device_type).itemsize
 
 
 def nccl_bytes(sp: int = 1, ulysses: int = 1, ring: int = 1, tp: int = 1, cfg_degree: int = 1, dp: int = 1) -> int:
@@ -281,7 +282,8 @@ def estimate(weights: Weights, cfg, shapes: list[Shape], dtype: torch.dtype, dev
     ranks = 1 if image else cfg_degree * sp * tp
     dec = max(decode_bytes(root, s, device_type) + vae_gather_bytes(root, s, device_type, ranks) for s in shapes)
     w = weights
-    text_act = 2 * 400 * 4 * 3584 * 4  # two prompts of the template + 256 tokens, a few fp32 hidden states
+    # two prompts of the template + 256 tokens, a few fp32 hidden states of Qwen's width (the DiT's text input)
+    text_act = 2 * 400 * 4 * cfg.in_text_dim * 4
     if world > 1 and offload != "model":
         # The encoders (on the text source) are outside --offload's reach: freed after a single video's encode,
         # kept on the device through a batch.

@@ -41,10 +41,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from k5.engine.model.config import PRESETS, DiTConfig
+from k5.kernels.nabla import NABLA_WINDOW
 
 TASKS = ("t2v", "i2v", "t2i", "i2i")
 FAMILIES = ("lite", "pro", "image-lite")
-NABLA_WINDOWS = (11, 3, 3)  # wT, wH, wW of every NABLA config
+NABLA_WINDOWS = NABLA_WINDOW  # wT, wH, wW of every NABLA config (k5.kernels.nabla)
 ORG = "kandinskylab"
 
 # MagCache ratios, verbatim from the configs named in the rows below (cond/uncond interleaved; the reference

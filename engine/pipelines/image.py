@@ -32,6 +32,7 @@ from k5.engine.model.dit import Kandinsky5DiT
 from k5.engine.pipelines.image_request import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, load_source,
                     qwen_image, resolve, vae_input)
 from k5.engine.vae.image import ImageVAE
+from k5.engine.vae.video import vae_dtype
 from k5.engine.memory import PEAKS
 from k5.engine.pipelines.video import Kandinsky5Pipeline, Result, make_expander, scheduler_shift
 from k5.engine.sampling.sampler import Conditioning, sample, uses_cfg
@@ -92,8 +93,7 @@ class ImagePipeline(Kandinsky5Pipeline):
         home = torch.device("cpu") if offload == "model" else device
         dit = dit or load_dit(checkpoint.dit, dtype, home, config=config, adapters=adapters)
         text = text or TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=home, lm_head=expand)
-        vae = ImageVAE.from_pretrained(checkpoint.root, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                       home)
+        vae = ImageVAE.from_pretrained(checkpoint.root, vae_dtype(device, image=True), home)
         pipe = cls(checkpoint, dit, text, vae, device, offload=offload)
         if expand and isinstance(text, TextEncoder):
             pipe.expander = make_expander(text)

@@ -25,7 +25,7 @@ from k5.engine.model.dit import Kandinsky5DiT
 from k5.engine.memory import OFFLOAD_MODES, PEAKS
 from k5.engine.sampling.sampler import DEFAULT_SHIFT, Conditioning, initial_noise, sample, uses_cfg
 from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
-from k5.engine.vae.video import VideoVAE
+from k5.engine.vae.video import VideoVAE, vae_dtype
 
 LATENT_CHANNELS = 16
 
@@ -62,7 +62,8 @@ def frame_size(req: Request, nabla: bool) -> tuple[int, int]:
     under NABLA (8x8 tiles of 16-pixel patches). The image is then resized to it with no crop."""
     if req.image is None:
         return req.height, req.width
-    from k5.engine.sampling.i2v import image_size, size_for_area
+    from k5.engine.media.image import image_size
+    from k5.engine.sampling.i2v import size_for_area
 
     step = 128 if nabla or hd_bucket(req.height, req.width) else 16
     return size_for_area(*image_size(req.image), req.height * req.width, step)
@@ -137,10 +138,10 @@ def make_expander(encoder: TextEncoder | None):
             return expand_prompt(encoder, prompt, task, seed)
         if image is None:
             raise ValueError(f"prompt expansion for {task} needs the image")
-        from PIL import Image
+        from k5.engine.media.image import open_image
 
-        with Image.open(image) as im:  # as the reference: the file's pixels, in RGB
-            return expand_prompt_with_image(encoder, prompt, im.convert("RGB"), task, seed)
+        # The image as displayed (EXIF orientation applied), as the DiT is conditioned on it.
+        return expand_prompt_with_image(encoder, prompt, open_image(image), task, seed)
 
     return expander
 
@@ -225,9 +226,7 @@ class Kandinsky5Pipeline:
         home = torch.device("cpu") if offload == "model" else device
         dit = dit or load_dit(checkpoint.dit, dtype, home, config=config, adapters=adapters)
         text = text or TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=home, lm_head=expand)
-        # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
-        vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        vae = VideoVAE.from_pretrained(checkpoint.root, torch_dtype=vae_dtype, device=home)
+        vae = VideoVAE.from_pretrained(checkpoint.root, torch_dtype=vae_dtype(device), device=home)
         pipe = cls(checkpoint, dit, text, vae, device, offload=offload)
         if expand and isinstance(text, TextEncoder):
             pipe.expander = make_expander(text)
