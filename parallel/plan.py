@@ -151,7 +151,7 @@ def build_parallel(source, dims: ParallelDims, *, dtype: torch.dtype = torch.bfl
     process torch.distributed must be initialized and its world size equal ``dims.world_size``.
     """
     from k5.engine.pipelines.image import pipeline_class
-    from k5.engine.pipelines.video import make_expander
+    from k5.engine.pipelines.video import Sharing, make_expander
     from k5.engine.encoders.text import TextEncoder
     from k5.parallel.text_share import share_expansion
 
@@ -177,12 +177,10 @@ def build_parallel(source, dims: ParallelDims, *, dtype: torch.dtype = torch.bfl
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if dims.cfg == 2:
         text = BranchText(text, dims)
+    sharing = Sharing(image=image_sharing(dims, device), **({"text": share_expansion(dims, device)} if expand else {}))
     pipeline = Pipeline.from_pretrained(checkpoint, dtype, device, dit=dit, text=text, offload=offload,
-                                        config=config)
-    pipeline.share_image = image_sharing(dims, device)
-    if expand:
-        pipeline.expander = make_expander(encoder)
-        pipeline.share_text = share_expansion(dims, device)
+                                        config=config, sharing=sharing,
+                                        expander=make_expander(encoder) if expand else None)
     stages = [CfgParallel(dims, stats)] if dims.cfg == 2 else []
     return ParallelSetup(dims, pipeline, stages, stats, parameter_bytes(dit))
 
