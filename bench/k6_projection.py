@@ -31,7 +31,8 @@ from pathlib import Path
 
 from k5.bench import report
 from k5.bench.projection import Layout, Link, rates_from
-from k5.engine.catalogue.k6_variants import OFFICIAL_H100_S, recommended_layout, get as get_variant
+from k5.engine.catalogue.k6_variants import OFFICIAL_H100_S, get as get_variant
+from k5.launch.k6 import recommended_layout
 from k5.engine.model.k6_config import PRESETS, K6Config
 from k5.engine.sampling.k6_sampler import audio_length
 
@@ -166,7 +167,7 @@ def main(argv=None) -> dict:
                              "efficiency": one / (gpus * best["s_per_step"] * steps),
                              "efficiency_vs_official_356s": OFFICIAL_H100_S["pro-sd"]
                              / (gpus * best["s_per_step"] * steps)})
-            if 8 in args.gpus:  # the layout the catalogue recommends (it fits 80 GB by engine.memory's estimate)
+            if 8 in args.gpus:  # the layout the catalogue recommends (it fits 80 GB by parallel.memory's estimate)
                 lay = Layout(ulysses=rec["ulysses"], ring=rec["ring"], tp=rec["tp"], cfg=rec["cfg"])
                 r = project(cfg, Sv, Sa, args.text_tokens, lay, rates, link, guided)
                 rows.append({"shape": shape, "checkpoint": name + " (recommended layout)", "steps": steps,
@@ -190,7 +191,7 @@ def markdown(result: dict) -> str:
         f"Rates: {result['rates_source']}.  ",
         f"Links and latencies: bench/projection.py's defaults ({result['link']['intra_gbps']} GB/s NVLink).  ",
         "Text encoding, VAE decode and audio decode not included. Best layout per GPU count among cfg x ulysses x "
-        "ring x tp (weights may not fit: see the recommended-layout rows, which fit 80 GB by engine.memory's "
+        "ring x tp (weights may not fit: see the recommended-layout rows, which fit 80 GB by parallel.memory's "
         "estimate).", "",
         "| checkpoint | steps | GPUs | layout | TFLOP/fwd | compute s/fwd | exposed comm s/fwd | s/video "
         "| efficiency (vs 1 GPU, this model) | vs official 356 s |",

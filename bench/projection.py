@@ -35,7 +35,7 @@ from pathlib import Path
 
 from k5.bench import flops, report
 from k5.engine.model.config import PRESETS, DiTConfig
-from k5.kernels.nabla import sta_block_mask
+from k5.kernels.nabla import NABLA_WINDOW, sta_block_mask
 
 H100_BF16_TFLOPS = 798.0  # measured 8192^3 bf16 matmul on random data (device KINDS.md, 2026-11-13)
 # Assumed fractions of that rate until bench/gpu.sh measures them: cuBLAS GEMMs at these sizes, cuDNN/flash
@@ -123,7 +123,7 @@ def cfg_bytes_per_step(grid: tuple[int, int, int], cfg: DiTConfig, lay: Layout) 
 def default_density(grid: tuple[int, int, int], P: float) -> float:
     """STA prior of the grid (exact) plus 5% of the tiles for the top-CDF selection: an assumption, see above."""
     T, H, W = grid
-    sta = sta_block_mask(T, H // 8, W // 8, 11, 3, 3).float().mean().item()
+    sta = sta_block_mask(T, H // 8, W // 8, *NABLA_WINDOW).float().mean().item()
     return min(1.0, sta + 0.05)
 
 

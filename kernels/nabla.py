@@ -27,14 +27,20 @@ _MASK_CHUNK_ELEMS = 1 << 24
 _CPU_CHUNK_ELEMS = 1 << 18
 
 
+# The STA window (wT, wH, wW, in tiles) of every released NABLA config (Kandinsky 5 and 6): the one definition.
+NABLA_WINDOW = (11, 3, 3)
+# The kept mass of the released NABLA configs that do not say otherwise (a dense checkpoint run with --attention nabla).
+NABLA_P = 0.9
+
+
 @dataclass(frozen=True)
 class NablaSpec:
-    """NABLA settings of a checkpoint: kept mass P and STA window (in tiles). All K5 configs use 11, 3, 3."""
+    """NABLA settings of a checkpoint: kept mass P and STA window (in tiles), by default NABLA_WINDOW."""
 
     P: float
-    wT: int = 11
-    wH: int = 3
-    wW: int = 3
+    wT: int = NABLA_WINDOW[0]
+    wH: int = NABLA_WINDOW[1]
+    wW: int = NABLA_WINDOW[2]
 
 
 # ---- token order -------------------------------------------------------------------------------------------------

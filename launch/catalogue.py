@@ -9,18 +9,103 @@ README's table (tests/test_cli.py checks that the README holds exactly what ``ma
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from typing import TYPE_CHECKING
 
-# (column title, key of k5.engine.catalogue.variants.table's rows)
+if TYPE_CHECKING:
+    from k5.engine.catalogue.variants import Variant
+    from k5.engine.model.config import DiTConfig
+
+# ---- the table: recommended layout and memory on 8 GPUs --------------------------------------------------------------------
+
+# Parameter counts of the other resident components, as engine/encoders/text.py and engine/vae/video.py load them (their configs):
+# Qwen2.5-VL-7B-Instruct's text decoder with its embeddings (8,292,166,656 in all, less the 544,997,376 of lm_head
+# and the 676,550,144 of the vision tower, which a video prompt does not load), CLIP ViT-L/14's text tower (fp32, as
+# the reference runs it), the HunyuanVideo VAE and the FLUX.1 VAE.
+QWEN_TEXT_PARAMS, CLIP_PARAMS = 7_070_619_136, 123_060_480
+VAE_PARAMS = {"video": 246_000_000, "image": 83_800_000}
+GIB = 1024 ** 3
+
+
+def num_tokens(variant: Variant, height: int | None = None, width: int | None = None,
+               num_frames: int | None = None) -> int:
+    h, w, f = height or variant.height, width or variant.width, num_frames or variant.num_frames
+    return ((f - 1) // 4 + 1) * (h // 16) * (w // 16)
+
+
+def layout_flags(layout: dict[str, int]) -> str:
+    flags = ["--cfg-parallel"] if layout["cfg"] == 2 else []
+    flags.append(f"--ulysses-degree {layout['ulysses']}")
+    flags.append(f"--ring-degree {layout['ring']}")
+    return " ".join(flags)
+
+
+@functools.lru_cache(maxsize=8)
+def dit_parameter_bytes(config: DiTConfig, dtype_bytes: int = 2) -> int:
+    """Bytes of the DiT's parameters: fp32 for time embedding, modulation and q/k norms, ``dtype_bytes`` else."""
+    from k5.engine.checkpoints.dit import keeps_fp32
+    from k5.engine.model.dit import meta_dit
+
+    model = meta_dit(config)
+    return sum(p.numel() * (4 if keeps_fp32(n) else dtype_bytes) for n, p in model.named_parameters())
+
+
+def memory_per_gpu(variant: Variant, world_size: int = 8, offload: str = "text") -> dict:
+    """Estimated peak GiB per GPU for the variant's default size on ``world_size`` GPUs with the recommended layout.
+
+    The estimate is k5.parallel.memory's, the one the CLI refuses a run with before loading (weights resident in each
+    phase, the DiT block's live activations per rank, the tiled decode), here from parameter counts instead of a
+    checkpoint's headers: bf16 DiT and Qwen, fp32 CLIP, fp16 VAE, ``offload`` as the CLI's default on CUDA (the
+    text encoders leave the GPU once the prompts are encoded). The peak is the worst rank's: the text-source rank
+    of each replica also holds the text encoders while it encodes."""
+    import torch
+
+    from k5.engine.catalogue.variants import PRESETS
+    from k5.parallel.memory import Shape, Weights, estimate
+    from k5.parallel.plan import recommended_layout
+
+    layout = recommended_layout(variant, world_size)
+    config = variant.configure(PRESETS[variant.family])
+    weights = Weights(dit=dit_parameter_bytes(config), text=QWEN_TEXT_PARAMS * 2 + CLIP_PARAMS * 4,
+                      vae=VAE_PARAMS["image" if variant.family == "image-lite" else "video"] * 2)
+    shape = Shape(variant.num_frames, variant.height, variant.width)
+    est = estimate(weights, config, [shape], torch.bfloat16, "cuda", offload, variant.nabla_P is not None,
+                   sp=layout["ulysses"] * layout["ring"], ulysses=layout["ulysses"], ring=layout["ring"],
+                   tp=layout["tp"], cfg_degree=layout["cfg"], dp=layout["dp"], image=variant.family == "image-lite")
+    return {"weights": (weights.dit + weights.vae) / GIB, "text_encoders": weights.text / GIB,
+            "phases": {k: v / GIB for k, v in est.phases.items()}, "peak": est.peak / GIB,
+            "peak_phase": est.peak_phase}
+
+
+def table(world_size: int = 8) -> list[dict]:
+    """One row per variant, for --list-variants and the README."""
+    from k5.engine.catalogue.variants import NABLA_WINDOWS, VARIANTS
+    from k5.parallel.plan import recommended_layout
+
+    rows = []
+    for v in VARIANTS.values():
+        layout = recommended_layout(v, world_size)
+        memory = memory_per_gpu(v, world_size)
+        attn = "dense" if v.nabla_P is None else f"NABLA P={v.nabla_P:g} (wT,wH,wW={','.join(map(str, NABLA_WINDOWS))})"
+        rows.append({
+            "variant": v.name, "task": v.task, "repo": v.diffusers_repo or v.repo, "steps": v.steps,
+            "guidance": v.guidance_scale, "shift": v.shift, "attention": attn,
+            "size": f"{v.height}x{v.width}" + (f"x{v.num_frames}" if v.num_frames > 1 else ""),
+            "magcache": v.mag_ratios is not None, "layout": layout_flags(layout),
+            "memory_gib": round(memory["peak"], 1), "denoise_gib": round(memory["phases"]["denoise"], 1),
+        })
+    return rows
+
+
+# (column title, key of table()'s rows)
 COLUMNS = (("variant", "variant"), ("task", "task"), ("steps", "steps"), ("guidance", "guidance"),
            ("attention", "attention"), ("size", "size"), ("MagCache", "magcache"), ("layout", "layout"),
            ("GiB/GPU", "memory_gib"))
 
 
 def rows(world_size: int = 8) -> list[dict]:
-    from k5.engine.catalogue.variants import table
-
     return table(world_size)
 
 

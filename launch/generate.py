@@ -459,7 +459,7 @@ def main(argv=None) -> int:
 
 def check_memory(args, env: Env, job: Job):
     """The pre-load estimate of this rank's peak; raises ValueError for a run that cannot fit the device."""
-    from k5.engine.memory import Shape, check_memory as estimate_and_check
+    from k5.parallel.memory import Shape, check_memory as estimate_and_check
 
     shapes = sorted({Shape(it.request.num_frames, it.request.height, it.request.width) for it in job.items},
                     key=lambda s: (s.frames, s.height, s.width))

@@ -362,25 +362,6 @@ def run_job(job, sup: Supervisor, rank: int, load: Callable[[bool], object], wri
     return RunResult(EXIT_FAILED, "failed", plan, outcome, rt)
 
 
-def last_line(job, result: RunResult) -> str:
-    """The run's last line on rank 0: what happened and which files were written."""
-    dest, plan = job.dest, result.plan
-    if result.status == "refused":
-        return "nothing was written"
-    if result.status == "nothing to do":
-        return f"nothing to do: all {len(job.items)} item(s) are finished in {dest.out_dir}; nothing was written"
-    done = result.outcome.items_done if result.outcome is not None else 0
-    if result.status == "done":
-        return f"done: wrote {dest.describe(done, plan['finished'])}"
-    signal = signal_name(result.outcome.stop_signal if result.outcome is not None else None)
-    if result.status == "stopped":
-        if dest.out_dir is None:  # explicit paths: the one item was not written
-            return f"stopped by {signal} before the video was finished; nothing was written"
-        return (f"stopped by {signal}: {done} item(s) finished in this run, {len(plan['pending']) - done} remain in "
-                f"{dest.out_dir}; run the same command again to resume")
-    return f"failed: {done} item(s) finished in this run"
-
-
 def run_command(args, env, job) -> int:
     """``k5 generate``'s run once its inputs are checked (k5.launch.generate.validate): the process group, logs and
     signals, the supervisor, the job loop with the engine built once, the report; returns the exit code."""

@@ -10,6 +10,9 @@ message; the Kandinsky 6 flags are refused on a Kandinsky 5 model.
 from __future__ import annotations
 
 import argparse
+import functools
+
+from k5.engine.catalogue.k6_variants import K6_VARIANTS, K6Variant
 
 UPSCALE_TARGETS = ("1080p",)
 SR_REPO = "kandinskylab/Kandinsky-6.0-VSR-distilled2steps-5s-Diffusers"
@@ -100,3 +103,116 @@ def check_upscale(root, req, target: str) -> None:
 def settings(args) -> dict:
     """What a Kandinsky 6 job folder's files depend on besides the model and each request (a resume repeats it)."""
     return {"audio": not args.no_audio, "upscale": args.upscale}
+
+
+# ---- the catalogue's recommended layout and memory on 8 GPUs (engine/catalogue/k6_variants.py's rows) -----------------------------------------------------------------
+
+FIT_GIB = 76.0  # what the recommended layout leaves room within on an 80 GB GPU (H100 / A100: 79.1 GiB for torch)
+
+
+def _layout(variant: K6Variant, world_size: int, tp: int) -> dict[str, int]:
+    heads = variant.config().num_heads // tp
+    cfg = 2 if abs(variant.guidance_scale - 1.0) > 1e-6 and (world_size // tp) % 2 == 0 else 1
+    sp = world_size // (cfg * tp)
+    ulysses = max(u for u in range(1, sp + 1) if sp % u == 0 and heads % u == 0)
+    return {"dp": 1, "cfg": cfg, "ring": sp // ulysses, "ulysses": ulysses, "tp": tp}
+
+
+def recommended_layout(variant: K6Variant, world_size: int = 8) -> dict[str, int]:
+    """The least tensor parallelism whose estimated peak fits an 80 GB GPU (``FIT_GIB``; the Pro DiT alone is 30B
+    parameters, 60 GB in bf16, so it needs tp 2 beside the text encoders), then CFG parallel when the variant guides
+    (one latent-sized exchange a step), then as much Ulysses as the video heads allow, the rest ring; the audio
+    tokens are replicated on every sequence rank (parallel/k6.py says why). The SR model refines independent tiles:
+    its layout deals the tiles over the ranks (every rank holds the 1.4B model)."""
+    if variant.task == "sr":
+        return {"dp": 1, "cfg": 1, "ring": 1, "ulysses": 1, "tp": 1, "tiles": world_size}
+    tps = [t for t in (1, 2, 4, 8) if world_size % t == 0]
+    for tp in tps:
+        layout = _layout(variant, world_size, tp)
+        if _estimate(variant, layout)["peak"] <= FIT_GIB:
+            return layout
+    return _layout(variant, world_size, tps[-1])
+
+
+def layout_flags(layout: dict[str, int]) -> str:
+    if "tiles" in layout:
+        return f"--upscale 1080p on {layout['tiles']} ranks (tiles dealt over them)"
+    flags = ["--cfg-parallel"] if layout["cfg"] == 2 else []
+    flags += [f"--tp-degree {layout['tp']}"] if layout["tp"] > 1 else []
+    return " ".join(flags + [f"--ulysses-degree {layout['ulysses']}", f"--ring-degree {layout['ring']}"])
+
+
+@functools.lru_cache(maxsize=8)
+def dit_parameter_bytes(config, dtype_bytes: int = 2) -> int:
+    """Bytes of a Kandinsky 6 DiT's (or SR DiT's) parameters, fp32 where the loader keeps them fp32."""
+    import torch
+
+    from k5.engine.checkpoints.dit import keeps_fp32
+
+    from k5.engine.model.k6_config import K6Config
+
+    if isinstance(config, K6Config):
+        from k5.engine.model.k6_dit import Kandinsky6DiT as cls
+    else:
+        from k5.engine.model.k6_sr import Kandinsky6SR as cls
+    with torch.device("meta"):
+        model = cls(config)
+    return sum(p.numel() * (4 if keeps_fp32(n) else dtype_bytes) for n, p in model.named_parameters())
+
+
+def _tp_bytes(config, tp: int) -> int:
+    import torch
+
+    from k5.parallel.memory import dit_rank_bytes
+    from k5.engine.model.k6_dit import Kandinsky6DiT
+
+    with torch.device("meta"):
+        return dit_rank_bytes(Kandinsky6DiT(config), 2, tp)
+
+
+def memory_per_gpu(variant: K6Variant, world_size: int = 8) -> dict:
+    """Estimated peak GiB per GPU at the variant's default size with the recommended layout, by parallel.memory's
+    model (the one the CLI refuses a run with), here from parameter counts: bf16 DiT and Qwen, fp32 CLIP, fp16 VAE,
+    text encoders off the GPU once the prompts are encoded. The activations are those of the video stream (the
+    audio's 218 tokens of a 5 s clip are 0.4 % of the video's and add their replicated share on every rank)."""
+    return _estimate(variant, recommended_layout(variant, world_size))
+
+
+def _estimate(variant: K6Variant, layout: dict[str, int]) -> dict:
+    import torch
+
+    from k5.parallel.memory import Shape, Weights, estimate
+
+    config = variant.config()
+    from k5.launch.catalogue import CLIP_PARAMS, GIB, QWEN_TEXT_PARAMS, VAE_PARAMS
+
+    text = 0 if variant.task == "sr" else QWEN_TEXT_PARAMS * 2 + CLIP_PARAMS * 4
+    dit = dit_parameter_bytes(config) if layout["tp"] == 1 else _tp_bytes(config, layout["tp"])
+    weights = Weights(dit=dit, text=text, vae=VAE_PARAMS["video"] * 2)
+    if variant.task == "sr":
+        return {"weights": (weights.dit + weights.vae) / GIB, "text_encoders": 0.0, "phases": {},
+                "peak": None, "peak_phase": None}
+    shape = Shape(variant.num_frames, variant.height, variant.width)
+    sp = layout["ulysses"] * layout["ring"]
+    est = estimate(weights, config, [shape], torch.bfloat16, "cuda", "text", variant.attention == "nabla",
+                   sp=sp, ulysses=layout["ulysses"], ring=layout["ring"], tp=layout["tp"], cfg_degree=layout["cfg"],
+                   dp=layout["dp"])
+    return {"weights": (weights.dit + weights.vae) / GIB, "text_encoders": weights.text / GIB,
+            "phases": {k: v / GIB for k, v in est.phases.items()}, "peak": est.peak / GIB,
+            "peak_phase": est.peak_phase}
+
+
+def table(world_size: int = 8) -> list[dict]:
+    """One row per Kandinsky 6 checkpoint, for --list-variants and the README."""
+    rows = []
+    for v in K6_VARIANTS.values():
+        memory = memory_per_gpu(v, world_size)
+        rows.append({
+            "variant": v.name, "task": v.task, "repo": v.repo, "steps": v.steps, "guidance": v.guidance_scale,
+            "scheduler": v.scheduler, "attention": v.attention,
+            "size": f"{v.height}x{v.width}" + ("" if v.task == "sr" else f"x{v.num_frames}"),
+            "layout": layout_flags(recommended_layout(v, world_size)),
+            "memory_gib": None if memory["peak"] is None else round(memory["peak"], 1),
+            "weights_gib": round(memory["weights"], 1),
+        })
+    return rows

@@ -127,11 +127,32 @@ def written_note(job, written: list[str], items_done: int) -> str:
     return f"written before the failure (kept): {', '.join(written)}" if written else "nothing was written"
 
 
+def last_line(job, result) -> str:
+    """The run's last line on rank 0: what happened and which files were written (``result``: k5.launch.job's
+    RunResult)."""
+    from k5.launch.signals import signal_name
+
+    dest, plan = job.dest, result.plan
+    if result.status == "refused":
+        return "nothing was written"
+    if result.status == "nothing to do":
+        return f"nothing to do: all {len(job.items)} item(s) are finished in {dest.out_dir}; nothing was written"
+    done = result.outcome.items_done if result.outcome is not None else 0
+    if result.status == "done":
+        return f"done: wrote {dest.describe(done, plan['finished'])}"
+    signal = signal_name(result.outcome.stop_signal if result.outcome is not None else None)
+    if result.status == "stopped":
+        if dest.out_dir is None:  # explicit paths: the one item was not written
+            return f"stopped by {signal} before the video was finished; nothing was written"
+        return (f"stopped by {signal}: {done} item(s) finished in this run, {len(plan['pending']) - done} remain in "
+                f"{dest.out_dir}; run the same command again to resume")
+    return f"failed: {done} item(s) finished in this run"
+
+
 def report_end(args, job, result, wall_s: float, written: list[str]) -> None:
     """Rank 0: the summary line, the metrics JSON, and the last line, which names the files written."""
     import logging
 
-    from k5.launch.job import last_line
     from k5.launch.logs import LOGGER
 
     log = logging.getLogger(LOGGER)

@@ -131,6 +131,7 @@ def build_k6_parallel(checkpoint, dims: ParallelDims, *, dtype: torch.dtype = to
     file). ``checkpoint``: a checked Checkpoint of a Kandinsky 6 folder. Returns a k5.parallel.plan.ParallelSetup."""
     from k5.engine.encoders.text import TextEncoder
     from k5.engine.pipelines.k6 import Kandinsky6Pipeline
+    from k5.engine.pipelines.video import Sharing
     from k5.parallel.cfg import BranchText
     from k5.parallel.plan import ParallelSetup, image_sharing
     from k5.parallel.tensor import parameter_bytes
@@ -159,7 +160,7 @@ def build_k6_parallel(checkpoint, dims: ParallelDims, *, dtype: torch.dtype = to
     if dims.cfg == 2:
         text = BranchText(text, dims)
     pipe = Kandinsky6Pipeline.from_pretrained(checkpoint, dtype, device, dit=dit, text=text, audio=audio,
-                                              audio_decoder=dims.rank("item") == 0)
-    pipe.share_image = image_sharing(dims, device)
+                                              audio_decoder=dims.rank("item") == 0,
+                                              sharing=Sharing(image=image_sharing(dims, device)))
     stages = [CfgParallel(dims, stats)] if dims.cfg == 2 else []
     return ParallelSetup(dims, pipe, stages, stats, parameter_bytes(dit))

@@ -151,7 +151,7 @@ def build_parallel(source, dims: ParallelDims, *, dtype: torch.dtype = torch.bfl
     process torch.distributed must be initialized and its world size equal ``dims.world_size``.
     """
     from k5.engine.pipelines.image import pipeline_class
-    from k5.engine.pipelines.video import make_expander
+    from k5.engine.pipelines.video import Sharing, make_expander
     from k5.engine.encoders.text import TextEncoder
     from k5.parallel.text_share import share_expansion
 
@@ -177,12 +177,10 @@ def build_parallel(source, dims: ParallelDims, *, dtype: torch.dtype = torch.bfl
     text = SharedText.for_dims(encoder, dims, device, keep=keep_text, stats=stats)
     if dims.cfg == 2:
         text = BranchText(text, dims)
+    sharing = Sharing(image=image_sharing(dims, device), **({"text": share_expansion(dims, device)} if expand else {}))
     pipeline = Pipeline.from_pretrained(checkpoint, dtype, device, dit=dit, text=text, offload=offload,
-                                        config=config)
-    pipeline.share_image = image_sharing(dims, device)
-    if expand:
-        pipeline.expander = make_expander(encoder)
-        pipeline.share_text = share_expansion(dims, device)
+                                        config=config, sharing=sharing,
+                                        expander=make_expander(encoder) if expand else None)
     stages = [CfgParallel(dims, stats)] if dims.cfg == 2 else []
     return ParallelSetup(dims, pipeline, stages, stats, parameter_bytes(dit))
 
@@ -200,3 +198,16 @@ def setup_parallel(source, *, tp: int = 1, cfg_parallel: bool = False, dp: int |
     dims = plan_parallel(dist.get_world_size(), config, tp, cfg_parallel, dp, ulysses, ring)
     return build_parallel(checkpoint, dims, dtype=dtype, device=device, keep_text=keep_text, expand=expand,
                           adapters=adapters, config=config)
+
+
+def recommended_layout(variant, world_size: int = 8) -> dict[str, int]:
+    """Degrees for ``world_size`` GPUs: CFG parallel when the variant guides (one latent-sized exchange a step, the
+    cheapest split), then as much Ulysses as the heads allow, the rest ring. No tensor parallelism: every released
+    DiT fits one 80 GB GPU in bf16 (see k5.launch.catalogue.memory_per_gpu). ``variant``: a catalogue Variant."""
+    from k5.engine.catalogue.variants import PRESETS
+
+    heads = PRESETS[variant.family].num_heads
+    cfg = 2 if abs(variant.guidance_scale - 1.0) > 1e-6 and world_size % 2 == 0 else 1
+    sp = world_size // cfg
+    ulysses = max(u for u in range(1, sp + 1) if sp % u == 0 and heads % u == 0)
+    return {"dp": 1, "cfg": cfg, "ring": sp // ulysses, "ulysses": ulysses, "tp": 1}

@@ -98,6 +98,7 @@ def test_i2v_pipeline_with_cfg_parallel_and_magcache(tmp_path):
     from k5.engine.pipelines.video import Kandinsky5Pipeline, Request
     from k5.engine.catalogue.variants import VARIANTS
     from k5.parallel.cfg import CfgParallel
+    from k5.engine.pipelines.video import Sharing
     from k5.parallel.plan import image_sharing
 
     Image.new("RGB", (768, 512), (200, 30, 40)).save(tmp_path / "cat.png")
@@ -105,8 +106,8 @@ def test_i2v_pipeline_with_cfg_parallel_and_magcache(tmp_path):
     with FakeCuda(0, 8) as fc:
         dims = fc.build_mesh(plan_parallel(8, cfg, cfg_parallel=True, ulysses=4, ring=1))
         dit, stats = build_dit(fc, cfg, dims)
-        pipe = Kandinsky5Pipeline(tmp_path, dit, parallel_text(fc, cfg, dims, stats), video_vae(fc), fc.device)
-        pipe.share_image = image_sharing(dims, fc.device)
+        pipe = Kandinsky5Pipeline(tmp_path, dit, parallel_text(fc, cfg, dims, stats), video_vae(fc), fc.device,
+                                  sharing=Sharing(image=image_sharing(dims, fc.device)))
         run = Run(fc, (1, 31, 64, 96, 16))
         counted_forwards(fc, run, pipe, steps=4)
         # Host reads once per item, outside the loop, with the values they would read: the prompt fills the text

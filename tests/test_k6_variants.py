@@ -1,6 +1,6 @@
 """The Kandinsky 6 catalogue (engine/catalogue/k6_variants.py) against the facts written out here from its sources
 (FastVideo's kandinsky6_ti2va.md registry table; diffusers 0.42.1's Kandinsky6TI2VAPipeline defaults; the issue), the
-recommended 8-GPU layouts against the model's heads and engine.memory's estimate, and resolve: a folder named like a
+recommended 8-GPU layouts (k5.launch.k6) against the model's heads and parallel.memory's estimate, and resolve: a folder named like a
 released repo takes its settings."""
 
 import shutil
@@ -11,6 +11,7 @@ from k5.engine.catalogue import k6_variants
 from k5.engine.catalogue.k6_tiny import k6_tiny_checkpoint
 from k5.engine.catalogue.resolve import resolve_model
 from k5.engine.catalogue.variants import VariantError
+from k5.launch import k6 as k6_layouts
 
 # repo: (scheduler, steps, guidance), as FastVideo's table gives them
 FACTS = {
@@ -40,14 +41,14 @@ def test_rows_are_the_sources_settings():
 @pytest.mark.parametrize("name", ["k6-pro-5s", "k6-pro-distill-5s", "k6-lite-5s", "k6-lite-distill-5s"])
 def test_recommended_layout_fits(name):
     v = k6_variants.get(name)
-    lay = k6_variants.recommended_layout(v, 8)
+    lay = k6_layouts.recommended_layout(v, 8)
     assert lay["dp"] * lay["cfg"] * lay["ulysses"] * lay["ring"] * lay["tp"] == 8
     assert (v.config().num_heads // lay["tp"]) % lay["ulysses"] == 0
     assert lay["cfg"] == (2 if v.guidance_scale != 1.0 else 1)
-    assert k6_variants.memory_per_gpu(v, 8)["peak"] <= k6_variants.FIT_GIB
+    assert k6_layouts.memory_per_gpu(v, 8)["peak"] <= k6_layouts.FIT_GIB
     # Pro needs tp 2: with tp 1 its estimate is over what an 80 GB GPU leaves (DiT and text encoders together)
     if v.family == "pro":
-        assert lay["tp"] == 2 and k6_variants._estimate(v, k6_variants._layout(v, 8, 1))["peak"] > k6_variants.FIT_GIB
+        assert lay["tp"] == 2 and k6_layouts._estimate(v, k6_layouts._layout(v, 8, 1))["peak"] > k6_layouts.FIT_GIB
 
 
 def test_a_folder_named_like_a_release_takes_its_settings(tmp_path):

@@ -4,9 +4,9 @@ fit (exit 2 before any weight loads), and the pipeline's offload modes."""
 import pytest
 import torch
 
-from k5.engine import memory
+from k5.parallel import memory
 from k5.engine.model.config import PRESETS
-from k5.engine.memory import (Shape, Weights, block_bytes_per_token, check_memory, device_capacity,
+from k5.parallel.memory import (Shape, Weights, block_bytes_per_token, check_memory, device_capacity,
                               dit_activation_bytes, estimate, nabla_mask_bytes)
 from k5.engine.pipelines.video import Kandinsky5Pipeline, Request
 from k5.engine.catalogue.tiny import tiny_checkpoint
@@ -432,7 +432,7 @@ def test_vae_gather_term_is_the_buffers_a_parallel_decode_allocates():
 def test_cublas_and_nccl_terms_by_hand():
     """On a GPU every phase holds cuBLAS's workspace (32 MiB + 1 MiB cuBLASLt, torch's defaults on sm90+) and, with
     more than one process, NCCL's buffers: per communicator of several ranks and per all-to-all or ring peer
-    (documented constants in engine/memory.py). Hand-worked:
+    (documented constants in parallel/memory.py). Hand-worked:
       tp 8: world, item, replica, tp -> 4 communicators, no peers;
       Ulysses 2 x ring 4: world, item, replica, sp, ulysses, ring -> 6, peers 1 + 2 (next and previous);
       Ulysses 4 x ring 2: the same 6, peers 3 + 1 (in a ring of 2 the next rank is the previous one);

@@ -14,10 +14,12 @@ import pytest
 import torch
 import yaml
 
-from k5.engine import memory
+from k5.parallel import memory
 from k5.engine.catalogue import variants as V
+from k5.launch import catalogue
 from k5.engine.model.config import PRESETS
-from k5.engine.memory import Shape, dit_activation_bytes
+from k5.parallel.plan import recommended_layout
+from k5.parallel.memory import Shape, dit_activation_bytes
 
 REFERENCE = {
     "k5_lite_t2v_10s_sft_sd.yaml": """
@@ -402,9 +404,9 @@ def test_configure_sets_the_attention_fields():
 
 def test_recommended_layout_on_8_gpus():
     # Lite: 28 heads (Ulysses 1, 2, 4, 7); Pro 32 heads; CFG parallel only where the variant guides.
-    assert V.recommended_layout(V.get("t2v-lite-sft-5s")) == dict(dp=1, cfg=2, ring=1, ulysses=4, tp=1)
-    assert V.recommended_layout(V.get("t2v-lite-nocfg-10s")) == dict(dp=1, cfg=1, ring=2, ulysses=4, tp=1)
-    assert V.recommended_layout(V.get("t2v-pro-sft-10s-hd")) == dict(dp=1, cfg=2, ring=1, ulysses=4, tp=1)
+    assert recommended_layout(V.get("t2v-lite-sft-5s")) == dict(dp=1, cfg=2, ring=1, ulysses=4, tp=1)
+    assert recommended_layout(V.get("t2v-lite-nocfg-10s")) == dict(dp=1, cfg=1, ring=2, ulysses=4, tp=1)
+    assert recommended_layout(V.get("t2v-pro-sft-10s-hd")) == dict(dp=1, cfg=2, ring=1, ulysses=4, tp=1)
 
 
 def test_memory_from_parameter_counts_and_activations():
@@ -415,24 +417,24 @@ def test_memory_from_parameter_counts_and_activations():
     text = 4 * (D * D + D) * 2 + 2 * hd * 4 + 2 * D * F * 2 + (6 * D * Tm + 6 * D) * 4
     embed = ((Tm * D + Tm) + (Tm * Tm + Tm)) * 4 + (D * 3584 + D + 2 * D) * 2 + (Tm * 768 + Tm + 2 * Tm) * 2 \
         + (D * 4 * 33 + D) * 2 + (2 * D * Tm + 2 * D) * 4 + (64 * D + 64) * 2
-    assert V.dit_parameter_bytes(PRESETS["lite"]) == 32 * visual + 2 * text + embed
+    assert catalogue.dit_parameter_bytes(PRESETS["lite"]) == 32 * visual + 2 * text + embed
     # Qwen2.5-VL-7B's text decoder as engine/encoders/text.py loads it (config: hidden 3584, 28 layers, MLP 18944, 4 KV heads
     # of 128, vocabulary 152064; no lm_head, no vision tower): q/k/v with biases, o, gate/up/down, two norms a layer.
     H, kv = 3584, 512
     layer = (H * H + H) + 2 * (H * kv + kv) + H * H + 3 * H * 18944 + 2 * H
-    assert V.QWEN_TEXT_PARAMS == 28 * layer + 152064 * H + H
+    assert catalogue.QWEN_TEXT_PARAMS == 28 * layer + 152064 * H + H
     # The catalogue's memory is the CLI's estimator (engine.memory) fed with parameter counts: on 8 GPUs the Lite
     # sft 5 s preset runs cfg 2 x Ulysses 4, the DiT's live activations are engine.memory's for that layout.
-    m = V.memory_per_gpu(V.get("t2v-lite-sft-5s"))
+    m = catalogue.memory_per_gpu(V.get("t2v-lite-sft-5s"))
     act = dit_activation_bytes(PRESETS["lite"], Shape(121, 512, 768), torch.bfloat16, False, sp=4, ulysses=4, ring=1,
                                tp=1)
-    dit, vae = V.dit_parameter_bytes(PRESETS["lite"]), 246_000_000 * 2
+    dit, vae = catalogue.dit_parameter_bytes(PRESETS["lite"]), 246_000_000 * 2
     # On 8 GPUs the worst rank also holds cuBLAS's workspace and NCCL's buffers: six communicators of more than one
     # rank (world 8, item 8, text replica 4, sequence 4, cfg 2, ulysses 4) and the Ulysses all-to-all's 3 peers.
     nccl = 6 * memory.NCCL_COMMUNICATOR + 3 * memory.NCCL_PEER
     assert memory.nccl_bytes(sp=4, ulysses=4, cfg_degree=2) == nccl
-    assert m["phases"]["denoise"] * V.GIB == pytest.approx(dit + vae + act + memory._RUNTIME + memory.CUBLAS_WORKSPACE
+    assert m["phases"]["denoise"] * catalogue.GIB == pytest.approx(dit + vae + act + memory._RUNTIME + memory.CUBLAS_WORKSPACE
                                                             + nccl)  # --offload text
-    assert m["text_encoders"] * V.GIB == V.QWEN_TEXT_PARAMS * 2 + V.CLIP_PARAMS * 4
+    assert m["text_encoders"] * catalogue.GIB == catalogue.QWEN_TEXT_PARAMS * 2 + catalogue.CLIP_PARAMS * 4
     assert m["peak"] == max(m["phases"].values()) and m["peak_phase"] == "text"  # the encoders beside the DiT
-    assert all(r["memory_gib"] < 80 for r in V.table())  # every variant fits an 80 GB GPU on 8 GPUs
+    assert all(r["memory_gib"] < 80 for r in catalogue.table())  # every variant fits an 80 GB GPU on 8 GPUs

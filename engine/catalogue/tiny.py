@@ -30,6 +30,7 @@ from torch import nn
 from k5.engine.checkpoints.qwen import quiet_progress_bars
 from k5.engine.encoders.text import (DEFAULT_NEGATIVE_PROMPT, IMAGE, IMAGE_EDIT, VIDEO_CROP_START,
                                      VIDEO_PROMPT_TEMPLATE, VIDEO_TEMPLATE_PREFIX)
+from k5.kernels.nabla import NABLA_WINDOW
 
 TINY_VERSION = "2"  # bump when the folder content changes, so cached folders are rebuilt
 QWEN_HIDDEN = 32
@@ -246,7 +247,7 @@ def _transformer(attention: str, seed: int, visual_cond: bool = True):
         sparse = dict(
             attention_causal=False, attention_local=False, attention_glob=False, attention_window=3,
             attention_method="topcdf", attention_P=0.9, attention_add_sta=True,
-            attention_wT=11, attention_wH=3, attention_wW=3,
+            attention_wT=NABLA_WINDOW[0], attention_wH=NABLA_WINDOW[1], attention_wW=NABLA_WINDOW[2],
         )  # fmt: skip
     model = Kandinsky5Transformer3DModel(
         in_visual_dim=16, out_visual_dim=16, visual_cond=visual_cond, patch_size=(1, 2, 2),

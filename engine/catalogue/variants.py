@@ -36,16 +36,16 @@ Everything here is plain data and arithmetic; nothing imports torch.distributed 
 from __future__ import annotations
 
 import difflib
-import functools
 import re
 from dataclasses import dataclass
 from typing import Sequence
 
 from k5.engine.model.config import PRESETS, DiTConfig
+from k5.kernels.nabla import NABLA_WINDOW
 
 TASKS = ("t2v", "i2v", "t2i", "i2i")
 FAMILIES = ("lite", "pro", "image-lite")
-NABLA_WINDOWS = (11, 3, 3)  # wT, wH, wW of every NABLA config
+NABLA_WINDOWS = NABLA_WINDOW  # wT, wH, wW of every NABLA config (k5.kernels.nabla)
 ORG = "kandinskylab"
 
 # MagCache ratios, verbatim from the configs named in the rows below (cond/uncond interleaved; the reference
@@ -383,90 +383,3 @@ def check_magcache(variant: Variant) -> tuple[float, ...]:
             f"{', '.join(have)}"
         )
     return variant.mag_ratios
-
-
-# ---- recommended layout and memory on 8 GPUs --------------------------------------------------------------------
-
-# Parameter counts of the other resident components, as engine/encoders/text.py and engine/vae/video.py load them (their configs):
-# Qwen2.5-VL-7B-Instruct's text decoder with its embeddings (8,292,166,656 in all, less the 544,997,376 of lm_head
-# and the 676,550,144 of the vision tower, which a video prompt does not load), CLIP ViT-L/14's text tower (fp32, as
-# the reference runs it), the HunyuanVideo VAE and the FLUX.1 VAE.
-QWEN_TEXT_PARAMS, CLIP_PARAMS = 7_070_619_136, 123_060_480
-VAE_PARAMS = {"video": 246_000_000, "image": 83_800_000}
-GIB = 1024 ** 3
-
-
-def num_tokens(variant: Variant, height: int | None = None, width: int | None = None,
-               num_frames: int | None = None) -> int:
-    h, w, f = height or variant.height, width or variant.width, num_frames or variant.num_frames
-    return ((f - 1) // 4 + 1) * (h // 16) * (w // 16)
-
-
-def recommended_layout(variant: Variant, world_size: int = 8) -> dict[str, int]:
-    """Degrees for ``world_size`` GPUs: CFG parallel when the variant guides (one latent-sized exchange a step, the
-    cheapest split), then as much Ulysses as the heads allow, the rest ring. No tensor parallelism: every released
-    DiT fits one 80 GB GPU in bf16 (see ``memory_per_gpu``)."""
-    heads = PRESETS[variant.family].num_heads
-    cfg = 2 if abs(variant.guidance_scale - 1.0) > 1e-6 and world_size % 2 == 0 else 1
-    sp = world_size // cfg
-    ulysses = max(u for u in range(1, sp + 1) if sp % u == 0 and heads % u == 0)
-    return {"dp": 1, "cfg": cfg, "ring": sp // ulysses, "ulysses": ulysses, "tp": 1}
-
-
-def layout_flags(layout: dict[str, int]) -> str:
-    flags = ["--cfg-parallel"] if layout["cfg"] == 2 else []
-    flags.append(f"--ulysses-degree {layout['ulysses']}")
-    flags.append(f"--ring-degree {layout['ring']}")
-    return " ".join(flags)
-
-
-@functools.lru_cache(maxsize=8)
-def dit_parameter_bytes(config: DiTConfig, dtype_bytes: int = 2) -> int:
-    """Bytes of the DiT's parameters: fp32 for time embedding, modulation and q/k norms, ``dtype_bytes`` else."""
-    from k5.engine.checkpoints.dit import keeps_fp32
-    from k5.engine.model.dit import meta_dit
-
-    model = meta_dit(config)
-    return sum(p.numel() * (4 if keeps_fp32(n) else dtype_bytes) for n, p in model.named_parameters())
-
-
-def memory_per_gpu(variant: Variant, world_size: int = 8, offload: str = "text") -> dict:
-    """Estimated peak GiB per GPU for the variant's default size on ``world_size`` GPUs with the recommended layout.
-
-    The estimate is engine.memory's, the one the CLI refuses a run with before loading (weights resident in each
-    phase, the DiT block's live activations per rank, the tiled decode), here from parameter counts instead of a
-    checkpoint's headers: bf16 DiT and Qwen, fp32 CLIP, fp16 VAE, ``offload`` as the CLI's default on CUDA (the
-    text encoders leave the GPU once the prompts are encoded). The peak is the worst rank's: the text-source rank
-    of each replica also holds the text encoders while it encodes."""
-    import torch
-
-    from k5.engine.memory import Shape, Weights, estimate
-
-    layout = recommended_layout(variant, world_size)
-    config = variant.configure(PRESETS[variant.family])
-    weights = Weights(dit=dit_parameter_bytes(config), text=QWEN_TEXT_PARAMS * 2 + CLIP_PARAMS * 4,
-                      vae=VAE_PARAMS["image" if variant.family == "image-lite" else "video"] * 2)
-    shape = Shape(variant.num_frames, variant.height, variant.width)
-    est = estimate(weights, config, [shape], torch.bfloat16, "cuda", offload, variant.nabla_P is not None,
-                   sp=layout["ulysses"] * layout["ring"], ulysses=layout["ulysses"], ring=layout["ring"],
-                   tp=layout["tp"], cfg_degree=layout["cfg"], dp=layout["dp"], image=variant.family == "image-lite")
-    return {"weights": (weights.dit + weights.vae) / GIB, "text_encoders": weights.text / GIB,
-            "phases": {k: v / GIB for k, v in est.phases.items()}, "peak": est.peak / GIB,
-            "peak_phase": est.peak_phase}
-
-
-def table(world_size: int = 8) -> list[dict]:
-    """One row per variant, for --list-variants and the README."""
-    rows = []
-    for v in VARIANTS.values():
-        layout = recommended_layout(v, world_size)
-        memory = memory_per_gpu(v, world_size)
-        attn = "dense" if v.nabla_P is None else f"NABLA P={v.nabla_P:g} (wT,wH,wW={','.join(map(str, NABLA_WINDOWS))})"
-        rows.append({
-            "variant": v.name, "task": v.task, "repo": v.diffusers_repo or v.repo, "steps": v.steps,
-            "guidance": v.guidance_scale, "shift": v.shift, "attention": attn,
-            "size": f"{v.height}x{v.width}" + (f"x{v.num_frames}" if v.num_frames > 1 else ""),
-            "magcache": v.mag_ratios is not None, "layout": layout_flags(layout),
-            "memory_gib": round(memory["peak"], 1), "denoise_gib": round(memory["phases"]["denoise"], 1),
-        })
-    return rows

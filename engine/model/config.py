@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from k5.kernels.nabla import NABLA_WINDOW
+
 CLASS_NAME = "Kandinsky5Transformer3DModel"
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ class DiTConfig:
 
 
 def _nabla(P: float) -> dict:
-    return dict(attention_type="nabla", attention_P=P, attention_wT=11, attention_wH=3, attention_wW=3)
+    wT, wH, wW = NABLA_WINDOW
+    return dict(attention_type="nabla", attention_P=P, attention_wT=wT, attention_wH=wH, attention_wW=wW)
 
 
 # Shapes of the released models (kandinsky5-architecture.md section 1.1), for benchmarks and shape tests.

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k5.kernels.attention import attention
-from k5.kernels.nabla import NablaSpec, from_fractal, nabla_attention, to_fractal
+from k5.kernels.nabla import NABLA_P, NablaSpec, from_fractal, nabla_attention, to_fractal
 
 from k5.engine.model.config import DiTConfig
 
@@ -302,7 +302,7 @@ class Kandinsky5DiT(nn.Module):
         elif kind == "dense":
             spec = None
         elif kind == "nabla":
-            base = self.default_nabla() or NablaSpec(P=0.9, wT=11, wH=3, wW=3)
+            base = self.default_nabla() or NablaSpec(P=NABLA_P)
             spec = NablaSpec(P=base.P if P is None else P, wT=base.wT, wH=base.wH, wW=base.wW)
         else:
             raise ValueError(f"attention {kind!r} is not one of 'auto', 'dense', 'nabla'")

@@ -11,7 +11,7 @@ The noise and the source image's posterior sample come from one CPU generator se
 order, as diffusers' I2I pipeline draws them: the same latents on every device and world size.
 
 Parallel runs use this class unchanged: k5.parallel.plan applies itself to ``pipeline.dit`` and ``pipeline.text``,
-``share_image`` encodes the source image on one rank and broadcasts it, and ``generate(chain=...)`` takes the step
+``sharing.image`` encodes the source image on one rank and broadcasts it, and ``generate(chain=...)`` takes the step
 chain's stages (CFG parallel) as Kandinsky5Pipeline does. MagCache is refused: the reference calibrated its ratios on
 the video models only, and a stage without ratios would skip on guesses.
 """
@@ -32,8 +32,9 @@ from k5.engine.model.dit import Kandinsky5DiT
 from k5.engine.pipelines.image_request import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, load_source,
                     qwen_image, resolve, vae_input)
 from k5.engine.vae.image import ImageVAE
+from k5.engine.vae.video import vae_dtype
 from k5.engine.memory import PEAKS
-from k5.engine.pipelines.video import Kandinsky5Pipeline, Result, make_expander, scheduler_shift
+from k5.engine.pipelines.video import Kandinsky5Pipeline, Result, Sharing, make_expander, scheduler_shift
 from k5.engine.sampling.sampler import Conditioning, sample, uses_cfg
 from k5.engine.encoders.text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
 
@@ -77,14 +78,16 @@ class ImagePipeline(Kandinsky5Pipeline):
     """Kandinsky5Pipeline's loading, offloading, placement and prompt expansion, with the image conditioning,
     sampling and decode. ``vae`` is the FLUX ImageVAE."""
 
-    def __init__(self, checkpoint: Checkpoint, dit: Kandinsky5DiT, text, vae: ImageVAE, device, offload: str = "none"):
-        super().__init__(checkpoint, dit, text, vae, device, offload=offload)
+    def __init__(self, checkpoint, dit: Kandinsky5DiT, text, vae: ImageVAE, device, offload: str = "none", *,
+                 sharing: Sharing = Sharing(), expander=None):
+        super().__init__(checkpoint, dit, text, vae, device, offload=offload, sharing=sharing, expander=expander)
         self.default_shift = scheduler_shift(checkpoint.root, DEFAULT_SHIFT)  # the image pipelines' 3.0, not video's
 
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.bfloat16, device="cpu",
                         dit: Kandinsky5DiT | None = None, text=None, expand: bool = False, adapters=(),
-                        offload: str = "none", *, config: DiTConfig | None = None) -> "ImagePipeline":
+                        offload: str = "none", *, config: DiTConfig | None = None, sharing: Sharing = Sharing(),
+                        expander=None) -> "ImagePipeline":
         """As Kandinsky5Pipeline.from_pretrained, with the FLUX VAE (bf16 on GPU as the original runs it; fp32 on
         CPU, where half precision is slow and inexact)."""
         checkpoint, device = open_checkpoint(source), torch.device(device)
@@ -92,12 +95,10 @@ class ImagePipeline(Kandinsky5Pipeline):
         home = torch.device("cpu") if offload == "model" else device
         dit = dit or load_dit(checkpoint.dit, dtype, home, config=config, adapters=adapters)
         text = text or TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=home, lm_head=expand)
-        vae = ImageVAE.from_pretrained(checkpoint.root, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                       home)
-        pipe = cls(checkpoint, dit, text, vae, device, offload=offload)
-        if expand and isinstance(text, TextEncoder):
-            pipe.expander = make_expander(text)
-        return pipe
+        vae = ImageVAE.from_pretrained(checkpoint.root, vae_dtype(device, image=True), home)
+        if expand and expander is None and isinstance(text, TextEncoder):
+            expander = make_expander(text)
+        return cls(checkpoint, dit, text, vae, device, offload=offload, sharing=sharing, expander=expander)
 
     def expand_prompt(self, req: ImageRequest, task: str | None = None, reuse=None) -> str:
         """The reference's expansion of ``req.prompt`` (t2i, or i2i with the source image), seeded with ``req.seed``,
@@ -130,17 +131,12 @@ class ImagePipeline(Kandinsky5Pipeline):
 
     def source_latent(self, source: Tensor, generator: torch.Generator) -> Tensor:
         """The fitted source image's VAE latent (a posterior sample from ``generator``), on one rank of the item's
-        group in parallel runs (``share_image``)."""
+        group in parallel runs (``sharing.image``)."""
         def encode():
-            if self.offload == "model":
-                self._place("vae", self.device)
-            try:
+            with self.on_device("vae"):
                 return self.vae.encode(vae_input(source), generator=generator).to(self.device)
-            finally:
-                if self.offload == "model":
-                    self._place("vae", "cpu")
 
-        return self.share_image(encode)
+        return self.sharing.image(encode)
 
     @torch.inference_mode()
     def generate(self, req: ImageRequest, on_step=None, chain=(), prompt: str | None = None) -> ImageResult:
@@ -169,29 +165,22 @@ class ImagePipeline(Kandinsky5Pipeline):
             extra = self.extra_channels(edit, shape)
             sync(self.device)
         t1 = time.perf_counter()
-        with PEAKS.phase("denoise", self.device):
-            if self.offload == "model":
-                self._place("dit", self.device)
-            latents = sample(
-                lambda inp, t, c, **kw: self.velocity(inp, t, c, extra, **kw), noise, cond, uncond, steps=req.steps,
-                guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift, visual_cond=False,
-                on_step=on_step, chain=chain,
-            )
-            sync(self.device)
-        t2 = time.perf_counter()
-        if self.offload == "model":
-            self._place("dit", "cpu")
+        with self.on_device("dit"):
+            with PEAKS.phase("denoise", self.device):
+                latents = sample(
+                    lambda inp, t, c, **kw: self.velocity(inp, t, c, extra, **kw), noise, cond, uncond,
+                    steps=req.steps, guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
+                    visual_cond=False, on_step=on_step, chain=chain,
+                )
+                sync(self.device)
+            t2 = time.perf_counter()
         return ImageResult(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
                            truncated=truncated[0], request=req)
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         """uint8 image as one frame [1, H, W, 3]."""
-        with PEAKS.phase("decode", self.device):
-            if self.offload == "model":
-                self._place("vae", self.device)
+        with self.on_device("vae"), PEAKS.phase("decode", self.device):
             image = self.vae.decode(latents)
             sync(self.device)
-        if self.offload == "model":
-            self._place("vae", "cpu")
         return image

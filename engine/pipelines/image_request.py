@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
+from k5.engine.media.image import image_size, load_rgb
 from k5.engine.model.config import DiTConfig
 
 # (height, width) of the original's RESOLUTIONS[1024], in its order.
@@ -71,17 +71,6 @@ class ImageRequest:
     def num_frames(self) -> int:
         """One: what an image is to code that sizes requests by frames (memory estimates, compile shapes)."""
         return 1
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image file as displayed (EXIF orientation applied), reading only its header."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except (OSError, ValueError) as e:  # PIL raises UnidentifiedImageError (an OSError) for non-images
-        raise ValueError(f"image {path} is not a readable image file: {e}") from None
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # 5-8 rotate by 90 degrees
 
 
 def resolve(req: ImageRequest, cfg: DiTConfig) -> ImageRequest:
@@ -182,13 +171,9 @@ def check_task(task: str, image_model: bool) -> None:
 
 
 def load_source(path: str | Path) -> torch.Tensor:
-    """An image file -> uint8 RGB [3, H, W] as displayed (EXIF orientation applied, alpha dropped)."""
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"image {path} is not a readable image file: {e}") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    """An image file -> uint8 RGB [3, H, W] as displayed (engine/media/image.py: EXIF orientation applied, alpha
+    dropped), as I2V's first frame is read."""
+    return load_rgb(path)
 
 
 def _resize_uint8(img: torch.Tensor, height: int, width: int) -> torch.Tensor:

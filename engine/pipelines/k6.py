@@ -4,8 +4,8 @@ audio decode.
 The sibling of engine/pipelines/video.py, on the same parts: the Kandinsky 5 text encoders with Kandinsky 6's
 1024-token budget (engine/encoders/k6_text.py), the HunyuanVideo VAE (its decode is replaced by the per-rank tiled
 decode in parallel runs, exactly as for Kandinsky 5), the video request (engine.pipelines.video.Request), and the
-hooks the parallel layouts set (``share_image``; the text encoder may be a SharedText / BranchText; a guiding
-stage in ``chain``).
+parts the parallel layouts pass in (``sharing``: the image latent encoded on one rank; the text encoder may be a
+SharedText / BranchText; a guiding stage in ``chain``).
 What is Kandinsky 6's own: the audio latent sampled with the video (engine/sampling/k6_sampler.py), the schedule of
 the checkpoint (Euler for sft, PiFlow for distilled ones: engine/sampling/k6_schedule.py), I2AV's image as a masked
 tail frame, and the audio decode (MMAudio VAE + vocoder, engine/vae/audio.py), which runs on one rank.
@@ -37,13 +37,13 @@ from k5.engine.encoders.text import TextEncoder
 from k5.engine.memory import PEAKS
 from k5.engine.model.k6_config import CLASS_NAME, K6Config
 from k5.engine.model.k6_dit import Kandinsky6DiT
-from k5.engine.pipelines.video import Request, check_request as check_video_request
+from k5.engine.pipelines.video import Request, Sharing, check_request as check_video_request
 from k5.engine.sampling.chain import uses_cfg
 from k5.engine.sampling.k6_sampler import audio_length, guided_forward, sample
 from k5.engine.sampling.k6_schedule import EulerSchedule, PiFlowSchedule, Schedule, flow_sigmas, \
     schedule_from_config
 from k5.engine.vae.audio import COMPONENTS as AUDIO_COMPONENTS, AudioDecoder, fit_to_video
-from k5.engine.vae.video import VideoVAE
+from k5.engine.vae.video import VideoVAE, vae_dtype
 
 FPS = 24
 PIPELINE_CLASS = "Kandinsky6TI2VAPipeline"
@@ -154,14 +154,14 @@ class Kandinsky6Pipeline:
     """Text encoders -> the Kandinsky 6 DiT over video and audio -> VAE decode and audio decode, on ``device``."""
 
     def __init__(self, checkpoint: Checkpoint, dit: Kandinsky6DiT, text, vae: VideoVAE, audio: AudioDecoder | None,
-                 device, fps: int = FPS, sample_audio: bool = True):
+                 device, fps: int = FPS, sample_audio: bool = True, *, sharing: Sharing = Sharing()):
         self.checkpoint, self.dit, self.text, self.vae, self.audio = checkpoint, dit, text, vae, audio
         self.root = checkpoint.root
         self.sample_audio = sample_audio
         self.device = torch.device(device)
         self.fps = fps
-        self.share_image = lambda encode: encode()  # parallel runs: encode on one rank and broadcast
-        self.expander = None  # no prompt expansion for Kandinsky 6 (refused before loading)
+        # How the ranks of an item share the I2AV image latent (k5.parallel.plan builds it: one rank encodes)
+        self.sharing = sharing
         PEAKS.resident = self.resident
 
     def resident(self) -> list[str]:
@@ -177,7 +177,7 @@ class Kandinsky6Pipeline:
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.bfloat16, device="cpu", dit=None, text=None,
                         audio: bool = True, config: K6Config | None = None,
-                        audio_decoder: bool | None = None) -> "Kandinsky6Pipeline":
+                        audio_decoder: bool | None = None, sharing: Sharing = Sharing()) -> "Kandinsky6Pipeline":
         """Every component of ``source`` (a Kandinsky 6 diffusers folder, a resolve_model result or a Checkpoint); a
         ``dit`` or ``text`` encoder given by the caller (tensor-parallel DiT, shared text) is used instead.
         ``audio``: sample the audio stream; ``audio_decoder``: load the MMAudio VAE and vocoder (default: with
@@ -186,12 +186,11 @@ class Kandinsky6Pipeline:
         device = torch.device(device)
         dit = dit or load_k6_dit(checkpoint.dit, dtype, device, config=config)
         text = text or TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=device)
-        vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        vae = VideoVAE.from_pretrained(checkpoint.root, torch_dtype=vae_dtype, device=device)
+        vae = VideoVAE.from_pretrained(checkpoint.root, torch_dtype=vae_dtype(device), device=device)
         decoder = None
         if audio and (audio_decoder is None or audio_decoder):
             decoder = AudioDecoder.from_pretrained(checkpoint.root, device=device)
-        return cls(checkpoint, dit, text, vae, decoder, device, sample_audio=audio)
+        return cls(checkpoint, dit, text, vae, decoder, device, sample_audio=audio, sharing=sharing)
 
     def encode(self, prompts: list[str]):
         if isinstance(self.text, TextEncoder) and self.text.qwen is not None:
@@ -201,7 +200,7 @@ class Kandinsky6Pipeline:
     def first_frame(self, req: Request) -> Tensor | None:
         if req.image is None:
             return None
-        return self.share_image(
+        return self.sharing.image(
             lambda: image_latent(self.vae, req.image, req.height, req.width, req.seed).to(self.device))
 
     def audio_shape(self, req: Request) -> tuple[int, int, int] | None:

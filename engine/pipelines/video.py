@@ -7,12 +7,14 @@ the decode, and the launch script decides which rank writes what.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -25,7 +27,7 @@ from k5.engine.model.dit import Kandinsky5DiT
 from k5.engine.memory import OFFLOAD_MODES, PEAKS
 from k5.engine.sampling.sampler import DEFAULT_SHIFT, Conditioning, initial_noise, sample, uses_cfg
 from k5.engine.encoders.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
-from k5.engine.vae.video import VideoVAE
+from k5.engine.vae.video import VideoVAE, vae_dtype
 
 LATENT_CHANNELS = 16
 
@@ -62,7 +64,8 @@ def frame_size(req: Request, nabla: bool) -> tuple[int, int]:
     under NABLA (8x8 tiles of 16-pixel patches). The image is then resized to it with no crop."""
     if req.image is None:
         return req.height, req.width
-    from k5.engine.sampling.i2v import image_size, size_for_area
+    from k5.engine.media.image import image_size
+    from k5.engine.sampling.i2v import size_for_area
 
     step = 128 if nabla or hd_bucket(req.height, req.width) else 16
     return size_for_area(*image_size(req.image), req.height * req.width, step)
@@ -137,10 +140,10 @@ def make_expander(encoder: TextEncoder | None):
             return expand_prompt(encoder, prompt, task, seed)
         if image is None:
             raise ValueError(f"prompt expansion for {task} needs the image")
-        from PIL import Image
+        from k5.engine.media.image import open_image
 
-        with Image.open(image) as im:  # as the reference: the file's pixels, in RGB
-            return expand_prompt_with_image(encoder, prompt, im.convert("RGB"), task, seed)
+        # The image as displayed (EXIF orientation applied), as the DiT is conditioned on it.
+        return expand_prompt_with_image(encoder, prompt, open_image(image), task, seed)
 
     return expander
 
@@ -161,6 +164,21 @@ class Result:
     step_ends: list = field(default_factory=list)  # perf_counter() at the end of each denoising step (the engine's)
 
 
+def _here(run):
+    return run()
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """How the ranks that work on one item share what one of them computes, built by k5.parallel.plan for a layout
+    and passed to the pipeline: ``image(encode) -> latent`` (the I2V first frame's or an edit's source latent: one
+    rank encodes, the others receive it) and ``text(expand) -> str`` (a prompt expansion, run on the item group's
+    rank 0 and shared). The default, one process: each runs its function here."""
+
+    image: Callable = _here
+    text: Callable = _here
+
+
 class Kandinsky5Pipeline:
     """Text encoders -> DiT sampling -> VAE decode on ``device``.
 
@@ -171,23 +189,22 @@ class Kandinsky5Pipeline:
     the VAE), so a model whose parts fit the device one at a time runs on it.
     """
 
-    def __init__(self, checkpoint: Checkpoint, dit: Kandinsky5DiT, text: TextEncoder | None, vae: VideoVAE, device,
-                 offload: str = "none"):
+    def __init__(self, checkpoint: Checkpoint | str | Path, dit: Kandinsky5DiT, text: TextEncoder | None,
+                 vae: VideoVAE, device, offload: str = "none", *, sharing: Sharing = Sharing(), expander=None):
+        """``checkpoint``: the checked Checkpoint the components came from (a folder is enough for a pipeline built
+        from components at hand: it then only supplies the scheduler config). ``sharing``: how the ranks of an item
+        share (k5.parallel.plan's; default one process). ``expander(prompt, task, seed, image) -> text``: the
+        reference's prompt expansion (``make_expander``; None: not loaded)."""
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
-        self.checkpoint, self.dit, self.text, self.vae = checkpoint, dit, text, vae
-        self.root = root = checkpoint.root
+        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else None
+        self.dit, self.text, self.vae = dit, text, vae
+        self.root = root = checkpoint.root if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
         self.device = torch.device(device)
         self.offload = offload
         self.text_after_encode = "keep" if offload == "none" else "cpu"
         self.default_shift = scheduler_shift(root)
-        # share_image(encode) -> latent: how ranks that work on one item get the I2V image latent. Here: encode.
-        # Parallel runs encode on one rank and broadcast (k5.parallel.plan sets it).
-        self.share_image = lambda encode: encode()
-        # expander(prompt, task, seed, image) -> text: the reference's prompt expansion (None: not loaded). share_text
-        # runs it once per item and shares the text, like share_image (k5.parallel.text_share.share_expansion).
-        self.expander = None
-        self.share_text = lambda expand: expand()
+        self.sharing, self.expander = sharing, expander
         PEAKS.resident = self.resident
 
     def resident(self) -> list[str]:
@@ -199,6 +216,19 @@ class Kandinsky5Pipeline:
         text = self.text if isinstance(self.text, TextEncoder) else None
         parts = {"DiT": self.dit, "text encoders": text.qwen if text else None, "VAE": self.vae.vae}
         return [name for name, m in parts.items() if on_device(m)]
+
+    @contextlib.contextmanager
+    def on_device(self, component: str):
+        """``component`` (dit, vae) on the compute device for the block: with --offload model it waits in host memory
+        and visits the device only while it runs; otherwise it is there already."""
+        if self.offload != "model":
+            yield
+            return
+        self._place(component, self.device)
+        try:
+            yield
+        finally:
+            self._place(component, "cpu")
 
     def _place(self, component: str, device) -> None:
         """Move one component (dit, text, vae) to ``device`` when offloading says it lives elsewhere."""
@@ -212,26 +242,25 @@ class Kandinsky5Pipeline:
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.bfloat16, device="cpu",
                         dit: Kandinsky5DiT | None = None, text=None, expand: bool = False, adapters=(),
-                        offload: str = "none", *, config: DiTConfig | None = None) -> "Kandinsky5Pipeline":
+                        offload: str = "none", *, config: DiTConfig | None = None, sharing: Sharing = Sharing(),
+                        expander=None) -> "Kandinsky5Pipeline":
         """Load every component of ``source`` (a diffusers-layout folder, what ``resolve_model`` returned, or a
         checked engine.checkpoints.files.Checkpoint); a ``dit`` or ``text`` encoder given by the caller (a
         tensor-parallel DiT, text embeddings shared between ranks) is used instead of loading that component.
         ``expand``: also load the Qwen2.5-VL lm_head for prompt expansion (``expand_prompt``); ``adapters``: LoRAs
         merged into the DiT; ``config``: the DiT config to build (a catalogue variant's attention on a file that
-        carries none; ``from_resolved`` passes it)."""
+        carries none; ``from_resolved`` passes it); ``sharing``, ``expander``: as the constructor's (default with
+        ``expand``: the loaded encoder's expansion)."""
         checkpoint = open_checkpoint(source)
         device = torch.device(device)
         # --offload model: everything is loaded into host memory and visits the device only while it runs.
         home = torch.device("cpu") if offload == "model" else device
         dit = dit or load_dit(checkpoint.dit, dtype, home, config=config, adapters=adapters)
         text = text or TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=home, lm_head=expand)
-        # fp16 VAE on GPU as the original; fp32 on CPU, where half precision is slow and inexact.
-        vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        vae = VideoVAE.from_pretrained(checkpoint.root, torch_dtype=vae_dtype, device=home)
-        pipe = cls(checkpoint, dit, text, vae, device, offload=offload)
-        if expand and isinstance(text, TextEncoder):
-            pipe.expander = make_expander(text)
-        return pipe
+        vae = VideoVAE.from_pretrained(checkpoint.root, torch_dtype=vae_dtype(device), device=home)
+        if expand and expander is None and isinstance(text, TextEncoder):
+            expander = make_expander(text)
+        return cls(checkpoint, dit, text, vae, device, offload=offload, sharing=sharing, expander=expander)
 
     def expand_prompt(self, req: Request, task: str | None = None, reuse=None) -> str:
         """The reference's expansion of ``req.prompt`` (seeded with ``req.seed``), computed once per item (on the item
@@ -248,7 +277,7 @@ class Kandinsky5Pipeline:
                 self._place("text", self.device)  # encode() moves it off again right after the embedding
             return self.expander(req.prompt, task, req.seed, req.image)
 
-        return self.share_text(lambda: expand_or_reuse(expand, reuse))
+        return self.sharing.text(lambda: expand_or_reuse(expand, reuse))
 
     @classmethod
     def from_resolved(cls, resolved, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs) -> "Kandinsky5Pipeline":
@@ -284,15 +313,10 @@ class Kandinsky5Pipeline:
         def encode():
             img = prepare_image(load_image(req.image), *size)
             g = torch.Generator("cpu").manual_seed(req.seed)
-            if self.offload == "model":
-                self._place("vae", self.device)
-            try:
+            with self.on_device("vae"):
                 return encode_image(self.vae, img, generator=g).float().to(self.device)
-            finally:
-                if self.offload == "model":
-                    self._place("vae", "cpu")
 
-        return self.share_image(encode)
+        return self.sharing.image(encode)
 
     @torch.inference_mode()
     def generate(self, req: Request, on_step=None, chain=(), prompt: str | None = None) -> Result:
@@ -311,36 +335,28 @@ class Kandinsky5Pipeline:
             first = self.first_frame(req, size)
             sync(self.device)
         t1 = time.perf_counter()
-        with PEAKS.phase("denoise", self.device):
-            if self.offload == "model":
-                self._place("dit", self.device)
-            noise = initial_noise(req.latent_shape(size), req.seed, self.device)
-            sf = rope_scale(req.height, req.width)
-            latents = sample(
-                lambda inp, t, c, **kw: self.velocity(inp, t, c, sf, **kw), noise, cond, uncond, steps=req.steps,
-                guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
-                visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step,
-                chain=chain,
-            )
-            if first is not None:
-                from k5.engine.sampling.i2v import normalize_first_frame
+        with self.on_device("dit"):
+            with PEAKS.phase("denoise", self.device):
+                noise = initial_noise(req.latent_shape(size), req.seed, self.device)
+                sf = rope_scale(req.height, req.width)
+                latents = sample(
+                    lambda inp, t, c, **kw: self.velocity(inp, t, c, sf, **kw), noise, cond, uncond, steps=req.steps,
+                    guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
+                    visual_cond=self.dit.config.visual_cond, first_frame=first, on_step=on_step, chain=chain,
+                )
+                if first is not None:
+                    from k5.engine.sampling.i2v import normalize_first_frame
 
-                latents = normalize_first_frame(latents, per_frame=True)  # the original repo: per frame
-            sync(self.device)
-        t2 = time.perf_counter()
-        if self.offload == "model":
-            self._place("dit", "cpu")
+                    latents = normalize_first_frame(latents, per_frame=True)  # the original repo: per frame
+                sync(self.device)
+            t2 = time.perf_counter()
         return Result(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
                       truncated=truncated[0])
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         """uint8 frames [F, H, W, 3]."""
-        with PEAKS.phase("decode", self.device):
-            if self.offload == "model":
-                self._place("vae", self.device)
+        with self.on_device("vae"), PEAKS.phase("decode", self.device):
             frames = self.vae.decode(latents)[0]
             sync(self.device)
-        if self.offload == "model":
-            self._place("vae", "cpu")
         return frames

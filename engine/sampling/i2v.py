@@ -12,28 +12,18 @@ from __future__ import annotations
 from math import sqrt
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLHunyuanVideo
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from PIL import Image  # a dependency of diffusers, so always installed with it
-
+from k5.engine.media.image import load_rgb
 from k5.engine.vae.video import VideoVAE
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """An image file -> float32 RGB [3, H, W] in [0, 1] (alpha dropped, greyscale expanded)."""
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header (no pixel is decoded)."""
-    with Image.open(path) as im:
-        width, height = im.size
-    return height, width
+    """An image file -> float32 RGB [3, H, W] in [0, 1], as displayed (engine/media/image.py: EXIF orientation
+    applied, as for an I2I source image)."""
+    return load_rgb(path).float().div_(255.0)
 
 
 def size_for_area(height: int, width: int, max_area: int, divisibility: int = 16) -> tuple[int, int]:

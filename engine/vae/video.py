@@ -73,6 +73,16 @@ def _vae_folder(folder: str | Path) -> Path:
     )
 
 
+
+def vae_dtype(device: torch.device | str, image: bool = False) -> torch.dtype:
+    """The VAE's compute dtype: half precision on a GPU, as the original runs them (fp16 for the HunyuanVideo VAE,
+    bf16 for Image Lite's FLUX VAE); fp32 on the CPU, where half precision is slow and inexact. The memory estimate
+    (parallel/memory.py) counts the VAE at this dtype's size."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if image else torch.float16
+
+
 class VideoVAE:
     """Decodes DiT latents to uint8 frames and encodes images to latents with a tiled HunyuanVideo VAE."""
 
