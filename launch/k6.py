@@ -216,3 +216,15 @@ def table(world_size: int = 8) -> list[dict]:
             "weights_gib": round(memory["weights"], 1),
         })
     return rows
+
+
+def markdown(world_size: int = 8) -> str:
+    """The README's Kandinsky 6 table (``k5 variants`` prints it after the Kandinsky 5 one)."""
+    head = ["checkpoint (`kandinskylab/...`)", "task", "scheduler", "steps", "guidance", "attention", "size",
+            f"layout on {world_size} GPUs", f"GiB per GPU ({world_size} GPUs)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table(world_size):
+        mem = "-" if r["memory_gib"] is None else r["memory_gib"]
+        out.append(f"| `{r['variant']}` (`{r['repo'].split('/')[1]}`) | {r['task']} | {r['scheduler']} | "
+                   f"{r['steps']} | {r['guidance']:g} | {r['attention']} | {r['size']} | `{r['layout']}` | {mem} |")
+    return "\n".join(out)

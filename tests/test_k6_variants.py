@@ -60,3 +60,12 @@ def test_a_folder_named_like_a_release_takes_its_settings(tmp_path):
                             "num_frames": 121}
     with pytest.raises(VariantError, match="drop --variant"):
         resolve_model(str(folder), "t2v-lite-sft-5s")
+
+
+def test_readme_table_is_the_catalogues():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = "<!-- k6 table: k5 variants (Kandinsky 6 part) -->\n"
+    table = readme[readme.index(start) + len(start): readme.index("\n<!-- end of k6 table -->")]
+    assert table == k6_layouts.markdown()
