@@ -2,8 +2,8 @@
 forwards of a preset with and without MagCache (magcache.py); `python -m k5.bench syncs ...` looks for device-to-host
 syncs in the denoising step on a GPU (syncs.py); `python -m k5.bench mask ...` times NABLA's mask build beside its
 attention (mask.py); `python -m k5.bench serve ...` compares requests to a running `k5 serve` with separate CLI runs
-(serve.py); `python -m k5.bench project|plot|summary ...` post-processes; `python -m k5.bench k6-project` projects
-Kandinsky 6 (k6_projection.py)."""
+(serve.py); `python -m k5.bench project|plot|summary ...` post-processes; `python -m k5.bench k6` times the Kandinsky 6
+DiT (k6.py) and `python -m k5.bench k6-project` projects it (k6_projection.py)."""
 
 import sys
 
@@ -25,9 +25,11 @@ if __name__ == "__main__":
         from k5.bench.serve import main
     elif what == "k6-project":
         from k5.bench.k6_projection import main
+    elif what == "k6":
+        from k5.bench.k6 import main
     else:
         from k5.bench.run import main
-    if what in ("project", "plot", "magcache", "syncs", "summary", "mask", "serve", "k6-project"):
+    if what in ("project", "plot", "magcache", "syncs", "summary", "mask", "serve", "k6-project", "k6"):
         sys.argv.pop(1)
     code = main()
     sys.exit(code if isinstance(code, int) else 0)  # the commands that judge (syncs) return their exit status

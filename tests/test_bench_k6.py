@@ -42,3 +42,17 @@ def test_projection_command(tmp_path):
         assert 0 < eight[name]["efficiency"] <= 1.0
         assert eight[name]["efficiency"] == one[name]["s_per_video"] / (8 * eight[name]["s_per_video"])
     assert one["sft"]["s_per_video"] == pytest.approx(10 * one["distill"]["s_per_video"])  # 50 x 2 forwards vs 10 x 1
+
+
+def test_k6_bench_times_both_streams(tmp_path):
+    from k5.bench import k6
+
+    result = k6.main(["--model", "tiny-k6", "--height", "64", "--width", "64", "--frames", "5", "--repeat", "1",
+                      "--out", str(tmp_path)])
+    c = result["config"]
+    assert (c["video_tokens"], c["audio_tokens"], c["layout"]) == (2 * 4 * 4, 9, "single")  # 5 frames at 24 fps
+    want = forward_flops(k6.model_config("tiny-k6", None), 32, 9, 64).total / 1e12
+    assert result["flops"]["tflop_per_forward"] == want and result["timing"]["s_per_step"] > 0
+    assert (tmp_path / f"{result['name']}.json").is_file()
+    with pytest.raises(SystemExit):  # a layout needs torchrun
+        k6.main(["--ulysses", "2", "--out", str(tmp_path)])
