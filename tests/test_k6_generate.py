@@ -183,3 +183,23 @@ def test_image_output_is_refused_for_kandinsky6(tmp_path, capsys, no_loading):
     with pytest.raises(SystemExit) as e:
         main(["--model", "tiny-k6", "--prompt", PROMPT, "--output", str(tmp_path / "x.png")])
     assert e.value.code == 2 and ".mp4" in capsys.readouterr().err
+
+
+def test_i2av_through_the_cli_on_one_process_and_cfg_parallel(tmp_path):
+    """--image on tiny-k6: the one-process latents are the pipeline's for the same request (the image latent encoded
+    in this process: within 1e-5), and CFG parallel on two ranks (the image encoded on one rank and broadcast, each
+    half encoding its own prompt) gives the one-process latents within 1e-5."""
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "first.png"
+    Image.fromarray((np.random.default_rng(1).random((40, 70, 3)) * 255).astype(np.uint8)).save(image)
+    one, mp4, _ = generate(tmp_path, "one", 1, *DENSE, "--image", str(image))
+    assert_av(mp4, 9)
+    pipe = Kandinsky6Pipeline.from_pretrained(k6_tiny_checkpoint(kind="sft"), torch.float32)
+    want = pipe.generate(Request(PROMPT, height=64, width=96, num_frames=9, steps=2, guidance_scale=5.0, seed=4,
+                                 image=str(image)))
+    assert rel_err(one["latents"], want.latents) < TOL and rel_err(one["audio_latents"], want.audio) < TOL
+    two, mp4, _ = generate(tmp_path, "two", 2, *DENSE, "--image", str(image), "--cfg-parallel")
+    for key in ("latents", "audio_latents"):
+        assert rel_err(two[key], one[key]) < TOL, key
