@@ -128,9 +128,6 @@ def text(world_size: int = 8) -> str:
     lines.append(f"layout and GiB/GPU (estimated peak per GPU) for {world_size} GPUs at the default size; repos "
                  f"(hf download REPO):")
     lines += [f"  {r['variant']}: {r['repo']}" for r in table]
-    from k5.launch import k6
-
-    lines += ["", "Kandinsky 6 (video with audio; --model REPO, settings from the repo, k5.launch.k6):", k6.markdown(world_size)]
     return "\n".join(lines)
 
 

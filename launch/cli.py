@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(rest)
     if command == "variants":
-        from k5.launch.catalogue import main as variants
+        from k5.launch.k6 import variants  # the Kandinsky 5 catalogue, then the Kandinsky 6 checkpoints
 
         return variants(rest)
     if command == "bench":

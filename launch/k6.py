@@ -228,3 +228,18 @@ def markdown(world_size: int = 8) -> str:
         out.append(f"| `{r['variant']}` (`{r['repo'].split('/')[1]}`) | {r['task']} | {r['scheduler']} | "
                    f"{r['steps']} | {r['guidance']:g} | {r['attention']} | {r['size']} | `{r['layout']}` | {mem} |")
     return "\n".join(out)
+
+
+def variants(argv=None) -> int:
+    """``k5 variants``: the Kandinsky 5 catalogue (k5.launch.catalogue), then, as text, the Kandinsky 6 checkpoints."""
+    import sys
+
+    from k5.launch.catalogue import main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = main(argv)
+    if code == 0 and not {"--json", "--markdown"} & set(argv):
+        world = int(argv[argv.index("--world-size") + 1]) if "--world-size" in argv else 8
+        print("\nKandinsky 6 (video with audio; --model REPO takes the repo's settings):")
+        print(markdown(world))
+    return code
