@@ -63,7 +63,9 @@ if [ "${K5_DEPS:-locked}" = latest ]; then
     VENV=${K5_VENV:-.venv-latest}
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     PIP=("$VENV/bin/python" -m pip install "${PIPQ[@]}")
-    "${PIP[@]}" -c constraints.txt torch==2.13.0
+    # setuptools and wheel as in the locked install (the lock holds them), at their newest, so the drift table
+    # compares like with like
+    "${PIP[@]}" -c constraints.txt --upgrade torch==2.13.0 setuptools wheel
     # deepspeed is a test peer only; DS_BUILD_OPS=0 keeps its install pure Python (no C++ build).
     DS_BUILD_OPS=0 "${PIP[@]}" -c constraints.txt --upgrade --upgrade-strategy eager -e ".[test,bench,serve]"
     "$VENV/bin/python" -m pip check

@@ -41,7 +41,7 @@ _EXPORTS = {
     "VARIANTS": ("k5.engine.catalogue.variants", "VARIANTS"),
     "Variant": ("k5.engine.catalogue.variants", "Variant"),
     "get_variant": ("k5.engine.catalogue.variants", "get"),
-    "variant_table": ("k5.engine.catalogue.variants", "table"),
+    "variant_table": ("k5.launch.catalogue", "table"),
     "VariantError": ("k5.engine.catalogue.variants", "VariantError"),
     "resolve_model": ("k5.engine.catalogue.resolve", "resolve_model"),
     "Resolved": ("k5.engine.catalogue.resolve", "Resolved"),

@@ -112,7 +112,7 @@ def test_i2v_pipeline_with_cfg_parallel_and_magcache(tmp_path):
         counted_forwards(fc, run, pipe, steps=4)
         # Host reads once per item, outside the loop, with the values they would read: the prompt fills the text
         # budget (mask dropped), not truncated, and the image latent's header (5 dims, fp32) read back by its source.
-        fc.watch.answers.update({"engine/pipelines/video.py:encode": True, "parallel/cfg.py": 0,
+        fc.watch.answers.update({"engine/pipelines/base.py:encode": True, "parallel/cfg.py": 0,
                                  "parallel/vae_tiles.py:broadcast_image_latent": [5, 0]})
         magcache = MagCache(VARIANTS["i2v-lite-5s"].mag_ratios)
         with torch.inference_mode():
@@ -174,7 +174,7 @@ def test_image_pipeline_at_the_1024_bucket(tmp_path):
         pipe = ImagePipeline(tmp_path, dit, parallel_text(fc, cfg, dims, stats, tokens=512), image_vae(fc), fc.device)
         run = Run(fc, (1, 1, 128, 128, 16))
         counted_forwards(fc, run, pipe, steps=2)
-        fc.watch.answers.update({"engine/pipelines/video.py:encode": False, "parallel/cfg.py": 0})  # a masked prompt
+        fc.watch.answers.update({"engine/pipelines/base.py:encode": False, "parallel/cfg.py": 0})  # a masked prompt
         with torch.inference_mode():
             result = pipe.generate(ImageRequest("a fox", height=1024, width=1024, steps=2), on_step=fc.watch.step_done,
                                    chain=[CfgParallel(dims, stats)])

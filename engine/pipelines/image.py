@@ -12,31 +12,28 @@ order, as diffusers' I2I pipeline draws them: the same latents on every device a
 
 Parallel runs use this class unchanged: k5.parallel.plan applies itself to ``pipeline.dit`` and ``pipeline.text``,
 ``sharing.image`` encodes the source image on one rank and broadcasts it, and ``generate(chain=...)`` takes the step
-chain's stages (CFG parallel) as Kandinsky5Pipeline does. MagCache is refused: the reference calibrated its ratios on
+chain's stages (CFG parallel) as the video pipeline does (engine/pipelines/base.py: one generate skeleton). MagCache is refused: the reference calibrated its ratios on
 the video models only, and a stage without ratios would skip on guesses.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from k5.engine.checkpoints.dit import load_dit, open_checkpoint
 from k5.engine.checkpoints.files import Checkpoint, is_image_checkpoint
-from k5.engine.compile import sync
 from k5.engine.model.config import DiTConfig
-from k5.engine.model.dit import Kandinsky5DiT
-from k5.engine.pipelines.image_request import (DEFAULT_SHIFT, ROPE_SCALE, ImageRequest, fit_to_bucket, load_source,
-                    qwen_image, resolve, vae_input)
+from k5.engine.pipelines.image_request import DEFAULT_SHIFT as IMAGE_DEFAULT_SHIFT
+from k5.engine.pipelines.image_request import (ROPE_SCALE, ImageRequest, fit_to_bucket, load_source, qwen_image,
+                                               resolve, vae_input)
 from k5.engine.vae.image import ImageVAE
 from k5.engine.vae.video import vae_dtype
-from k5.engine.memory import PEAKS
-from k5.engine.pipelines.video import Kandinsky5Pipeline, Result, Sharing, make_expander, scheduler_shift
-from k5.engine.sampling.sampler import Conditioning, sample, uses_cfg
-from k5.engine.encoders.text import IMAGE, IMAGE_EDIT, PromptFormat, TextEncoder
+from k5.engine.pipelines.base import Pipeline, Prepared, Result
+from k5.engine.pipelines.video import Kandinsky5Pipeline
+from k5.engine.sampling.sampler import Conditioning, uses_cfg
+from k5.engine.encoders.text import IMAGE, IMAGE_EDIT, PromptFormat
 
 
 @dataclass
@@ -74,45 +71,31 @@ def pipeline_class(source):
     return ImagePipeline if is_image_checkpoint(root) else Kandinsky5Pipeline
 
 
-class ImagePipeline(Kandinsky5Pipeline):
-    """Kandinsky5Pipeline's loading, offloading, placement and prompt expansion, with the image conditioning,
-    sampling and decode. ``vae`` is the FLUX ImageVAE."""
+class ImagePipeline(Pipeline):
+    """The image pipeline (T2I, I2I), the video pipeline's sibling over the same components (engine/pipelines/base.py):
+    the FLUX ImageVAE (bf16 on GPU as the original runs it; fp32 on CPU, where half precision is slow and inexact),
+    the image prompt formats, and an edit's source image as Qwen's vision input and the DiT's extra channels."""
 
-    def __init__(self, checkpoint, dit: Kandinsky5DiT, text, vae: ImageVAE, device, offload: str = "none", *,
-                 sharing: Sharing = Sharing(), expander=None):
-        super().__init__(checkpoint, dit, text, vae, device, offload=offload, sharing=sharing, expander=expander)
-        self.default_shift = scheduler_shift(checkpoint.root, DEFAULT_SHIFT)  # the image pipelines' 3.0, not video's
+    DEFAULT_SHIFT = IMAGE_DEFAULT_SHIFT  # the image pipelines' 3.0, not video's 5.0
 
     @classmethod
-    def from_pretrained(cls, source, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                        dit: Kandinsky5DiT | None = None, text=None, expand: bool = False, adapters=(),
-                        offload: str = "none", *, config: DiTConfig | None = None, sharing: Sharing = Sharing(),
-                        expander=None) -> "ImagePipeline":
-        """As Kandinsky5Pipeline.from_pretrained, with the FLUX VAE (bf16 on GPU as the original runs it; fp32 on
-        CPU, where half precision is slow and inexact)."""
-        checkpoint, device = open_checkpoint(source), torch.device(device)
+    def check_checkpoint(cls, checkpoint: Checkpoint, config: DiTConfig | None) -> None:
         check_image_checkpoint(checkpoint, config)
-        home = torch.device("cpu") if offload == "model" else device
-        dit = dit or load_dit(checkpoint.dit, dtype, home, config=config, adapters=adapters)
-        text = text or TextEncoder.from_pretrained(checkpoint.root, torch_dtype=dtype, device=home, lm_head=expand)
-        vae = ImageVAE.from_pretrained(checkpoint.root, vae_dtype(device, image=True), home)
-        if expand and expander is None and isinstance(text, TextEncoder):
-            expander = make_expander(text)
-        return cls(checkpoint, dit, text, vae, device, offload=offload, sharing=sharing, expander=expander)
 
-    def expand_prompt(self, req: ImageRequest, task: str | None = None, reuse=None) -> str:
-        """The reference's expansion of ``req.prompt`` (t2i, or i2i with the source image), seeded with ``req.seed``,
-        once per item and shared; encode it with ``generate(req, prompt=expanded)``. ``reuse``: as in
-        ``Kandinsky5Pipeline.expand_prompt``."""
-        return super().expand_prompt(req, task or ("i2i" if req.image is not None else "t2i"), reuse)
+    @classmethod
+    def load_vae(cls, root, device: torch.device, home: torch.device) -> ImageVAE:
+        return ImageVAE.from_pretrained(root, vae_dtype(device, image=True), home)
+
+    def default_task(self, req: ImageRequest) -> str:
+        return "i2i" if req.image is not None else "t2i"
 
     def resolve(self, req: ImageRequest) -> ImageRequest:
         return resolve(req, self.dit.config)
 
     def encode(self, prompts: list[str], fmt: PromptFormat = IMAGE, image=None
                ) -> tuple[list[Conditioning], list[bool]]:
-        """Kandinsky5Pipeline.encode (the encoders placed and offloaded as it does) in an image prompt format; an
-        edit's source image (as Qwen takes it, engine.pipelines.image_request.qwen_image) goes with every prompt."""
+        """The shared encode (the encoders placed and offloaded as for video) in an image prompt format; an edit's
+        source image (as Qwen takes it, engine.pipelines.image_request.qwen_image) goes with every prompt."""
         images = None if image is None else [image] * len(prompts)
         return super().encode(prompts, fmt=fmt, images=images)
 
@@ -138,49 +121,31 @@ class ImagePipeline(Kandinsky5Pipeline):
 
         return self.sharing.image(encode)
 
-    @torch.inference_mode()
-    def generate(self, req: ImageRequest, on_step=None, chain=(), prompt: str | None = None) -> ImageResult:
-        """Sample one request. ``chain``: stages of the step chain (k5.engine.sampling.chain; CfgParallel,
-        ParallelSetup.stages). ``prompt``: the text to encode instead of ``req.prompt`` (its expansion, see
-        ``expand_prompt``)."""
+    def check(self, req: ImageRequest, chain) -> ImageRequest:
         if self.dit.nabla is not None:
             raise ValueError("NABLA attention is for video; Image Lite runs dense attention (--attention dense)")
         refuse_magcache(chain)
-        sync(self.device)
-        t0 = time.perf_counter()
-        req = self.resolve(req)
-        shape = req.latent_shape()
-        with PEAKS.phase("text", self.device):
-            generator = torch.Generator("cpu").manual_seed(req.seed)
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-            edit, fmt, qwen_input = None, IMAGE, None
-            if req.image is not None:
-                source = fit_to_bucket(load_source(req.image), req.height, req.width)
-                edit = self.source_latent(source, generator)  # after the noise: diffusers' order of draws
-                fmt, qwen_input = IMAGE_EDIT, qwen_image(source)
-            prompts = [req.prompt if prompt is None else prompt]
-            prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
-            conds, truncated = self.encode(prompts, fmt, qwen_input)
-            cond, uncond = conds[0], (conds[1] if len(conds) > 1 else None)
-            extra = self.extra_channels(edit, shape)
-            sync(self.device)
-        t1 = time.perf_counter()
-        with self.on_device("dit"):
-            with PEAKS.phase("denoise", self.device):
-                latents = sample(
-                    lambda inp, t, c, **kw: self.velocity(inp, t, c, extra, **kw), noise, cond, uncond,
-                    steps=req.steps, guidance_scale=req.guidance_scale, shift=req.shift or self.default_shift,
-                    visual_cond=False, on_step=on_step, chain=chain,
-                )
-                sync(self.device)
-            t2 = time.perf_counter()
-        return ImageResult(latents, {"text_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / req.steps},
-                           truncated=truncated[0], request=req)
+        return self.resolve(req)
 
-    @torch.inference_mode()
-    def decode(self, latents: Tensor) -> Tensor:
+    def prepare(self, req: ImageRequest, prompt: str | None) -> Prepared:
+        shape = req.latent_shape()
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        edit, fmt, qwen_input = None, IMAGE, None
+        if req.image is not None:
+            source = fit_to_bucket(load_source(req.image), req.height, req.width)
+            edit = self.source_latent(source, generator)  # after the noise: diffusers' order of draws
+            fmt, qwen_input = IMAGE_EDIT, qwen_image(source)
+        prompts = [req.prompt if prompt is None else prompt]
+        prompts += [req.negative_prompt] if uses_cfg(req.guidance_scale) else []
+        conds, truncated = self.encode(prompts, fmt, qwen_input)
+        extra = self.extra_channels(edit, shape)
+        return Prepared(lambda inp, t, c, **kw: self.velocity(inp, t, c, extra, **kw), lambda: noise, conds[0],
+                        conds[1] if len(conds) > 1 else None, truncated[0])
+
+    def result(self, req: ImageRequest, latents: Tensor, timings: dict, truncated: bool) -> ImageResult:
+        return ImageResult(latents, timings, truncated=truncated, request=req)
+
+    def decoded(self, latents: Tensor) -> Tensor:
         """uint8 image as one frame [1, H, W, 3]."""
-        with self.on_device("vae"), PEAKS.phase("decode", self.device):
-            image = self.vae.decode(latents)
-            sync(self.device)
-        return image
+        return self.vae.decode(latents)
