@@ -60,6 +60,14 @@ def check_flags(args, resolved) -> None:
     for bad, flag, why in refused:
         if bad:
             raise ValueError(f"{flag}: {model} ({why}); drop {flag.split()[0]}")
+    from k5.engine.pipelines.k6 import has_audio
+    from k5.engine.vae.audio import COMPONENTS
+
+    if not args.no_audio and not has_audio(resolved.root):
+        missing = [c for c in COMPONENTS if not (resolved.root / c / "config.json").is_file()]
+        raise ValueError(f"--model {args.model} has no {' and '.join(c + '/' for c in missing)} (the audio VAE and "
+                         f"vocoder that decode the audio track): use a complete Kandinsky-6.0-*-Diffusers folder, or "
+                         f"--no-audio for the video alone")
     args.expand_prompt = False
 
 

@@ -177,6 +177,20 @@ def test_upscale_is_the_sr_stage_on_the_decoded_video_on_every_layout(tmp_path):
     assert_av(mp4, 5)
 
 
+def test_a_checkpoint_without_its_audio_decoder_needs_no_audio(tmp_path, capsys, no_loading):
+    import shutil
+
+    from k5.launch.generate import main
+
+    folder = tmp_path / "k6-without-vocoder"
+    shutil.copytree(k6_tiny_checkpoint(kind="distill"), folder, ignore=shutil.ignore_patterns("vocoder"))
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(folder), "--prompt", PROMPT, "--output", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has no vocoder/" in err and "--no-audio" in err, err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_image_output_is_refused_for_kandinsky6(tmp_path, capsys, no_loading):
     from k5.launch.generate import main
 
