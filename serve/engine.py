@@ -145,6 +145,14 @@ class Engine:
         def check(req):  # what validate() checks of every item (its `check`), with this server's checkpoint
             if self.image:
                 req = resolve_image(req, cfg)
+            elif job.k6:  # Kandinsky 6: its request rules, PiFlow's guidance 1, the SR tiles (k5.launch.k6)
+                from k5.engine.pipelines.k6 import check_request as check_k6_request, check_schedule
+                from k5.launch.k6 import check_upscale
+
+                check_k6_request(req, cfg, nabla)
+                check_schedule(job.root, req.guidance_scale)
+                if job.sr_root is not None:
+                    check_upscale(job.sr_root, req, job.upscale)
             else:
                 check_request(req, cfg, nabla)
                 images.check_video_task(self.gargs.task, req)
@@ -165,7 +173,8 @@ class Engine:
         item = prompt_line(row, 0, 0, "request", Path("/"), defaults, check, from_text, adapters, None,
                            images.image_request if self.image else _video_request, media_kind(output))
         req = item.request
-        height, width = (req.height, req.width) if self.image else frame_size(req, nabla)
+        # Kandinsky 6 takes the size as asked (an I2AV image is cropped to it)
+        height, width = (req.height, req.width) if self.image or job.k6 else frame_size(req, nabla)
         return {"type": "image" if self.image else "video", "request": dataclasses.asdict(req),
                 "output": item.output, "lora": [[str(a.path), a.scale] for a in item.adapters],
                 "variant": resolved.variant.name if resolved.variant else None, "magcache": ratios is not None,

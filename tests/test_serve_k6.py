@@ -1,6 +1,7 @@
 """`k5 serve --model tiny-k6-distill`: the videos API serves Kandinsky 6, its content an MP4 with the AAC track
 (ffprobe: one H.264 and one AAC stream of the video's duration) and its latents the one-process CLI's (video and
-audio, bit for bit: the same code path in one thread)."""
+audio, bit for bit: the same code path in one thread); a request the checkpoint cannot run (guidance on a PiFlow
+checkpoint) is a 400 with the CLI's message."""
 
 import pytest
 import torch
@@ -37,3 +38,10 @@ def test_video_with_audio_track_and_the_clis_latents(server, tmp_path):
     cli = load_file(tmp_path / "cli.safetensors")
     assert sorted(served) == ["audio_latents", "latents"]
     assert torch.equal(served["latents"], cli["latents"]) and torch.equal(served["audio_latents"], cli["audio_latents"])
+
+
+def test_guidance_on_a_distilled_checkpoint_is_a_bad_request(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="guidance-scale 1"):
+        server.client().videos.create(prompt=PROMPT, extra_body={"guidance_scale": 5.0})
