@@ -147,7 +147,9 @@ class AVResult:
     audio: Tensor | None  # audio [1, La, C] fp32, None without audio
     timings: dict = field(default_factory=dict)
     truncated: bool = False
-    forwards: dict | None = None
+    forwards: dict | None = None  # as engine.pipelines.base.Result's
+    frames: Tensor | None = None  # uint8 [F, H, W, 3], decoded by the engine on the group's leader
+    step_ends: list = field(default_factory=list)  # the engine's clock at the end of each step
 
 
 class Kandinsky6Pipeline:
