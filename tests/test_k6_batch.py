@@ -2,6 +2,9 @@
 once, the finished files untouched by the rerun, each MP4 with its AAC track, and each item's video and audio
 latents the one-process pipeline's for its request (fp32, within 1e-5 relative).
 
+And a data-parallel job (dp 2) with the super-resolution stage: items dealt over the groups, each item's latents the
+one-process pipeline's, each MP4 at the SR stage's size with its AAC track.
+
 The stop cannot come too late whatever the machine's load: rank 1 holds after step 1 of item 2 (the fault
 injection's gate, tests/faults) until the job is asked to stop, and the test signals once it holds.
 """
@@ -55,3 +58,26 @@ def test_k6_batch_stops_and_resumes_with_audio(tmp_path):
                                      guidance_scale=1.0, seed=11 + i))
         assert rel_err(saved["latents"], want.latents) < 1e-5 and rel_err(saved["audio_latents"], want.audio) < 1e-5
 
+
+
+def test_k6_batch_data_parallel_with_upscale(tmp_path):
+    """dp 2: the items dealt over two one-rank groups, each MP4 with its AAC track at the SR stage's size, each
+    item's latents the one-process pipeline's."""
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "job"
+    prompts.write_text("".join(json.dumps({"prompt": f"a bell rings, take {i}"}) + "\n" for i in range(2)))
+    cmd = torchrun("--model", "tiny-k6-distill", "--prompts", str(prompts), "--output-dir", str(out),
+                   "--height", "64", "--width", "128", "--num-frames", "5", "--steps", "2", "--dp-degree", "2",
+                   "--upscale", "1080p", "--save-latents", "--timeout", "60", "--seed", "2")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = {r["item"]: r for r in read_manifest(out / MANIFEST).records}
+    assert sorted(records) == [0, 1] and {r["layout"]["dp_group"] for r in records.values()} == {0, 1}
+    pipe = Kandinsky6Pipeline.from_pretrained(k6_tiny_checkpoint(kind="distill"), torch.float32)
+    for i, rec in records.items():
+        assert rec["settings"]["upscale"] == "1080p"
+        video = rec["files"]["video"]["checked"]
+        assert (video["width"], video["height"]) == (288, 128) and video["audio"]["codec"] == "aac"
+        saved = load_file(out / rec["files"]["latents"]["name"])
+        want = pipe.generate(Request(f"a bell rings, take {i}", height=64, width=128, num_frames=5, steps=2,
+                                     guidance_scale=1.0, seed=2 + i))
+        assert rel_err(saved["latents"], want.latents) < 1e-5 and rel_err(saved["audio_latents"], want.audio) < 1e-5
