@@ -252,11 +252,13 @@ def test_sigterm_to_one_worker_of_a_ulysses_single_video_stops_both(tmp_path):
     with hosted_store() as store:
         procs = launch_ranks(tmp_path, store, args, f"rank=1,step=1,mode=gate,mark={mark}")
         wait_for(mark, procs)
-        signalled = time.monotonic()
         procs[0].send_signal(signal.SIGTERM)
         ended = wait_all(procs)
     assert [code for code, _ in ended] == [143, 143], (tmp_path / "rank0.err").read_text()[-3000:]
-    assert max(t for _, t in ended) - signalled <= 10.0
+    # Both stopped at the step's agreement, not by the watchdog after --timeout (which also exits 143, and says so):
+    # how soon is not asserted (no timing assertions: a loaded machine took 14 s where an idle one takes 1).
+    for rank in (0, 1):
+        assert "no safe point within --timeout" not in (tmp_path / f"rank{rank}.err").read_text()
     assert list(out.iterdir()) == []  # no output, no temporary file
     assert last_line(tmp_path / "rank0.err") == "stopped by SIGTERM before the video was finished; nothing was written"
 
