@@ -13,7 +13,6 @@ FlopCounterMode). Results go to a scratch folder, to bench/results only when nam
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 from pathlib import Path
@@ -24,7 +23,6 @@ import torch.distributed as dist
 from k5.bench import fast, report
 from k5.bench.k6_projection import forward_flops
 from k5.engine.catalogue.k6_tiny import TRANSFORMER as TINY_K6
-from k5.engine.checkpoints.dit import keeps_fp32
 from k5.engine.model.k6_config import PRESETS, K6Config
 from k5.engine.model.k6_dit import Kandinsky6DiT
 from k5.engine.sampling.chain import Conditioning
@@ -45,20 +43,10 @@ def model_config(name: str, blocks: int | None) -> K6Config:
 
 
 def random_dit(cfg: K6Config, dtype: torch.dtype, device: torch.device, seed: int) -> Kandinsky6DiT:
-    """Seeded random weights built on ``device`` (the same on every rank: sequence parallelism needs the whole)."""
-    with torch.device("meta"):
-        model = Kandinsky6DiT(cfg)
-    g = torch.Generator(device=device).manual_seed(seed)
-    for name, p in list(model.named_parameters()):
-        owner, _, attr = name.rpartition(".")
-        value = torch.empty(p.shape, device=device, dtype=torch.float32).normal_(generator=g)
-        if "norm" in name:
-            value = value.mul_(0.1).add_(1.0 if attr == "weight" else 0.0)
-        else:
-            value = value.div_(math.sqrt(p.shape[-1])) if p.ndim >= 2 else value.mul_(0.1)
-        param = torch.nn.Parameter(value.to(torch.float32 if keeps_fp32(name) else dtype), requires_grad=False)
-        setattr(model.get_submodule(owner), attr, param)
-    return model.eval()
+    """Seeded random weights built on ``device``, as bench/run.py's Kandinsky 5 DiT."""
+    from k5.bench.run import random_dit as seeded
+
+    return seeded(cfg, dtype, device, seed, model_class=Kandinsky6DiT)
 
 
 def main(argv=None) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from k5.engine.model.config import DiTConfig
-from k5.kernels.nabla import sta_block_mask
+from k5.kernels.nabla import NABLA_WINDOW, sta_block_mask
 
 
 def _init_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -42,7 +42,8 @@ def diffusers_kwargs(cfg: DiTConfig) -> dict:
         kwargs.update(
             attention_type="nabla", attention_causal=False, attention_local=False, attention_glob=False,
             attention_window=3, attention_method="topcdf", attention_P=cfg.attention_P, attention_add_sta=True,
-            attention_wT=cfg.attention_wT or 11, attention_wH=cfg.attention_wH or 3, attention_wW=cfg.attention_wW or 3,
+            attention_wT=cfg.attention_wT or NABLA_WINDOW[0], attention_wH=cfg.attention_wH or NABLA_WINDOW[1],
+            attention_wW=cfg.attention_wW or NABLA_WINDOW[2],
         )  # fmt: skip
     return kwargs
 

@@ -61,10 +61,11 @@ def model_config(name: str, blocks: int | None) -> DiTConfig:
 # ---- the model and its inputs ---------------------------------------------------------------------------------
 
 
-def random_dit(cfg: DiTConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Kandinsky5DiT:
-    """Our DiT with seeded random weights built straight on ``device`` (no full fp32 copy: Pro fits)."""
+def random_dit(cfg, dtype: torch.dtype, device: torch.device, seed: int, model_class=Kandinsky5DiT) -> torch.nn.Module:
+    """Our DiT (``model_class``: Kandinsky 5's, or 6's for bench/k6.py) with seeded random weights built straight on
+    ``device`` (no full fp32 copy: Pro fits; the same on every rank: sequence parallelism needs the whole)."""
     with torch.device("meta"):
-        model = Kandinsky5DiT(cfg)
+        model = model_class(cfg)
     g = torch.Generator(device=device).manual_seed(seed)
     for name, p in list(model.named_parameters()):
         owner, _, attr = name.rpartition(".")

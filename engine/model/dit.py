@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k5.kernels.attention import attention
-from k5.kernels.nabla import NABLA_P, NablaSpec, from_fractal, nabla_attention, to_fractal
+from k5.kernels.nabla import NABLA_P, NABLA_WINDOW, NablaSpec, from_fractal, nabla_attention, to_fractal
 
 from k5.engine.model.config import DiTConfig
 
@@ -271,7 +271,38 @@ def unpatchify(y: Tensor, patch: tuple[int, int, int], channels: int) -> Tensor:
     return y.reshape(B, T * pt, H * ph, W * pw, channels)
 
 
-class Kandinsky5DiT(nn.Module):
+class VisualAttentionChoice:
+    """The visual self-attention of a DiT (Kandinsky 5's and 6's): dense, or the NablaSpec in ``visual_attention``,
+    as the checkpoint's config asks (``config.uses_nabla``, ``attention_P`` and its window, where a config leaves the
+    window out the release default of kernels/nabla.py) or as a run chooses."""
+
+    def default_nabla(self, P: float | None = None) -> NablaSpec | None:
+        cfg = self.config
+        if not cfg.uses_nabla:
+            return None
+        wT, wH, wW = NABLA_WINDOW
+        return NablaSpec(P=cfg.attention_P if P is None else P, wT=cfg.attention_wT or wT,
+                         wH=cfg.attention_wH or wH, wW=cfg.attention_wW or wW)
+
+    def set_attention(self, kind: str = "auto", P: float | None = None) -> None:
+        """'auto' follows the checkpoint config, else 'dense' or 'nabla' (the config's window, or the default)."""
+        if kind == "auto":
+            spec = self.default_nabla(P)
+        elif kind == "dense":
+            spec = None
+        elif kind == "nabla":
+            base = self.default_nabla() or NablaSpec(P=NABLA_P)
+            spec = NablaSpec(P=base.P if P is None else P, wT=base.wT, wH=base.wH, wW=base.wW)
+        else:
+            raise ValueError(f"attention {kind!r} is not one of 'auto', 'dense', 'nabla'")
+        self.visual_attention.nabla = spec
+
+    @property
+    def nabla(self) -> NablaSpec | None:
+        return self.visual_attention.nabla
+
+
+class Kandinsky5DiT(VisualAttentionChoice, nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.config = cfg
@@ -287,30 +318,6 @@ class Kandinsky5DiT(nn.Module):
         self.lora_adapters = ()  # LoRA adapters merged into the weights (engine/checkpoints/dit.py loads and switches)
         # RoPE cos/sin on the device: text ones per text length (an edit's two prompts differ), visual ones per grid.
         self.text_rope, self.visual_rope = DeviceTables(4), DeviceTables(2)
-
-    def default_nabla(self, P: float | None = None) -> NablaSpec | None:
-        cfg = self.config
-        if not cfg.uses_nabla:
-            return None
-        return NablaSpec(P=cfg.attention_P if P is None else P, wT=cfg.attention_wT or 11,
-                         wH=cfg.attention_wH or 3, wW=cfg.attention_wW or 3)
-
-    def set_attention(self, kind: str = "auto", P: float | None = None) -> None:
-        """Choose the visual self-attention: 'auto' follows the checkpoint config, else 'dense' or 'nabla'."""
-        if kind == "auto":
-            spec = self.default_nabla(P)
-        elif kind == "dense":
-            spec = None
-        elif kind == "nabla":
-            base = self.default_nabla() or NablaSpec(P=NABLA_P)
-            spec = NablaSpec(P=base.P if P is None else P, wT=base.wT, wH=base.wH, wW=base.wW)
-        else:
-            raise ValueError(f"attention {kind!r} is not one of 'auto', 'dense', 'nabla'")
-        self.visual_attention.nabla = spec
-
-    @property
-    def nabla(self) -> NablaSpec | None:
-        return self.visual_attention.nabla
 
     @property
     def dtype(self) -> torch.dtype:

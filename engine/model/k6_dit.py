@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k5.kernels.attention import attention
-from k5.kernels.nabla import NABLA_P, NablaSpec, from_fractal, to_fractal
+from k5.kernels.nabla import from_fractal, to_fractal
 
 from k5.engine.model.dit import (Attention, LocalAttention, LocalTokens, Modulation, OutLayer, TextBlock,
                                  TextEmbeddings, TimeEmbeddings, TokenGrid, VisualBlock, VisualEmbeddings, apply_rope,
-                                 gated_add, get_freqs, modulate, unpatchify)
+                                 gated_add, get_freqs, modulate, unpatchify, VisualAttentionChoice)
 from k5.engine.model.k6_config import K6Config, StreamDims
 
 Rope = tuple[Tensor, Tensor]  # cos, sin [S, head_dim/2] fp32
@@ -157,7 +157,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attention(q, k, v)
 
 
-class Kandinsky6DiT(nn.Module):
+class Kandinsky6DiT(VisualAttentionChoice, nn.Module):
     def __init__(self, cfg: K6Config):
         super().__init__()
         self.config = cfg
@@ -178,30 +178,6 @@ class Kandinsky6DiT(nn.Module):
         self.tokens = LocalTokens()
         self.visual_attention = LocalAttention(self.default_nabla())
         self.audio_from_video: Callable[[Tensor, Tensor, Tensor], Tensor] = _dense
-
-    def default_nabla(self, P: float | None = None) -> NablaSpec | None:
-        cfg = self.config
-        if not cfg.uses_nabla:
-            return None
-        return NablaSpec(P=cfg.attention_P if P is None else P, wT=cfg.attention_wT or 11,
-                         wH=cfg.attention_wH or 3, wW=cfg.attention_wW or 3)
-
-    def set_attention(self, kind: str = "auto", P: float | None = None) -> None:
-        """The video self-attention: 'auto' follows the config (dense in every release), else 'dense' or 'nabla'."""
-        if kind == "auto":
-            spec = self.default_nabla(P)
-        elif kind == "dense":
-            spec = None
-        elif kind == "nabla":
-            base = self.default_nabla() or NablaSpec(P=NABLA_P)
-            spec = NablaSpec(P=base.P if P is None else P, wT=base.wT, wH=base.wH, wW=base.wW)
-        else:
-            raise ValueError(f"attention {kind!r} is not one of 'auto', 'dense', 'nabla'")
-        self.visual_attention.nabla = spec
-
-    @property
-    def nabla(self) -> NablaSpec | None:
-        return self.visual_attention.nabla
 
     @property
     def dtype(self) -> torch.dtype:
