@@ -159,28 +159,30 @@ def outputs_of(item: Item, job: dict) -> list[str]:
 
 # ---- the start of a job: lock, clean, verify, plan (rank 0) ----------------------------------------------------
 
-class JobLock:
-    """An flock on DIR/.k5-job.lock held by rank 0 for the whole job; the kernel drops it when the process ends,
-    however it ends, so a killed job never leaves a stale lock."""
+class FolderLock:
+    """An flock on ``path`` held for a process's life; the kernel drops it when the process ends, however it ends, so
+    a killed holder never leaves a stale lock. The file names its holder for the refusal of the next one.
 
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / LOCK
+    ``busy``: the refusal while another process holds it (``{folder}``, ``{path}`` and ``{holder}`` filled in);
+    ``unlockable``: the warning where the filesystem has no locks, or None for the error to stand."""
+
+    def __init__(self, path: Path, busy: str, unlockable: str | None = None):
+        self.path, self.busy, self.unlockable = path, busy, unlockable
         self.fd: int | None = None
 
-    def acquire(self) -> "JobLock":
+    def acquire(self) -> "FolderLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ValueError(f"another job is writing to {self.path.parent} ({holder} holds {self.path}); wait for "
-                             f"it to end or choose another --output-dir") from None
+            raise ValueError(self.busy.format(folder=self.path.parent, path=self.path, holder=holder)) from None
         except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            if self.unlockable is None or e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            log.warning("warning: %s cannot be locked on this filesystem (%s); make sure no other job writes to "
-                        "this --output-dir", self.path, e.strerror)
+            log.warning("warning: %s cannot be locked on this filesystem (%s); %s", self.path, e.strerror,
+                        self.unlockable)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
@@ -190,6 +192,15 @@ class JobLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class JobLock(FolderLock):
+    """DIR/.k5-job.lock, held by rank 0 for the whole job."""
+
+    def __init__(self, out_dir: Path):
+        super().__init__(out_dir / LOCK, "another job is writing to {folder} ({holder} holds {path}); wait for it to "
+                         "end or choose another --output-dir",
+                         "make sure no other job writes to this --output-dir")
 
 
 @dataclass

@@ -26,7 +26,6 @@ again (up to --max-attempts starts, then it fails). A restart re-runs what was r
 from __future__ import annotations
 
 import argparse
-import fcntl
 import ipaddress
 import json
 import logging
@@ -37,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+from k5.launch.batch import FolderLock
 from k5.launch.logs import LOGGER
 from k5.launch.supervisor import Supervisor
 
@@ -133,26 +133,10 @@ def check_args(args) -> None:
                          f"requests may name")
 
 
-class StateLock:
-    """An flock on DIR/.k5-serve.lock for the server's life (the kernel drops it however the process ends)."""
-
-    def __init__(self, state: Path):
-        self.path = state / ".k5-serve.lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> "StateLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ValueError(f"another k5 serve uses {self.path.parent} ({holder}); stop it or choose another "
-                             f"--state-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
-        return self
+def state_lock(state: Path) -> FolderLock:
+    """DIR/.k5-serve.lock for the server's life: one server per state folder."""
+    return FolderLock(state / ".k5-serve.lock", "another k5 serve uses {folder} ({holder}); stop it or choose another "
+                      "--state-dir")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -254,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = Engine.prepare(flags, jobs_dir)  # nothing is made before the flags are known to be good
         state.mkdir(parents=True, exist_ok=True)
-        lock = StateLock(state).acquire() if rank == 0 else None
+        lock = state_lock(state).acquire() if rank == 0 else None
         sock = bind(args.host, args.port) if rank == 0 else None
     except (ValueError, OSError) as e:  # every rank checks the same; rank 0 says why
         if rank == 0:

@@ -46,10 +46,10 @@ def test_bad_flags_are_refused_before_anything_loads(tmp_path, capsys, no_loadin
 
 
 def test_one_server_per_state_folder(tmp_path, capsys, no_loading):
-    from k5.serve.server import StateLock
+    from k5.serve.server import state_lock
 
     (tmp_path / "state").mkdir()
-    held = StateLock(tmp_path / "state").acquire()  # as a running server's rank 0 holds it
+    held = state_lock(tmp_path / "state").acquire()  # as a running server's rank 0 holds it
     code, err = serve(["--model", "tiny", "--state-dir", str(tmp_path / "state")], capsys)
     assert code == 2 and f"another k5 serve uses {tmp_path / 'state'}" in err
     del held
